@@ -1,0 +1,52 @@
+"""RegionMed-CLIP: a region-aware medical CLIP that loads with `AutoModel` and runs in transformers' pipelines.
+
+Importing the package registers every class with the transformers Auto classes, and marks them for remote-code
+export: `save_pretrained` then writes `auto_map` and copies the four model files next to the weights, so a saved
+folder (or Hub repo) loads with `trust_remote_code=True` where this package is not installed.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForZeroShotImageClassification,
+    AutoProcessor,
+)
+
+from .configuration_regionmed_clip import RegionMedCLIPConfig
+from .image_processing_regionmed_clip import RegionMedCLIPImageProcessor, decode_image
+from .modeling_regionmed_clip import (
+    RegionMedCLIPImageFeatures,
+    RegionMedCLIPModel,
+    RegionMedCLIPOutput,
+    RegionMedCLIPPreTrainedModel,
+)
+from .processing_regionmed_clip import RegionMedCLIPProcessor, with_paper_normalizer
+
+__version__ = "0.1.0"
+
+AutoConfig.register(RegionMedCLIPConfig.model_type, RegionMedCLIPConfig, exist_ok=True)
+AutoModel.register(RegionMedCLIPConfig, RegionMedCLIPModel, exist_ok=True)
+AutoModelForZeroShotImageClassification.register(RegionMedCLIPConfig, RegionMedCLIPModel, exist_ok=True)
+AutoImageProcessor.register(
+    RegionMedCLIPConfig, image_processor_classes={"pil": RegionMedCLIPImageProcessor}, exist_ok=True
+)
+AutoProcessor.register(RegionMedCLIPConfig, RegionMedCLIPProcessor, exist_ok=True)
+
+# One auto class per class is recorded; the config adds the zero-shot entry for the model itself.
+RegionMedCLIPConfig.register_for_auto_class()
+RegionMedCLIPModel.register_for_auto_class("AutoModel")
+RegionMedCLIPImageProcessor.register_for_auto_class("AutoImageProcessor")
+RegionMedCLIPProcessor.register_for_auto_class("AutoProcessor")
+
+__all__ = [
+    "RegionMedCLIPConfig",
+    "RegionMedCLIPImageFeatures",
+    "RegionMedCLIPImageProcessor",
+    "RegionMedCLIPModel",
+    "RegionMedCLIPOutput",
+    "RegionMedCLIPPreTrainedModel",
+    "RegionMedCLIPProcessor",
+    "decode_image",
+    "with_paper_normalizer",
+]

@@ -1,0 +1,171 @@
+"""RegionMed-CLIP model configuration."""
+
+import math
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PretrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+ROI_MODES = ("crop", "pool")
+
+
+@strict
+class RegionMedCLIPConfig(PretrainedConfig):
+    r"""
+    Configuration of a [`RegionMedCLIPModel`]: a vision tower, a text tower, bias-free projections into a shared
+    space, and the region branch (ROI features, ROI processor, region-level losses).
+
+    Like `VisionTextDualEncoderConfig`, the towers may be of any transformers vision / text model type. Each
+    sub-config is given as a config object or as a dict carrying its `model_type`; by default the vision tower is
+    ViT-B/16 at 224 px and the text tower a BERT-base config shaped like PubMedBERT (the paper's backbones).
+
+    Args:
+        vision_config (`dict` or `PretrainedConfig`, *optional*):
+            Config of the vision tower. A dict needs a `model_type` key (default `"vit"`).
+        text_config (`dict` or `PretrainedConfig`, *optional*):
+            Config of the text tower. A dict needs a `model_type` key (default `"bert"`).
+        projection_dim (`int`, *optional*, defaults to 512):
+            Size of the shared embedding space.
+        temperature (`float`, *optional*, defaults to 0.07):
+            Contrastive temperature τ. Logits are `cos / τ`; the model stores `logit_scale = log(1 / τ)` as CLIP does.
+        learnable_temperature (`bool`, *optional*, defaults to `False`):
+            The paper fixes τ; set this to learn `logit_scale` as a parameter instead of keeping it as a buffer.
+        roi_mode (`str`, *optional*, defaults to `"pool"`):
+            How ROI features are made. `"crop"` (the paper): every ROI crop is resized to the input size and encoded
+            by the vision tower, all crops of a batch in one forward. `"pool"`: RoIAlign on the patch-token grid of
+            the global forward, so one vision forward per image. `pool` is the default because it costs almost
+            nothing over a plain CLIP; `crop` sees each lesion at full input resolution.
+        roi_num_heads (`int`, *optional*, defaults to 8):
+            Attention heads of the ROI processor; must divide the vision hidden size.
+        roi_intermediate_size (`int`, *optional*):
+            Hidden size of the ROI processor's MLP (default: 4 × the vision hidden size).
+        roi_dropout (`float`, *optional*, defaults to 0.0):
+            Dropout on the ROI processor's attention weights and MLP output.
+        max_regions (`int`, *optional*, defaults to 8):
+            Number of ROI slots per image. Processors pad to it and reject images with more boxes.
+        roi_align_size (`int`, *optional*, defaults to 7):
+            `pool` mode: RoIAlign output grid (S × S bins) that is averaged into one ROI feature.
+        roi_sampling_ratio (`int`, *optional*, defaults to 2):
+            `pool` mode: bilinear samples per bin along each axis (as torchvision's `sampling_ratio`).
+        global_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of L_global (image ↔ report InfoNCE) in `loss`.
+        roi_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of L_roi (ROI ↔ region caption InfoNCE) in `loss`.
+        neg_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of L_neg (sigmoid loss against hard-negative captions) in `loss`.
+        neg_logit_scale (`float`, *optional*, defaults to 1.0):
+            Scale s in L_neg = −log(1 − σ(s·N + b)); s = 1, b = 0 is exactly the paper's formula.
+        neg_logit_bias (`float`, *optional*, defaults to 0.0):
+            Bias b in L_neg.
+        layer_norm_eps (`float`, *optional*, defaults to 1e-6):
+            Epsilon of the ROI processor's layer norms.
+        initializer_factor (`float`, *optional*, defaults to 1.0):
+            Multiplier on the init std of the projections and the ROI processor.
+
+    Example:
+
+    ```python
+    >>> from transformers import BertConfig, ViTConfig
+    >>> from regionmed_clip import RegionMedCLIPConfig, RegionMedCLIPModel
+
+    >>> config = RegionMedCLIPConfig(
+    ...     vision_config=ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    ...                             intermediate_size=64, image_size=32, patch_size=8),
+    ...     text_config={"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2,
+    ...                  "num_attention_heads": 4, "intermediate_size": 64},
+    ...     projection_dim=16, roi_num_heads=4, roi_mode="crop",
+    ... )
+    >>> model = RegionMedCLIPModel(config)
+    ```
+    """
+
+    model_type = "regionmed-clip"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="vit"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="bert"),
+    }
+
+    vision_config: PretrainedConfig | dict | None = None
+    text_config: PretrainedConfig | dict | None = None
+    projection_dim: int = 512
+    temperature: int | float = 0.07
+    learnable_temperature: bool = False
+    roi_mode: str = "pool"
+    roi_num_heads: int = 8
+    roi_intermediate_size: int | None = None
+    roi_dropout: int | float = 0.0
+    max_regions: int = 8
+    roi_align_size: int = 7
+    roi_sampling_ratio: int = 2
+    global_loss_weight: int | float = 1.0
+    roi_loss_weight: int | float = 1.0
+    neg_loss_weight: int | float = 1.0
+    neg_logit_scale: int | float = 1.0
+    neg_logit_bias: int | float = 0.0
+    layer_norm_eps: int | float = 1e-6
+    initializer_factor: int | float = 1.0
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.roi_intermediate_size is None:
+            self.roi_intermediate_size = 4 * self.vision_config.hidden_size
+        # A class carries one auto class in `auto_map`; the zero-shot pipeline looks the model up under a second
+        # one, so a config exported for remote code names the model class under both.
+        if self._auto_class is not None:
+            auto_map = dict(getattr(self, "auto_map", None) or {})
+            model_class = auto_map.get("AutoModel", "modeling_regionmed_clip.RegionMedCLIPModel")
+            auto_map.setdefault("AutoModelForZeroShotImageClassification", model_class)
+            self.auto_map = auto_map
+        self._check_combinations()
+
+    @property
+    def logit_scale_init_value(self) -> float:
+        """`log(1 / temperature)`, the value `logit_scale` starts from (CLIP's parametrisation)."""
+        return math.log(1.0 / self.temperature)
+
+    def _check_combinations(self):
+        # Raised from `__post_init__` rather than as a `@strict` class validator, so callers get a plain
+        # `ValueError` (strict wraps validator errors in its own exception type).
+        if self.roi_mode not in ROI_MODES:
+            raise ValueError(f"roi_mode={self.roi_mode!r} is not supported; use one of {ROI_MODES}.")
+        positive = {
+            "projection_dim": self.projection_dim,
+            "temperature": self.temperature,
+            "roi_num_heads": self.roi_num_heads,
+            "max_regions": self.max_regions,
+            "roi_align_size": self.roi_align_size,
+            "roi_sampling_ratio": self.roi_sampling_ratio,
+            "layer_norm_eps": self.layer_norm_eps,
+        }
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}.")
+        for name in ("global_loss_weight", "roi_loss_weight", "neg_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}; set it to 0 to switch a term off.")
+        if not 0.0 <= self.roi_dropout < 1.0:
+            raise ValueError(f"roi_dropout must be in [0, 1), got {self.roi_dropout}.")
+        vision_hidden = getattr(self.vision_config, "hidden_size", None)
+        if vision_hidden is None:
+            raise ValueError(
+                f"vision_config ({self.vision_config.model_type}) has no `hidden_size`; RegionMed-CLIP needs a tower "
+                "that reports its feature size (ViT, CLIP vision, SigLIP vision, DeiT, ...)."
+            )
+        if getattr(self.text_config, "hidden_size", None) is None:
+            raise ValueError(f"text_config ({self.text_config.model_type}) has no `hidden_size`.")
+        if vision_hidden % self.roi_num_heads:
+            raise ValueError(
+                f"roi_num_heads={self.roi_num_heads} must divide the vision hidden size {vision_hidden}; "
+                f"pick a divisor of {vision_hidden} (the paper uses 8 heads with ViT-B's 768)."
+            )
+        if self.roi_mode == "pool":
+            image_size = getattr(self.vision_config, "image_size", None)
+            patch_size = getattr(self.vision_config, "patch_size", None)
+            if image_size is None or patch_size is None:
+                raise ValueError(
+                    f"roi_mode='pool' needs a patch-token vision tower with `image_size` and `patch_size` in its "
+                    f"config; {self.vision_config.model_type} has none. Use roi_mode='crop' for this tower."
+                )
+
+
+__all__ = ["RegionMedCLIPConfig"]

@@ -1,0 +1,364 @@
+"""Image processor for RegionMed-CLIP: whole images plus region-of-interest boxes and crops."""
+
+import io
+import os
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from transformers.image_processing_backends import PilBackend
+from transformers.image_processing_utils import BatchFeature
+from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, PILImageResampling, load_image
+from transformers.processing_utils import ImagesKwargs
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+_INTERPOLATION = {
+    PILImageResampling.NEAREST: "nearest",
+    PILImageResampling.BILINEAR: "bilinear",
+    PILImageResampling.BICUBIC: "bicubic",
+}
+_HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+ROI_MODES = ("crop", "pool")
+
+
+class RegionMedCLIPImageProcessorKwargs(ImagesKwargs, total=False):
+    r"""
+    boxes (`list`, *optional*):
+        Per image, a list of ROI boxes `(x0, y0, x1, y1)` in pixels of the original image (or `None` for no ROIs).
+    max_regions (`int`, *optional*):
+        ROI slots per image; outputs are padded to it and an image with more boxes is an error.
+    roi_mode (`str`, *optional*):
+        `"crop"` also returns `roi_pixel_values` (each box cropped from the original image and resized);
+        `"pool"` returns boxes and mask only, as the model pools ROIs from the global forward.
+    """
+
+    boxes: Any
+    max_regions: int | None
+    roi_mode: str | None
+
+
+class DecodeError(ValueError):
+    """An input image could not be read; the message names the image."""
+
+
+def _min_max(array: np.ndarray) -> np.ndarray:
+    array = array.astype(np.float32)
+    low, high = float(array.min()), float(array.max())
+    if high <= low:
+        return np.zeros_like(array)
+    return (array - low) / (high - low)
+
+
+def _scaled(array: np.ndarray, where: str) -> np.ndarray:
+    """Map pixel values to float32 in [0, 1]: 8-bit by /255, deeper integers and out-of-range floats by min–max."""
+    if array.dtype == np.bool_:
+        return array.astype(np.float32)
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255.0
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise DecodeError(f"{where}: pixel array contains NaN or infinite values.")
+        if array.min() >= 0.0 and array.max() <= 1.0:
+            return array.astype(np.float32)
+        return _min_max(array)
+    if np.issubdtype(array.dtype, np.integer):
+        return _min_max(array)
+    raise DecodeError(f"{where}: unsupported pixel dtype {array.dtype}.")
+
+
+def _to_rgb(array: np.ndarray, where: str) -> np.ndarray:
+    """`(H, W)`, `(H, W, C)` or `(C, H, W)` with C in 1/3/4 → `(H, W, 3)`; alpha is composited over black."""
+    if array.ndim == 2:
+        array = array[..., None]
+    elif array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+        raise DecodeError(f"{where}: expected a 2-D grayscale or 3-D image with 1, 3 or 4 channels, got {array.shape}.")
+    if array.shape[-1] == 4:
+        array = array[..., :3] * array[..., 3:]
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _dicom_to_array(dataset, where: str) -> np.ndarray:
+    """Pixels of a DICOM dataset as float32 `(H, W, 3)` in [0, 1].
+
+    Grayscale data goes through the modality LUT (rescale slope / intercept) and the VOI LUT or window stored in the
+    file, is scaled by its min–max, and MONOCHROME1 (white = low) is inverted so that, as in MONOCHROME2, bright means
+    dense. A multi-frame file gives its first frame, with a warning.
+    """
+    try:
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError as error:
+        raise ImportError(f"{where} is DICOM; reading it needs pydicom: pip install 'regionmed-clip[dicom]'") from error
+    try:
+        pixels = dataset.pixel_array
+    except Exception as error:
+        raise DecodeError(f"{where}: cannot decode DICOM pixel data: {error}") from error
+    if int(getattr(dataset, "NumberOfFrames", 1) or 1) > 1:
+        logger.warning(f"{where}: multi-frame DICOM ({dataset.NumberOfFrames} frames); using the first frame.")
+        pixels = pixels[0]
+    if int(getattr(dataset, "SamplesPerPixel", 1)) > 1:
+        return _to_rgb(_scaled(pixels, where), where)
+    pixels = apply_voi_lut(apply_modality_lut(pixels, dataset), dataset)
+    pixels = _min_max(np.asarray(pixels, dtype=np.float64))
+    if str(getattr(dataset, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        pixels = 1.0 - pixels
+    return _to_rgb(pixels, where)
+
+
+def _is_dicom_bytes(head: bytes) -> bool:
+    return len(head) >= 132 and head[128:132] == b"DICM"
+
+
+def _read_dicom(source, where: str) -> np.ndarray:
+    try:
+        import pydicom
+    except ImportError as error:
+        raise ImportError(f"{where} is DICOM; reading it needs pydicom: pip install 'regionmed-clip[dicom]'") from error
+    try:
+        dataset = pydicom.dcmread(source)
+    except Exception as error:
+        raise DecodeError(f"{where}: not a readable DICOM file: {error}") from error
+    return _dicom_to_array(dataset, where)
+
+
+def _pil_to_array(image: Image.Image, where: str) -> np.ndarray:
+    try:
+        image.load()
+    except Exception as error:
+        raise DecodeError(f"{where}: cannot decode image data: {error}") from error
+    if image.mode in _HIGH_BIT_DEPTH_MODES:
+        return _to_rgb(_scaled(np.asarray(image), where), where)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        image = image.convert("RGBA")
+    elif image.mode != "RGB":
+        # PIL's own conversions are the right ones for CMYK, YCbCr, LAB, P, 1 and L.
+        image = image.convert("RGB")
+    return _to_rgb(np.asarray(image).astype(np.float32) / 255.0, where)
+
+
+def decode_image(image, where: str = "image") -> np.ndarray:
+    """Any supported input → float32 RGB `(H, W, 3)` in [0, 1].
+
+    Accepts PIL images in any mode (16-bit and float modes are min–max scaled, alpha is composited over black,
+    CMYK / palette / YCbCr use PIL's conversion), NumPy arrays and torch tensors (uint8 /255; other integer types
+    min–max; floats already in [0, 1] unchanged, others min–max), encoded bytes, file paths and URLs, and with the
+    `dicom` extra DICOM files or `pydicom` datasets.
+    """
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if isinstance(image, np.ndarray):
+        if image.size == 0:
+            raise DecodeError(f"{where}: empty array {image.shape}.")
+        return _to_rgb(_scaled(image, where), where)
+    if isinstance(image, Image.Image):
+        return _pil_to_array(image, where)
+    if hasattr(image, "pixel_array") and hasattr(image, "file_meta"):
+        return _dicom_to_array(image, where)
+    if isinstance(image, (bytes, bytearray)):
+        data = bytes(image)
+        if _is_dicom_bytes(data[:132]):
+            return _read_dicom(io.BytesIO(data), where)
+        try:
+            return _pil_to_array(Image.open(io.BytesIO(data)), where)
+        except UnidentifiedImageError as error:
+            raise DecodeError(f"{where}: bytes are not a recognised image format.") from error
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        if path.startswith(("http://", "https://")):
+            return _pil_to_array(load_image(path), f"{where} ({path})")
+        where = f"{where} ({path})"
+        if not os.path.isfile(path):
+            raise DecodeError(f"{where}: no such file.")
+        with open(path, "rb") as handle:
+            head = handle.read(132)
+        if path.lower().endswith((".dcm", ".dicom")) or _is_dicom_bytes(head):
+            return _read_dicom(path, where)
+        try:
+            return _pil_to_array(Image.open(path), where)
+        except UnidentifiedImageError as error:
+            raise DecodeError(f"{where}: not a recognised image format.") from error
+    raise DecodeError(f"{where}: unsupported input type {type(image).__name__}.")
+
+
+def validate_boxes(boxes, height: int, width: int, where: str) -> tuple[np.ndarray, int]:
+    """Check one image's pixel boxes `(K, 4)` and clip them to the image.
+
+    Returns the clipped boxes and how many were clipped. NaN / infinite, inverted, zero-area boxes, and boxes that
+    lie wholly outside the image raise a `ValueError` naming the image and the box.
+    """
+    array = np.asarray(boxes if boxes is not None else [], dtype=np.float64)
+    if array.size == 0:
+        return np.zeros((0, 4), dtype=np.float64), 0
+    if array.ndim != 2 or array.shape[1] != 4:
+        raise ValueError(f"{where}: boxes must be a list of (x0, y0, x1, y1), got shape {array.shape}.")
+    clipped = 0
+    result = array.copy()
+    for index, box in enumerate(array):
+        label = f"{where} box {index} {tuple(float(v) for v in box)}"
+        if not np.isfinite(box).all():
+            raise ValueError(f"{label}: coordinates must be finite numbers.")
+        x0, y0, x1, y1 = box
+        if x1 < x0 or y1 < y0:
+            raise ValueError(f"{label}: inverted box; expected x0 <= x1 and y0 <= y1 (pixel x0, y0, x1, y1).")
+        if x1 == x0 or y1 == y0:
+            raise ValueError(f"{label}: zero-area box.")
+        clip = np.array([min(max(x0, 0), width), min(max(y0, 0), height), min(max(x1, 0), width), min(max(y1, 0), height)])
+        if clip[2] <= clip[0] or clip[3] <= clip[1]:
+            raise ValueError(f"{label}: lies outside the {width}x{height} image.")
+        if not np.array_equal(clip, box):
+            clipped += 1
+        result[index] = clip
+    return result, clipped
+
+
+class RegionMedCLIPImageProcessor(PilBackend):
+    r"""
+    Image processor of RegionMed-CLIP. Turns images (and optionally per-image ROI boxes) into the model's inputs:
+
+    - `pixel_values` `(B, 3, H, W)`: each image decoded to RGB in [0, 1] (see `decode_image` for every input kind,
+      including 16-bit, CMYK and DICOM), resized to `size` with antialiasing, normalised by `image_mean` / `image_std`.
+    - with `boxes=`: `roi_boxes` `(B, max_regions, 4)` (x0, y0, x1, y1 as fractions of the original image size,
+      after clipping to the image), `roi_mask` `(B, max_regions)`, and in `crop` mode `roi_pixel_values`
+      `(B, max_regions, 3, H, W)`: each box cropped from the *original* image (integer pixel bounds enclosing the box)
+      and processed like a whole image. Padded slots are zeros with mask 0.
+
+    Scaling to [0, 1] happens while decoding, so `do_rescale` is off: 8-bit data is divided by 255, deeper data is
+    min–max scaled per image. Resizing uses torch's antialiased interpolation on float data, so 16-bit images are not
+    quantised to 8 bits first; the PIL backend is the base class because transformers' torchvision backend needs
+    torchvision, which this package does not require.
+
+    Args:
+        size (`dict[str, int]`, *optional*, defaults to `{"height": 224, "width": 224}`): Model input size.
+        max_regions (`int`, *optional*, defaults to 8): ROI slots per image.
+        roi_mode (`str`, *optional*, defaults to `"pool"`): `"crop"` to also return `roi_pixel_values`.
+
+    Example:
+
+    ```python
+    >>> from PIL import Image
+    >>> from regionmed_clip import RegionMedCLIPImageProcessor
+    >>> processor = RegionMedCLIPImageProcessor(size={"height": 32, "width": 32}, roi_mode="crop", max_regions=2)
+    >>> inputs = processor(Image.new("L", (64, 48)), boxes=[[(4, 4, 20, 30)]], return_tensors="pt")
+    >>> inputs["roi_pixel_values"].shape, inputs["roi_mask"].tolist()
+    (torch.Size([1, 2, 3, 32, 32]), [[1, 0]])
+    ```
+    """
+
+    valid_kwargs = RegionMedCLIPImageProcessorKwargs
+    model_input_names = ["pixel_values", "roi_boxes", "roi_mask", "roi_pixel_values"]
+    resample = PILImageResampling.BILINEAR
+    image_mean = IMAGENET_STANDARD_MEAN
+    image_std = IMAGENET_STANDARD_STD
+    size = {"height": 224, "width": 224}
+    do_resize = True
+    do_rescale = False
+    do_normalize = True
+    max_regions = 8
+    roi_mode = "pool"
+
+    def _to_pixel_values(self, array: np.ndarray, do_resize, size, resample, do_normalize, image_mean, image_std):
+        pixels = torch.from_numpy(array).permute(2, 0, 1)[None]
+        if do_resize and tuple(pixels.shape[-2:]) != (size.height, size.width):
+            mode = _INTERPOLATION.get(PILImageResampling(resample), "bilinear")
+            pixels = F.interpolate(
+                pixels,
+                size=(size.height, size.width),
+                mode=mode,
+                antialias=mode != "nearest",
+                **({} if mode == "nearest" else {"align_corners": False}),
+            )
+            if mode == "bicubic":
+                pixels = pixels.clamp(0.0, 1.0)
+        if do_normalize:
+            mean = torch.tensor(image_mean, dtype=pixels.dtype).view(1, -1, 1, 1)
+            std = torch.tensor(image_std, dtype=pixels.dtype).view(1, -1, 1, 1)
+            pixels = (pixels - mean) / std
+        return pixels[0].numpy()
+
+    def _preprocess_image_like_inputs(
+        self,
+        images,
+        boxes=None,
+        max_regions: int | None = None,
+        roi_mode: str | None = None,
+        do_resize: bool = True,
+        size=None,
+        resample=None,
+        do_normalize: bool = True,
+        image_mean=None,
+        image_std=None,
+        return_tensors=None,
+        **kwargs,
+    ) -> BatchFeature:
+        if roi_mode not in ROI_MODES:
+            raise ValueError(f"roi_mode={roi_mode!r} is not supported; use one of {ROI_MODES}.")
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if len(images) == 0:
+            raise ValueError("No images were given.")
+        arrays = [decode_image(image, f"image {index}") for index, image in enumerate(images)]
+        to_pixels = {
+            "do_resize": do_resize,
+            "size": size,
+            "resample": resample if resample is not None else PILImageResampling.BILINEAR,
+            "do_normalize": do_normalize,
+            "image_mean": image_mean,
+            "image_std": image_std,
+        }
+        data = {"pixel_values": np.stack([self._to_pixel_values(array, **to_pixels) for array in arrays])}
+        if boxes is not None:
+            data.update(self._regions(arrays, boxes, max_regions, roi_mode, to_pixels))
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _regions(self, arrays, boxes, max_regions, roi_mode, to_pixels) -> dict[str, np.ndarray]:
+        if isinstance(boxes, (np.ndarray, torch.Tensor)) and len(arrays) == 1 and np.asarray(boxes).ndim == 2:
+            boxes = [boxes]
+        if len(boxes) != len(arrays):
+            raise ValueError(f"Got boxes for {len(boxes)} images but {len(arrays)} images; give one list per image.")
+        roi_boxes = np.zeros((len(arrays), max_regions, 4), dtype=np.float32)
+        roi_mask = np.zeros((len(arrays), max_regions), dtype=np.int64)
+        crops = None
+        if roi_mode == "crop":
+            height, width = to_pixels["size"].height, to_pixels["size"].width
+            crops = np.zeros((len(arrays), max_regions, 3, height, width), dtype=np.float32)
+        total_clipped = 0
+        for index, (array, image_boxes) in enumerate(zip(arrays, boxes)):
+            image_height, image_width = array.shape[:2]
+            where = f"image {index}"
+            pixel_boxes, clipped = validate_boxes(
+                image_boxes.tolist() if isinstance(image_boxes, torch.Tensor) else image_boxes,
+                image_height,
+                image_width,
+                where,
+            )
+            total_clipped += clipped
+            if len(pixel_boxes) > max_regions:
+                raise ValueError(
+                    f"{where} has {len(pixel_boxes)} boxes but max_regions={max_regions}; keep the "
+                    f"{max_regions} most relevant or raise max_regions (model config and processor)."
+                )
+            for slot, (x0, y0, x1, y1) in enumerate(pixel_boxes):
+                roi_boxes[index, slot] = (x0 / image_width, y0 / image_height, x1 / image_width, y1 / image_height)
+                roi_mask[index, slot] = 1
+                if crops is not None:
+                    left, top = int(np.floor(x0)), int(np.floor(y0))
+                    right, bottom = max(int(np.ceil(x1)), left + 1), max(int(np.ceil(y1)), top + 1)
+                    crops[index, slot] = self._to_pixel_values(array[top:bottom, left:right], **to_pixels)
+        if total_clipped:
+            logger.warning(f"{total_clipped} box(es) extended past their image and were clipped to it.")
+        regions = {"roi_boxes": roi_boxes, "roi_mask": roi_mask}
+        if crops is not None:
+            regions["roi_pixel_values"] = crops
+        return regions
+
+
+__all__ = ["RegionMedCLIPImageProcessor", "decode_image", "validate_boxes"]

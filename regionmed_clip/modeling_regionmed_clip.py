@@ -1,0 +1,863 @@
+"""PyTorch RegionMed-CLIP model: a dual-encoder CLIP with region-of-interest features and an ROI processor."""
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import ModelOutput
+
+from .configuration_regionmed_clip import RegionMedCLIPConfig
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Losses: pure functions of L2-normalised embeddings, local to one process. Distributed training gathers the embeddings
+# (with gradient) before calling them.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE of a square logit matrix whose diagonal holds the positives: the mean of the row-wise and
+    the column-wise cross-entropy, each averaged over the batch."""
+    targets = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+
+
+def global_contrastive_loss(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
+    """L_global: symmetric InfoNCE between matched image and report embeddings `(N, P)`, mean over the batch.
+
+    The paper prints the image→text half (its eq. 7); as in CLIP, the text→image half is averaged in.
+    """
+    return contrastive_loss(logit_scale * image_embeds @ text_embeds.t())
+
+
+def region_contrastive_loss(
+    region_embeds: torch.Tensor,
+    caption_embeds: torch.Tensor,
+    logit_scale: torch.Tensor,
+    caption_groups: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """L_roi: symmetric InfoNCE between ROI embeddings `(N, P)` and their region-caption embeddings `(N, P)`.
+
+    `caption_groups` `(N,)` gives equal ids to identical (normalised) captions. Short region captions repeat across
+    images ("round nodule left upper"), so such pairs are removed from each other's denominators instead of being
+    pushed apart as negatives; each row keeps its own positive.
+    """
+    logits = logit_scale * region_embeds @ caption_embeds.t()
+    if caption_groups is not None:
+        same = caption_groups[:, None] == caption_groups[None, :]
+        same.fill_diagonal_(False)
+        logits = logits.masked_fill(same, float("-inf"))
+    return contrastive_loss(logits)
+
+
+def hard_negative_loss(
+    region_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor,
+    negative_mask: torch.Tensor | None = None,
+    scale: float = 1.0,
+    bias: float = 0.0,
+) -> torch.Tensor:
+    """L_neg: mean over valid (i, k) of −log(1 − σ(s·N_ik + b)), N_ik = F_iᵀ R_neg^(k) (the paper's eq. 6 at s=1, b=0).
+
+    Args:
+        region_embeds: `(N, P)` ROI embeddings.
+        negative_embeds: `(N, M, P)` embeddings of each ROI's negative captions.
+        negative_mask: `(N, M)` true where a negative exists (ROIs may carry different numbers of negatives).
+    """
+    similarity = torch.einsum("np,nmp->nm", region_embeds, negative_embeds)
+    # −log(1 − σ(x)) = softplus(x), which stays finite for large x.
+    loss = F.softplus(scale * similarity + bias)
+    if negative_mask is None:
+        return loss.mean()
+    negative_mask = negative_mask.to(loss.dtype)
+    return (loss * negative_mask).sum() / negative_mask.sum().clamp(min=1)
+
+
+def caption_groups_from_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Group ids `(N,)` that are equal exactly where two tokenised captions are identical.
+
+    The tokenizer lower-cases and strips punctuation, so identical ids mean identical normalised text.
+    """
+    if attention_mask is not None:
+        input_ids = input_ids * attention_mask
+    return torch.unique(input_ids, dim=0, return_inverse=True)[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# RoIAlign on a patch-token grid
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def roi_align(features: torch.Tensor, boxes: torch.Tensor, output_size: int, sampling_ratio: int) -> torch.Tensor:
+    """Average RoIAlign feature of each box, by bilinear sampling with `grid_sample` (no torchvision).
+
+    Each box is split into `output_size × output_size` bins with `sampling_ratio²` bilinear samples per bin, as
+    torchvision's `roi_align(aligned=True)`; since the bins are then averaged into one vector, this is the mean of all
+    `(output_size · sampling_ratio)²` samples. Samples clamp to the border, which is what torchvision does for points
+    inside the image.
+
+    Args:
+        features: `(B, D, H, W)` feature grid covering the whole (resized) image.
+        boxes: `(B, K, 4)` boxes as `x0, y0, x1, y1` fractions of the image width / height.
+
+    Returns:
+        `(B, K, D)` ROI features.
+    """
+    batch_size, num_boxes = boxes.shape[:2]
+    steps = output_size * sampling_ratio
+    # Sample centres at (j + 0.5) / steps along each box side, in grid_sample's [-1, 1] frame (align_corners=False).
+    fractions = (torch.arange(steps, device=boxes.device, dtype=boxes.dtype) + 0.5) / steps
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    xs = x0[..., None] + (x1 - x0)[..., None] * fractions  # (B, K, steps)
+    ys = y0[..., None] + (y1 - y0)[..., None] * fractions
+    grid = torch.stack(
+        (
+            xs[:, :, None, :].expand(-1, -1, steps, -1),
+            ys[:, :, :, None].expand(-1, -1, -1, steps),
+        ),
+        dim=-1,
+    )  # (B, K, steps, steps, 2)
+    grid = (grid * 2 - 1).reshape(batch_size, num_boxes * steps, steps, 2).to(features.dtype)
+    sampled = F.grid_sample(features, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return sampled.reshape(batch_size, -1, num_boxes, steps * steps).mean(-1).transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RegionMedCLIPOutput(ModelOutput):
+    r"""
+    Output of [`RegionMedCLIPModel`]: CLIP's fields plus the region branch.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `return_loss=True`):
+            Weighted sum of the terms in `loss_terms` (weights from the config).
+        logits_per_image (`torch.FloatTensor` of shape `(image_batch_size, text_batch_size)`):
+            Scaled cosine similarities of `image_embeds` and `text_embeds`.
+        logits_per_text (`torch.FloatTensor` of shape `(text_batch_size, image_batch_size)`):
+            Transpose of `logits_per_image`.
+        text_embeds (`torch.FloatTensor` of shape `(text_batch_size, projection_dim)`):
+            L2-normalised text embeddings.
+        image_embeds (`torch.FloatTensor` of shape `(image_batch_size, projection_dim)`):
+            L2-normalised image embeddings: region-aware (z_fused) when ROIs were given, else equal to
+            `global_image_embeds`.
+        global_image_embeds (`torch.FloatTensor` of shape `(image_batch_size, projection_dim)`):
+            L2-normalised embeddings of the whole image alone (z_global).
+        region_embeds (`torch.FloatTensor` of shape `(image_batch_size, max_rois, projection_dim)`, *optional*):
+            L2-normalised fused region features F_i; zeros in padded slots. `None` without ROIs.
+        region_mask (`torch.BoolTensor` of shape `(image_batch_size, max_rois)`, *optional*):
+            True for real ROIs, False for padded slots.
+        loss_terms (`dict[str, torch.FloatTensor]`, *optional*):
+            Unweighted loss terms by name: `global_loss`, `roi_loss`, `neg_loss` (those whose inputs were given).
+        text_model_output (`BaseModelOutputWithPooling`):
+            Output of the text tower.
+        vision_model_output (`BaseModelOutputWithPooling`):
+            Output of the vision tower on the whole images.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    global_image_embeds: torch.FloatTensor | None = None
+    region_embeds: torch.FloatTensor | None = None
+    region_mask: torch.BoolTensor | None = None
+    loss_terms: dict[str, torch.FloatTensor] | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
+
+    def to_tuple(self) -> tuple[Any]:
+        return tuple(
+            v.to_tuple() if k in ("text_model_output", "vision_model_output") else v for k, v in self.items()
+        )
+
+
+@dataclass
+class RegionMedCLIPImageFeatures(BaseModelOutputWithPooling):
+    r"""
+    Output of [`RegionMedCLIPModel.get_image_features`].
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
+            Vision tower tokens of the whole images.
+        pooler_output (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+            Projected, not yet normalised image features (region-aware when ROIs were given), as CLIP's
+            `get_image_features` returns them.
+        global_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+            Projected features of the whole image alone.
+        region_embeds (`torch.FloatTensor` of shape `(batch_size, max_rois, projection_dim)`, *optional*):
+            Projected fused region features; zeros in padded slots.
+        region_mask (`torch.BoolTensor` of shape `(batch_size, max_rois)`, *optional*):
+            True for real ROIs.
+    """
+
+    global_embeds: torch.FloatTensor | None = None
+    region_embeds: torch.FloatTensor | None = None
+    region_mask: torch.BoolTensor | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ROI processor
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class RegionMedCLIPRoiAttention(nn.Module):
+    """Multi-head cross-attention: ROI queries over the image's tokens. Plain `nn.Linear` projections named as in
+    CLIP so PEFT LoRA can target `q_proj` / `k_proj` / `v_proj` / `out_proj`."""
+
+    def __init__(self, config: RegionMedCLIPConfig):
+        super().__init__()
+        self.embed_dim = config.vision_config.hidden_size
+        self.num_heads = config.roi_num_heads
+        self.head_dim = self.embed_dim // self.num_heads
+        self.dropout = config.roi_dropout
+        self.q_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.k_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.v_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.out_proj = nn.Linear(self.embed_dim, self.embed_dim)
+
+    def _split_heads(self, states: torch.Tensor) -> torch.Tensor:
+        return states.view(*states.shape[:2], self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, queries: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        query = self._split_heads(self.q_proj(queries))
+        key = self._split_heads(self.k_proj(context))
+        value = self._split_heads(self.v_proj(context))
+        attended = F.scaled_dot_product_attention(
+            query, key, value, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.out_proj(attended.transpose(1, 2).reshape(*queries.shape[:2], self.embed_dim))
+
+
+class RegionMedCLIPRoiMLP(nn.Module):
+    def __init__(self, config: RegionMedCLIPConfig):
+        super().__init__()
+        hidden_size = config.vision_config.hidden_size
+        self.fc1 = nn.Linear(hidden_size, config.roi_intermediate_size)
+        self.activation_fn = ACT2FN["gelu"]
+        self.fc2 = nn.Linear(config.roi_intermediate_size, hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+
+
+class RegionMedCLIPRoiProcessor(nn.Module):
+    """The paper's ROI processor (roles unspecified there; this is the design of DESIGN.md).
+
+    A pre-LN transformer block in the vision hidden space: each ROI feature, plus an embedding of its box, is a query
+    that cross-attends over the same image's `[CLS; patch]` tokens (8 heads by default), then a residual MLP. The
+    result is the fused region feature F_i. ROIs never attend to each other, so a padded slot cannot change a real
+    one. An attention pool over the valid F_i, scaled by a gate that starts at 0, is added to the global feature to
+    give the region-aware image feature, so switching the ROI stage on does not disturb the global alignment already
+    learned.
+    """
+
+    def __init__(self, config: RegionMedCLIPConfig):
+        super().__init__()
+        hidden_size = config.vision_config.hidden_size
+        self.box_embedding = nn.Linear(4, hidden_size)
+        self.query_norm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.context_norm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.attention = RegionMedCLIPRoiAttention(config)
+        self.mlp_norm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.mlp = RegionMedCLIPRoiMLP(config)
+        self.dropout = nn.Dropout(config.roi_dropout)
+        self.pool_norm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.pool_score = nn.Linear(hidden_size, 1)
+        self.gate = nn.Parameter(torch.zeros(()))
+
+    def forward(
+        self, roi_features: torch.Tensor, roi_boxes: torch.Tensor, roi_mask: torch.Tensor, context: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            roi_features: `(B, K, D)` per-ROI features from the vision tower (crop) or RoIAlign (pool).
+            roi_boxes: `(B, K, 4)` normalised boxes.
+            roi_mask: `(B, K)` bool, true for real ROIs.
+            context: `(B, N, D)` vision tokens of the whole image.
+
+        Returns:
+            fused `(B, K, D)` region features (zeros in padded slots) and the gated pooled region feature `(B, D)`.
+        """
+        hidden = roi_features + self.box_embedding(roi_boxes.to(roi_features.dtype))
+        hidden = hidden + self.dropout(self.attention(self.query_norm(hidden), self.context_norm(context)))
+        hidden = hidden + self.dropout(self.mlp(self.mlp_norm(hidden)))
+        hidden = hidden * roi_mask[..., None]
+
+        scores = self.pool_score(self.pool_norm(hidden)).squeeze(-1).masked_fill(~roi_mask, float("-inf"))
+        # An image whose slots are all padding has no region evidence: its weights become 0, not NaN.
+        weights = torch.nan_to_num(scores.softmax(-1), nan=0.0)
+        pooled = (weights[..., None] * hidden).sum(1)
+        return hidden, self.gate * pooled
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class RegionMedCLIPPreTrainedModel(PreTrainedModel):
+    config_class = RegionMedCLIPConfig
+    config: RegionMedCLIPConfig
+    base_model_prefix = "regionmed_clip"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        factor = self.config.initializer_factor
+        if isinstance(module, RegionMedCLIPModel):
+            # Weights of a checkpoint are loaded over this; tensors that are not plain layers must be set here, or
+            # `from_pretrained` leaves them as uninitialised memory.
+            init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+            init.normal_(module.visual_projection.weight, std=module.vision_embed_dim**-0.5 * factor)
+            init.normal_(module.text_projection.weight, std=module.text_embed_dim**-0.5 * factor)
+        elif isinstance(module, RegionMedCLIPRoiProcessor):
+            hidden_size = module.box_embedding.out_features
+            init.normal_(module.box_embedding.weight, std=hidden_size**-0.5 * factor)
+            init.zeros_(module.box_embedding.bias)
+            init.zeros_(module.gate)
+        elif isinstance(module, RegionMedCLIPRoiAttention):
+            for proj in (module.q_proj, module.k_proj, module.v_proj, module.out_proj):
+                init.normal_(proj.weight, std=module.embed_dim**-0.5 * factor)
+                init.zeros_(proj.bias)
+        elif isinstance(module, RegionMedCLIPRoiMLP):
+            init.normal_(module.fc1.weight, std=module.fc1.in_features**-0.5 * factor)
+            init.normal_(module.fc2.weight, std=module.fc2.in_features**-0.5 * factor)
+            init.zeros_(module.fc1.bias)
+            init.zeros_(module.fc2.bias)
+
+
+class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
+    r"""
+    RegionMed-CLIP: a vision tower and a text tower projected into one space (as `VisionTextDualEncoderModel`, with
+    the same attribute names, so its checkpoints load here), plus region-level learning: ROI features (crop or pool
+    mode), the ROI processor, and the region losses.
+
+    With no ROI inputs the model is exactly a CLIP: `logits_per_image` compares the global image embedding with the
+    text. With ROIs, `image_embeds` is the region-aware embedding and `region_embeds` holds one embedding per ROI.
+
+    Args:
+        config ([`RegionMedCLIPConfig`]): Model configuration.
+        vision_model (`PreTrainedModel`, *optional*): An already built vision tower (used by
+            [`~RegionMedCLIPModel.from_vision_text_pretrained`]); built from `config.vision_config` otherwise.
+        text_model (`PreTrainedModel`, *optional*): An already built text tower.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from regionmed_clip import RegionMedCLIPConfig, RegionMedCLIPModel
+
+    >>> config = RegionMedCLIPConfig(
+    ...     vision_config={"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+    ...                    "intermediate_size": 64, "image_size": 32, "patch_size": 8},
+    ...     text_config={"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+    ...                  "intermediate_size": 64},
+    ...     projection_dim=16, roi_num_heads=4,
+    ... )
+    >>> model = RegionMedCLIPModel(config).eval()
+    >>> outputs = model(
+    ...     input_ids=torch.tensor([[101, 2023, 102], [101, 2003, 102]]),
+    ...     pixel_values=torch.randn(2, 3, 32, 32),
+    ...     roi_boxes=torch.tensor([[[0.1, 0.1, 0.5, 0.5]], [[0.4, 0.2, 0.9, 0.6]]]),
+    ... )
+    >>> outputs.logits_per_image.shape, outputs.region_embeds.shape
+    (torch.Size([2, 2]), torch.Size([2, 1, 16]))
+    ```
+    """
+
+    def __init__(
+        self,
+        config: RegionMedCLIPConfig,
+        vision_model: PreTrainedModel | None = None,
+        text_model: PreTrainedModel | None = None,
+    ):
+        super().__init__(config)
+        self.vision_model = vision_model if vision_model is not None else AutoModel.from_config(config.vision_config)
+        self.text_model = text_model if text_model is not None else AutoModel.from_config(config.text_config)
+        # The towers share the composite config's sub-configs, so attention settings and edits reach both.
+        self.config.vision_config._attn_implementation = self.vision_model.config._attn_implementation
+        self.config.text_config._attn_implementation = self.text_model.config._attn_implementation
+        self.vision_model.config = self.config.vision_config
+        self.text_model.config = self.config.text_config
+
+        self.vision_embed_dim = config.vision_config.hidden_size
+        self.text_embed_dim = config.text_config.hidden_size
+        self.visual_projection = nn.Linear(self.vision_embed_dim, config.projection_dim, bias=False)
+        self.text_projection = nn.Linear(self.text_embed_dim, config.projection_dim, bias=False)
+        self.roi_processor = RegionMedCLIPRoiProcessor(config)
+        logit_scale = torch.tensor(config.logit_scale_init_value)
+        if config.learnable_temperature:
+            self.logit_scale = nn.Parameter(logit_scale)
+        else:
+            # A buffer, not a frozen parameter: stage-wise "unfreeze everything" must not start training τ, and the
+            # state-dict key stays `logit_scale` as in CLIP / VisionTextDualEncoderModel checkpoints.
+            self.register_buffer("logit_scale", logit_scale)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.text_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module):
+        self.text_model.set_input_embeddings(value)
+
+    # ---- towers -------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _pooled(outputs) -> torch.Tensor:
+        """The tower's pooled output, or its first token when it has no pooler."""
+        pooled = getattr(outputs, "pooler_output", None)
+        if pooled is None:
+            pooled = outputs.last_hidden_state[:, 0]
+        return pooled.flatten(1)
+
+    def _vision_tokens(self, last_hidden_state: torch.Tensor) -> torch.Tensor:
+        """Vision output as a `(B, N, D)` token sequence (a `(B, D, H, W)` feature map is flattened)."""
+        if last_hidden_state.dim() == 4:
+            return last_hidden_state.flatten(2).transpose(1, 2)
+        return last_hidden_state
+
+    def _patch_grid(self, last_hidden_state: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The patch tokens of the global forward as a `(B, D, H', W')` grid for RoIAlign."""
+        if last_hidden_state.dim() == 4:
+            return last_hidden_state
+        patch_size = self.config.vision_config.patch_size
+        if isinstance(patch_size, (list, tuple)):
+            patch_h, patch_w = patch_size
+        else:
+            patch_h = patch_w = patch_size
+        grid_h, grid_w = pixel_values.shape[-2] // patch_h, pixel_values.shape[-1] // patch_w
+        num_prefix = last_hidden_state.shape[1] - grid_h * grid_w
+        if num_prefix < 0:
+            raise ValueError(
+                f"The vision tower returned {last_hidden_state.shape[1]} tokens, fewer than the {grid_h}x{grid_w} "
+                "patch grid; roi_mode='pool' cannot place boxes on it. Use roi_mode='crop'."
+            )
+        patches = last_hidden_state[:, num_prefix:]
+        return patches.transpose(1, 2).reshape(patches.shape[0], -1, grid_h, grid_w)
+
+    def _encode_text(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, **kwargs):
+        outputs = self.text_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            return_dict=True,
+            **kwargs,
+        )
+        return outputs, self.text_projection(self._pooled(outputs))
+
+    def _encode_text_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Projected, normalised embeddings of a `(N, L)` batch of captions (N may be 0)."""
+        if input_ids.shape[0] == 0:
+            return input_ids.new_zeros((0, self.config.projection_dim), dtype=self.text_projection.weight.dtype)
+        return F.normalize(self._encode_text(input_ids, attention_mask)[1], dim=-1)
+
+    def _roi_features(
+        self,
+        vision_outputs,
+        pixel_values: torch.Tensor,
+        roi_boxes: torch.Tensor,
+        roi_mask: torch.Tensor,
+        roi_pixel_values: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Per-ROI vision features `(B, K, D)` before the ROI processor."""
+        if self.config.roi_mode == "pool":
+            if roi_pixel_values is not None:
+                raise ValueError(
+                    "roi_pixel_values were given but the model has roi_mode='pool', which pools ROIs from the global "
+                    "forward. Build the processor with roi_mode='pool' or load the model with roi_mode='crop'."
+                )
+            grid = self._patch_grid(vision_outputs.last_hidden_state, pixel_values)
+            features = roi_align(grid, roi_boxes, self.config.roi_align_size, self.config.roi_sampling_ratio)
+            return features * roi_mask[..., None]
+        if roi_pixel_values is None:
+            raise ValueError(
+                "roi_mode='crop' needs roi_pixel_values (B, K, C, H, W): call the processor with `boxes=`, whose "
+                "image processor crops every box from the original image."
+            )
+        if roi_pixel_values.shape[:2] != roi_boxes.shape[:2]:
+            raise ValueError(
+                f"roi_pixel_values has {tuple(roi_pixel_values.shape[:2])} (batch, slots) but roi_boxes has "
+                f"{tuple(roi_boxes.shape[:2])}."
+            )
+        features = roi_pixel_values.new_zeros((*roi_boxes.shape[:2], self.vision_embed_dim))
+        if roi_mask.any():
+            # Only real crops are encoded, all of the batch in one forward; padded slots stay zero.
+            crops = roi_pixel_values[roi_mask]
+            crop_outputs = self.vision_model(pixel_values=crops, return_dict=True)
+            features = features.to(crop_outputs.last_hidden_state.dtype)
+            features[roi_mask] = self._pooled(crop_outputs)
+        return features
+
+    def _encode_image(
+        self,
+        pixel_values: torch.Tensor,
+        roi_boxes: torch.Tensor | None = None,
+        roi_mask: torch.Tensor | None = None,
+        roi_pixel_values: torch.Tensor | None = None,
+        **kwargs,
+    ) -> RegionMedCLIPImageFeatures:
+        vision_outputs = self.vision_model(pixel_values=pixel_values, return_dict=True, **kwargs)
+        pooled = self._pooled(vision_outputs)
+        global_embeds = self.visual_projection(pooled)
+        features = RegionMedCLIPImageFeatures(
+            last_hidden_state=vision_outputs.last_hidden_state,
+            pooler_output=global_embeds,
+            hidden_states=getattr(vision_outputs, "hidden_states", None),
+            attentions=getattr(vision_outputs, "attentions", None),
+            global_embeds=global_embeds,
+        )
+        if roi_boxes is None:
+            if roi_pixel_values is not None or roi_mask is not None:
+                raise ValueError("roi_mask / roi_pixel_values were given without roi_boxes; pass the boxes too.")
+            return features
+        if roi_boxes.dim() != 3 or roi_boxes.shape[-1] != 4 or roi_boxes.shape[0] != pixel_values.shape[0]:
+            raise ValueError(
+                f"roi_boxes must be (batch={pixel_values.shape[0]}, K, 4) normalised x0,y0,x1,y1; got "
+                f"{tuple(roi_boxes.shape)}."
+            )
+        roi_mask = (
+            torch.ones(roi_boxes.shape[:2], dtype=torch.bool, device=roi_boxes.device)
+            if roi_mask is None
+            else roi_mask.bool()
+        )
+        roi_features = self._roi_features(vision_outputs, pixel_values, roi_boxes, roi_mask, roi_pixel_values)
+        context = self._vision_tokens(vision_outputs.last_hidden_state)
+        fused, pooled_regions = self.roi_processor(roi_features.to(context.dtype), roi_boxes, roi_mask, context)
+        features.region_embeds = self.visual_projection(fused)
+        features.region_mask = roi_mask
+        features.pooler_output = self.visual_projection(pooled + pooled_regions)
+        return features
+
+    # ---- public feature API -------------------------------------------------------------------------------------
+
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        r"""
+        Text tower output whose `pooler_output` is the projected (not normalised) text feature `(batch, projection_dim)`,
+        as transformers' CLIP returns it.
+
+        Example:
+
+        ```python
+        >>> text_features = model.get_text_features(**tokenizer(["round nodule"], return_tensors="pt")).pooler_output
+        ```
+        """
+        outputs, projected = self._encode_text(input_ids, attention_mask, token_type_ids, position_ids, **kwargs)
+        outputs.pooler_output = projected
+        return outputs
+
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        roi_boxes: torch.Tensor | None = None,
+        roi_mask: torch.Tensor | None = None,
+        roi_pixel_values: torch.Tensor | None = None,
+        **kwargs,
+    ) -> RegionMedCLIPImageFeatures:
+        r"""
+        Image features. `pooler_output` is the projected (not normalised) image feature `(batch, projection_dim)`:
+        region-aware when ROIs are given, global otherwise; `global_embeds` and `region_embeds` are there as well.
+
+        Example:
+
+        ```python
+        >>> inputs = processor(images=image, boxes=[[(30, 40, 90, 100)]], return_tensors="pt")
+        >>> image_features = model.get_image_features(**inputs).pooler_output
+        ```
+        """
+        return self._encode_image(pixel_values, roi_boxes, roi_mask, roi_pixel_values, **kwargs)
+
+    def get_region_features(
+        self,
+        pixel_values: torch.Tensor,
+        roi_boxes: torch.Tensor,
+        roi_mask: torch.Tensor | None = None,
+        roi_pixel_values: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        r"""
+        Projected (not normalised) fused region features `(batch, max_rois, projection_dim)`, zeros in padded slots.
+        """
+        return self._encode_image(pixel_values, roi_boxes, roi_mask, roi_pixel_values).region_embeds
+
+    # ---- forward ------------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        roi_boxes: torch.FloatTensor | None = None,
+        roi_mask: torch.Tensor | None = None,
+        roi_pixel_values: torch.FloatTensor | None = None,
+        region_input_ids: torch.LongTensor | None = None,
+        region_attention_mask: torch.Tensor | None = None,
+        negative_input_ids: torch.LongTensor | None = None,
+        negative_attention_mask: torch.Tensor | None = None,
+        return_loss: bool | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> RegionMedCLIPOutput | tuple:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(text_batch_size, sequence_length)`):
+                Report (or prompt) token ids. With `return_loss=True`, row i is the report of image i.
+            attention_mask (`torch.Tensor` of shape `(text_batch_size, sequence_length)`, *optional*):
+                Mask of `input_ids`.
+            pixel_values (`torch.FloatTensor` of shape `(image_batch_size, num_channels, height, width)`):
+                Whole images, as the image processor returns them.
+            roi_boxes (`torch.FloatTensor` of shape `(image_batch_size, max_rois, 4)`, *optional*):
+                ROI boxes as `x0, y0, x1, y1` fractions of the image size. Without them the model is a plain CLIP.
+            roi_mask (`torch.Tensor` of shape `(image_batch_size, max_rois)`, *optional*):
+                1 for real ROIs, 0 for padded slots (default: all real).
+            roi_pixel_values (`torch.FloatTensor` of shape `(image_batch_size, max_rois, num_channels, height, width)`, *optional*):
+                The ROI crops, resized to the input size; required in `crop` mode, rejected in `pool` mode.
+            region_input_ids (`torch.LongTensor` of shape `(image_batch_size, max_rois, region_sequence_length)`, *optional*):
+                One region caption per ROI slot (used by L_roi).
+            region_attention_mask (`torch.Tensor` of the same shape, *optional*):
+                Mask of `region_input_ids`.
+            negative_input_ids (`torch.LongTensor` of shape `(image_batch_size, max_rois, num_negatives, negative_sequence_length)`, *optional*):
+                Hard-negative captions of each ROI (used by L_neg). A row whose attention mask is all 0 is padding.
+            negative_attention_mask (`torch.Tensor` of the same shape, *optional*):
+                Mask of `negative_input_ids`.
+            return_loss (`bool`, *optional*):
+                Compute every loss term whose inputs are present, and their weighted sum.
+
+        Example:
+
+        ```python
+        >>> from regionmed_clip import RegionMedCLIPModel, RegionMedCLIPProcessor
+        >>> model = RegionMedCLIPModel.from_pretrained("path/to/regionmed-clip")
+        >>> processor = RegionMedCLIPProcessor.from_pretrained("path/to/regionmed-clip")
+        >>> inputs = processor(text=["round nodule", "normal"], images=image, padding=True, return_tensors="pt")
+        >>> probs = model(**inputs).logits_per_image.softmax(dim=-1)
+        ```
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if input_ids is None and pixel_values is None:
+            raise ValueError("Pass input_ids, pixel_values, or both.")
+
+        vision_features = text_outputs = image_embeds = global_image_embeds = text_embeds = None
+        region_embeds = region_mask = None
+        if pixel_values is not None:
+            vision_features = self._encode_image(
+                pixel_values,
+                roi_boxes,
+                roi_mask,
+                roi_pixel_values,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+            )
+            image_embeds = F.normalize(vision_features.pooler_output, dim=-1)
+            global_image_embeds = F.normalize(vision_features.global_embeds, dim=-1)
+            if vision_features.region_embeds is not None:
+                region_mask = vision_features.region_mask
+                region_embeds = F.normalize(vision_features.region_embeds, dim=-1) * region_mask[..., None]
+        if input_ids is not None:
+            text_outputs, text_embeds = self._encode_text(
+                input_ids,
+                attention_mask,
+                token_type_ids,
+                position_ids,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+            )
+            text_embeds = F.normalize(text_embeds, dim=-1)
+
+        logit_scale = self.logit_scale.exp()
+        logits_per_image = logits_per_text = None
+        if image_embeds is not None and text_embeds is not None:
+            logits_per_image = logit_scale * image_embeds @ text_embeds.t()
+            logits_per_text = logits_per_image.t()
+
+        loss = loss_terms = None
+        if return_loss:
+            loss_terms = self._loss_terms(
+                logits_per_image,
+                region_embeds,
+                region_mask,
+                logit_scale,
+                region_input_ids,
+                region_attention_mask,
+                negative_input_ids,
+                negative_attention_mask,
+            )
+            weights = {
+                "global_loss": self.config.global_loss_weight,
+                "roi_loss": self.config.roi_loss_weight,
+                "neg_loss": self.config.neg_loss_weight,
+            }
+            loss = sum(weights[name] * term for name, term in loss_terms.items())
+
+        output = RegionMedCLIPOutput(
+            loss=loss,
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_text,
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
+            global_image_embeds=global_image_embeds,
+            region_embeds=region_embeds,
+            region_mask=region_mask,
+            loss_terms=loss_terms,
+            text_model_output=text_outputs,
+            vision_model_output=vision_features,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _loss_terms(
+        self,
+        logits_per_image,
+        region_embeds,
+        region_mask,
+        logit_scale,
+        region_input_ids,
+        region_attention_mask,
+        negative_input_ids,
+        negative_attention_mask,
+    ) -> dict[str, torch.Tensor]:
+        terms = {}
+        if logits_per_image is not None:
+            if logits_per_image.shape[0] != logits_per_image.shape[1]:
+                raise ValueError(
+                    f"return_loss=True pairs image i with text i, but got {logits_per_image.shape[0]} images and "
+                    f"{logits_per_image.shape[1]} texts."
+                )
+            terms["global_loss"] = contrastive_loss(logits_per_image)
+        if region_input_ids is None and negative_input_ids is None:
+            return terms
+        if region_embeds is None:
+            raise ValueError("region / negative captions were given without ROIs; pass roi_boxes too.")
+        valid_regions = region_embeds[region_mask]
+        if region_input_ids is not None:
+            if region_input_ids.shape[:2] != region_mask.shape:
+                raise ValueError(
+                    f"region_input_ids has (batch, slots) {tuple(region_input_ids.shape[:2])}, expected "
+                    f"{tuple(region_mask.shape)} (one caption per ROI slot)."
+                )
+            ids = region_input_ids[region_mask]
+            mask = torch.ones_like(ids) if region_attention_mask is None else region_attention_mask[region_mask]
+            if (mask.sum(-1) == 0).any():
+                raise ValueError("A real ROI has an empty region caption; every box needs one.")
+            caption_embeds = self._encode_text_rows(ids, mask)
+            if ids.shape[0] > 0:
+                terms["roi_loss"] = region_contrastive_loss(
+                    valid_regions, caption_embeds, logit_scale, caption_groups_from_ids(ids, mask)
+                )
+        if negative_input_ids is not None:
+            if negative_input_ids.shape[:2] != region_mask.shape:
+                raise ValueError(
+                    f"negative_input_ids has (batch, slots) {tuple(negative_input_ids.shape[:2])}, expected "
+                    f"{tuple(region_mask.shape)}."
+                )
+            ids = negative_input_ids[region_mask]  # (N, M, L)
+            mask = torch.ones_like(ids) if negative_attention_mask is None else negative_attention_mask[region_mask]
+            present = mask.sum(-1) > 0  # (N, M)
+            if present.any():
+                flat = self._encode_text_rows(ids[present], mask[present])
+                negative_embeds = flat.new_zeros((*present.shape, flat.shape[-1]))
+                negative_embeds[present] = flat
+                terms["neg_loss"] = hard_negative_loss(
+                    valid_regions,
+                    negative_embeds,
+                    present,
+                    self.config.neg_logit_scale,
+                    self.config.neg_logit_bias,
+                )
+        return terms
+
+    # ---- construction from pretrained towers --------------------------------------------------------------------
+
+    @classmethod
+    def from_vision_text_pretrained(
+        cls,
+        vision_model_name_or_path: str,
+        text_model_name_or_path: str,
+        **kwargs,
+    ) -> "RegionMedCLIPModel":
+        r"""
+        Build a RegionMed-CLIP from a pretrained vision checkpoint and a pretrained text checkpoint (Hub ids or local
+        folders). Projections and the ROI processor start from their init.
+
+        Keyword arguments prefixed `vision_` / `text_` go to the tower's `from_pretrained` (e.g. `vision_revision`,
+        `text_attn_implementation`); the rest set fields of [`RegionMedCLIPConfig`] (e.g. `projection_dim=512`,
+        `roi_mode="crop"`). A full CLIP checkpoint as the vision path contributes its vision tower.
+
+        Example:
+
+        ```python
+        >>> model = RegionMedCLIPModel.from_vision_text_pretrained(
+        ...     "google/vit-base-patch16-224-in21k",
+        ...     "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
+        ...     projection_dim=512,
+        ... )
+        ```
+        """
+        tower_kwargs = {"vision": {}, "text": {}}
+        for key in list(kwargs):
+            for tower, bucket in tower_kwargs.items():
+                if key.startswith(f"{tower}_"):
+                    bucket[key[len(tower) + 1 :]] = kwargs.pop(key)
+
+        vision_config = tower_kwargs["vision"].pop("config", None) or AutoConfig.from_pretrained(
+            vision_model_name_or_path, **_hub_kwargs(tower_kwargs["vision"])
+        )
+        if hasattr(vision_config, "vision_config"):  # a two-tower checkpoint such as CLIP or SigLIP
+            tower_class = AutoModel.from_config(vision_config.vision_config).__class__
+            vision_model = tower_class.from_pretrained(
+                vision_model_name_or_path, config=vision_config.vision_config, **tower_kwargs["vision"]
+            )
+        else:
+            vision_model = AutoModel.from_pretrained(
+                vision_model_name_or_path, config=vision_config, **tower_kwargs["vision"]
+            )
+        text_model = AutoModel.from_pretrained(text_model_name_or_path, **tower_kwargs["text"])
+        config = RegionMedCLIPConfig(
+            vision_config=vision_model.config.to_dict(), text_config=text_model.config.to_dict(), **kwargs
+        )
+        return cls(config, vision_model=vision_model, text_model=text_model)
+
+
+def _hub_kwargs(kwargs: dict) -> dict:
+    """The subset of `from_pretrained` kwargs that also apply to loading a config."""
+    keys = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "trust_remote_code")
+    return {k: v for k, v in kwargs.items() if k in keys}
+
+
+__all__ = [
+    "RegionMedCLIPModel",
+    "RegionMedCLIPOutput",
+    "RegionMedCLIPImageFeatures",
+    "RegionMedCLIPPreTrainedModel",
+    "caption_groups_from_ids",
+    "contrastive_loss",
+    "global_contrastive_loss",
+    "hard_negative_loss",
+    "region_contrastive_loss",
+    "roi_align",
+]

@@ -1,0 +1,207 @@
+"""Processor for RegionMed-CLIP: the image processor and a tokenizer that normalises text as the paper does."""
+
+import numpy as np
+from tokenizers import Regex, normalizers
+from transformers.processing_utils import ProcessorMixin
+from transformers.tokenization_utils_base import BatchEncoding
+from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+# Unicode punctuation plus the ASCII symbols of Python's `string.punctuation` that Unicode files as symbols.
+PUNCTUATION_PATTERN = r"[\p{P}$+<=>^`|~]"
+
+
+def _has_paper_normalizer(normalizer) -> bool:
+    return normalizer is not None and PUNCTUATION_PATTERN in str(normalizer)
+
+
+def with_paper_normalizer(tokenizer) -> TokenizersBackend:
+    """Return `tokenizer` as a tokenizers-backed tokenizer whose own normalizer lower-cases and deletes punctuation.
+
+    The paper lower-cases all text and strips punctuation. Doing it inside the tokenizer (a `Replace` + `Lowercase`
+    put in front of the existing normalizer) means the processor, the zero-shot pipeline, a bare `AutoTokenizer` and
+    training all see the same text. Punctuation is deleted, not replaced by a space, so a hyphenated word joins up:
+    "X-Ray" and "xray" give the same ids, as do "left-sided" and "leftsided".
+
+    The result is a generic `TokenizersBackend` (saved with `tokenizer_class: "TokenizersBackend"`): model-specific
+    classes such as `BertTokenizer` rebuild their normalizer from their init arguments when loaded, which would drop
+    this one; the generic class loads `tokenizer.json` as written. Calling it again is a no-op.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise TypeError(
+            f"{type(tokenizer).__name__} has no `tokenizers` backend; RegionMed-CLIP needs a fast tokenizer "
+            "(load it with AutoTokenizer, which returns one for BERT-family models)."
+        )
+    if type(tokenizer) is TokenizersBackend and _has_paper_normalizer(backend.normalizer):
+        return tokenizer
+    backend = type(backend).from_str(backend.to_str())
+    if not _has_paper_normalizer(backend.normalizer):
+        steps = [normalizers.Replace(Regex(PUNCTUATION_PATTERN), ""), normalizers.Lowercase()]
+        if backend.normalizer is not None:
+            steps.append(backend.normalizer)
+        backend.normalizer = normalizers.Sequence(steps)
+    return TokenizersBackend(
+        tokenizer_object=backend,
+        model_max_length=tokenizer.model_max_length,
+        model_input_names=list(tokenizer.model_input_names),
+        padding_side=tokenizer.padding_side,
+        truncation_side=tokenizer.truncation_side,
+        **tokenizer.special_tokens_map,
+    )
+
+
+class RegionMedCLIPProcessor(ProcessorMixin):
+    r"""
+    Processor of RegionMed-CLIP: a [`RegionMedCLIPImageProcessor`] and a tokenizer, in one call that returns exactly
+    the model's input names.
+
+    The tokenizer is wrapped by [`with_paper_normalizer`] on construction, so text is lower-cased and stripped of
+    punctuation by the tokenizer itself, wherever it is used.
+
+    Args:
+        image_processor ([`RegionMedCLIPImageProcessor`]): The image processor.
+        tokenizer (`PreTrainedTokenizerBase`): A fast tokenizer of the text tower.
+
+    Example:
+
+    ```python
+    >>> from PIL import Image
+    >>> from regionmed_clip import RegionMedCLIPProcessor
+    >>> processor = RegionMedCLIPProcessor.from_pretrained("path/to/regionmed-clip")
+    >>> inputs = processor(
+    ...     text=["Chest X-ray: a round nodule in the left upper lobe."],
+    ...     images=[Image.open("cxr.png")],
+    ...     boxes=[[(120, 80, 180, 140)]],
+    ...     region_text=[["round nodule left upper"]],
+    ...     negative_text=[[["spiculated nodule left upper", "round mass left upper"]]],
+    ...     return_tensors="pt",
+    ... )
+    ```
+    """
+
+    image_processor_class = "AutoImageProcessor"
+    tokenizer_class = "AutoTokenizer"
+
+    def __init__(self, image_processor=None, tokenizer=None, **kwargs):
+        if tokenizer is not None:
+            tokenizer = with_paper_normalizer(tokenizer)
+        super().__init__(image_processor, tokenizer, **kwargs)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return [
+            "input_ids",
+            "attention_mask",
+            *self.image_processor.model_input_names,
+            "region_input_ids",
+            "region_attention_mask",
+            "negative_input_ids",
+            "negative_attention_mask",
+        ]
+
+    def _tokenize(self, texts: list[str], padding, truncation, max_length) -> BatchEncoding:
+        return self.tokenizer(
+            texts,
+            padding=padding,
+            truncation=truncation,
+            max_length=max_length,
+            return_token_type_ids=False,
+            return_tensors="np",
+        )
+
+    def _captions_per_box(self, captions, boxes, name: str) -> list[list]:
+        if boxes is None:
+            raise ValueError(f"{name} was given without boxes; region captions need the boxes they describe.")
+        if len(captions) != len(boxes):
+            raise ValueError(f"{name} covers {len(captions)} images but boxes cover {len(boxes)}.")
+        for index, (image_captions, image_boxes) in enumerate(zip(captions, boxes)):
+            num_boxes = 0 if image_boxes is None else len(image_boxes)
+            if len(image_captions) != num_boxes:
+                raise ValueError(
+                    f"image {index}: {name} has {len(image_captions)} entries for {num_boxes} boxes; give exactly "
+                    "one per box."
+                )
+        return captions
+
+    def __call__(
+        self,
+        text: str | list[str] | None = None,
+        images=None,
+        boxes=None,
+        region_text: list[list[str]] | None = None,
+        negative_text: list[list[list[str]]] | None = None,
+        padding: bool | str = True,
+        truncation: bool = True,
+        max_length: int | None = None,
+        return_tensors: str | None = None,
+        **kwargs,
+    ) -> BatchEncoding:
+        r"""
+        Args:
+            text (`str` or `list[str]`, *optional*): Reports or prompts.
+            images (*optional*): One image or a list (any input [`RegionMedCLIPImageProcessor`] accepts).
+            boxes (`list`, *optional*): Per image, its ROI boxes `(x0, y0, x1, y1)` in original pixels.
+            region_text (`list[list[str]]`, *optional*): Per image, one region caption per box.
+            negative_text (`list[list[list[str]]]`, *optional*): Per image, per box, its hard-negative captions
+                (the number may vary; missing ones are padded with all-zero attention masks).
+            padding, truncation, max_length: Passed to the tokenizer for every text field.
+            return_tensors (`str`, *optional*): `"pt"` for torch tensors, `"np"` for NumPy arrays.
+            **kwargs: Passed to the image processor (e.g. `max_regions`, `size`).
+
+        Returns:
+            `BatchEncoding` with `input_ids`, `attention_mask`, `pixel_values`, `roi_boxes`, `roi_mask`,
+            `roi_pixel_values` (crop mode), `region_input_ids` / `region_attention_mask` `(B, max_regions, L)`, and
+            `negative_input_ids` / `negative_attention_mask` `(B, max_regions, M, L)`, each present when its input is.
+        """
+        if text is None and images is None:
+            raise ValueError("Pass text, images, or both.")
+        data = {}
+        if text is not None:
+            texts = [text] if isinstance(text, str) else list(text)
+            data.update(self._tokenize(texts, padding, truncation, max_length))
+        if images is not None:
+            image_inputs = self.image_processor(images, boxes=boxes, **kwargs)
+            data.update(image_inputs)
+        elif boxes is not None:
+            raise ValueError("boxes were given without images.")
+        if region_text is not None or negative_text is not None:
+            if "roi_mask" not in data:
+                raise ValueError("region_text / negative_text need images and boxes.")
+            slots = data["roi_mask"].shape[1]
+        if region_text is not None:
+            captions = self._captions_per_box(region_text, boxes, "region_text")
+            flat = [caption for image_captions in captions for caption in image_captions]
+            encoded = self._tokenize(flat, padding, truncation, max_length) if flat else None
+            data["region_input_ids"], data["region_attention_mask"] = _scatter_rows(
+                encoded, [[(slot,) for slot in range(len(c))] for c in captions], (slots,)
+            )
+        if negative_text is not None:
+            negatives = self._captions_per_box(negative_text, boxes, "negative_text")
+            most = max((len(per_box) for image_negatives in negatives for per_box in image_negatives), default=0)
+            flat = [caption for image_negatives in negatives for per_box in image_negatives for caption in per_box]
+            encoded = self._tokenize(flat, padding, truncation, max_length) if flat else None
+            positions = [
+                [(slot, k) for slot, per_box in enumerate(image_negatives) for k in range(len(per_box))]
+                for image_negatives in negatives
+            ]
+            data["negative_input_ids"], data["negative_attention_mask"] = _scatter_rows(
+                encoded, positions, (slots, most)
+            )
+        return BatchEncoding(data=dict(data), tensor_type=return_tensors)
+
+
+def _scatter_rows(encoded: BatchEncoding | None, positions: list[list[tuple]], slot_shape: tuple):
+    """Place consecutive tokenised rows at `(image, *position)` of zero arrays shaped `(B, *slot_shape, L)`."""
+    length = 1 if encoded is None else encoded["input_ids"].shape[1]
+    ids = np.zeros((len(positions), *slot_shape, length), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    row = 0
+    for image, image_positions in enumerate(positions):
+        for position in image_positions:
+            ids[(image, *position)] = encoded["input_ids"][row]
+            mask[(image, *position)] = encoded["attention_mask"][row]
+            row += 1
+    return ids, mask
+
+
+__all__ = ["RegionMedCLIPProcessor", "with_paper_normalizer"]
