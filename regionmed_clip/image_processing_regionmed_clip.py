@@ -70,11 +70,14 @@ def _scaled(array: np.ndarray, where: str) -> np.ndarray:
     raise DecodeError(f"{where}: unsupported pixel dtype {array.dtype}.")
 
 
-def _to_rgb(array: np.ndarray, where: str) -> np.ndarray:
-    """`(H, W)`, `(H, W, C)` or `(C, H, W)` with C in 1/3/4 → `(H, W, 3)`; alpha is composited over black."""
+def _to_rgb(array: np.ndarray, where: str, channels_first: bool = False) -> np.ndarray:
+    """`(H, W)`, `(H, W, C)` or `(C, H, W)` with C in 1/3/4 → `(H, W, 3)`; alpha is composited over black.
+
+    A 3-D array is channels-last when its last axis could be channels, unless `channels_first` (torch tensors).
+    """
     if array.ndim == 2:
         array = array[..., None]
-    elif array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+    elif array.ndim == 3 and array.shape[0] in (1, 3, 4) and (channels_first or array.shape[-1] not in (1, 3, 4)):
         array = np.moveaxis(array, 0, -1)
     if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
         raise DecodeError(f"{where}: expected a 2-D grayscale or 3-D image with 1, 3 or 4 channels, got {array.shape}.")
@@ -150,11 +153,13 @@ def decode_image(image, where: str = "image") -> np.ndarray:
 
     Accepts PIL images in any mode (16-bit and float modes are min–max scaled, alpha is composited over black,
     CMYK / palette / YCbCr use PIL's conversion), NumPy arrays and torch tensors (uint8 /255; other integer types
-    min–max; floats already in [0, 1] unchanged, others min–max), encoded bytes, file paths and URLs, and with the
+    min–max; floats already in [0, 1] unchanged, others min–max; torch tensors are read as `(C, H, W)` like
+    torchvision, NumPy arrays as `(H, W, C)` unless only the first axis can be channels), encoded bytes, file paths and URLs, and with the
     `dicom` extra DICOM files or `pydicom` datasets.
     """
     if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
+        array = image.detach().cpu().numpy()
+        return _to_rgb(_scaled(array, where), where, channels_first=True)
     if isinstance(image, np.ndarray):
         if image.size == 0:
             raise DecodeError(f"{where}: empty array {image.shape}.")

