@@ -142,7 +142,9 @@ class RegionMedCLIPConfig(PretrainedConfig):
                 raise ValueError(f"{name} must be > 0, got {value}.")
         for name in ("global_loss_weight", "roi_loss_weight", "neg_loss_weight"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}; set it to 0 to switch a term off.")
+                raise ValueError(
+                    f"{name} must be >= 0, got {getattr(self, name)}; set it to 0 to switch a term off."
+                )
         if not 0.0 <= self.roi_dropout < 1.0:
             raise ValueError(f"roi_dropout must be in [0, 1), got {self.roi_dropout}.")
         vision_hidden = getattr(self.vision_config, "hidden_size", None)

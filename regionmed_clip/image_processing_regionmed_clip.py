@@ -10,7 +10,12 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_utils import BatchFeature
-from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, PILImageResampling, load_image
+from transformers.image_utils import (
+    IMAGENET_STANDARD_MEAN,
+    IMAGENET_STANDARD_STD,
+    PILImageResampling,
+    load_image,
+)
 from transformers.processing_utils import ImagesKwargs
 from transformers.utils import logging
 
@@ -77,10 +82,16 @@ def _to_rgb(array: np.ndarray, where: str, channels_first: bool = False) -> np.n
     """
     if array.ndim == 2:
         array = array[..., None]
-    elif array.ndim == 3 and array.shape[0] in (1, 3, 4) and (channels_first or array.shape[-1] not in (1, 3, 4)):
+    elif (
+        array.ndim == 3
+        and array.shape[0] in (1, 3, 4)
+        and (channels_first or array.shape[-1] not in (1, 3, 4))
+    ):
         array = np.moveaxis(array, 0, -1)
     if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
-        raise DecodeError(f"{where}: expected a 2-D grayscale or 3-D image with 1, 3 or 4 channels, got {array.shape}.")
+        raise DecodeError(
+            f"{where}: expected a 2-D grayscale or 3-D image with 1, 3 or 4 channels, got {array.shape}."
+        )
     if array.shape[-1] == 4:
         array = array[..., :3] * array[..., 3:]
     if array.shape[-1] == 1:
@@ -98,13 +109,17 @@ def _dicom_to_array(dataset, where: str) -> np.ndarray:
     try:
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError as error:
-        raise ImportError(f"{where} is DICOM; reading it needs pydicom: pip install 'regionmed-clip[dicom]'") from error
+        raise ImportError(
+            f"{where} is DICOM; reading it needs pydicom: pip install 'regionmed-clip[dicom]'"
+        ) from error
     try:
         pixels = dataset.pixel_array
     except Exception as error:
         raise DecodeError(f"{where}: cannot decode DICOM pixel data: {error}") from error
     if int(getattr(dataset, "NumberOfFrames", 1) or 1) > 1:
-        logger.warning(f"{where}: multi-frame DICOM ({dataset.NumberOfFrames} frames); using the first frame.")
+        logger.warning(
+            f"{where}: multi-frame DICOM ({dataset.NumberOfFrames} frames); using the first frame."
+        )
         pixels = pixels[0]
     if int(getattr(dataset, "SamplesPerPixel", 1)) > 1:
         return _to_rgb(_scaled(pixels, where), where)
@@ -123,7 +138,9 @@ def _read_dicom(source, where: str) -> np.ndarray:
     try:
         import pydicom
     except ImportError as error:
-        raise ImportError(f"{where} is DICOM; reading it needs pydicom: pip install 'regionmed-clip[dicom]'") from error
+        raise ImportError(
+            f"{where} is DICOM; reading it needs pydicom: pip install 'regionmed-clip[dicom]'"
+        ) from error
     try:
         dataset = pydicom.dcmread(source)
     except Exception as error:
@@ -216,7 +233,9 @@ def validate_boxes(boxes, height: int, width: int, where: str) -> tuple[np.ndarr
             raise ValueError(f"{label}: inverted box; expected x0 <= x1 and y0 <= y1 (pixel x0, y0, x1, y1).")
         if x1 == x0 or y1 == y0:
             raise ValueError(f"{label}: zero-area box.")
-        clip = np.array([min(max(x0, 0), width), min(max(y0, 0), height), min(max(x1, 0), width), min(max(y1, 0), height)])
+        clip = np.array(
+            [min(max(x0, 0), width), min(max(y0, 0), height), min(max(x1, 0), width), min(max(y1, 0), height)]
+        )
         if clip[2] <= clip[0] or clip[3] <= clip[1]:
             raise ValueError(f"{label}: lies outside the {width}x{height} image.")
         if not np.array_equal(clip, box):
@@ -270,7 +289,9 @@ class RegionMedCLIPImageProcessor(PilBackend):
     max_regions = 8
     roi_mode = "pool"
 
-    def _to_pixel_values(self, array: np.ndarray, do_resize, size, resample, do_normalize, image_mean, image_std):
+    def _to_pixel_values(
+        self, array: np.ndarray, do_resize, size, resample, do_normalize, image_mean, image_std
+    ):
         pixels = torch.from_numpy(array).permute(2, 0, 1)[None]
         if do_resize and tuple(pixels.shape[-2:]) != (size.height, size.width):
             mode = _INTERPOLATION.get(PILImageResampling(resample), "bilinear")
@@ -328,7 +349,9 @@ class RegionMedCLIPImageProcessor(PilBackend):
         if isinstance(boxes, (np.ndarray, torch.Tensor)) and len(arrays) == 1 and np.asarray(boxes).ndim == 2:
             boxes = [boxes]
         if len(boxes) != len(arrays):
-            raise ValueError(f"Got boxes for {len(boxes)} images but {len(arrays)} images; give one list per image.")
+            raise ValueError(
+                f"Got boxes for {len(boxes)} images but {len(arrays)} images; give one list per image."
+            )
         roi_boxes = np.zeros((len(arrays), max_regions, 4), dtype=np.float32)
         roi_mask = np.zeros((len(arrays), max_regions), dtype=np.int64)
         crops = None
@@ -336,7 +359,7 @@ class RegionMedCLIPImageProcessor(PilBackend):
             height, width = to_pixels["size"].height, to_pixels["size"].width
             crops = np.zeros((len(arrays), max_regions, 3, height, width), dtype=np.float32)
         total_clipped = 0
-        for index, (array, image_boxes) in enumerate(zip(arrays, boxes)):
+        for index, (array, image_boxes) in enumerate(zip(arrays, boxes, strict=True)):
             image_height, image_width = array.shape[:2]
             where = f"image {index}"
             pixel_boxes, clipped = validate_boxes(
@@ -352,7 +375,12 @@ class RegionMedCLIPImageProcessor(PilBackend):
                     f"{max_regions} most relevant or raise max_regions (model config and processor)."
                 )
             for slot, (x0, y0, x1, y1) in enumerate(pixel_boxes):
-                roi_boxes[index, slot] = (x0 / image_width, y0 / image_height, x1 / image_width, y1 / image_height)
+                roi_boxes[index, slot] = (
+                    x0 / image_width,
+                    y0 / image_height,
+                    x1 / image_width,
+                    y1 / image_height,
+                )
                 roi_mask[index, slot] = 1
                 if crops is not None:
                     left, top = int(np.floor(x0)), int(np.floor(y0))

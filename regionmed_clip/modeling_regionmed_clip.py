@@ -80,7 +80,9 @@ def hard_negative_loss(
     return (loss * negative_mask).sum() / negative_mask.sum().clamp(min=1)
 
 
-def caption_groups_from_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def caption_groups_from_ids(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Group ids `(N,)` that are equal exactly where two tokenised captions are identical.
 
     The tokenizer lower-cases and strips punctuation, so identical ids mean identical normalised text.
@@ -95,7 +97,9 @@ def caption_groups_from_ids(input_ids: torch.Tensor, attention_mask: torch.Tenso
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def roi_align(features: torch.Tensor, boxes: torch.Tensor, output_size: int, sampling_ratio: int) -> torch.Tensor:
+def roi_align(
+    features: torch.Tensor, boxes: torch.Tensor, output_size: int, sampling_ratio: int
+) -> torch.Tensor:
     """Average RoIAlign feature of each box, by bilinear sampling with `grid_sample` (no torchvision).
 
     Each box is split into `output_size × output_size` bins with `sampling_ratio²` bilinear samples per bin, as
@@ -278,7 +282,11 @@ class RegionMedCLIPRoiProcessor(nn.Module):
         self.gate = nn.Parameter(torch.zeros(()))
 
     def forward(
-        self, roi_features: torch.Tensor, roi_boxes: torch.Tensor, roi_mask: torch.Tensor, context: torch.Tensor
+        self,
+        roi_features: torch.Tensor,
+        roi_boxes: torch.Tensor,
+        roi_mask: torch.Tensor,
+        context: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
@@ -388,7 +396,9 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         text_model: PreTrainedModel | None = None,
     ):
         super().__init__(config)
-        self.vision_model = vision_model if vision_model is not None else AutoModel.from_config(config.vision_config)
+        self.vision_model = (
+            vision_model if vision_model is not None else AutoModel.from_config(config.vision_config)
+        )
         self.text_model = text_model if text_model is not None else AutoModel.from_config(config.text_config)
         # The towers share the composite config's sub-configs, so attention settings and edits reach both.
         self.config.vision_config._attn_implementation = self.vision_model.config._attn_implementation
@@ -465,7 +475,9 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
     def _encode_text_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Projected, normalised embeddings of a `(N, L)` batch of captions (N may be 0)."""
         if input_ids.shape[0] == 0:
-            return input_ids.new_zeros((0, self.config.projection_dim), dtype=self.text_projection.weight.dtype)
+            return input_ids.new_zeros(
+                (0, self.config.projection_dim), dtype=self.text_projection.weight.dtype
+            )
         return F.normalize(self._encode_text(input_ids, attention_mask)[1], dim=-1)
 
     def _roi_features(
@@ -525,7 +537,9 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         )
         if roi_boxes is None:
             if roi_pixel_values is not None or roi_mask is not None:
-                raise ValueError("roi_mask / roi_pixel_values were given without roi_boxes; pass the boxes too.")
+                raise ValueError(
+                    "roi_mask / roi_pixel_values were given without roi_boxes; pass the boxes too."
+                )
             return features
         if roi_boxes.dim() != 3 or roi_boxes.shape[-1] != 4 or roi_boxes.shape[0] != pixel_values.shape[0]:
             raise ValueError(
@@ -539,7 +553,9 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         )
         roi_features = self._roi_features(vision_outputs, pixel_values, roi_boxes, roi_mask, roi_pixel_values)
         context = self._vision_tokens(vision_outputs.last_hidden_state)
-        fused, pooled_regions = self.roi_processor(roi_features.to(context.dtype), roi_boxes, roi_mask, context)
+        fused, pooled_regions = self.roi_processor(
+            roi_features.to(context.dtype), roi_boxes, roi_mask, context
+        )
         features.region_embeds = self.visual_projection(fused)
         features.region_mask = roi_mask
         features.pooler_output = self.visual_projection(pooled + pooled_regions)
@@ -565,7 +581,9 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         >>> text_features = model.get_text_features(**tokenizer(["round nodule"], return_tensors="pt")).pooler_output
         ```
         """
-        outputs, projected = self._encode_text(input_ids, attention_mask, token_type_ids, position_ids, **kwargs)
+        outputs, projected = self._encode_text(
+            input_ids, attention_mask, token_type_ids, position_ids, **kwargs
+        )
         outputs.pooler_output = projected
         return outputs
 
@@ -761,7 +779,9 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
                     f"{tuple(region_mask.shape)} (one caption per ROI slot)."
                 )
             ids = region_input_ids[region_mask]
-            mask = torch.ones_like(ids) if region_attention_mask is None else region_attention_mask[region_mask]
+            mask = (
+                torch.ones_like(ids) if region_attention_mask is None else region_attention_mask[region_mask]
+            )
             if (mask.sum(-1) == 0).any():
                 raise ValueError("A real ROI has an empty region caption; every box needs one.")
             caption_embeds = self._encode_text_rows(ids, mask)
@@ -776,7 +796,11 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
                     f"{tuple(region_mask.shape)}."
                 )
             ids = negative_input_ids[region_mask]  # (N, M, L)
-            mask = torch.ones_like(ids) if negative_attention_mask is None else negative_attention_mask[region_mask]
+            mask = (
+                torch.ones_like(ids)
+                if negative_attention_mask is None
+                else negative_attention_mask[region_mask]
+            )
             present = mask.sum(-1) > 0  # (N, M)
             if present.any():
                 flat = self._encode_text_rows(ids[present], mask[present])
@@ -845,7 +869,15 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
 
 def _hub_kwargs(kwargs: dict) -> dict:
     """The subset of `from_pretrained` kwargs that also apply to loading a config."""
-    keys = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "trust_remote_code")
+    keys = (
+        "cache_dir",
+        "force_download",
+        "local_files_only",
+        "token",
+        "revision",
+        "subfolder",
+        "trust_remote_code",
+    )
     return {k: v for k, v in kwargs.items() if k in keys}
 
 

@@ -114,7 +114,7 @@ class RegionMedCLIPProcessor(ProcessorMixin):
             raise ValueError(f"{name} was given without boxes; region captions need the boxes they describe.")
         if len(captions) != len(boxes):
             raise ValueError(f"{name} covers {len(captions)} images but boxes cover {len(boxes)}.")
-        for index, (image_captions, image_boxes) in enumerate(zip(captions, boxes)):
+        for index, (image_captions, image_boxes) in enumerate(zip(captions, boxes, strict=True)):
             num_boxes = 0 if image_boxes is None else len(image_boxes)
             if len(image_captions) != num_boxes:
                 raise ValueError(
@@ -177,8 +177,12 @@ class RegionMedCLIPProcessor(ProcessorMixin):
             )
         if negative_text is not None:
             negatives = self._captions_per_box(negative_text, boxes, "negative_text")
-            most = max((len(per_box) for image_negatives in negatives for per_box in image_negatives), default=0)
-            flat = [caption for image_negatives in negatives for per_box in image_negatives for caption in per_box]
+            most = max(
+                (len(per_box) for image_negatives in negatives for per_box in image_negatives), default=0
+            )
+            flat = [
+                caption for image_negatives in negatives for per_box in image_negatives for caption in per_box
+            ]
             encoded = self._tokenize(flat, padding, truncation, max_length) if flat else None
             positions = [
                 [(slot, k) for slot, per_box in enumerate(image_negatives) for k in range(len(per_box))]

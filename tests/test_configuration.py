@@ -12,7 +12,11 @@ from .conftest import tiny_config, tiny_text_config, tiny_vision_config
 def test_defaults_are_the_papers_backbones():
     config = RegionMedCLIPConfig()
     assert isinstance(config.vision_config, ViTConfig)
-    assert (config.vision_config.hidden_size, config.vision_config.patch_size, config.vision_config.image_size) == (
+    assert (
+        config.vision_config.hidden_size,
+        config.vision_config.patch_size,
+        config.vision_config.image_size,
+    ) == (
         768,
         16,
         224,

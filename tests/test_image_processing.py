@@ -25,7 +25,7 @@ def test_whole_images_are_resized_and_normalised():
     assert pixels.shape == (1, 3, 16, 16) and pixels.dtype == torch.float32
     raw = processor()(image, return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(pixels, (raw - 0.5) / 0.5)
-    assert 0.0 <= raw.min() and raw.max() <= 1.0
+    assert raw.min() >= 0.0 and raw.max() <= 1.0
 
 
 def test_same_size_image_is_only_scaled():
@@ -40,9 +40,14 @@ def test_grayscale_rgba_palette_and_cmyk_give_the_right_rgb():
     np.testing.assert_allclose(decode_image(gray).transpose(2, 0, 1), expected_gray, atol=1e-6)
 
     rgb = random_image(16, 16, 3)
-    np.testing.assert_allclose(decode_image(rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=256)),
-                               np.asarray(rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=256).convert("RGB")) / 255.0, atol=1e-6)
-    np.testing.assert_allclose(decode_image(rgb.convert("CMYK")), np.asarray(rgb.convert("CMYK").convert("RGB")) / 255.0, atol=1e-6)
+    np.testing.assert_allclose(
+        decode_image(rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=256)),
+        np.asarray(rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=256).convert("RGB")) / 255.0,
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        decode_image(rgb.convert("CMYK")), np.asarray(rgb.convert("CMYK").convert("RGB")) / 255.0, atol=1e-6
+    )
 
     rgba = rgb.copy()
     alpha = np.full((16, 16), 255, dtype=np.uint8)
@@ -121,7 +126,9 @@ def test_boxes_become_normalised_roi_boxes_with_mask_padded_to_max_regions():
     images = [random_image(40, 20, 6), random_image(10, 10, 7)]
     out = processor(max_regions=3)(images, boxes=[[(4, 2, 20, 10), (0, 0, 40, 20)], []], return_tensors="pt")
     assert out["roi_boxes"].shape == (2, 3, 4) and out["roi_mask"].shape == (2, 3)
-    torch.testing.assert_close(out["roi_boxes"][0, :2], torch.tensor([[0.1, 0.1, 0.5, 0.5], [0.0, 0.0, 1.0, 1.0]]))
+    torch.testing.assert_close(
+        out["roi_boxes"][0, :2], torch.tensor([[0.1, 0.1, 0.5, 0.5], [0.0, 0.0, 1.0, 1.0]])
+    )
     assert out["roi_mask"].tolist() == [[1, 1, 0], [0, 0, 0]]
     assert "roi_pixel_values" not in out
 

@@ -17,7 +17,9 @@ from regionmed_clip.modeling_regionmed_clip import (
 
 def _unit(*shape, seed):
     generator = torch.Generator().manual_seed(seed)
-    return torch.nn.functional.normalize(torch.randn(*shape, generator=generator, dtype=torch.float64), dim=-1)
+    return torch.nn.functional.normalize(
+        torch.randn(*shape, generator=generator, dtype=torch.float64), dim=-1
+    )
 
 
 def naive_info_nce(a, b, scale, allowed=None):
@@ -48,7 +50,7 @@ def test_global_contrastive_loss_matches_naive_loop():
     value, grads = _grads(lambda a, b: global_contrastive_loss(a, b, scale), images, texts)
     expected, expected_grads = _grads(lambda a, b: naive_info_nce(a, b, scale), images, texts)
     torch.testing.assert_close(value, expected)
-    for grad, expected_grad in zip(grads, expected_grads):
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(grad, expected_grad)
 
 
@@ -65,7 +67,7 @@ def test_region_loss_masks_identical_captions_and_matches_naive_loop():
     value, grads = _grads(lambda a, b: region_contrastive_loss(a, b, scale, groups), regions, captions)
     expected, expected_grads = _grads(lambda a, b: naive_info_nce(a, b, scale, allowed), regions, captions)
     torch.testing.assert_close(value, expected)
-    for grad, expected_grad in zip(grads, expected_grads):
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(grad, expected_grad)
     unmasked = region_contrastive_loss(regions, captions, scale)
     assert not torch.isclose(unmasked, value)
@@ -96,7 +98,7 @@ def test_hard_negative_loss_matches_the_papers_formula(scale, bias):
     value, grads = _grads(lambda a, b: hard_negative_loss(a, b, mask, scale, bias), regions, negatives)
     expected, expected_grads = _grads(naive, regions, negatives)
     torch.testing.assert_close(value, expected)
-    for grad, expected_grad in zip(grads, expected_grads):
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(grad, expected_grad)
 
 

@@ -10,7 +10,14 @@ from transformers import AutoModel, BertModel, CLIPVisionConfig, CLIPVisionModel
 import regionmed_clip.modeling_regionmed_clip as modeling
 from regionmed_clip import RegionMedCLIPConfig, RegionMedCLIPModel, RegionMedCLIPOutput
 
-from .conftest import IMAGE_SIZE, make_processor, tiny_config, tiny_model, tiny_text_config, tiny_vision_config
+from .conftest import (
+    IMAGE_SIZE,
+    make_processor,
+    tiny_config,
+    tiny_model,
+    tiny_text_config,
+    tiny_vision_config,
+)
 
 MODES = ("pool", "crop")
 
@@ -19,7 +26,9 @@ def model_inputs(tokenizer, batch, roi_mode, with_rois=True):
     processor = make_processor(tokenizer, roi_mode)
     kwargs = {"text": batch["text"], "images": batch["images"], "return_tensors": "pt"}
     if with_rois:
-        kwargs.update(boxes=batch["boxes"], region_text=batch["region_text"], negative_text=batch["negative_text"])
+        kwargs.update(
+            boxes=batch["boxes"], region_text=batch["region_text"], negative_text=batch["negative_text"]
+        )
     return processor(**kwargs)
 
 
@@ -31,7 +40,12 @@ def test_output_shapes_with_rois(tokenizer, sample_batch, roi_mode):
     assert isinstance(outputs, RegionMedCLIPOutput)
     assert outputs.logits_per_image.shape == (2, 2)
     assert outputs.logits_per_text.shape == (2, 2)
-    assert outputs.text_embeds.shape == outputs.image_embeds.shape == outputs.global_image_embeds.shape == (2, 16)
+    assert (
+        outputs.text_embeds.shape
+        == outputs.image_embeds.shape
+        == outputs.global_image_embeds.shape
+        == (2, 16)
+    )
     assert outputs.region_embeds.shape == (2, 3, 16)
     assert outputs.region_mask.tolist() == [[True, False, False], [True, True, False]]
     assert outputs.loss.shape == ()
@@ -82,7 +96,9 @@ def test_padded_roi_slots_change_nothing(tokenizer, sample_batch, roi_mode):
     padded["roi_boxes"] = boxes
     for key in ("region_input_ids", "negative_input_ids"):
         garbage = torch.randint(1000, 2000, inputs[key].shape, generator=generator)
-        padded[key] = torch.where(empty.view(*empty.shape, *[1] * (inputs[key].dim() - 2)), garbage, inputs[key])
+        padded[key] = torch.where(
+            empty.view(*empty.shape, *[1] * (inputs[key].dim() - 2)), garbage, inputs[key]
+        )
     if roi_mode == "crop":
         crops = inputs["roi_pixel_values"].clone()
         crops[empty] = torch.randn(crops[empty].shape, generator=generator)
@@ -148,18 +164,24 @@ def test_outputs_are_deterministic_and_batch_size_independent(tokenizer, sample_
             single = {key: value[index : index + 1] for key, value in inputs.items()}
             alone = model(**single)
             for field in ("image_embeds", "text_embeds", "global_image_embeds"):
-                cosine = torch.nn.functional.cosine_similarity(getattr(alone, field)[0], getattr(first, field)[index], 0)
+                cosine = torch.nn.functional.cosine_similarity(
+                    getattr(alone, field)[0], getattr(first, field)[index], 0
+                )
                 assert cosine > 0.9999, field
             real = first.region_mask[index]
-            cosines = torch.nn.functional.cosine_similarity(alone.region_embeds[0][real], first.region_embeds[index][real])
+            cosines = torch.nn.functional.cosine_similarity(
+                alone.region_embeds[0][real], first.region_embeds[index][real]
+            )
             assert (cosines > 0.9999).all()
 
 
 def test_crop_mode_encodes_all_real_crops_in_one_batched_forward(tokenizer, sample_batch):
     model = tiny_model("crop")
     batch_sizes = []
-    model.vision_model.register_forward_hook(lambda module, args, kwargs, out: batch_sizes.append(
-        kwargs["pixel_values"].shape[0]), with_kwargs=True)
+    model.vision_model.register_forward_hook(
+        lambda module, args, kwargs, out: batch_sizes.append(kwargs["pixel_values"].shape[0]),
+        with_kwargs=True,
+    )
     model(**model_inputs(tokenizer, sample_batch, "crop"))
     assert batch_sizes == [2, 3]  # the two whole images, then the three real crops (padded slots skipped)
 
@@ -175,7 +197,9 @@ def test_feature_getters_agree_with_forward(tokenizer, sample_batch):
     torch.testing.assert_close(normalize(text.pooler_output, dim=-1), outputs.text_embeds)
     torch.testing.assert_close(normalize(image.pooler_output, dim=-1), outputs.image_embeds)
     torch.testing.assert_close(normalize(image.global_embeds, dim=-1), outputs.global_image_embeds)
-    torch.testing.assert_close(normalize(regions, dim=-1) * outputs.region_mask[..., None], outputs.region_embeds)
+    torch.testing.assert_close(
+        normalize(regions, dim=-1) * outputs.region_mask[..., None], outputs.region_embeds
+    )
     plain = model.get_image_features(inputs["pixel_values"])
     torch.testing.assert_close(normalize(plain.pooler_output, dim=-1), outputs.global_image_embeds)
 
@@ -191,8 +215,16 @@ def test_tuple_output(tokenizer, sample_batch):
     ("roi_mode", "change", "message"),
     [
         ("crop", lambda inputs: inputs.pop("roi_pixel_values"), "needs roi_pixel_values"),
-        ("pool", lambda inputs: inputs.update(roi_pixel_values=torch.zeros(2, 3, 3, 32, 32)), "roi_mode='pool'"),
-        ("pool", lambda inputs: inputs.update(input_ids=inputs["input_ids"][:1], attention_mask=None), "2 images and 1 texts"),
+        (
+            "pool",
+            lambda inputs: inputs.update(roi_pixel_values=torch.zeros(2, 3, 3, 32, 32)),
+            "roi_mode='pool'",
+        ),
+        (
+            "pool",
+            lambda inputs: inputs.update(input_ids=inputs["input_ids"][:1], attention_mask=None),
+            "2 images and 1 texts",
+        ),
         ("pool", lambda inputs: [inputs.pop(k) for k in ("roi_boxes", "roi_mask")], "without ROIs"),
         ("pool", lambda inputs: inputs.update(roi_boxes=torch.zeros(2, 4)), "roi_boxes must be"),
     ],
@@ -221,7 +253,9 @@ def test_state_dict_compatible_with_vision_text_dual_encoder_and_equal_logits(to
     inputs = model_inputs(tokenizer, sample_batch, "pool", with_rois=False)
     with torch.no_grad():
         expected = peer(
-            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], pixel_values=inputs["pixel_values"]
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            pixel_values=inputs["pixel_values"],
         ).logits_per_image
         actual = ours(**inputs).logits_per_image
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
@@ -235,7 +269,11 @@ def test_from_vision_text_pretrained_loads_both_towers_from_local_folders(tmp_pa
     vit.save_pretrained(tmp_path / "vit")
     bert.save_pretrained(tmp_path / "bert")
     model = RegionMedCLIPModel.from_vision_text_pretrained(
-        str(tmp_path / "vit"), str(tmp_path / "bert"), projection_dim=16, roi_num_heads=4, roi_mode="crop",
+        str(tmp_path / "vit"),
+        str(tmp_path / "bert"),
+        projection_dim=16,
+        roi_num_heads=4,
+        roi_mode="crop",
         text_attn_implementation="eager",
     )
     assert model.config.projection_dim == 16 and model.config.roi_mode == "crop"
@@ -248,8 +286,15 @@ def test_from_vision_text_pretrained_loads_both_towers_from_local_folders(tmp_pa
 
 
 def test_other_vision_towers_work_in_both_modes(tokenizer, sample_batch):
-    clip_vision = {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
-                   "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 32, "patch_size": 8}
+    clip_vision = {
+        "model_type": "clip_vision_model",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": 32,
+        "patch_size": 8,
+    }
     for roi_mode in MODES:
         model = tiny_model(roi_mode, vision_config=clip_vision)
         assert isinstance(model.vision_model, CLIPVisionModel)
