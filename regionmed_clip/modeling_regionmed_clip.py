@@ -508,13 +508,12 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
                 f"roi_pixel_values has {tuple(roi_pixel_values.shape[:2])} (batch, slots) but roi_boxes has "
                 f"{tuple(roi_boxes.shape[:2])}."
             )
-        features = roi_pixel_values.new_zeros((*roi_boxes.shape[:2], self.vision_embed_dim))
-        if roi_mask.any():
-            # Only real crops are encoded, all of the batch in one forward; padded slots stay zero.
-            crops = roi_pixel_values[roi_mask]
-            crop_outputs = self.vision_model(pixel_values=crops, return_dict=True)
-            features = features.to(crop_outputs.last_hidden_state.dtype)
-            features[roi_mask] = self._pooled(crop_outputs)
+        if not roi_mask.any():
+            return roi_pixel_values.new_zeros((*roi_boxes.shape[:2], self.vision_embed_dim))
+        # Only real crops are encoded, all of the batch in one forward; padded slots stay zero.
+        pooled = self._pooled(self.vision_model(pixel_values=roi_pixel_values[roi_mask], return_dict=True))
+        features = pooled.new_zeros((*roi_boxes.shape[:2], pooled.shape[-1]))
+        features[roi_mask] = pooled
         return features
 
     def _encode_image(

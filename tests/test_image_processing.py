@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers.image_processing_backends import PilBackend
 
 from regionmed_clip import RegionMedCLIPImageProcessor, decode_image
 
@@ -188,6 +189,8 @@ def test_round_trip_keeps_roi_settings(tmp_path):
     original.save_pretrained(tmp_path)
     loaded = AutoImageProcessor.from_pretrained(tmp_path)
     assert type(loaded) is RegionMedCLIPImageProcessor
+    # transformers' torchvision backend needs torchvision, which this package does not require.
+    assert isinstance(loaded, PilBackend) and loaded.backend == "pil"
     assert (loaded.roi_mode, loaded.max_regions, dict(loaded.size)) == ("crop", 5, SIZE)
 
 

@@ -325,3 +325,72 @@ def test_config_class_and_auto_mapping():
     assert RegionMedCLIPModel.config_class is RegionMedCLIPConfig
     config = tiny_config()
     assert type(AutoModel.from_config(config)) is RegionMedCLIPModel
+
+
+def test_a_full_clip_checkpoint_contributes_its_vision_tower(tmp_path):
+    from transformers import BertConfig, CLIPConfig, CLIPModel
+
+    clip_config = CLIPConfig(
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        text_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+        },
+        projection_dim=16,
+    )
+    clip = CLIPModel(clip_config)
+    clip.save_pretrained(tmp_path / "clip")
+    BertModel(
+        BertConfig(**{k: v for k, v in tiny_text_config().items() if k != "model_type"})
+    ).save_pretrained(tmp_path / "bert")
+    model = RegionMedCLIPModel.from_vision_text_pretrained(
+        str(tmp_path / "clip"), str(tmp_path / "bert"), projection_dim=16, roi_num_heads=4
+    )
+    assert isinstance(model.vision_model, CLIPVisionModel)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = clip.get_image_features(pixel_values=pixels).pooler_output
+        actual = clip.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6)
+
+
+def test_attention_implementation_and_dtype_reach_both_towers(tmp_path, tokenizer, sample_batch):
+    tiny_model("crop").save_pretrained(tmp_path)
+    eager = RegionMedCLIPModel.from_pretrained(tmp_path, attn_implementation="eager")
+    assert eager.vision_model.config._attn_implementation == "eager"
+    assert eager.text_model.config._attn_implementation == "eager"
+    half = RegionMedCLIPModel.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    inputs = model_inputs(tokenizer, sample_batch, "crop")
+    with torch.no_grad():
+        outputs = half(**inputs, return_loss=True)
+    assert outputs.region_embeds.dtype == torch.bfloat16 and torch.isfinite(outputs.loss)
+
+
+@pytest.mark.parametrize("roi_mode", MODES)
+def test_cpu_bf16_autocast_stays_close_to_fp32(tokenizer, sample_batch, roi_mode):
+    model = tiny_model(roi_mode)
+    inputs = model_inputs(tokenizer, sample_batch, roi_mode)
+    with torch.no_grad():
+        reference = model(**inputs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model(**inputs)
+    cosine = torch.nn.functional.cosine_similarity(mixed.image_embeds.float(), reference.image_embeds, dim=-1)
+    assert (cosine > 0.99).all()
+
+
+def test_input_embeddings_delegate_to_the_text_tower_and_resize():
+    model = tiny_model("pool")
+    assert model.get_input_embeddings() is model.text_model.get_input_embeddings()
+    model.resize_token_embeddings(30530)
+    assert model.config.text_config.vocab_size == 30530
+    assert model.get_input_embeddings().weight.shape[0] == 30530
