@@ -99,6 +99,18 @@ def _to_rgb(array: np.ndarray, where: str, channels_first: bool = False) -> np.n
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
+def _pydicom(where: str):
+    """pydicom, imported on first use: it is the optional `dicom` extra."""
+    try:
+        import pydicom
+        import pydicom.pixels
+    except ImportError as error:
+        raise ImportError(
+            f"{where} is DICOM; reading it needs pydicom: pip install 'regionmed-clip[dicom]'"
+        ) from error
+    return pydicom
+
+
 def _dicom_to_array(dataset, where: str) -> np.ndarray:
     """Pixels of a DICOM dataset as float32 `(H, W, 3)` in [0, 1].
 
@@ -106,12 +118,7 @@ def _dicom_to_array(dataset, where: str) -> np.ndarray:
     file, is scaled by its min–max, and MONOCHROME1 (white = low) is inverted so that, as in MONOCHROME2, bright means
     dense. A multi-frame file gives its first frame, with a warning.
     """
-    try:
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
-    except ImportError as error:
-        raise ImportError(
-            f"{where} is DICOM; reading it needs pydicom: pip install 'regionmed-clip[dicom]'"
-        ) from error
+    pixel_tools = _pydicom(where).pixels
     try:
         pixels = dataset.pixel_array
     except Exception as error:
@@ -123,7 +130,7 @@ def _dicom_to_array(dataset, where: str) -> np.ndarray:
         pixels = pixels[0]
     if int(getattr(dataset, "SamplesPerPixel", 1)) > 1:
         return _to_rgb(_scaled(pixels, where), where)
-    pixels = apply_voi_lut(apply_modality_lut(pixels, dataset), dataset)
+    pixels = pixel_tools.apply_voi_lut(pixel_tools.apply_modality_lut(pixels, dataset), dataset)
     pixels = _min_max(np.asarray(pixels, dtype=np.float64))
     if str(getattr(dataset, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         pixels = 1.0 - pixels
@@ -136,13 +143,7 @@ def _is_dicom_bytes(head: bytes) -> bool:
 
 def _read_dicom(source, where: str) -> np.ndarray:
     try:
-        import pydicom
-    except ImportError as error:
-        raise ImportError(
-            f"{where} is DICOM; reading it needs pydicom: pip install 'regionmed-clip[dicom]'"
-        ) from error
-    try:
-        dataset = pydicom.dcmread(source)
+        dataset = _pydicom(where).dcmread(source)
     except Exception as error:
         raise DecodeError(f"{where}: not a readable DICOM file: {error}") from error
     return _dicom_to_array(dataset, where)

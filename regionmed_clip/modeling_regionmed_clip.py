@@ -725,6 +725,11 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
                 negative_input_ids,
                 negative_attention_mask,
             )
+            if not loss_terms:
+                raise ValueError(
+                    "return_loss=True found nothing to compare: pass input_ids with pixel_values (image i pairs with "
+                    "text i), or ROIs with region_input_ids / negative_input_ids."
+                )
             weights = {
                 "global_loss": self.config.global_loss_weight,
                 "roi_loss": self.config.roi_loss_weight,

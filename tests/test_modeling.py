@@ -227,6 +227,11 @@ def test_tuple_output(tokenizer, sample_batch):
         ),
         ("pool", lambda inputs: [inputs.pop(k) for k in ("roi_boxes", "roi_mask")], "without ROIs"),
         ("pool", lambda inputs: inputs.update(roi_boxes=torch.zeros(2, 4)), "roi_boxes must be"),
+        (
+            "pool",
+            lambda inputs: [inputs.pop(k) for k in list(inputs) if k not in ("pixel_values",)],
+            "found nothing to compare",
+        ),
     ],
 )
 def test_bad_model_inputs_raise_clear_errors(tokenizer, sample_batch, roi_mode, change, message):
