@@ -290,6 +290,25 @@ class RegionMedCLIPImageProcessor(PilBackend):
     max_regions = 8
     roi_mode = "pool"
 
+    @classmethod
+    def from_model_config(cls, config, **kwargs) -> "RegionMedCLIPImageProcessor":
+        """The image processor matching a [`RegionMedCLIPConfig`]: input size from the vision tower, `roi_mode` and
+        `max_regions` from the config; `kwargs` override (e.g. `image_mean`)."""
+        image_size = getattr(config.vision_config, "image_size", cls.size["height"])
+        height, width = image_size if isinstance(image_size, (list, tuple)) else (image_size, image_size)
+        settings = {"size": {"height": height, "width": width}, "roi_mode": config.roi_mode}
+        settings["max_regions"] = config.max_regions
+        return cls(**{**settings, **kwargs})
+
+    def _validate_preprocess_kwargs(self, **kwargs):
+        unsupported = [name for name in ("do_rescale", "do_center_crop", "do_pad") if kwargs.get(name)]
+        if unsupported:
+            raise ValueError(
+                f"{', '.join(unsupported)} is not supported: images are scaled to [0, 1] while decoding and resized "
+                "to `size` whole, so that ROI boxes keep their meaning. Crop or pad the images beforehand."
+            )
+        super()._validate_preprocess_kwargs(**kwargs)
+
     def _to_pixel_values(
         self, array: np.ndarray, do_resize, size, resample, do_normalize, image_mean, image_std
     ):

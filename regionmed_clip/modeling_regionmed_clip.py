@@ -436,16 +436,8 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             pooled = outputs.last_hidden_state[:, 0]
         return pooled.flatten(1)
 
-    def _vision_tokens(self, last_hidden_state: torch.Tensor) -> torch.Tensor:
-        """Vision output as a `(B, N, D)` token sequence (a `(B, D, H, W)` feature map is flattened)."""
-        if last_hidden_state.dim() == 4:
-            return last_hidden_state.flatten(2).transpose(1, 2)
-        return last_hidden_state
-
     def _patch_grid(self, last_hidden_state: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
         """The patch tokens of the global forward as a `(B, D, H', W')` grid for RoIAlign."""
-        if last_hidden_state.dim() == 4:
-            return last_hidden_state
         patch_size = self.config.vision_config.patch_size
         if isinstance(patch_size, (list, tuple)):
             patch_h, patch_w = patch_size
@@ -551,7 +543,12 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             else roi_mask.bool()
         )
         roi_features = self._roi_features(vision_outputs, pixel_values, roi_boxes, roi_mask, roi_pixel_values)
-        context = self._vision_tokens(vision_outputs.last_hidden_state)
+        context = vision_outputs.last_hidden_state
+        if context.dim() != 3:
+            raise ValueError(
+                f"The ROI processor attends over vision tokens (batch, tokens, hidden); the "
+                f"{self.config.vision_config.model_type} tower returned shape {tuple(context.shape)}."
+            )
         fused, pooled_regions = self.roi_processor(
             roi_features.to(context.dtype), roi_boxes, roi_mask, context
         )

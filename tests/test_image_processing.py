@@ -237,3 +237,19 @@ def test_dicom_through_the_processor_with_boxes():
     out = processor(roi_mode="crop")(path, boxes=[[(10, 10, 60, 70)]], return_tensors="pt")
     assert out["pixel_values"].shape == (1, 3, 16, 16)
     assert out["roi_mask"][0].tolist() == [1] + [0] * 7
+
+
+def test_settings_that_would_move_boxes_are_refused():
+    for setting in ("do_center_crop", "do_pad", "do_rescale"):
+        with pytest.raises(ValueError, match=f"{setting} is not supported"):
+            processor()(random_image(8, 8, 0), **{setting: True})
+
+
+def test_image_processor_from_model_config():
+    from .conftest import tiny_config
+
+    config = tiny_config("crop", max_regions=5)
+    image_processor = RegionMedCLIPImageProcessor.from_model_config(config, image_mean=[0.1] * 3)
+    assert dict(image_processor.size) == {"height": 32, "width": 32}
+    assert (image_processor.roi_mode, image_processor.max_regions) == ("crop", 5)
+    assert tuple(image_processor.image_mean) == (0.1, 0.1, 0.1)
