@@ -1,0 +1,28 @@
+"""MedRegion data: the row schema on `datasets`, importers, hard negatives, MedRegion-synth and the collator.
+
+Needs the `train` extra (`datasets`, `pyarrow`); the model package itself does not import this.
+"""
+
+from .folder import ShardedParquetWriter, write_dataset_card
+from .importers import ImportSummary, import_annotations, import_coco, import_image_csv, read_box_file
+from .negatives import RegionTriple, generate_negatives, normalize_caption
+from .schema import FEATURES, VQA_FEATURES, InvalidRowsError, ValidationReport, row_problems, validate_rows
+
+__all__ = [
+    "FEATURES",
+    "VQA_FEATURES",
+    "ImportSummary",
+    "InvalidRowsError",
+    "RegionTriple",
+    "ShardedParquetWriter",
+    "ValidationReport",
+    "generate_negatives",
+    "import_annotations",
+    "import_coco",
+    "import_image_csv",
+    "normalize_caption",
+    "read_box_file",
+    "row_problems",
+    "validate_rows",
+    "write_dataset_card",
+]
