@@ -117,3 +117,23 @@ def sample_batch():
             [["round cyst right lower"], ["oval nodule left upper", "lobulated nodule left upper", "x"]],
         ],
     }
+
+
+@pytest.fixture(scope="session")
+def synth_folder(tmp_path_factory):
+    """A small MedRegion-synth folder (96 px images)."""
+    from regionmed_clip.data.synth import SynthConfig, generate_synth
+
+    folder = tmp_path_factory.mktemp("synth")
+    generate_synth(
+        SynthConfig(out=str(folder), train=24, validation=6, test=6, image_size=96), progress=False
+    )
+    return folder
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _fresh_datasets_cache(tmp_path_factory):
+    """`datasets` caches a folder loaded by path under its name; a cache of this session only keeps tests honest."""
+    import datasets
+
+    datasets.config.HF_DATASETS_CACHE = tmp_path_factory.mktemp("datasets-cache")

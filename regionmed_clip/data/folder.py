@@ -123,7 +123,13 @@ def write_dataset_card(
         metadata["dataset_info"].append(info._to_yaml_dict())
         body += [f"## Config `{name}`", "", "| split | rows |", "|---|---|"]
         body += [f"| {split} | {counts[split]} |" for split in splits]
-        body += ["", "Schema:", "", "```yaml", yaml.safe_dump(info._to_yaml_dict()["features"], sort_keys=False)]
+        body += [
+            "",
+            "Schema:",
+            "",
+            "```yaml",
+            yaml.safe_dump(info._to_yaml_dict()["features"], sort_keys=False),
+        ]
         body += ["```", ""]
     body += [
         "## Loading",

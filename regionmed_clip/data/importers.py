@@ -255,6 +255,7 @@ def import_annotations(
         name = str(record.get("image") or "")
         if not name:
             raise RowError(row_id, "record has no image file name")
+        image = _image_value(image_root, name, row_id)
         extraction = record.get("region_extraction") or []
         extraction = [extraction] if isinstance(extraction, str) else list(extraction)
         extraction = [item for item in extraction if str(item).strip().lower() != NO_FINDING]
@@ -281,7 +282,7 @@ def import_annotations(
         ]
         return {
             "id": row_id,
-            "image": _image_value(image_root, name, row_id),
+            "image": image,
             "modality": str(record.get("modality") or modality),
             "summary_caption": str(record.get("summary_caption") or ""),
             "detailed_report": str(record.get("detailed_report") or ""),
@@ -433,7 +434,9 @@ def import_image_csv(
     """Import an image folder with a CSV of `path, report[, label][, split][, summary][, modality]` as global-only
     rows (no regions). The summary is the `summary` column, else the report's first sentence."""
     csv_path, image_root = Path(csv_path), Path(image_root)
-    ids = [row_id for row_id, record in _csv_records(csv_path, path_column) if not isinstance(record, Exception)]
+    ids = [
+        row_id for row_id, record in _csv_records(csv_path, path_column) if not isinstance(record, Exception)
+    ]
     split_of = _splitter(ids, "split", ratios, seed)
 
     def build(row_id: str, record: dict) -> dict:

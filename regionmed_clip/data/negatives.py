@@ -55,6 +55,8 @@ def _spans(caption: str, vocabulary) -> list[re.Match]:
 
 
 def _replace(caption: str, span: re.Match, word: str) -> str:
+    if span.group()[0].isupper():
+        word = word[0].upper() + word[1:]
     return caption[: span.start()] + word + caption[span.end() :]
 
 
@@ -100,7 +102,9 @@ def generate_negatives(
     for span in spans:
         word = span.group().lower()
         for contrast in contrasts(word):
-            (strong if contrast in OPPOSITES.get(word, ()) else weak).append(_replace(caption, span, contrast))
+            (strong if contrast in OPPOSITES.get(word, ()) else weak).append(
+                _replace(caption, span, contrast)
+            )
     rng.shuffle(weak)
     candidates += strong + weak
 

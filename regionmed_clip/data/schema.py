@@ -120,7 +120,9 @@ class InvalidRowsError(ValueError):
 
     def __init__(self, report: ValidationReport):
         self.report = report
-        super().__init__(report.describe() + "\n(pass skip_invalid=True / --skip-invalid to drop and count them)")
+        super().__init__(
+            report.describe() + "\n(pass skip_invalid=True / --skip-invalid to drop and count them)"
+        )
 
 
 def validate_rows(rows, skip_invalid: bool = False, report: ValidationReport | None = None):

@@ -109,11 +109,15 @@ def _fundus(rng: np.random.Generator, size: int) -> np.ndarray:
     for _ in range(6):
         angle = rng.uniform(0, 2 * math.pi)
         points = [(disc_x * size, 0.5 * size)]
-        for step in range(1, 6):
+        for _ in range(5):
             angle += rng.uniform(-0.35, 0.35)
-            points.append((points[-1][0] + math.cos(angle) * size * 0.08, points[-1][1] + math.sin(angle) * size * 0.08))
+            points.append(
+                (points[-1][0] + math.cos(angle) * size * 0.08, points[-1][1] + math.sin(angle) * size * 0.08)
+            )
         draw.line(points, fill=255, width=max(1, size // 96))
-    alpha = (np.asarray(vessels.filter(ImageFilter.GaussianBlur(0.8)), dtype=np.float32) / 255.0)[..., None] * fade[..., None]
+    alpha = (np.asarray(vessels.filter(ImageFilter.GaussianBlur(0.8)), dtype=np.float32) / 255.0)[
+        ..., None
+    ] * fade[..., None]
     return image * (1 - 0.7 * alpha) + np.array([0.45, 0.05, 0.05]) * 0.7 * alpha
 
 
@@ -222,7 +226,12 @@ def _paint_lesion(image: np.ndarray, lesion: Lesion, modality: str, rng: np.rand
     patch = image[y0:y1, x0:x1]
     image[y0:y1, x0:x1] = patch * (1 - alpha[..., None]) + fill * alpha[..., None]
     rows, cols = np.nonzero(edge > 0)
-    return [float(x0 + cols.min()), float(y0 + rows.min()), float(x0 + cols.max() + 1), float(y0 + rows.max() + 1)]
+    return [
+        float(x0 + cols.min()),
+        float(y0 + rows.min()),
+        float(x0 + cols.max() + 1),
+        float(y0 + rows.max() + 1),
+    ]
 
 
 def _place_lesions(rng: np.random.Generator, config: SynthConfig) -> list[tuple[int, int, float]]:
@@ -245,13 +254,15 @@ def _a(word: str) -> str:
 
 
 def _where(position: str) -> str:
-    return "center" if position == "center" else f"{position} region"
+    return "central region" if position == "center" else f"{position} region"
 
 
 def summary_caption(modality: str, lesions: list[Lesion]) -> str:
     """One sentence of 10–15 words, no commas, ending with a period (the paper's summary rule)."""
     main = lesions[0]
-    sentence = f"{modality.capitalize()} showing {_a(main.adjective)} {main.term} in the {_where(main.position)}"
+    sentence = (
+        f"{modality.capitalize()} showing {_a(main.adjective)} {main.term} in the {_where(main.position)}"
+    )
     others = len(lesions) - 1
     if others:
         sentence += f" with {NUMBER_WORDS[others]} smaller finding{'s' if others > 1 else ''}"
@@ -264,7 +275,9 @@ def detailed_report(modality: str, lesions: list[Lesion], pixel_mm: float) -> st
         f"{max(1, round(2 * lesion.radius * pixel_mm))} mm."
         for lesion in lesions
     )
-    impression = "; ".join(f"{lesion.adjective} {lesion.term} in the {_where(lesion.position)}" for lesion in lesions)
+    impression = "; ".join(
+        f"{lesion.adjective} {lesion.term} in the {_where(lesion.position)}" for lesion in lesions
+    )
     return f"{modality.capitalize()}. Findings: {findings} No other abnormality is seen. Impression: {impression}."
 
 
@@ -285,14 +298,23 @@ def vqa_pairs(row_id: str, modality: str, lesions: list[Lesion], rng: np.random.
     else:
         options = [word for word in contrasts(lesion.adjective) if word in ADJECTIVES]
         shape, answer = options[int(rng.integers(len(options)))], "no"
-    questions.append((f"Is the {lesion.term} in the {_where(lesion.position)} {shape}?", answer, "CLOSED", "SHAPE"))
+    questions.append(
+        (f"Is the {lesion.term} in the {_where(lesion.position)} {shape}?", answer, "CLOSED", "SHAPE")
+    )
     open_questions = [
-        (f"What is the shape of the {lesion.term} in the {_where(lesion.position)}?", lesion.adjective, "OPEN", "SHAPE"),
+        (
+            f"What is the shape of the {lesion.term} in the {_where(lesion.position)}?",
+            lesion.adjective,
+            "OPEN",
+            "SHAPE",
+        ),
         (f"What abnormality is seen in the {_where(lesion.position)}?", lesion.term, "OPEN", "ABN"),
         ("What imaging modality is this?", modality, "OPEN", "MODALITY"),
     ]
     if sum((item.adjective, item.term) == (lesion.adjective, lesion.term) for item in lesions) == 1:
-        open_questions.append((f"Where is the {lesion.adjective} {lesion.term}?", lesion.position, "OPEN", "POS"))
+        open_questions.append(
+            (f"Where is the {lesion.adjective} {lesion.term}?", lesion.position, "OPEN", "POS")
+        )
     for index in rng.permutation(len(open_questions))[:2]:
         questions.append(open_questions[int(index)])
     return [
@@ -392,7 +414,10 @@ def generate_synth(config: SynthConfig, progress: bool = True) -> dict[str, dict
     counts = {DEFAULT_CONFIG: rows.close(), "vqa": questions.close()}
     write_dataset_card(
         out,
-        {DEFAULT_CONFIG: ("data", FEATURES, counts[DEFAULT_CONFIG]), "vqa": ("vqa", VQA_FEATURES, counts["vqa"])},
+        {
+            DEFAULT_CONFIG: ("data", FEATURES, counts[DEFAULT_CONFIG]),
+            "vqa": ("vqa", VQA_FEATURES, counts["vqa"]),
+        },
         pretty_name="MedRegion-synth",
         description=_card_text(config),
         license="apache-2.0",
@@ -432,13 +457,19 @@ def region_level_check(rows, size: int = 32, seed: int = 0) -> dict[str, float]:
     from sklearn.ensemble import ExtraTreesClassifier
 
     def features(image: Image.Image) -> np.ndarray:
-        gray = np.asarray(image.convert("L").resize((size, size), Image.Resampling.BILINEAR), np.float32) / 255
+        gray = (
+            np.asarray(image.convert("L").resize((size, size), Image.Resampling.BILINEAR), np.float32) / 255
+        )
         grad_y, grad_x = np.gradient(gray)
         return np.concatenate([gray.ravel(), np.hypot(grad_x, grad_y).ravel()])
 
     whole, crops, labels, groups = [], [], [], []
     for number, row in enumerate(rows):
-        image = row["image"] if isinstance(row["image"], Image.Image) else Image.open(io.BytesIO(row["image"]["bytes"]))
+        image = (
+            row["image"]
+            if isinstance(row["image"], Image.Image)
+            else Image.open(io.BytesIO(row["image"]["bytes"]))
+        )
         for region in row["regions"]:
             whole.append(features(image))
             crops.append(features(image.crop(tuple(int(round(v)) for v in region["bbox"]))))

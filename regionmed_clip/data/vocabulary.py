@@ -7,11 +7,40 @@ are the strongest contrasts and are tried first.
 """
 
 ADJECTIVE_GROUPS: dict[str, tuple[str, ...]] = {
-    "shape": ("round", "oval", "irregular", "lobulated", "spiculated", "elongated", "linear", "wedge-shaped", "tubular"),
+    "shape": (
+        "round",
+        "oval",
+        "irregular",
+        "lobulated",
+        "spiculated",
+        "elongated",
+        "linear",
+        "wedge-shaped",
+        "tubular",
+    ),
     "margin": ("well-defined", "ill-defined", "smooth", "indistinct", "circumscribed", "infiltrative"),
-    "texture": ("homogeneous", "heterogeneous", "cystic", "solid", "ground-glass", "reticular", "granular", "raised", "flat"),
+    "texture": (
+        "homogeneous",
+        "heterogeneous",
+        "cystic",
+        "solid",
+        "ground-glass",
+        "reticular",
+        "granular",
+        "raised",
+        "flat",
+    ),
     "colour": ("red", "pink", "pale", "brown", "dark", "yellow", "white", "blue-black", "erythematous"),
-    "density": ("hyperdense", "hypodense", "calcified", "radiolucent", "hyperechoic", "hypoechoic", "hyperintense", "hypointense"),
+    "density": (
+        "hyperdense",
+        "hypodense",
+        "calcified",
+        "radiolucent",
+        "hyperechoic",
+        "hypoechoic",
+        "hyperintense",
+        "hypointense",
+    ),
 }
 
 # The strongest contrasts of a word: tried before the rest of its group.
@@ -60,8 +89,26 @@ OPPOSITES: dict[str, tuple[str, ...]] = {
 }
 
 TERMS: tuple[str, ...] = (
-    "nodule", "mass", "cyst", "calcification", "opacity", "lesion", "consolidation", "effusion", "tumor", "polyp",
-    "ulcer", "plaque", "infiltrate", "hemorrhage", "exudate", "drusen", "nevus", "papule", "fracture", "stenosis",
+    "nodule",
+    "mass",
+    "cyst",
+    "calcification",
+    "opacity",
+    "lesion",
+    "consolidation",
+    "effusion",
+    "tumor",
+    "polyp",
+    "ulcer",
+    "plaque",
+    "infiltrate",
+    "hemorrhage",
+    "exudate",
+    "drusen",
+    "nevus",
+    "papule",
+    "fracture",
+    "stenosis",
 )
 
 HORIZONTAL: tuple[str, ...] = ("left", "center", "right")
@@ -80,7 +127,9 @@ POSITION_OPPOSITES: dict[str, str] = {
 }
 POSITION_WORDS: frozenset[str] = frozenset(POSITION_OPPOSITES) | {"center", "central", "middle"}
 
-ADJECTIVE_TO_GROUP: dict[str, str] = {word: group for group, words in ADJECTIVE_GROUPS.items() for word in words}
+ADJECTIVE_TO_GROUP: dict[str, str] = {
+    word: group for group, words in ADJECTIVE_GROUPS.items() for word in words
+}
 
 
 def contrasts(adjective: str) -> list[str]:

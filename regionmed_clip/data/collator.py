@@ -1,0 +1,151 @@
+"""Batches of MedRegion rows → model inputs, from in-memory or streaming datasets.
+
+The collator runs in DataLoader workers: it holds only the processor (which pickles) and decodes each image from the
+row itself, so it works the same with `num_workers > 0`, with a map-style `Dataset`, and with
+`load_dataset(..., streaming=True)`, where rows are read shard by shard and never all held in memory.
+"""
+
+import os
+from pathlib import Path
+
+import torch
+import yaml
+from datasets import load_dataset
+
+from .schema import SPLITS
+
+
+def _image_input(image):
+    """A row's image as the image processor takes it: PIL as is; encoded `{"bytes", "path"}` as bytes or a path."""
+    if isinstance(image, dict):
+        return image.get("bytes") or image["path"]
+    return image
+
+
+class MedRegionCollator:
+    r"""
+    Turns a list of MedRegion rows into one batch for [`RegionMedCLIPModel`]: `pixel_values`; the detailed report
+    as `input_ids` / `attention_mask`; the summary caption as `summary_input_ids` / `summary_attention_mask`; and,
+    when any row of the batch has regions, `roi_boxes`, `roi_mask`, `roi_pixel_values` (crop mode), region captions
+    and hard negatives as the processor returns them.
+
+    An image with more regions than the processor's `max_regions` keeps its highest-scoring ones; how many were
+    dropped is counted in `dropped_regions`.
+
+    Args:
+        processor ([`RegionMedCLIPProcessor`]): Tokenizer and image processor.
+        max_length (`int`, *optional*): Token limit for every text (default: the tokenizer's).
+        max_negatives (`int`, *optional*): Keep at most this many hard negatives per region.
+        with_regions (`bool`, defaults to `True`): Set `False` for global-only batches (no ROI inputs at all).
+    """
+
+    def __init__(
+        self, processor, max_length: int | None = None, max_negatives: int | None = None, with_regions=True
+    ):
+        self.processor = processor
+        self.max_length = max_length
+        self.max_negatives = max_negatives
+        self.with_regions = with_regions
+        self.dropped_regions = 0
+
+    def _regions(self, row: dict) -> list[dict]:
+        regions = list(row.get("regions") or [])
+        limit = self.processor.image_processor.max_regions
+        if len(regions) > limit:
+            self.dropped_regions += len(regions) - limit
+            regions = sorted(regions, key=lambda region: -(region.get("score") or 0.0))[:limit]
+        return regions
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        text_kwargs = {"padding": True, "truncation": True, "max_length": self.max_length}
+        regions = [self._regions(row) for row in rows] if self.with_regions else [[] for _ in rows]
+        region_inputs = {}
+        if any(regions):
+            region_inputs = {
+                "boxes": [[region["bbox"] for region in image_regions] for image_regions in regions],
+                "region_text": [[region["caption"] for region in image_regions] for image_regions in regions],
+                "negative_text": [
+                    [list(region["negatives"] or [])[: self.max_negatives] for region in image_regions]
+                    for image_regions in regions
+                ],
+            }
+        batch = self.processor(
+            text=[row["detailed_report"] for row in rows],
+            images=[_image_input(row["image"]) for row in rows],
+            return_tensors="pt",
+            **region_inputs,
+            **text_kwargs,
+        )
+        summary = self.processor(
+            text=[row["summary_caption"] for row in rows], return_tensors="pt", **text_kwargs
+        )
+        batch["summary_input_ids"] = summary["input_ids"]
+        batch["summary_attention_mask"] = summary["attention_mask"]
+        return dict(batch)
+
+
+def _local_data_files(folder: Path, config: str, split: str) -> str:
+    """The parquet pattern of `split` of `config` in a local dataset folder, from its card's `configs` YAML."""
+    card = folder / "README.md"
+    directory = "data" if config == "default" else config
+    if card.is_file():
+        text = card.read_text(encoding="utf-8")
+        if text.startswith("---"):
+            metadata = yaml.safe_load(text.split("---", 2)[1]) or {}
+            for entry in metadata.get("configs", []):
+                if entry.get("config_name") == config:
+                    for files in entry.get("data_files", []):
+                        if files.get("split") == split:
+                            return str(folder / files["path"])
+    return str(folder / directory / f"{split}-*.parquet")
+
+
+def load_rows(
+    path: str | os.PathLike, split: str = "train", streaming: bool = False, config: str = "default"
+):
+    """A split of a dataset folder (or Hub id): a `Dataset`, or with `streaming=True` an `IterableDataset` that
+    reads parquet shards lazily.
+
+    A local folder is read through the parquet builder with explicit data files: `datasets` 5.2 keys its cache
+    for a folder loaded by path on the file patterns only, so a folder regenerated in place would come back stale
+    from `load_dataset(folder)`; explicit files are keyed on their modification times. The schema comes from the
+    parquet files' own metadata.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    folder = Path(path)
+    if folder.is_dir():
+        files = _local_data_files(folder, config, split)
+        return load_dataset("parquet", data_files={split: files}, split=split, streaming=streaming)
+    return load_dataset(str(path), config, split=split, streaming=streaming)
+
+
+def make_dataloader(
+    rows,
+    collator: MedRegionCollator,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    num_workers: int = 0,
+    shuffle_buffer: int = 1000,
+    drop_last: bool = False,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader over a `Dataset` or a streaming `IterableDataset` (shuffled through a buffer when streaming)."""
+    from datasets import IterableDataset
+
+    if isinstance(rows, IterableDataset):
+        if shuffle:
+            rows = rows.shuffle(seed=seed, buffer_size=shuffle_buffer)
+        return torch.utils.data.DataLoader(
+            rows, batch_size=batch_size, collate_fn=collator, num_workers=num_workers, drop_last=drop_last
+        )
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        rows,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        collate_fn=collator,
+        num_workers=num_workers,
+        drop_last=drop_last,
+    )
