@@ -27,21 +27,25 @@ def _option_type(annotation):
     return str, None
 
 
-def add_signature_arguments(parser: argparse.ArgumentParser, target, skip: tuple[str, ...] = ()) -> None:
-    """Add `--name` options for the parameters of `target` (a function or a dataclass)."""
+def add_signature_arguments(
+    parser: argparse.ArgumentParser, target, skip: tuple[str, ...] = (), aliases: dict[str, str] | None = None
+) -> None:
+    """Add `--name` options for the parameters of `target` (a function or a dataclass); `aliases` adds short
+    spellings (`{"validation": "--val"}`)."""
+    aliases = aliases or {}
     hints = typing.get_type_hints(target if dataclasses.is_dataclass(target) else target)
     for name, parameter in inspect.signature(target).parameters.items():
         if name in skip or parameter.kind in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL):
             continue
-        flag = "--" + name.replace("_", "-")
+        flags = ["--" + name.replace("_", "-")] + ([aliases[name]] if name in aliases else [])
         annotation = hints.get(name, str)
         required = parameter.default is inspect.Parameter.empty
         if annotation is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=parameter.default)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=parameter.default)
             continue
         kind, nargs = _option_type(annotation)
         default = None if required else parameter.default
-        parser.add_argument(flag, type=kind, nargs=nargs, required=required, default=default, dest=name)
+        parser.add_argument(*flags, type=kind, nargs=nargs, required=required, default=default, dest=name)
 
 
 def _call_with(target, namespace: argparse.Namespace, skip: tuple[str, ...] = ()):
@@ -57,7 +61,7 @@ def _data_commands(subparsers) -> None:
     commands = data.add_subparsers(dest="data_command", required=True)
 
     synth_parser = commands.add_parser("synth", help="generate MedRegion-synth (no download)")
-    add_signature_arguments(synth_parser, synth.SynthConfig)
+    add_signature_arguments(synth_parser, synth.SynthConfig, aliases={"validation": "--val"})
     synth_parser.add_argument("--check", action="store_true", help="also print the region-level check")
 
     def run_synth(args):

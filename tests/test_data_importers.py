@@ -266,3 +266,42 @@ def test_non_utf8_text_names_the_row(tmp_path):
     csv_path.write_bytes(b"path,report\nimg0.png,fine report.\nimg1.png,caf\xe9 report.\n")
     with pytest.raises(InvalidRowsError, match="list.csv line 3: text is not valid UTF-8"):
         import_image_csv(csv_path, images, tmp_path / "out3")
+
+
+def test_cli_import_reports_and_skips_invalid_rows(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    images = _images(tmp_path / "images", 3)
+    csv_path = tmp_path / "list.csv"
+    csv_path.write_text(
+        "path,report\nimg0.png,Report zero.\nimg1.png,\nimg2.png,Report two.\n", encoding="utf-8"
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "regionmed_clip.cli",
+        "data",
+        "import-csv",
+        "--csv-path",
+        str(csv_path),
+        "--image-root",
+        str(images),
+        "--out-dir",
+        str(tmp_path / "out"),
+        "--ratios",
+        "1",
+        "0",
+        "0",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    failed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert (
+        failed.returncode == 2 and "img1: summary_caption is empty; detailed_report is empty" in failed.stderr
+    )
+    skipped = subprocess.run(
+        command + ["--skip-invalid"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert skipped.returncode == 0, skipped.stderr
+    assert "train 2; skipped 1 invalid rows" in skipped.stdout and "img1" in skipped.stdout

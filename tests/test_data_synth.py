@@ -118,7 +118,7 @@ def test_cli_synth_and_validate(tmp_path):
         str(out),
         "--train",
         "6",
-        "--validation",
+        "--val",
         "2",
         "--test",
         "2",
