@@ -124,12 +124,16 @@ def _write_folder(out_dir, records, build, split_of, skip_invalid, pretty_name, 
     return ImportSummary(out_dir, counts, report)
 
 
-def _splitter(ids: list[str], split_field: str, ratios, seed):
-    assigned = split_assignment(ids, ratios, seed)
+def _splitter(records, ratios, seed):
+    """`split_of(row_id, record)`: a record's own `split` field, else a seeded ratio split over the ids of
+    `records` ((row_id, record) pairs; unreadable records are not counted)."""
+    assigned = split_assignment(
+        [row_id for row_id, record in records if not isinstance(record, Exception)], ratios, seed
+    )
 
     def split_of(row_id: str, record: dict) -> str:
-        if isinstance(record, dict) and record.get(split_field):
-            return _given_split(record[split_field], row_id)
+        if isinstance(record, dict) and record.get("split"):
+            return _given_split(record["split"], row_id)
         return assigned[row_id]
 
     return split_of
@@ -248,8 +252,7 @@ def import_annotations(
     """
     annotations, image_root = Path(annotations), Path(image_root)
     box_table = read_box_file(boxes)
-    ids = [row_id for row_id, record in _annotation_records(annotations) if not isinstance(record, Exception)]
-    split_of = _splitter(ids, "split", ratios, seed)
+    split_of = _splitter(_annotation_records(annotations), ratios, seed)
 
     def build(row_id: str, record: dict) -> dict:
         name = str(record.get("image") or "")
@@ -345,7 +348,7 @@ def import_coco(
         if annotation.get("bbox") is not None:
             by_image.setdefault(annotation["image_id"], []).append(annotation)
     images = {str(image.get("id")): image for image in data.get("images", [])}
-    split_of = _splitter(list(images), "split", ratios, seed)
+    split_of = _splitter(images.items(), ratios, seed)
 
     def build(row_id: str, image: dict) -> dict:
         value = _image_value(image_root, str(image.get("file_name", "")), row_id)
@@ -434,10 +437,7 @@ def import_image_csv(
     """Import an image folder with a CSV of `path, report[, label][, split][, summary][, modality]` as global-only
     rows (no regions). The summary is the `summary` column, else the report's first sentence."""
     csv_path, image_root = Path(csv_path), Path(image_root)
-    ids = [
-        row_id for row_id, record in _csv_records(csv_path, path_column) if not isinstance(record, Exception)
-    ]
-    split_of = _splitter(ids, "split", ratios, seed)
+    split_of = _splitter(_csv_records(csv_path, path_column), ratios, seed)
 
     def build(row_id: str, record: dict) -> dict:
         report = str(record.get(report_column) or "")
