@@ -49,6 +49,9 @@ class RegionMedCLIPConfig(PretrainedConfig):
             `pool` mode: bilinear samples per bin along each axis (as torchvision's `sampling_ratio`).
         global_loss_weight (`float`, *optional*, defaults to 1.0):
             Weight of L_global (image ↔ report InfoNCE) in `loss`.
+        summary_loss_weight (`float`, *optional*, defaults to 0.0):
+            Weight of L_summary (image ↔ summary caption InfoNCE) in `loss`; off by default as in the paper's eq. 8,
+            the progressive stages switch it on.
         roi_loss_weight (`float`, *optional*, defaults to 1.0):
             Weight of L_roi (ROI ↔ region caption InfoNCE) in `loss`.
         neg_loss_weight (`float`, *optional*, defaults to 1.0):
@@ -98,6 +101,7 @@ class RegionMedCLIPConfig(PretrainedConfig):
     roi_align_size: int = 7
     roi_sampling_ratio: int = 2
     global_loss_weight: int | float = 1.0
+    summary_loss_weight: int | float = 0.0
     roi_loss_weight: int | float = 1.0
     neg_loss_weight: int | float = 1.0
     neg_logit_scale: int | float = 1.0
@@ -140,7 +144,7 @@ class RegionMedCLIPConfig(PretrainedConfig):
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value}.")
-        for name in ("global_loss_weight", "roi_loss_weight", "neg_loss_weight"):
+        for name in ("global_loss_weight", "summary_loss_weight", "roi_loss_weight", "neg_loss_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(
                     f"{name} must be >= 0, got {getattr(self, name)}; set it to 0 to switch a term off."

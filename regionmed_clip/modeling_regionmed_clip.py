@@ -92,6 +92,42 @@ def caption_groups_from_ids(
     return torch.unique(input_ids, dim=0, return_inverse=True)[1]
 
 
+def regionmed_loss_terms(
+    logit_scale: torch.Tensor,
+    image_embeds: torch.Tensor | None = None,
+    text_embeds: torch.Tensor | None = None,
+    summary_embeds: torch.Tensor | None = None,
+    region_embeds: torch.Tensor | None = None,
+    region_text_embeds: torch.Tensor | None = None,
+    caption_groups: torch.Tensor | None = None,
+    negative_text_embeds: torch.Tensor | None = None,
+    negative_mask: torch.Tensor | None = None,
+    neg_scale: float = 1.0,
+    neg_bias: float = 0.0,
+) -> dict[str, torch.Tensor]:
+    """Every loss term whose inputs are given, by name, from L2-normalised embeddings of matched rows.
+
+    `global_loss` (image ↔ report), `summary_loss` (image ↔ summary caption), `roi_loss` (ROI ↔ region caption,
+    `region_embeds` / `region_text_embeds` `(N, P)` of the real ROIs), `neg_loss` (ROI vs its negatives
+    `(N, M, P)`). The model calls this on its own batch; distributed training on embeddings gathered from every
+    process, which gives the same loss as one process holding the whole batch.
+    """
+    terms = {}
+    if image_embeds is not None and text_embeds is not None:
+        terms["global_loss"] = global_contrastive_loss(image_embeds, text_embeds, logit_scale)
+    if image_embeds is not None and summary_embeds is not None:
+        terms["summary_loss"] = global_contrastive_loss(image_embeds, summary_embeds, logit_scale)
+    if region_embeds is not None and region_text_embeds is not None and region_embeds.shape[0] > 0:
+        terms["roi_loss"] = region_contrastive_loss(
+            region_embeds, region_text_embeds, logit_scale, caption_groups
+        )
+    if region_embeds is not None and negative_text_embeds is not None and bool(negative_mask.any()):
+        terms["neg_loss"] = hard_negative_loss(
+            region_embeds, negative_text_embeds, negative_mask, neg_scale, neg_bias
+        )
+    return terms
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # RoIAlign on a patch-token grid
 # ---------------------------------------------------------------------------------------------------------------------
@@ -161,8 +197,17 @@ class RegionMedCLIPOutput(ModelOutput):
             L2-normalised fused region features F_i; zeros in padded slots. `None` without ROIs.
         region_mask (`torch.BoolTensor` of shape `(image_batch_size, max_rois)`, *optional*):
             True for real ROIs, False for padded slots.
+        summary_embeds (`torch.FloatTensor` of shape `(image_batch_size, projection_dim)`, *optional*):
+            L2-normalised embeddings of the summary captions, when `summary_input_ids` were given.
+        region_text_embeds (`torch.FloatTensor` of shape `(image_batch_size, max_rois, projection_dim)`, *optional*):
+            L2-normalised region-caption embeddings, aligned with `region_embeds`; zeros in padded slots.
+        negative_text_embeds (`torch.FloatTensor` of shape `(image_batch_size, max_rois, num_negatives, projection_dim)`, *optional*):
+            L2-normalised hard-negative caption embeddings; zeros where `negative_mask` is False.
+        negative_mask (`torch.BoolTensor` of shape `(image_batch_size, max_rois, num_negatives)`, *optional*):
+            True for real negatives of real ROIs.
         loss_terms (`dict[str, torch.FloatTensor]`, *optional*):
-            Unweighted loss terms by name: `global_loss`, `roi_loss`, `neg_loss` (those whose inputs were given).
+            Unweighted loss terms by name: `global_loss`, `summary_loss`, `roi_loss`, `neg_loss` (those whose
+            inputs were given).
         text_model_output (`BaseModelOutputWithPooling`):
             Output of the text tower.
         vision_model_output (`BaseModelOutputWithPooling`):
@@ -177,6 +222,10 @@ class RegionMedCLIPOutput(ModelOutput):
     global_image_embeds: torch.FloatTensor | None = None
     region_embeds: torch.FloatTensor | None = None
     region_mask: torch.BoolTensor | None = None
+    summary_embeds: torch.FloatTensor | None = None
+    region_text_embeds: torch.FloatTensor | None = None
+    negative_text_embeds: torch.FloatTensor | None = None
+    negative_mask: torch.BoolTensor | None = None
     loss_terms: dict[str, torch.FloatTensor] | None = None
     text_model_output: BaseModelOutputWithPooling | None = None
     vision_model_output: BaseModelOutputWithPooling | None = None
@@ -630,6 +679,8 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         region_attention_mask: torch.Tensor | None = None,
         negative_input_ids: torch.LongTensor | None = None,
         negative_attention_mask: torch.Tensor | None = None,
+        summary_input_ids: torch.LongTensor | None = None,
+        summary_attention_mask: torch.Tensor | None = None,
         return_loss: bool | None = None,
         token_type_ids: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
@@ -660,6 +711,10 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
                 Hard-negative captions of each ROI (used by L_neg). A row whose attention mask is all 0 is padding.
             negative_attention_mask (`torch.Tensor` of the same shape, *optional*):
                 Mask of `negative_input_ids`.
+            summary_input_ids (`torch.LongTensor` of shape `(image_batch_size, summary_sequence_length)`, *optional*):
+                Summary caption of each image (the paper's second text level; used by `summary_loss`).
+            summary_attention_mask (`torch.Tensor` of the same shape, *optional*):
+                Mask of `summary_input_ids`.
             return_loss (`bool`, *optional*):
                 Compute every loss term whose inputs are present, and their weighted sum.
 
@@ -710,17 +765,45 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             logits_per_image = logit_scale * image_embeds @ text_embeds.t()
             logits_per_text = logits_per_image.t()
 
+        summary_embeds = region_text_embeds = negative_text_embeds = negative_mask = None
+        if summary_input_ids is not None:
+            summary_embeds = self._encode_text_rows(summary_input_ids, summary_attention_mask)
+        if region_input_ids is not None or negative_input_ids is not None:
+            if region_embeds is None:
+                raise ValueError("region / negative captions were given without ROIs; pass roi_boxes too.")
+            if region_input_ids is not None:
+                region_text_embeds = self._encode_region_captions(
+                    region_input_ids, region_attention_mask, region_mask
+                )
+            if negative_input_ids is not None:
+                negative_text_embeds, negative_mask = self._encode_negatives(
+                    negative_input_ids, negative_attention_mask, region_mask
+                )
+
         loss = loss_terms = None
         if return_loss:
-            loss_terms = self._loss_terms(
-                logits_per_image,
-                region_embeds,
-                region_mask,
+            if image_embeds is not None and text_embeds is not None and len(image_embeds) != len(text_embeds):
+                raise ValueError(
+                    f"return_loss=True pairs image i with text i, but got {len(image_embeds)} images and "
+                    f"{len(text_embeds)} texts."
+                )
+            loss_terms = regionmed_loss_terms(
                 logit_scale,
-                region_input_ids,
-                region_attention_mask,
-                negative_input_ids,
-                negative_attention_mask,
+                image_embeds,
+                text_embeds,
+                summary_embeds,
+                region_embeds[region_mask] if region_embeds is not None else None,
+                region_text_embeds[region_mask] if region_text_embeds is not None else None,
+                caption_groups_from_ids(
+                    region_input_ids[region_mask],
+                    None if region_attention_mask is None else region_attention_mask[region_mask],
+                )
+                if region_text_embeds is not None
+                else None,
+                negative_text_embeds[region_mask] if negative_text_embeds is not None else None,
+                negative_mask[region_mask] if negative_mask is not None else None,
+                self.config.neg_logit_scale,
+                self.config.neg_logit_bias,
             )
             if not loss_terms:
                 raise ValueError(
@@ -729,6 +812,7 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
                 )
             weights = {
                 "global_loss": self.config.global_loss_weight,
+                "summary_loss": self.config.summary_loss_weight,
                 "roi_loss": self.config.roi_loss_weight,
                 "neg_loss": self.config.neg_loss_weight,
             }
@@ -743,78 +827,45 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             global_image_embeds=global_image_embeds,
             region_embeds=region_embeds,
             region_mask=region_mask,
+            summary_embeds=summary_embeds,
+            region_text_embeds=region_text_embeds,
+            negative_text_embeds=negative_text_embeds,
+            negative_mask=negative_mask,
             loss_terms=loss_terms,
             text_model_output=text_outputs,
             vision_model_output=vision_features,
         )
         return output if return_dict else output.to_tuple()
 
-    def _loss_terms(
-        self,
-        logits_per_image,
-        region_embeds,
-        region_mask,
-        logit_scale,
-        region_input_ids,
-        region_attention_mask,
-        negative_input_ids,
-        negative_attention_mask,
-    ) -> dict[str, torch.Tensor]:
-        terms = {}
-        if logits_per_image is not None:
-            if logits_per_image.shape[0] != logits_per_image.shape[1]:
-                raise ValueError(
-                    f"return_loss=True pairs image i with text i, but got {logits_per_image.shape[0]} images and "
-                    f"{logits_per_image.shape[1]} texts."
-                )
-            terms["global_loss"] = contrastive_loss(logits_per_image)
-        if region_input_ids is None and negative_input_ids is None:
-            return terms
-        if region_embeds is None:
-            raise ValueError("region / negative captions were given without ROIs; pass roi_boxes too.")
-        valid_regions = region_embeds[region_mask]
-        if region_input_ids is not None:
-            if region_input_ids.shape[:2] != region_mask.shape:
-                raise ValueError(
-                    f"region_input_ids has (batch, slots) {tuple(region_input_ids.shape[:2])}, expected "
-                    f"{tuple(region_mask.shape)} (one caption per ROI slot)."
-                )
-            ids = region_input_ids[region_mask]
-            mask = (
-                torch.ones_like(ids) if region_attention_mask is None else region_attention_mask[region_mask]
+    def _encode_region_captions(self, input_ids, attention_mask, region_mask) -> torch.Tensor:
+        """`(B, K, P)` normalised embeddings of the captions of real ROIs; zeros in padded slots."""
+        if input_ids.shape[:2] != region_mask.shape:
+            raise ValueError(
+                f"region_input_ids has (batch, slots) {tuple(input_ids.shape[:2])}, expected "
+                f"{tuple(region_mask.shape)} (one caption per ROI slot)."
             )
-            if (mask.sum(-1) == 0).any():
-                raise ValueError("A real ROI has an empty region caption; every box needs one.")
-            caption_embeds = self._encode_text_rows(ids, mask)
-            if ids.shape[0] > 0:
-                terms["roi_loss"] = region_contrastive_loss(
-                    valid_regions, caption_embeds, logit_scale, caption_groups_from_ids(ids, mask)
-                )
-        if negative_input_ids is not None:
-            if negative_input_ids.shape[:2] != region_mask.shape:
-                raise ValueError(
-                    f"negative_input_ids has (batch, slots) {tuple(negative_input_ids.shape[:2])}, expected "
-                    f"{tuple(region_mask.shape)}."
-                )
-            ids = negative_input_ids[region_mask]  # (N, M, L)
-            mask = (
-                torch.ones_like(ids)
-                if negative_attention_mask is None
-                else negative_attention_mask[region_mask]
+        ids = input_ids[region_mask]
+        mask = torch.ones_like(ids) if attention_mask is None else attention_mask[region_mask]
+        if (mask.sum(-1) == 0).any():
+            raise ValueError("A real ROI has an empty region caption; every box needs one.")
+        rows = self._encode_text_rows(ids, mask)
+        embeds = rows.new_zeros((*region_mask.shape, rows.shape[-1]))
+        embeds[region_mask] = rows
+        return embeds
+
+    def _encode_negatives(self, input_ids, attention_mask, region_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(B, K, M, P)` normalised negative-caption embeddings and their `(B, K, M)` mask."""
+        if input_ids.shape[:2] != region_mask.shape:
+            raise ValueError(
+                f"negative_input_ids has (batch, slots) {tuple(input_ids.shape[:2])}, expected "
+                f"{tuple(region_mask.shape)}."
             )
-            present = mask.sum(-1) > 0  # (N, M)
-            if present.any():
-                flat = self._encode_text_rows(ids[present], mask[present])
-                negative_embeds = flat.new_zeros((*present.shape, flat.shape[-1]))
-                negative_embeds[present] = flat
-                terms["neg_loss"] = hard_negative_loss(
-                    valid_regions,
-                    negative_embeds,
-                    present,
-                    self.config.neg_logit_scale,
-                    self.config.neg_logit_bias,
-                )
-        return terms
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        present = (mask.sum(-1) > 0) & region_mask[..., None]
+        rows = self._encode_text_rows(input_ids[present], mask[present])
+        embeds = rows.new_zeros((*present.shape, rows.shape[-1]))
+        embeds[present] = rows
+        return embeds, present
 
     # ---- construction from pretrained towers --------------------------------------------------------------------
 
@@ -892,5 +943,6 @@ __all__ = [
     "global_contrastive_loss",
     "hard_negative_loss",
     "region_contrastive_loss",
+    "regionmed_loss_terms",
     "roi_align",
 ]

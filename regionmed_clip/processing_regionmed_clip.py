@@ -97,6 +97,8 @@ class RegionMedCLIPProcessor(ProcessorMixin):
             "region_attention_mask",
             "negative_input_ids",
             "negative_attention_mask",
+            "summary_input_ids",
+            "summary_attention_mask",
         ]
 
     def _tokenize(self, texts: list[str], padding, truncation, max_length) -> BatchEncoding:
@@ -130,6 +132,7 @@ class RegionMedCLIPProcessor(ProcessorMixin):
         boxes=None,
         region_text: list[list[str]] | None = None,
         negative_text: list[list[list[str]]] | None = None,
+        summary_text: list[str] | None = None,
         padding: bool | str = True,
         truncation: bool = True,
         max_length: int | None = None,
@@ -144,6 +147,7 @@ class RegionMedCLIPProcessor(ProcessorMixin):
             region_text (`list[list[str]]`, *optional*): Per image, one region caption per box.
             negative_text (`list[list[list[str]]]`, *optional*): Per image, per box, its hard-negative captions
                 (the number may vary; missing ones are padded with all-zero attention masks).
+            summary_text (`list[str]`, *optional*): Per image, its summary caption.
             padding, truncation, max_length: Passed to the tokenizer for every text field.
             return_tensors (`str`, *optional*): `"pt"` for torch tensors, `"np"` for NumPy arrays.
             **kwargs: Passed to the image processor (e.g. `max_regions`, `size`).
@@ -151,7 +155,8 @@ class RegionMedCLIPProcessor(ProcessorMixin):
         Returns:
             `BatchEncoding` with `input_ids`, `attention_mask`, `pixel_values`, `roi_boxes`, `roi_mask`,
             `roi_pixel_values` (crop mode), `region_input_ids` / `region_attention_mask` `(B, max_regions, L)`, and
-            `negative_input_ids` / `negative_attention_mask` `(B, max_regions, M, L)`, each present when its input is.
+            `negative_input_ids` / `negative_attention_mask` `(B, max_regions, M, L)`, `summary_input_ids` /
+            `summary_attention_mask`, each present when its input is.
         """
         if text is None and images is None:
             raise ValueError("Pass text, images, or both.")
@@ -190,6 +195,12 @@ class RegionMedCLIPProcessor(ProcessorMixin):
             ]
             data["negative_input_ids"], data["negative_attention_mask"] = _scatter_rows(
                 encoded, positions, (slots, most)
+            )
+        if summary_text is not None:
+            summary = self._tokenize(list(summary_text), padding, truncation, max_length)
+            data["summary_input_ids"], data["summary_attention_mask"] = (
+                summary["input_ids"],
+                summary["attention_mask"],
             )
         return BatchEncoding(data=dict(data), tensor_type=return_tensors)
 

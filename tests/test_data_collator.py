@@ -23,10 +23,9 @@ def test_batches_feed_the_model(synth_folder, tokenizer, roi_mode):
     assert batch["summary_input_ids"].shape[0] == 4 and batch["input_ids"].shape[1] <= 48
     assert batch["roi_mask"].sum(1).tolist() == [len(rows[i]["regions"]) for i in range(4)]
     assert ("roi_pixel_values" in batch) == (roi_mode == "crop")
-    summary = {k: batch.pop(k) for k in ("summary_input_ids", "summary_attention_mask")}
     outputs = tiny_model(roi_mode)(**batch, return_loss=True)
-    assert set(outputs.loss_terms) == {"global_loss", "roi_loss", "neg_loss"}
-    assert summary["summary_input_ids"].dtype == torch.int64
+    assert set(outputs.loss_terms) == {"global_loss", "summary_loss", "roi_loss", "neg_loss"}
+    assert batch["summary_input_ids"].dtype == torch.int64
 
 
 def test_global_only_rows_give_no_roi_inputs(synth_folder, tokenizer):

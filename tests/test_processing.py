@@ -54,7 +54,7 @@ def test_vocabulary_survives_and_is_not_the_five_token_default(tmp_path, tokeniz
 def test_processor_returns_exactly_the_models_input_names(tokenizer, sample_batch):
     for roi_mode in ("pool", "crop"):
         processor = make_processor(tokenizer, roi_mode)
-        inputs = processor(**sample_batch, return_tensors="pt")
+        inputs = processor(**sample_batch, summary_text=["a", "b"], return_tensors="pt")
         forward_args = set(inspect.signature(RegionMedCLIPModel.forward).parameters)
         assert set(inputs) <= forward_args
         expected = {
@@ -67,6 +67,8 @@ def test_processor_returns_exactly_the_models_input_names(tokenizer, sample_batc
             "region_attention_mask",
             "negative_input_ids",
             "negative_attention_mask",
+            "summary_input_ids",
+            "summary_attention_mask",
         } | ({"roi_pixel_values"} if roi_mode == "crop" else set())
         assert set(inputs) == expected
         assert set(inputs) <= set(processor.model_input_names)

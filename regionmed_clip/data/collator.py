@@ -72,15 +72,11 @@ class MedRegionCollator:
         batch = self.processor(
             text=[row["detailed_report"] for row in rows],
             images=[_image_input(row["image"]) for row in rows],
+            summary_text=[row["summary_caption"] for row in rows],
             return_tensors="pt",
             **region_inputs,
             **text_kwargs,
         )
-        summary = self.processor(
-            text=[row["summary_caption"] for row in rows], return_tensors="pt", **text_kwargs
-        )
-        batch["summary_input_ids"] = summary["input_ids"]
-        batch["summary_attention_mask"] = summary["attention_mask"]
         return dict(batch)
 
 
