@@ -208,6 +208,9 @@ class RegionMedCLIPOutput(ModelOutput):
         loss_terms (`dict[str, torch.FloatTensor]`, *optional*):
             Unweighted loss terms by name: `global_loss`, `summary_loss`, `roi_loss`, `neg_loss` (those whose
             inputs were given).
+        logit_scale (`torch.FloatTensor` of shape `()`):
+            The scale 1/τ the logits were multiplied by (returned so that losses computed outside the model, e.g.
+            on embeddings gathered across processes, use it through the model's forward).
         text_model_output (`BaseModelOutputWithPooling`):
             Output of the text tower.
         vision_model_output (`BaseModelOutputWithPooling`):
@@ -227,6 +230,7 @@ class RegionMedCLIPOutput(ModelOutput):
     negative_text_embeds: torch.FloatTensor | None = None
     negative_mask: torch.BoolTensor | None = None
     loss_terms: dict[str, torch.FloatTensor] | None = None
+    logit_scale: torch.FloatTensor | None = None
     text_model_output: BaseModelOutputWithPooling | None = None
     vision_model_output: BaseModelOutputWithPooling | None = None
 
@@ -832,6 +836,7 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             negative_text_embeds=negative_text_embeds,
             negative_mask=negative_mask,
             loss_terms=loss_terms,
+            logit_scale=logit_scale,
             text_model_output=text_outputs,
             vision_model_output=vision_features,
         )

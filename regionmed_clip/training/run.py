@@ -1,0 +1,24 @@
+"""Entry point of a training process: `accelerate launch -m regionmed_clip.training.run --config X`
+(what `train_accelerate.py` and `regionmed-clip train` run)."""
+
+import argparse
+import sys
+
+from .config import load_config
+from .trainer import training_function
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Train RegionMed-CLIP through its progressive stages.")
+    parser.add_argument("--config", required=True, help="training YAML (see configs/)")
+    parser.add_argument("--output-dir", help="override the config's output_dir")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, output_dir=args.output_dir, resume=args.resume or None)
+    folder = training_function(config)
+    print(f"model saved to {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""The training loop (accelerate's example style): build, then run the progressive stages; checkpoint and resume.
+
+`training_function(config)` is what `accelerate launch train_accelerate.py --config X` and `regionmed-clip train
+--config X` run, from one CPU process to many GPUs.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from .. import RegionMedCLIPImageProcessor, RegionMedCLIPModel, RegionMedCLIPProcessor
+from ..configuration_regionmed_clip import RegionMedCLIPConfig
+from ..data.collator import MedRegionCollator, load_rows
+from .config import TrainConfig, resolve_path
+from .data import epoch_seed, stage_dataloader, stage_total_steps
+from .losses import training_loss_terms
+from .stages import StageCallback
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "training_config.yaml"
+
+
+@dataclasses.dataclass
+class TrainerState:
+    """Where training is: restored on resume together with the model, optimizer, schedule and RNG."""
+
+    stage: int = 0
+    stage_step: int = 0  # optimizer steps done in `stage`
+    global_step: int = 0
+    epoch: int = 0  # epoch within `stage`
+    batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    stage_ends: list[int] = dataclasses.field(default_factory=list)  # global step at the end of each stage
+
+
+class _OptimizerState:
+    """Checkpoint hook: the current stage's optimizer and schedule, which change at every stage boundary."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.trainer.optimizer.state_dict(), "scheduler": self.trainer.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict):
+        self.trainer.pending_optimizer_state = state
+
+
+def cpu_supports_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    """"auto" → bf16 where the hardware computes it natively (CUDA with bf16, or a CPU with avx512_bf16 / AMX)."""
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if cpu_supports_bf16() else "no"
+
+
+def build_model(spec) -> tuple[RegionMedCLIPModel, RegionMedCLIPProcessor]:
+    """The model and processor a `ModelSpec` describes (pretrained folder, or towers + config)."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    if spec.pretrained is not None:
+        path = resolve_path(spec.pretrained)
+        return RegionMedCLIPModel.from_pretrained(path), RegionMedCLIPProcessor.from_pretrained(path)
+    towers = {}
+    for tower in ("vision", "text"):
+        pretrained = resolve_path(getattr(spec, f"{tower}_pretrained"))
+        if pretrained is not None:
+            towers[tower] = AutoModel.from_pretrained(pretrained)
+        else:
+            tower_config = dict(getattr(spec, f"{tower}_config"))
+            towers[tower] = AutoModel.from_config(AutoConfig.for_model(tower_config.pop("model_type"), **tower_config))
+    config = RegionMedCLIPConfig(
+        vision_config=towers["vision"].config.to_dict(), text_config=towers["text"].config.to_dict(), **spec.config
+    )
+    model = RegionMedCLIPModel(config, vision_model=towers["vision"], text_model=towers["text"])
+    tokenizer = AutoTokenizer.from_pretrained(resolve_path(spec.tokenizer or spec.text_pretrained))
+    image_processor = RegionMedCLIPImageProcessor.from_model_config(config, **spec.image_processor)
+    return model, RegionMedCLIPProcessor(image_processor, tokenizer)
+
+
+class Trainer:
+    """Runs a `TrainConfig`: stages in order, each with a fresh optimizer, checkpointed atomically."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=resolve_mixed_precision(config.mixed_precision),
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            log_with=None if config.report_to == "none" else config.report_to,
+            project_dir=str(self.output_dir),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+        set_seed(config.seed)
+        self.state = TrainerState()
+        self.optimizer = self.scheduler = None
+        self.pending_optimizer_state = None
+        self.callback = StageCallback(self)
+        self.timings: dict[str, float] = {}
+
+        self.model, self.processor = build_model(config.model)
+        if config.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        with self.accelerator.main_process_first():
+            self.rows = self._load_rows()
+        # Wrapped while every parameter is trainable; stages freeze afterwards (see stages.py).
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(True)
+        self.model = self.accelerator.prepare(self.model)
+        self.accelerator.register_for_checkpointing(_OptimizerState(self))
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            config.save(self.output_dir / CONFIG_FILE)
+        if config.report_to != "none":
+            self.accelerator.init_trackers("regionmed-clip", config=_flat(config.to_dict()))
+
+    # ---- helpers ----------------------------------------------------------------------------------------------
+
+    @property
+    def unwrapped(self) -> RegionMedCLIPModel:
+        return self.accelerator.unwrap_model(self.model)
+
+    def print(self, message: str):
+        self.accelerator.print(message)
+
+    def _load_rows(self):
+        data = self.config.data
+        if data.synth is not None and not Path(data.path).exists() and self.accelerator.is_main_process:
+            from ..data.synth import SynthConfig, generate_synth
+
+            start = time.perf_counter()
+            generate_synth(SynthConfig(out=data.path, **data.synth))
+            self.timings["generate MedRegion-synth"] = time.perf_counter() - start
+        return load_rows(data.path, data.train_split, streaming=data.streaming)
+
+    def log(self, metrics: dict):
+        if self.config.report_to != "none":
+            self.accelerator.log(metrics, step=self.state.global_step)
+        if self.accelerator.is_main_process:
+            with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"step": self.state.global_step, **metrics}) + "\n")
+
+    def plot(self):
+        if self.accelerator.is_main_process:
+            from .plots import plot_loss_curves
+
+            plot_loss_curves(self.output_dir / "metrics.jsonl", self.output_dir / "loss_curves.png", self.config)
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------
+
+    def save_checkpoint(self):
+        """`accelerator.save_state` into a temporary folder, renamed into place only once complete: a kill during
+        the save leaves the previous checkpoint as the latest one."""
+        root = self.output_dir / CHECKPOINTS
+        final = root / f"step-{self.state.global_step:08d}"
+        partial = root / f".partial-step-{self.state.global_step:08d}"
+        if self.accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+            root.mkdir(parents=True, exist_ok=True)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(partial))
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            (partial / STATE_FILE).write_text(json.dumps(dataclasses.asdict(self.state)), encoding="utf-8")
+            self.config.save(partial / CONFIG_FILE)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
+            for old in sorted(root.glob("step-*"))[: -self.config.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+    def latest_checkpoint(self) -> Path | None:
+        complete = sorted((self.output_dir / CHECKPOINTS).glob("step-*"))
+        return complete[-1] if complete else None
+
+    def resume(self) -> bool:
+        checkpoint = self.latest_checkpoint()
+        if checkpoint is None:
+            self.print("resume: no checkpoint yet, starting from the beginning")
+            return False
+        self.accelerator.load_state(str(checkpoint))
+        self.state = TrainerState(**json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8")))
+        if self.state.stage_step == 0:
+            # Saved at a stage boundary: the next stage starts with a fresh optimizer, not the finished one's.
+            self.pending_optimizer_state = None
+        self.print(f"resumed from {checkpoint.name}: stage {self.state.stage + 1}, step {self.state.global_step}")
+        return True
+
+    # ---- training ---------------------------------------------------------------------------------------------
+
+    def _stage_batch(self, batch: dict, stage) -> dict:
+        """Drop the inputs whose loss term the stage does not use, so their towers do not run."""
+        weights = stage.loss_weights
+        drop = set()
+        if not weights.get("summary_loss"):
+            drop |= {"summary_input_ids", "summary_attention_mask"}
+        if not weights.get("roi_loss"):
+            drop |= {"region_input_ids", "region_attention_mask"}
+        if not weights.get("neg_loss"):
+            drop |= {"negative_input_ids", "negative_attention_mask"}
+        return {key: value.to(self.accelerator.device) for key, value in batch.items() if key not in drop}
+
+    def training_step(self, batch: dict, stage) -> dict:
+        learning_rate = self.optimizer.param_groups[0]["lr"]
+        with self.accelerator.accumulate(self.model):
+            outputs = self.model(**batch)
+            config = self.unwrapped.config
+            terms = training_loss_terms(
+                outputs, batch, outputs.logit_scale, config.neg_logit_scale, config.neg_logit_bias
+            )
+            weights = stage.loss_weights
+            loss = sum(weights[name] * term for name, term in terms.items() if weights.get(name, 0.0) > 0)
+            self.accelerator.backward(loss)
+            if self.accelerator.sync_gradients:
+                if self.config.grad_clip:
+                    trainable = [p for p in self.model.parameters() if p.requires_grad]
+                    self.accelerator.clip_grad_norm_(trainable, self.config.grad_clip)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        metrics = {f"loss/{name}": float(term.detach()) for name, term in terms.items()}
+        metrics["loss/total"] = float(loss.detach())
+        metrics["lr"] = learning_rate
+        return metrics
+
+    def run_stage(self, index: int, stage):
+        accelerator, state = self.accelerator, self.state
+        data = self.config.data
+        size = None if data.streaming else len(self.rows)
+        world = accelerator.num_processes
+        total = stage_total_steps(stage, size, world, self.config.gradient_accumulation_steps)
+        self.optimizer, self.scheduler = self.callback.on_stage_begin(index, stage, total)
+        if self.pending_optimizer_state is not None:
+            self.optimizer.load_state_dict(self.pending_optimizer_state["optimizer"])
+            self.scheduler.load_state_dict(self.pending_optimizer_state["scheduler"])
+            self.pending_optimizer_state = None
+        collator = MedRegionCollator(
+            self.processor, data.max_length, data.max_negatives, with_regions=stage.uses_regions
+        )
+        start = time.perf_counter()
+        progress = tqdm(
+            total=total, initial=state.stage_step, desc=stage.name, disable=not accelerator.is_local_main_process
+        )
+        while state.stage_step < total:
+            loader = stage_dataloader(
+                self.rows,
+                collator,
+                stage.batch_size,
+                accelerator.process_index,
+                world,
+                epoch_seed(self.config.seed, index, state.epoch),
+                skip=state.batch_in_epoch,
+                num_workers=data.num_workers,
+                streaming=data.streaming,
+            )
+            for batch in loader:
+                metrics = self.training_step(self._stage_batch(batch, stage), stage)
+                state.batch_in_epoch += 1
+                if accelerator.sync_gradients:
+                    state.stage_step += 1
+                    state.global_step += 1
+                    progress.update()
+                    progress.set_postfix(loss=f"{metrics['loss/total']:.3f}")
+                    metrics["stage"] = index
+                    self.callback.on_step_end(metrics)
+                    if state.stage_step >= total:
+                        break
+            else:
+                state.epoch += 1
+                state.batch_in_epoch = 0
+        progress.close()
+        self.timings[f"stage {index + 1} {stage.name}"] = time.perf_counter() - start
+        state.stage_ends.append(state.global_step)
+        state.stage, state.stage_step, state.epoch, state.batch_in_epoch = index + 1, 0, 0, 0
+        self.callback.on_stage_end(index, stage)
+
+    def train(self) -> Path:
+        if self.config.resume:
+            self.resume()
+        for index in range(self.state.stage, len(self.config.stages)):
+            self.run_stage(index, self.config.stages[index])
+        return self.save_final()
+
+    def save_final(self) -> Path:
+        """The trained model with `save_pretrained` (weights, config, remote code), the processor and the config."""
+        folder = self.output_dir / "model"
+        self.accelerator.wait_for_everyone()
+        self.unwrapped.save_pretrained(
+            folder, is_main_process=self.accelerator.is_main_process, save_function=self.accelerator.save
+        )
+        if self.accelerator.is_main_process:
+            self.processor.save_pretrained(folder)
+            self.config.save(folder / CONFIG_FILE)
+            (self.output_dir / "timings.json").write_text(json.dumps(self.timings, indent=2), encoding="utf-8")
+        self.accelerator.end_training()
+        return folder
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    """Tracker-friendly scalars of a nested config."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flat(value, name + "."))
+        elif isinstance(value, (int, float, str, bool)):
+            flat[name] = value
+        else:
+            flat[name] = json.dumps(value)
+    return flat
+
+
+def training_function(config: TrainConfig) -> Path:
+    return Trainer(config).train()
