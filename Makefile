@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint clean
+.PHONY: install demo test lint clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -18,12 +18,16 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# MedRegion-synth → 4-stage training → evaluation → outputs/demo/ (model folder, report.md, metrics, plots).
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) -m regionmed_clip.demo --config configs/demo.yaml
+
 test: lint
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check regionmed_clip tests
-	$(PY) -m ruff format --check regionmed_clip tests
+	$(PY) -m ruff check regionmed_clip tests train_accelerate.py
+	$(PY) -m ruff format --check regionmed_clip tests train_accelerate.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

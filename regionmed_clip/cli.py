@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import inspect
 import os
+import subprocess
 import sys
 import types
 import typing
@@ -117,10 +118,49 @@ def _data_commands(subparsers) -> None:
     validate.set_defaults(run=run_validate)
 
 
+def launch_command(args: argparse.Namespace) -> list[str]:
+    """The `accelerate launch` command line that `regionmed-clip train` runs."""
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    if args.accelerate_config:
+        command += ["--config_file", args.accelerate_config]
+    else:
+        # --multi_gpu is the launcher that starts N processes; with no GPU the trainer's Accelerator(cpu=True)
+        # makes them a gloo (MULTI_CPU) group. `--cpu` would start one process only.
+        command += ["--multi_gpu"] if args.num_processes > 1 else []
+        command += ["--num_processes", str(args.num_processes), "--num_machines", "1"]
+        command += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    command += ["-m", "regionmed_clip.training.run", "--config", args.config]
+    if args.output_dir:
+        command += ["--output-dir", args.output_dir]
+    if args.resume:
+        command.append("--resume")
+    return command
+
+
+def _train_command(subparsers) -> None:
+    train = subparsers.add_parser(
+        "train",
+        help="train through the progressive stages (the same as accelerate launch train_accelerate.py)",
+        description="Runs `accelerate launch -m regionmed_clip.training.run --config CONFIG`; mixed precision "
+        "comes from the training config.",
+    )
+    train.add_argument(
+        "--config", required=True, help="training YAML (configs/demo.yaml, configs/paper.yaml)"
+    )
+    train.add_argument("--output-dir", help="override the config's output_dir")
+    train.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    train.add_argument(
+        "--num-processes", type=int, default=1, help="processes on this machine (GPUs, or CPU)"
+    )
+    train.add_argument("--accelerate-config", help="an Accelerate config file (configs/accelerate/*.yaml)")
+    train.set_defaults(run=lambda args: subprocess.run(launch_command(args)).returncode)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="regionmed-clip", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     _data_commands(subparsers)
+    _train_command(subparsers)
     return parser
 
 

@@ -79,9 +79,6 @@ class RegionMedCLIPProcessor(ProcessorMixin):
     ```
     """
 
-    image_processor_class = "AutoImageProcessor"
-    tokenizer_class = "AutoTokenizer"
-
     def __init__(self, image_processor=None, tokenizer=None, **kwargs):
         if tokenizer is not None:
             tokenizer = with_paper_normalizer(tokenizer)

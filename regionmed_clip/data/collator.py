@@ -48,13 +48,19 @@ class MedRegionCollator:
         self.with_regions = with_regions
         self.dropped_regions = 0
 
-    def _regions(self, row: dict) -> list[dict]:
+    def kept_regions(self, row: dict) -> list[dict]:
+        """The regions of `row` that go into a batch, in batch order: all, or the `max_regions` best-scoring."""
         regions = list(row.get("regions") or [])
         limit = self.processor.image_processor.max_regions
         if len(regions) > limit:
-            self.dropped_regions += len(regions) - limit
             regions = sorted(regions, key=lambda region: -(region.get("score") or 0.0))[:limit]
         return regions
+
+    def _regions(self, row: dict) -> list[dict]:
+        self.dropped_regions += max(
+            0, len(row.get("regions") or []) - self.processor.image_processor.max_regions
+        )
+        return self.kept_regions(row)
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         text_kwargs = {"padding": True, "truncation": True, "max_length": self.max_length}

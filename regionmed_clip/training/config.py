@@ -30,13 +30,19 @@ class ModelSpec:
     text_config: dict | None = None
     tokenizer: str | None = None  # defaults to text_pretrained
     config: dict = field(default_factory=dict)  # RegionMedCLIPConfig fields: projection_dim, roi_mode, ...
-    image_processor: dict = field(default_factory=dict)  # RegionMedCLIPImageProcessor overrides (image_mean, ...)
+    image_processor: dict = field(
+        default_factory=dict
+    )  # RegionMedCLIPImageProcessor overrides (image_mean, ...)
 
     def __post_init__(self):
         if self.pretrained is None:
             for tower in ("vision", "text"):
-                if (getattr(self, f"{tower}_pretrained") is None) == (getattr(self, f"{tower}_config") is None):
-                    raise ValueError(f"model: give exactly one of {tower}_pretrained / {tower}_config (or pretrained)")
+                if (getattr(self, f"{tower}_pretrained") is None) == (
+                    getattr(self, f"{tower}_config") is None
+                ):
+                    raise ValueError(
+                        f"model: give exactly one of {tower}_pretrained / {tower}_config (or pretrained)"
+                    )
             if self.text_pretrained is None and self.tokenizer is None:
                 raise ValueError("model: a text tower from scratch needs `tokenizer` (a folder or Hub id)")
 
@@ -145,12 +151,18 @@ def _build(cls, data, where: str):
         if dataclasses.is_dataclass(hint):
             value = _build(hint, value, f"{where}.{name}")
         elif origin is list and dataclasses.is_dataclass(typing.get_args(hint)[0]):
-            value = [_build(typing.get_args(hint)[0], item, f"{where}.{name}[{i}]") for i, item in enumerate(value)]
+            value = [
+                _build(typing.get_args(hint)[0], item, f"{where}.{name}[{i}]") for i, item in enumerate(value)
+            ]
         elif origin is tuple:
             value = tuple(value)
-        elif hint is float and isinstance(value, int):
-            value = float(value)
-        elif origin in (typing.Union, types.UnionType) and float in typing.get_args(hint) and isinstance(value, int):
+        elif (
+            hint is float
+            and isinstance(value, int)
+            or origin in (typing.Union, types.UnionType)
+            and float in typing.get_args(hint)
+            and isinstance(value, int)
+        ):
             value = float(value)
         values[name] = value
     return cls(**values)

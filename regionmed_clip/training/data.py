@@ -63,7 +63,9 @@ def stage_dataloader(
     shard = split_dataset_by_node(rows.shuffle(seed=seed, buffer_size=1000), rank=rank, world_size=world)
     if skip:
         shard = shard.skip(skip * batch_size)
-    return DataLoader(shard, batch_size=batch_size, collate_fn=collator, num_workers=num_workers, drop_last=True)
+    return DataLoader(
+        shard, batch_size=batch_size, collate_fn=collator, num_workers=num_workers, drop_last=True
+    )
 
 
 def stage_total_steps(stage, size: int | None, world: int, accumulation: int) -> int:

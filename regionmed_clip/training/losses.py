@@ -57,7 +57,9 @@ def training_loss_terms(outputs, batch: dict, logit_scale: torch.Tensor, neg_sca
     terms_input = {
         "image_embeds": gather_padded(image, True) if image is not None else None,
         "text_embeds": gather_padded(outputs.text_embeds, True) if outputs.text_embeds is not None else None,
-        "summary_embeds": gather_padded(outputs.summary_embeds, True) if outputs.summary_embeds is not None else None,
+        "summary_embeds": gather_padded(outputs.summary_embeds, True)
+        if outputs.summary_embeds is not None
+        else None,
     }
     if outputs.region_embeds is not None and outputs.region_text_embeds is not None:
         mask = outputs.region_mask
@@ -71,5 +73,7 @@ def training_loss_terms(outputs, batch: dict, logit_scale: torch.Tensor, neg_sca
         if "region_embeds" not in terms_input:
             terms_input["region_embeds"] = gather_padded(outputs.region_embeds[mask], True)
         terms_input["negative_text_embeds"] = gather_padded(outputs.negative_text_embeds[mask], True)
-        terms_input["negative_mask"] = gather_padded(outputs.negative_mask[mask].to(torch.uint8), False).bool()
+        terms_input["negative_mask"] = gather_padded(
+            outputs.negative_mask[mask].to(torch.uint8), False
+        ).bool()
     return regionmed_loss_terms(logit_scale, neg_scale=neg_scale, neg_bias=neg_bias, **terms_input)

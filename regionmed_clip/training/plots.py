@@ -12,7 +12,9 @@ def plot_loss_curves(metrics_path: Path, out_path: Path, config) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in Path(metrics_path).read_text(encoding="utf-8").splitlines() if line]
+    records = [
+        json.loads(line) for line in Path(metrics_path).read_text(encoding="utf-8").splitlines() if line
+    ]
     if not records:
         return None
     terms = sorted({key for record in records for key in record if key.startswith("loss/")})
@@ -25,7 +27,9 @@ def plot_loss_curves(metrics_path: Path, out_path: Path, config) -> Path | None:
         starts.setdefault(record.get("stage", 0), record["step"])
     for stage, step in sorted(starts.items()):
         axis.axvline(step - 0.5, color="grey", linestyle="--", linewidth=0.8)
-        axis.text(step, axis.get_ylim()[1], f" {config.stages[stage].name}", va="top", fontsize=8, color="grey")
+        axis.text(
+            step, axis.get_ylim()[1], f" {config.stages[stage].name}", va="top", fontsize=8, color="grey"
+        )
     axis.set_xlabel("optimizer step")
     axis.set_ylabel("loss")
     axis.set_title("RegionMed-CLIP training")

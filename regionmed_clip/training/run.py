@@ -4,6 +4,8 @@
 import argparse
 import sys
 
+import torch
+
 from .config import load_config
 from .trainer import training_function
 
@@ -17,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config, output_dir=args.output_dir, resume=args.resume or None)
     folder = training_function(config)
     print(f"model saved to {folder}")
+    # An explicit teardown: leaving the gloo / NCCL group to interpreter exit can abort the process there.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return 0
 
 

@@ -52,7 +52,10 @@ def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
 def build_optimizer(model, stage: StageSpec, config):
     """A fresh AdamW and cosine schedule for `stage` (optimizer state never crosses a stage boundary)."""
     optimizer = torch.optim.AdamW(
-        parameter_groups(model, config.weight_decay), lr=stage.lr, betas=config.adam_betas, eps=config.adam_eps
+        parameter_groups(model, config.weight_decay),
+        lr=stage.lr,
+        betas=config.adam_betas,
+        eps=config.adam_eps,
     )
     return optimizer
 

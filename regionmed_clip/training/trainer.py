@@ -48,7 +48,10 @@ class _OptimizerState:
         self.trainer = trainer
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.trainer.optimizer.state_dict(), "scheduler": self.trainer.scheduler.state_dict()}
+        return {
+            "optimizer": self.trainer.optimizer.state_dict(),
+            "scheduler": self.trainer.scheduler.state_dict(),
+        }
 
     def load_state_dict(self, state: dict):
         self.trainer.pending_optimizer_state = state
@@ -63,7 +66,7 @@ def cpu_supports_bf16() -> bool:
 
 
 def resolve_mixed_precision(setting: str) -> str:
-    """"auto" → bf16 where the hardware computes it natively (CUDA with bf16, or a CPU with avx512_bf16 / AMX)."""
+    """ "auto" → bf16 where the hardware computes it natively (CUDA with bf16, or a CPU with avx512_bf16 / AMX)."""
     if setting != "auto":
         return setting
     if torch.cuda.is_available():
@@ -85,9 +88,13 @@ def build_model(spec) -> tuple[RegionMedCLIPModel, RegionMedCLIPProcessor]:
             towers[tower] = AutoModel.from_pretrained(pretrained)
         else:
             tower_config = dict(getattr(spec, f"{tower}_config"))
-            towers[tower] = AutoModel.from_config(AutoConfig.for_model(tower_config.pop("model_type"), **tower_config))
+            towers[tower] = AutoModel.from_config(
+                AutoConfig.for_model(tower_config.pop("model_type"), **tower_config)
+            )
     config = RegionMedCLIPConfig(
-        vision_config=towers["vision"].config.to_dict(), text_config=towers["text"].config.to_dict(), **spec.config
+        vision_config=towers["vision"].config.to_dict(),
+        text_config=towers["text"].config.to_dict(),
+        **spec.config,
     )
     model = RegionMedCLIPModel(config, vision_model=towers["vision"], text_model=towers["text"])
     tokenizer = AutoTokenizer.from_pretrained(resolve_path(spec.tokenizer or spec.text_pretrained))
@@ -162,7 +169,9 @@ class Trainer:
         if self.accelerator.is_main_process:
             from .plots import plot_loss_curves
 
-            plot_loss_curves(self.output_dir / "metrics.jsonl", self.output_dir / "loss_curves.png", self.config)
+            plot_loss_curves(
+                self.output_dir / "metrics.jsonl", self.output_dir / "loss_curves.png", self.config
+            )
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
 
@@ -201,7 +210,9 @@ class Trainer:
         if self.state.stage_step == 0:
             # Saved at a stage boundary: the next stage starts with a fresh optimizer, not the finished one's.
             self.pending_optimizer_state = None
-        self.print(f"resumed from {checkpoint.name}: stage {self.state.stage + 1}, step {self.state.global_step}")
+        self.print(
+            f"resumed from {checkpoint.name}: stage {self.state.stage + 1}, step {self.state.global_step}"
+        )
         return True
 
     # ---- training ---------------------------------------------------------------------------------------------
@@ -257,7 +268,10 @@ class Trainer:
         )
         start = time.perf_counter()
         progress = tqdm(
-            total=total, initial=state.stage_step, desc=stage.name, disable=not accelerator.is_local_main_process
+            total=total,
+            initial=state.stage_step,
+            desc=stage.name,
+            disable=not accelerator.is_local_main_process,
         )
         while state.stage_step < total:
             loader = stage_dataloader(
@@ -309,7 +323,9 @@ class Trainer:
         if self.accelerator.is_main_process:
             self.processor.save_pretrained(folder)
             self.config.save(folder / CONFIG_FILE)
-            (self.output_dir / "timings.json").write_text(json.dumps(self.timings, indent=2), encoding="utf-8")
+            (self.output_dir / "timings.json").write_text(
+                json.dumps(self.timings, indent=2), encoding="utf-8"
+            )
         self.accelerator.end_training()
         return folder
 
