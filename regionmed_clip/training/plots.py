@@ -19,9 +19,11 @@ def plot_loss_curves(metrics_path: Path, out_path: Path, config) -> Path | None:
         return None
     terms = sorted({key for record in records for key in record if key.startswith("loss/")})
     figure, axis = plt.subplots(figsize=(9, 4.5))
+    steps = [record["step"] for record in records]
     for term in terms:
-        points = [(record["step"], record[term]) for record in records if term in record]
-        axis.plot(*zip(*points, strict=True), label=term.removeprefix("loss/"), linewidth=1.2)
+        # NaN where a stage does not use the term, so its curve breaks instead of bridging the stage.
+        values = [record.get(term, float("nan")) for record in records]
+        axis.plot(steps, values, label=term.removeprefix("loss/"), linewidth=1.2)
     starts = {}
     for record in records:
         starts.setdefault(record.get("stage", 0), record["step"])

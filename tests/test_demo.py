@@ -1,0 +1,57 @@
+"""`make demo`'s program end to end on a tiny config: trains both models, evaluates, writes the report."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from regionmed_clip.demo import global_only
+from regionmed_clip.training import load_config
+
+from .test_training import ENV, ROOT, tiny_training_config
+
+
+def test_global_only_baseline_has_the_same_number_of_steps():
+    demo = load_config(ROOT / "configs" / "demo.yaml")
+    baseline = global_only(demo, Path("elsewhere"))
+    assert sum(s.steps for s in baseline.stages) == sum(s.steps for s in demo.stages)
+    assert [s.uses_regions for s in baseline.stages] == [False, False]
+    assert "roi_processor" in baseline.stages[1].frozen
+
+
+def test_demo_program_writes_model_report_and_metrics(tmp_path):
+    config = tiny_training_config(tmp_path / "demo", tmp_path / "synth", steps=(2, 2, 3, 2))
+    config["data"]["synth"] = {"train": 24, "validation": 4, "test": 8, "image_size": 64}
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [sys.executable, "-m", "regionmed_clip.demo", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "demo"
+    for name in (
+        "report.md",
+        "metrics.json",
+        "comparison.png",
+        "loss_curves.png",
+        "model/model.safetensors",
+        "model/modeling_regionmed_clip.py",
+        "global-only/model/config.json",
+    ):
+        assert (out / name).exists(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["test"]) == {"4-stage (region-aware)", "global-only"}
+    assert "hard_negative_accuracy" in metrics["test"]["global-only"]
+    assert len(metrics["pipeline_example"]["scores"]) == len(
+        metrics["test"]["global-only"]["zero_shot"]["classes"]
+    )
+    assert "| region → caption R@1 |" in result.stdout and "total" in result.stdout
+    assert os.path.getsize(out / "comparison.png") > 1000
