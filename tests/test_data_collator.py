@@ -76,7 +76,7 @@ def test_streaming_20k_rows_keeps_memory_flat(tmp_path, tokenizer):
     from regionmed_clip.data.schema import FEATURES
     from regionmed_clip.data.synth import SynthConfig, iter_synth
 
-    config = SynthConfig(out=str(tmp_path), train=20_000, validation=0, test=0, image_size=48, max_lesions=1)
+    config = SynthConfig(out=str(tmp_path), train=20_000, validation=0, test=0, image_size=64, max_lesions=1)
     writer = ShardedParquetWriter(tmp_path, FEATURES, rows_per_shard=2000)
     process = psutil.Process()
     for number, (row, _) in enumerate(iter_synth(config, "train")):  # built lazily, one row at a time
@@ -97,13 +97,13 @@ def test_streaming_20k_rows_keeps_memory_flat(tmp_path, tokenizer):
     for batch in loader:
         rows_seen += batch["pixel_values"].shape[0]
         samples.append(process.memory_info().rss)
-    read_growth = max(samples) - samples[len(samples) // 10]
+    read_growth = max(samples) - samples[len(samples) // 4]
     print(
         f"\n20k rows, {data_bytes / 2**20:.1f} MiB of parquet: RSS growth while writing "
         f"{write_growth / 2**20:.1f} MiB, while streaming {read_growth / 2**20:.1f} MiB"
     )
     assert rows_seen == 20_000
-    assert data_bytes > 40 * 2**20
+    assert data_bytes > 100 * 2**20
     assert write_growth < data_bytes / 4 and read_growth < data_bytes / 4
 
 
