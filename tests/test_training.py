@@ -22,18 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
 
 
-@pytest.fixture(scope="module")
-def train_rows_folder(tmp_path_factory):
-    from regionmed_clip.data.synth import SynthConfig, generate_synth
-
-    folder = tmp_path_factory.mktemp("train-synth")
-    generate_synth(
-        SynthConfig(out=str(folder), train=32, validation=4, test=4, image_size=64), progress=False
-    )
-    return folder
-
-
-def tiny_training_config(output_dir, data_path, batch_size=8, steps=(2, 2, 3, 3), **overrides) -> dict:
+def tiny_training_config(
+    output_dir, data_path, batch_size=8, steps=(2, 2, 3, 3), lr=1e-3, **overrides
+) -> dict:
     weights = [
         {"global_loss": 1.0},
         {"global_loss": 1.0, "summary_loss": 0.5},
@@ -56,7 +47,7 @@ def tiny_training_config(output_dir, data_path, batch_size=8, steps=(2, 2, 3, 3)
         "stages": [
             {
                 "name": name,
-                "lr": 1e-3,
+                "lr": lr,
                 "batch_size": batch_size,
                 "steps": count,
                 "warmup_ratio": 1.0 if index == 0 else 0.0,
@@ -126,9 +117,9 @@ def test_config_errors_say_what_is_wrong(tmp_path, change, message):
         load_config(write_config(tmp_path / "bad.yaml", config))
 
 
-def test_stages_freeze_weight_and_rebuild_the_optimizer(tmp_path, train_rows_folder, monkeypatch):
+def test_stages_freeze_weight_and_rebuild_the_optimizer(tmp_path, synth_folder, monkeypatch):
     config = load_config(
-        write_config(tmp_path / "c.yaml", tiny_training_config(tmp_path / "out", train_rows_folder))
+        write_config(tmp_path / "c.yaml", tiny_training_config(tmp_path / "out", synth_folder))
     )
     seen = []
     original = StageCallback.on_stage_begin
@@ -187,12 +178,18 @@ LAUNCH_TWO = [
 ]
 
 
-def test_two_processes_train_like_one(tmp_path, train_rows_folder):
+def test_two_processes_train_like_one(tmp_path, synth_folder):
     """`regionmed-clip train` with 1 process (batch 8) and `accelerate launch train_accelerate.py` with 2 (batch 4
-    each) see the same global batches: the losses agree at every step (1e-5 for the first steps; afterwards Adam
-    amplifies float summation-order differences, 1e-3)."""
-    one = write_config(tmp_path / "one.yaml", tiny_training_config(tmp_path / "one", train_rows_folder, 8))
-    two = write_config(tmp_path / "two.yaml", tiny_training_config(tmp_path / "two", train_rows_folder, 4))
+    each) see the same global batches: the losses agree at every step (1e-5 for the first 4 steps; afterwards Adam,
+    whose update is nearly sign(gradient) where gradients are tiny, amplifies float summation-order differences,
+    so the learning rate is low and the tolerance 1e-4; measured: at most 1e-5). The gradients themselves are
+    compared directly below."""
+    one = write_config(
+        tmp_path / "one.yaml", tiny_training_config(tmp_path / "one", synth_folder, 8, lr=1e-4)
+    )
+    two = write_config(
+        tmp_path / "two.yaml", tiny_training_config(tmp_path / "two", synth_folder, 4, lr=1e-4)
+    )
     single = subprocess.run(
         [sys.executable, "-m", "regionmed_clip.cli", "train", "--config", str(one)],
         capture_output=True,
@@ -216,11 +213,13 @@ def test_two_processes_train_like_one(tmp_path, train_rows_folder):
     a, b = losses_by_step(tmp_path / "one"), losses_by_step(tmp_path / "two")
     assert sorted(a) == sorted(b) == list(range(1, 11))
     for step in a:
-        tolerance = 1e-5 if step <= 4 else 1e-3
-        assert a[step]["loss/total"] == pytest.approx(b[step]["loss/total"], abs=tolerance, rel=tolerance)
+        tolerance = 1e-5 if step <= 4 else 1e-4
+        assert a[step]["loss/total"] == pytest.approx(b[step]["loss/total"], abs=tolerance, rel=tolerance), (
+            step
+        )
 
 
-def test_two_process_gradients_equal_one_process_on_the_same_global_batch(tmp_path, train_rows_folder):
+def test_two_process_gradients_equal_one_process_on_the_same_global_batch(tmp_path, synth_folder):
     """One ROI-stage step (all four loss terms, gathered across processes): loss to 1e-6 and every parameter's
     gradient to 1e-5 absolute / 1e-4 relative of the one-process gradient."""
     script = str(ROOT / "tests" / "ddp_gradients.py")
@@ -228,7 +227,7 @@ def test_two_process_gradients_equal_one_process_on_the_same_global_batch(tmp_pa
     for processes, batch in ((1, 8), (2, 4)):
         config = write_config(
             tmp_path / f"{processes}.yaml",
-            tiny_training_config(tmp_path / f"out{processes}", train_rows_folder, batch),
+            tiny_training_config(tmp_path / f"out{processes}", synth_folder, batch),
         )
         launcher = LAUNCH_TWO if processes == 2 else [sys.executable]
         done = subprocess.run(
@@ -250,15 +249,15 @@ def test_two_process_gradients_equal_one_process_on_the_same_global_batch(tmp_pa
         torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_sigkill_mid_stage_then_resume_matches_an_uninterrupted_run(tmp_path, train_rows_folder):
+def test_sigkill_mid_stage_then_resume_matches_an_uninterrupted_run(tmp_path, synth_folder):
     steps = (6, 6, 8, 6)
     reference = write_config(
         tmp_path / "ref.yaml",
-        tiny_training_config(tmp_path / "ref", train_rows_folder, steps=steps, checkpoint_every=3),
+        tiny_training_config(tmp_path / "ref", synth_folder, steps=steps, checkpoint_every=3),
     )
     killed = write_config(
         tmp_path / "kill.yaml",
-        tiny_training_config(tmp_path / "kill", train_rows_folder, steps=steps, checkpoint_every=3),
+        tiny_training_config(tmp_path / "kill", synth_folder, steps=steps, checkpoint_every=3),
     )
     command = [sys.executable, "-m", "regionmed_clip.training.run", "--config"]
     done = subprocess.run(command + [str(reference)], capture_output=True, text=True, env=ENV, timeout=300)
@@ -292,10 +291,10 @@ def test_sigkill_mid_stage_then_resume_matches_an_uninterrupted_run(tmp_path, tr
     assert max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0]) < 1e-5
 
 
-def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp_path, train_rows_folder):
+def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp_path, synth_folder):
     config = load_config(
         write_config(
-            tmp_path / "c.yaml", tiny_training_config(tmp_path / "out", train_rows_folder, steps=(2, 1, 1, 1))
+            tmp_path / "c.yaml", tiny_training_config(tmp_path / "out", synth_folder, steps=(2, 1, 1, 1))
         )
     )
     trainer = Trainer(config)
