@@ -12,6 +12,7 @@ import subprocess
 import sys
 import types
 import typing
+from pathlib import Path
 
 
 def _option_type(annotation):
@@ -22,7 +23,7 @@ def _option_type(annotation):
         return _option_type(str if os.PathLike in options or str in options else options[0])
     if origin is tuple:
         args = typing.get_args(annotation)
-        return args[0], len(args)
+        return args[0], "+" if Ellipsis in args else len(args)
     if annotation in (int, float, str):
         return annotation, None
     return str, None
@@ -156,11 +157,36 @@ def _train_command(subparsers) -> None:
     train.set_defaults(run=lambda args: subprocess.run(launch_command(args)).returncode)
 
 
+def _eval_command(subparsers) -> None:
+    from .evaluation.harness import TASKS, run_evaluation
+
+    parser = subparsers.add_parser(
+        "eval",
+        help=f"evaluate a model on a dataset: {', '.join(TASKS)} (or all)",
+        description=inspect.getdoc(run_evaluation),
+    )
+    add_signature_arguments(
+        parser, run_evaluation, aliases={"model_path": "--model", "data_path": "--data", "out_dir": "--out"}
+    )
+
+    def run(args):
+        metrics = _call_with(run_evaluation, args)
+        print((Path(args.out_dir) / "metrics.md").read_text(encoding="utf-8"))
+        print(
+            f"wrote {args.out_dir}: metrics.json, metrics.md"
+            + (", roc_curves.png" if "zero_shot" in metrics else "")
+        )
+        return 0
+
+    parser.set_defaults(run=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="regionmed-clip", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     _data_commands(subparsers)
     _train_command(subparsers)
+    _eval_command(subparsers)
     return parser
 
 

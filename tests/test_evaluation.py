@@ -61,3 +61,80 @@ def test_macro_auc_matches_scikit_learn_per_class():
     expected = [roc_auc_score(labels == c, scores[:, c]) for c in range(3)]
     assert result["per_class"] == pytest.approx(dict(enumerate(expected)))
     assert result["macro_auc"] == pytest.approx(np.mean(expected))
+
+
+def test_ties_rank_pessimistically_and_chunks_equal_the_full_matrix():
+    gallery = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.7, 0.7]])
+    queries = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    targets = torch.tensor([0, 1, 3])
+    assert retrieval_ranks(queries, gallery, targets).tolist() == [1, 1, 1]  # a tie with another item counts
+    generator = torch.Generator().manual_seed(3)
+    queries, gallery = torch.randn(50, 8, generator=generator), torch.randn(40, 8, generator=generator)
+    gallery[10] = gallery[3]
+    targets = torch.randint(0, 40, (50,), generator=generator)
+    full = retrieval_ranks(queries, gallery, targets, chunk=10_000)
+    assert torch.equal(full, retrieval_ranks(queries, gallery, targets, chunk=7))
+
+
+def test_retrieval_over_50k_by_50k_stays_within_2_gb():
+    code = """
+import resource, sys, torch
+from regionmed_clip.evaluation import recall_at_k, retrieval_ranks
+torch.manual_seed(0)
+queries, gallery = torch.randn(50_000, 512), torch.randn(50_000, 512)
+targets = torch.arange(50_000)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+metrics = recall_at_k(retrieval_ranks(queries, gallery, targets))
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) / 2**20, metrics["R@10"])
+"""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    growth_gib, recall = (float(v) for v in result.stdout.split())
+    print(f"\n50k x 50k retrieval: peak memory increase {growth_gib:.2f} GiB")
+    assert growth_gib <= 2.0 and 0 <= recall < 0.01  # random embeddings: near-chance recall (10 / 50k)
+
+
+def test_zero_shot_matches_scikit_learn_and_its_interval_holds_the_estimate():
+    from sklearn.metrics import roc_auc_score
+
+    from regionmed_clip.evaluation.classification import zero_shot
+
+    generator = torch.Generator().manual_seed(4)
+    prototypes = torch.nn.functional.normalize(torch.randn(3, 8, generator=generator), dim=-1)
+    labels = np.array([i % 3 for i in range(60)])
+    images = prototypes[labels] + 0.8 * torch.randn(60, 8, generator=generator)
+    result = zero_shot(images, labels, prototypes, bootstrap=200, seed=0)
+    scores = (torch.nn.functional.normalize(images, dim=-1) @ prototypes.t()).numpy()
+    expected = np.mean([roc_auc_score(labels == c, scores[:, c]) for c in range(3)])
+    assert result["macro_auc"] == pytest.approx(expected)
+    assert result["accuracy"] == pytest.approx((scores.argmax(1) == labels).mean())
+    low, high = result["macro_auc_ci95"]
+    assert low <= result["macro_auc"] <= high and high - low < 0.3
+    assert zero_shot(images, labels, prototypes, bootstrap=200, seed=0)["macro_auc_ci95"] == (low, high)
+
+
+def test_few_shot_prototype_rule_matches_a_naive_episode():
+    from regionmed_clip.evaluation.classification import few_shot
+
+    generator = torch.Generator().manual_seed(5)
+    prototypes = torch.nn.functional.normalize(torch.randn(2, 6, generator=generator), dim=-1)
+    support_labels = np.array([0, 0, 0, 1, 1, 1])
+    support = prototypes[support_labels] + 0.5 * torch.randn(6, 6, generator=generator)
+    query_labels = np.array([0, 1] * 10)
+    queries = prototypes[query_labels] + 0.5 * torch.randn(20, 6, generator=generator)
+    result = few_shot(support, support_labels, queries, query_labels, prototypes, shots=3, episodes=2, seed=0)
+    # With 3 shots of 3 available, every episode uses all support images: the rule is fully determined.
+    unit = torch.nn.functional.normalize
+    means = torch.stack([unit(support[support_labels == c], dim=-1).mean(0) for c in range(2)])
+    vectors = unit(prototypes + unit(means, dim=-1), dim=-1)
+    expected = macro_auc((unit(queries, dim=-1) @ vectors.t()).numpy(), query_labels)["macro_auc"]
+    assert result["prototype"]["mean"] == pytest.approx(expected) and result["prototype"][
+        "std"
+    ] == pytest.approx(0)
+    assert 0.5 < result["linear_probe"]["mean"] <= 1.0
+    with pytest.raises(ValueError, match="fewer than 5 shots"):
+        few_shot(support, support_labels, queries, query_labels, prototypes, shots=5)

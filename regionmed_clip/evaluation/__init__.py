@@ -1,16 +1,23 @@
-"""Evaluation: pure metric functions and one feature pass per model and split (needs the `eval` extra)."""
+"""Evaluation: pure metric functions, one feature pass per model and split, and the harness that runs every task
+(needs the `eval` extra)."""
 
-from .evaluate import evaluate_split, region_metrics
+from .classification import DEFAULT_TEMPLATES, class_prototypes, few_shot, zero_shot
 from .features import SplitFeatures, extract_features
+from .harness import TASKS, region_metrics, run_evaluation
 from .metrics import hard_negative_accuracy, macro_auc, recall_at_k, retrieval_ranks
 
 __all__ = [
+    "DEFAULT_TEMPLATES",
     "SplitFeatures",
-    "evaluate_split",
+    "TASKS",
+    "class_prototypes",
     "extract_features",
+    "few_shot",
     "hard_negative_accuracy",
     "macro_auc",
     "recall_at_k",
     "region_metrics",
     "retrieval_ranks",
+    "run_evaluation",
+    "zero_shot",
 ]
