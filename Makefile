@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint clean
+.PHONY: install demo ablation test lint clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -22,12 +22,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) -m regionmed_clip.demo --config configs/demo.yaml
 
+# The B / W / W+G / W+G+R / W+G+R+F ablation on the demo's data and step budget (about 20 minutes on 2 cores).
+ablation: $(STAMP)
+	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) eval/ablation.py --config configs/demo.yaml --out outputs/ablation
+
 test: lint
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check regionmed_clip tests train_accelerate.py
-	$(PY) -m ruff format --check regionmed_clip tests train_accelerate.py
+	$(PY) -m ruff check regionmed_clip tests eval train_accelerate.py
+	$(PY) -m ruff format --check regionmed_clip tests eval train_accelerate.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
