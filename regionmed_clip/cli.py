@@ -187,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     _data_commands(subparsers)
     _train_command(subparsers)
     _eval_command(subparsers)
+    from .evaluation.grounding import add_explain_command
+
+    add_explain_command(subparsers)
     return parser
 
 

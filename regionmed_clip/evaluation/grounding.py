@@ -1,0 +1,299 @@
+"""Region grounding: does each ROI pick out its own caption among its image's captions (pointing accuracy), and
+where in an image does a text match (patch-to-text similarity heatmaps, in the style of the paper's Figure 7).
+
+The pointing game is the within-image counterpart of `region_to_caption` retrieval: the gallery of an ROI is only
+the captions of the other ROIs of the same image, so it measures whether the model tells apart the regions of one
+image rather than whether it recognises a finding at all.
+"""
+
+import argparse
+import inspect
+import os
+from collections.abc import Iterable, Sequence
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..data.collator import MedRegionCollator, _image_input
+
+# Vision towers whose `last_hidden_state` stops before the final layer norm that their pooled (CLS) output gets.
+# Their patch tokens need that norm too before `visual_projection`, which was only ever trained on normed features.
+# ViT, DeiT and SigLIP apply it to every token already.
+_POST_NORM_TOWERS = ("clip_vision_model",)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pointing accuracy
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _pointing_hits(
+    region_embeds: torch.Tensor, region_text_embeds: torch.Tensor, region_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-ROI hits and per-image ROI counts of the pointing game.
+
+    Returns:
+        `hits` `(N,)` bool, one per real ROI of the images with at least 2 real ROIs (image-major, slot order), and
+        `counts` `(M,)` the number of real ROIs of each of those M images.
+    """
+    if region_embeds.shape != region_text_embeds.shape or region_embeds.shape[:2] != region_mask.shape:
+        raise ValueError(
+            f"Expected region_embeds and region_text_embeds (B, K, P) and region_mask (B, K); got "
+            f"{tuple(region_embeds.shape)}, {tuple(region_text_embeds.shape)} and {tuple(region_mask.shape)}."
+        )
+    mask = region_mask.bool()
+    # Normalised again so that the function is a cosine whatever it is given; padded zeros stay zero.
+    regions = F.normalize(region_embeds.float(), dim=-1)
+    captions = F.normalize(region_text_embeds.float(), dim=-1)
+    scores = torch.einsum("bkp,bjp->bkj", regions, captions)  # ROI k of image b against caption j of image b
+    own = scores.diagonal(dim1=1, dim2=2)  # (B, K)
+    # A competitor is another real caption of the same image; everything else cannot win.
+    competitor = mask[:, None, :] & ~torch.eye(mask.shape[1], dtype=torch.bool, device=mask.device)
+    best_other = scores.masked_fill(~competitor, float("-inf")).amax(-1)
+    counts = mask.sum(-1)
+    # With one real ROI there is nothing to point against (the hit would be free), so such images are left out.
+    eligible = mask & (counts >= 2)[:, None]
+    # Strictly greater: a tie with another caption (e.g. two ROIs of one image with the same caption) is a miss.
+    hits = (own > best_other)[eligible]
+    return hits, counts[counts >= 2]
+
+
+def pointing_accuracy(
+    region_embeds: torch.Tensor, region_text_embeds: torch.Tensor, region_mask: torch.Tensor
+) -> dict:
+    """Pointing game over ROIs: the share of ROIs whose own caption scores highest among the captions of the real
+    ROIs of the same image.
+
+    Only images with at least 2 real ROIs take part (with one, every ROI would trivially hit). Scores are cosine
+    similarities; a tie between the own caption and another counts as a miss, so an image whose ROIs share a
+    caption cannot score on them, and constant embeddings score 0 rather than chance.
+
+    Args:
+        region_embeds: `(B, K, P)` ROI embeddings (padded slots are ignored whatever they hold).
+        region_text_embeds: `(B, K, P)` region-caption embeddings aligned with `region_embeds`.
+        region_mask: `(B, K)` true for real ROIs.
+
+    Returns:
+        `{"pointing_accuracy", "num_regions", "num_images", "chance"}`: the hit fraction over all counted ROIs (each
+        ROI weighs the same, so images with more ROIs weigh more), how many ROIs and images were counted, and the
+        mean over those images of `1 / K_i`, the expected score of a random pointer. Accuracy and chance are NaN when
+        no image has 2 real ROIs.
+    """
+    hits, counts = _pointing_hits(region_embeds, region_text_embeds, region_mask)
+    return _summary(int(hits.sum()), len(hits), float((1.0 / counts.double()).sum()), len(counts))
+
+
+def _summary(num_hits: int, num_regions: int, inverse_counts: float, num_images: int) -> dict:
+    return {
+        "pointing_accuracy": num_hits / num_regions if num_regions else float("nan"),
+        "num_regions": num_regions,
+        "num_images": num_images,
+        "chance": inverse_counts / num_images if num_images else float("nan"),
+    }
+
+
+def _batches(rows: Iterable, size: int) -> Iterable[list]:
+    iterator = iter(rows)
+    while batch := list(islice(iterator, size)):
+        yield batch
+
+
+def _model_inputs(inputs, model) -> dict[str, torch.Tensor]:
+    """Processor outputs on the model's device, floating tensors in its dtype (the processor returns float32)."""
+    parameter = next(model.parameters())
+    return {
+        key: value.to(parameter.device, parameter.dtype if value.is_floating_point() else None)
+        for key, value in inputs.items()
+    }
+
+
+@torch.no_grad()
+def grounding_metrics(model, processor, rows, batch_size: int = 16) -> dict:
+    """[`pointing_accuracy`] of `model` over a dataset split.
+
+    Each row needs `image` and `regions` (each with `bbox` in pixels and `caption`); a row with more regions than
+    the processor's `max_regions` keeps the ones the training collator keeps (highest `score` first), so the
+    figure is measured on the same ROIs as the other evaluations. Rows with fewer than 2 such regions cannot take
+    part and are not run through the model. Only images, boxes and region captions are encoded: no report is
+    needed. Counts are accumulated batch by batch, so memory does not grow with the split; `rows` may be a list,
+    a `Dataset` or a streaming `IterableDataset`.
+
+    The model runs in eval mode without gradients and is put back in the mode it was in.
+    """
+    selector = MedRegionCollator(processor)
+    # A streaming split has no length; its bar then counts batches without a total.
+    total = -(-len(rows) // batch_size) if hasattr(rows, "__len__") else None
+    was_training = model.training
+    model.eval()
+    num_hits = num_regions = num_images = 0
+    inverse_counts = 0.0
+    try:
+        for batch in tqdm(_batches(rows, batch_size), desc="grounding", total=total, leave=False):
+            kept = [(row, selector.kept_regions(row)) for row in batch]
+            kept = [(row, regions) for row, regions in kept if len(regions) >= 2]
+            if kept:
+                inputs = processor(
+                    images=[_image_input(row["image"]) for row, _ in kept],
+                    boxes=[[region["bbox"] for region in regions] for _, regions in kept],
+                    region_text=[[region["caption"] for region in regions] for _, regions in kept],
+                    return_tensors="pt",
+                )
+                outputs = model(**_model_inputs(inputs, model))
+                hits, counts = _pointing_hits(
+                    outputs.region_embeds, outputs.region_text_embeds, outputs.region_mask
+                )
+                num_hits += int(hits.sum())
+                num_regions += len(hits)
+                num_images += len(counts)
+                inverse_counts += float((1.0 / counts.double()).sum())
+    finally:
+        model.train(was_training)
+    return _summary(num_hits, num_regions, inverse_counts, num_images)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Patch-to-text heatmaps
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def projected_patch_grid(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The patch tokens of the whole images, in the joint space: `(B, H', W', P)`, not normalised.
+
+    Each token gets what the pooled token gets on its way to `image_embeds` except the pooler head: the tower's
+    final layer norm (for CLIP towers, whose `last_hidden_state` precedes it) and `visual_projection`.
+    """
+    hidden = model.vision_model(pixel_values=pixel_values, return_dict=True).last_hidden_state
+    if getattr(model.config.vision_config, "model_type", None) in _POST_NORM_TOWERS:
+        hidden = model.vision_model.post_layernorm(hidden)
+    grid = model._patch_grid(hidden, pixel_values)  # (B, D, H', W'), the layout RoIAlign pools from
+    return model.visual_projection(grid.permute(0, 2, 3, 1))
+
+
+@torch.no_grad()
+def patch_text_similarity(model, processor, image, text: str) -> np.ndarray:
+    """Cosine similarity `(H', W')` between each patch token of `image` and the embedding of `text`.
+
+    `image` is anything the processor decodes (PIL, array, path, bytes, DICOM). The map covers the whole image
+    resized to the model's input size (the processor stretches without cropping), so cell `(i, j)` lies over the
+    `i`-th of `H'` equal rows and `j`-th of `W'` equal columns of the original image. The text goes through the
+    processor, so it is lower-cased and stripped of punctuation as in training. The model is used as it is
+    (call `.eval()` first if it is training: dropout would make the map random).
+    """
+    inputs = _model_inputs(processor(text=[text], images=[image], return_tensors="pt"), model)
+    patches = F.normalize(projected_patch_grid(model, inputs["pixel_values"]).float(), dim=-1)[0]
+    text_features = model.get_text_features(
+        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+    ).pooler_output
+    text_embed = F.normalize(text_features.float(), dim=-1)[0]
+    return (patches @ text_embed).clamp(-1.0, 1.0).cpu().numpy()
+
+
+def save_heatmap_overlay(
+    image,
+    similarity: np.ndarray,
+    out_path: str | os.PathLike,
+    title: str | None = None,
+    boxes: Sequence[Sequence[float]] | None = None,
+) -> Path:
+    """Draw `similarity` (a `(H', W')` patch map) over `image` and save it as a PNG; returns the path.
+
+    The map is upsampled bilinearly to the image's own size, so it lines up with the original pixels whatever the
+    model's input size. Colours span the map's own minimum to maximum (patch cosines of one text often vary over a
+    narrow band, and a fixed [-1, 1] scale would show a flat colour); the colour bar gives the cosine values.
+    `boxes` are `(x0, y0, x1, y1)` in original pixels, drawn as outlines; pixel coordinates are edges, as the
+    processor reads them, so a box `(0, 0, W, H)` frames the whole image. The figure follows the image's aspect
+    ratio.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from ..image_processing_regionmed_clip import decode_image
+
+    pixels = decode_image(image)
+    height, width = pixels.shape[:2]
+    similarity = np.asarray(similarity, dtype=np.float32)
+    if similarity.ndim != 2:
+        raise ValueError(f"similarity must be a (H', W') map, got shape {similarity.shape}.")
+    # align_corners=False treats each cell as covering an equal share of the image, as the patches do.
+    upsampled = F.interpolate(
+        torch.from_numpy(similarity)[None, None], size=(height, width), mode="bilinear", align_corners=False
+    )[0, 0].numpy()
+
+    scale = 6.0 / max(height, width)
+    figure, axis = plt.subplots(figsize=(width * scale + 1.2, height * scale + (0.5 if title else 0.1)))
+    extent = (0, width, height, 0)  # pixel edges, so box coordinates land where the processor puts them
+    axis.imshow(pixels, extent=extent, interpolation="nearest")
+    overlay = axis.imshow(upsampled, cmap="jet", alpha=0.45, extent=extent, interpolation="bilinear")
+    for x0, y0, x1, y1 in boxes or ():
+        axis.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="white", linewidth=1.5))
+    axis.set_xlim(0, width)
+    axis.set_ylim(height, 0)
+    axis.set_axis_off()
+    if title:
+        axis.set_title(title, fontsize=9)
+    # The bar gets its own opaque mappable: drawn from the overlay it would inherit the overlay's transparency.
+    opaque = matplotlib.cm.ScalarMappable(norm=overlay.norm, cmap=overlay.cmap)
+    figure.colorbar(opaque, ax=axis, fraction=0.046, pad=0.03, label="cosine similarity")
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out_path, dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    return out_path
+
+
+def explain(
+    model_path: str | os.PathLike, image: str | os.PathLike, text: str, out: str | os.PathLike = "heatmap.png"
+) -> Path:
+    """Load a saved model folder (or Hub id), map where `text` matches `image`, and save the overlay to `out`.
+
+    Runs on the CPU in float32: one image does not need an accelerator, and the map is then reproducible.
+    """
+    from transformers import AutoModel, AutoProcessor
+
+    import regionmed_clip  # noqa: F401  (registers the Auto classes)
+
+    # dtype pinned: transformers 5 otherwise loads a checkpoint in the dtype it was saved in (e.g. bf16).
+    model = AutoModel.from_pretrained(model_path, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(model_path)
+    similarity = patch_text_similarity(model, processor, image, text)
+    return save_heatmap_overlay(image, similarity, out, title=text)
+
+
+def add_explain_command(subparsers) -> argparse.ArgumentParser:
+    """Add the `explain` sub-command (patch-to-text heatmap of one image) to an argparse `subparsers`; the command
+    runs through `args.run(args)`."""
+    parser = subparsers.add_parser(
+        "explain",
+        help="heatmap of where a text matches an image (patch-to-text cosine similarity)",
+        description=inspect.getdoc(explain).split("\n\n")[0],
+    )
+    parser.add_argument("--model", required=True, help="model folder or Hub id")
+    parser.add_argument("--image", required=True, help="image file (PNG, JPEG, DICOM, ...)")
+    parser.add_argument("--text", required=True, help="text to locate, e.g. a region caption")
+    parser.add_argument("--out", default="heatmap.png", help="output PNG (default: heatmap.png)")
+
+    def run_explain(args: argparse.Namespace) -> int:
+        path = explain(args.model, args.image, args.text, args.out)
+        print(path)
+        return 0
+
+    parser.set_defaults(run=run_explain)
+    return parser
+
+
+__all__ = [
+    "add_explain_command",
+    "explain",
+    "grounding_metrics",
+    "patch_text_similarity",
+    "pointing_accuracy",
+    "projected_patch_grid",
+    "save_heatmap_overlay",
+]

@@ -1,0 +1,211 @@
+"""Region grounding: the pointing game against naive loops, patch-to-text maps against a per-patch recomputation,
+the heatmap overlay, the `explain` command end to end, and the metric over a MedRegion-synth split."""
+
+import argparse
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from regionmed_clip.data.collator import load_rows
+from regionmed_clip.evaluation.grounding import (
+    add_explain_command,
+    grounding_metrics,
+    patch_text_similarity,
+    pointing_accuracy,
+    save_heatmap_overlay,
+)
+
+from .conftest import make_processor, random_image, tiny_model
+
+cosine = torch.nn.functional.cosine_similarity
+
+
+def naive_pointing(regions, captions, mask) -> dict:
+    hits, inverse_counts = [], []
+    for b in range(mask.shape[0]):
+        real = [k for k in range(mask.shape[1]) if mask[b, k]]
+        if len(real) < 2:
+            continue
+        inverse_counts.append(1 / len(real))
+        for k in real:
+            scores = {j: cosine(regions[b, k], captions[b, j], dim=0).item() for j in real}
+            hits.append(all(scores[k] > scores[j] for j in real if j != k))
+    return {
+        "pointing_accuracy": float(np.mean(hits)),
+        "num_regions": len(hits),
+        "num_images": len(inverse_counts),
+        "chance": float(np.mean(inverse_counts)),
+    }
+
+
+def test_pointing_accuracy_matches_a_naive_loop_with_padding_ties_and_single_region_images():
+    generator = torch.Generator().manual_seed(0)
+    batch, slots, dim = 16, 4, 6
+    # Padded slots hold random vectors, not zeros: whatever is there must not take part.
+    regions = torch.randn(batch, slots, dim, generator=generator)
+    captions = torch.randn(batch, slots, dim, generator=generator)
+    mask = torch.rand(batch, slots, generator=generator) > 0.35
+    mask[0] = torch.tensor([True, True, True, False])
+    mask[1] = torch.tensor([False, False, True, False])  # a single region: left out
+    mask[2] = False  # no regions
+    # Image 0: ROI 0 scores its own caption and caption 1 exactly alike (every other term of the dot products is
+    # an exact 0), which must count as a miss; caption 2 points away from ROI 0.
+    regions[0, 0] = torch.tensor([1.0, 0, 0, 0, 0, 0])
+    captions[0, 0] = torch.tensor([0.6, 0.8, 0, 0, 0, 0])
+    captions[0, 1] = torch.tensor([0.6, -0.8, 0, 0, 0, 0])
+    captions[0, 2] = torch.tensor([-1.0, 0, 0, 0, 0, 1])
+
+    expected = naive_pointing(regions, captions, mask)
+    result = pointing_accuracy(regions, captions, mask)
+    assert result == pytest.approx(expected)
+    assert result["num_images"] == sum(int(row.sum()) >= 2 for row in mask)
+    assert 0 < result["pointing_accuracy"] < 1
+
+
+def test_pointing_accuracy_on_a_hand_made_batch():
+    e0, e1 = [1.0, 0.0], [0.0, 1.0]
+    regions = torch.tensor(
+        [
+            [[1.0, 0.3], e1, [0.0, 0.0]],
+            [e0, e1, [-1.0, 0.0]],
+            [e0, [5.0, 5.0], [5.0, 5.0]],
+        ]
+    )
+    captions = torch.tensor(
+        [
+            # Both hit; the padded slot holds a caption that would beat ROI 0's own if it were counted.
+            [e0, e1, [1.0, 0.3]],
+            # ROI 0 ties captions 0 and 1 (miss), ROI 1 ties them too (miss), ROI 2 hits.
+            [e1, e1, [-1.0, 0.0]],
+            # A single real ROI: the image is left out.
+            [e0, e1, e1],
+        ]
+    )
+    mask = torch.tensor([[True, True, False], [True, True, True], [True, False, False]])
+    result = pointing_accuracy(regions, captions, mask)
+    assert result == pytest.approx(
+        {"pointing_accuracy": 3 / 5, "num_regions": 5, "num_images": 2, "chance": (1 / 2 + 1 / 3) / 2}
+    )
+
+
+def test_pointing_accuracy_without_an_image_of_two_regions_is_nan():
+    result = pointing_accuracy(
+        torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.tensor([[1, 0, 0], [0, 0, 0]])
+    )
+    assert result["num_regions"] == result["num_images"] == 0
+    assert math.isnan(result["pointing_accuracy"]) and math.isnan(result["chance"])
+
+
+def test_pointing_accuracy_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="region_mask"):
+        pointing_accuracy(torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.ones(2, 2, dtype=torch.bool))
+
+
+CLIP_VISION = {
+    "model_type": "clip_vision_model",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": 32,
+    "patch_size": 8,
+}
+
+
+@pytest.mark.parametrize("tower", ["vit", "clip"])
+def test_patch_text_similarity_matches_a_per_patch_recomputation(tokenizer, tower):
+    model = tiny_model() if tower == "vit" else tiny_model(vision_config=CLIP_VISION)
+    processor = make_processor(tokenizer)
+    image, text = random_image(50, 40, 3), "Round nodule, left upper."
+    similarity = patch_text_similarity(model, processor, image, text)
+
+    assert similarity.shape == (4, 4)  # 32 px input, patch 8
+    assert np.all(np.abs(similarity) <= 1.0) and np.isfinite(similarity).all()
+    assert similarity.std() > 0
+    with torch.no_grad():
+        inputs = processor(text=[text], images=[image], return_tensors="pt")
+        tokens = model.vision_model(pixel_values=inputs["pixel_values"]).last_hidden_state[0]
+        if tower == "clip":  # CLIP's last_hidden_state precedes the layer norm its CLS gets
+            tokens = model.vision_model.post_layernorm(tokens)
+        text_embed = model.get_text_features(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+        ).pooler_output[0]
+        expected = np.zeros((4, 4))
+        for index in range(16):  # ViT order: CLS, then the patches row by row
+            row, column = divmod(index, 4)
+            projected = model.visual_projection(tokens[1 + index])
+            expected[row, column] = cosine(projected, text_embed, dim=0).item()
+    np.testing.assert_allclose(similarity, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("width, height", [(90, 45), (40, 80)])
+def test_save_heatmap_overlay_writes_a_png_shaped_like_the_image(tmp_path, width, height):
+    similarity = np.linspace(-0.3, 0.6, 16, dtype=np.float32).reshape(4, 4)
+    path = save_heatmap_overlay(
+        random_image(width, height, 1, mode="L"),
+        similarity,
+        tmp_path / "sub" / "map.png",
+        title="round nodule left upper",
+        boxes=[(5, 5, 30, 20), (0, 0, width, height)],
+    )
+    assert path == tmp_path / "sub" / "map.png"
+    with Image.open(path) as png:
+        assert png.format == "PNG"
+        pixels = np.asarray(png.convert("RGB"))
+    assert min(pixels.shape[:2]) > 150
+    # The figure follows the image's orientation (the colour bar widens it a little).
+    assert (pixels.shape[1] > pixels.shape[0]) == (width > height)
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100
+
+
+def test_save_heatmap_overlay_rejects_a_flat_map(tmp_path):
+    with pytest.raises(ValueError, match="similarity"):
+        save_heatmap_overlay(random_image(20, 20, 0), np.zeros(16), tmp_path / "x.png")
+
+
+def test_explain_command_end_to_end(tmp_path, tokenizer, capsys):
+    model_dir, image_path, out = tmp_path / "model", tmp_path / "scan.png", tmp_path / "heat" / "map.png"
+    tiny_model().save_pretrained(model_dir)
+    make_processor(tokenizer).save_pretrained(model_dir)
+    random_image(64, 48, 2).save(image_path)
+
+    parser = argparse.ArgumentParser()
+    add_explain_command(parser.add_subparsers(dest="command", required=True))
+    defaults = parser.parse_args(["explain", "--model", "m", "--image", "i", "--text", "t"])
+    assert defaults.out == "heatmap.png"
+    args = parser.parse_args(
+        [
+            "explain",
+            "--model",
+            str(model_dir),
+            "--image",
+            str(image_path),
+            "--text",
+            "oval cyst",
+            "--out",
+            str(out),
+        ]
+    )
+    assert args.run(args) == 0
+    assert out.is_file() and str(out) in capsys.readouterr().out
+    with Image.open(out) as png:
+        assert png.format == "PNG"
+
+
+def test_grounding_metrics_on_synth_rows(tokenizer, synth_folder):
+    rows = load_rows(synth_folder, "test")
+    model = tiny_model().train()
+    processor = make_processor(tokenizer, max_regions=3)
+    eligible = [row for row in rows if len(row["regions"]) >= 2]
+    assert eligible, "the synth test split should have images with several regions"
+
+    metrics = grounding_metrics(model, processor, rows, batch_size=4)
+    assert model.training  # put back in the mode it came in
+    assert metrics["num_images"] == len(eligible)
+    assert metrics["num_regions"] == sum(min(len(row["regions"]), 3) for row in eligible)
+    assert 0.0 <= metrics["pointing_accuracy"] <= 1.0 and 0.0 < metrics["chance"] <= 0.5
+    # Counts accumulated batch by batch give what one batch gives.
+    assert grounding_metrics(model, processor, rows, batch_size=64) == pytest.approx(metrics)
