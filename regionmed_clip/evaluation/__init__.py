@@ -3,18 +3,27 @@
 
 from .classification import DEFAULT_TEMPLATES, class_prototypes, few_shot, zero_shot
 from .features import SplitFeatures, extract_features
+from .grounding import patch_text_similarity, pointing_accuracy
 from .harness import TASKS, region_metrics, run_evaluation
 from .metrics import hard_negative_accuracy, macro_auc, recall_at_k, retrieval_ranks
+from .vqa import VQAExample, evaluate_vqa, load_slake, load_synth_vqa, load_vqa_rad
 
 __all__ = [
     "DEFAULT_TEMPLATES",
     "SplitFeatures",
+    "VQAExample",
     "TASKS",
     "class_prototypes",
+    "evaluate_vqa",
     "extract_features",
     "few_shot",
     "hard_negative_accuracy",
+    "load_slake",
+    "load_synth_vqa",
+    "load_vqa_rad",
     "macro_auc",
+    "patch_text_similarity",
+    "pointing_accuracy",
     "recall_at_k",
     "region_metrics",
     "retrieval_ranks",
