@@ -37,7 +37,7 @@ def test_demo_program_writes_model_report_and_metrics(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "demo"
-    for name in (
+    expected_files = (
         "report.md",
         "metrics.json",
         "comparison.png",
@@ -45,13 +45,20 @@ def test_demo_program_writes_model_report_and_metrics(tmp_path):
         "model/model.safetensors",
         "model/modeling_regionmed_clip.py",
         "global-only/model/config.json",
-    ):
+        "eval/4-stage/metrics.json",
+        "eval/4-stage/metrics.md",
+        "eval/4-stage/roc_curves.png",
+        "eval/global-only/metrics.json",
+    )
+    for name in expected_files:
         assert (out / name).exists(), name
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["test"]) == {"4-stage (region-aware)", "global-only"}
-    assert "hard_negative_accuracy" in metrics["test"]["global-only"]
-    assert len(metrics["pipeline_example"]["scores"]) == len(
-        metrics["test"]["global-only"]["zero_shot"]["classes"]
-    )
-    assert "| region → caption R@1 |" in result.stdout and "total" in result.stdout
+    assert set(metrics["learning_check"]) == {"4-stage (region-aware)", "global-only"}
+    assert "hard-negative accuracy" in metrics["learning_check"]["global-only"]
+    evaluation = json.loads((out / "eval" / "4-stage" / "metrics.json").read_text())
+    assert {"zero_shot", "few_shot", "retrieval", "region", "grounding", "vqa"} <= set(evaluation)
+    assert len(metrics["pipeline_example"]["scores"]) == len(evaluation["classes"])
+    report = (out / "report.md").read_text()
+    assert "| region → caption R@1 |" in report and "Zero-shot classification" in report and "VQA" in report
+    assert "total" in result.stdout
     assert os.path.getsize(out / "comparison.png") > 1000

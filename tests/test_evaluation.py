@@ -138,3 +138,41 @@ def test_few_shot_prototype_rule_matches_a_naive_episode():
     assert 0.5 < result["linear_probe"]["mean"] <= 1.0
     with pytest.raises(ValueError, match="fewer than 5 shots"):
         few_shot(support, support_labels, queries, query_labels, prototypes, shots=5)
+
+
+def test_cli_eval_all_tasks_writes_every_file(tmp_path, synth_folder, tokenizer):
+    import json
+
+    from regionmed_clip.cli import main
+
+    from .conftest import make_processor, tiny_model
+
+    tiny_model("crop").save_pretrained(tmp_path / "model")
+    make_processor(tokenizer, "crop").save_pretrained(tmp_path / "model")
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(tmp_path / "model"),
+            "--data",
+            str(synth_folder),
+            "--tasks",
+            "all",
+            "--out",
+            str(tmp_path / "eval"),
+            "--bootstrap",
+            "50",
+            "--shots",
+            "1",
+            "--episodes",
+            "2",
+        ]
+    )
+    assert code == 0
+    for name in ("metrics.json", "metrics.md", "roc_curves.png"):
+        assert (tmp_path / "eval" / name).is_file(), name
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert {"zero_shot", "few_shot", "retrieval", "region", "grounding", "vqa", "provenance"} <= set(metrics)
+    assert set(metrics["zero_shot"]) == set(metrics["retrieval"]) == {"region-aware", "global"}
+    assert len(metrics["provenance"]["data_sha256"]) == 64 and metrics["provenance"]["versions"]["torch"]
+    assert "MedRegion-synth" in metrics["vqa"]
