@@ -22,12 +22,15 @@ class SplitFeatures:
     region_captions: list[str]
     negative_text_embeds: torch.Tensor
     negative_mask: torch.Tensor
+    region_image: torch.Tensor  # (N,) index of the image each region belongs to
     extra: dict = field(default_factory=dict)
 
 
 @torch.no_grad()
 def extract_features(model, processor, rows, batch_size: int = 32, max_length: int = 64, max_negatives=None):
-    """Run `model` over `rows` (a `Dataset`) once; ROI inputs are used where the rows have regions."""
+    """Run `model` over `rows` (a `Dataset` or a list) once; ROI inputs are used where the rows have regions. The
+    model runs in eval mode and is put back in the mode it was in."""
+    was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     collator = MedRegionCollator(processor, max_length=max_length, max_negatives=max_negatives)
@@ -51,10 +54,12 @@ def extract_features(model, processor, rows, batch_size: int = 32, max_length: i
             negative_mask = outputs.negative_mask[mask].cpu()
             parts["negative_text_embeds"].append(negatives)
             parts["negative_mask"].append(negative_mask)
+            parts["region_image"].append(mask.nonzero()[:, 0].cpu() + offset)
             for i in range(size):
                 kept = collator.kept_regions(rows[offset + i])  # the collator's own choice, in its order
                 parts["region_captions"].extend(region["caption"] for region in kept)
         offset += size
+    model.train(was_training)
     width = max((n.shape[1] for n in parts["negative_text_embeds"]), default=0)
     padded = [
         torch.nn.functional.pad(n, (0, 0, 0, width - n.shape[1])) for n in parts["negative_text_embeds"]
@@ -73,4 +78,7 @@ def extract_features(model, processor, rows, batch_size: int = 32, max_length: i
         region_captions=parts["region_captions"],
         negative_text_embeds=torch.cat(padded) if padded else torch.zeros(0, 0, dim),
         negative_mask=torch.cat(masks) if masks else torch.zeros(0, 0, dtype=torch.bool),
+        region_image=torch.cat(parts["region_image"])
+        if parts["region_image"]
+        else torch.zeros(0, dtype=torch.long),
     )

@@ -9,16 +9,14 @@ image rather than whether it recognises a finding at all.
 import argparse
 import inspect
 import os
-from collections.abc import Iterable, Sequence
-from itertools import islice
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from ..data.collator import MedRegionCollator, _image_input
+from .features import extract_features
 
 # Vision towers whose `last_hidden_state` stops before the final layer norm that their pooled (CLS) output gets.
 # Their patch tokens need that norm too before `visual_projection`, which was only ever trained on normed features.
@@ -96,12 +94,6 @@ def _summary(num_hits: int, num_regions: int, inverse_counts: float, num_images:
     }
 
 
-def _batches(rows: Iterable, size: int) -> Iterable[list]:
-    iterator = iter(rows)
-    while batch := list(islice(iterator, size)):
-        yield batch
-
-
 def _model_inputs(inputs, model) -> dict[str, torch.Tensor]:
     """Processor outputs on the model's device, floating tensors in its dtype (the processor returns float32)."""
     parameter = next(model.parameters())
@@ -112,47 +104,32 @@ def _model_inputs(inputs, model) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
+def pointing_from_features(features) -> dict:
+    """[`pointing_accuracy`] from a split's extracted features: the regions, flat over the split, are put back
+    into per-image `(B, K, P)` slots by their `region_image` index."""
+    images = features.region_image
+    if len(images) == 0:
+        return _summary(0, 0, 0.0, 0)
+    _, slot_counts = torch.unique_consecutive(images, return_counts=True)
+    slots = torch.cat([torch.arange(int(count)) for count in slot_counts])
+    order = torch.unique_consecutive(images, return_inverse=True)[1]
+    shape = (len(slot_counts), int(slot_counts.max()))
+    mask = torch.zeros(shape, dtype=torch.bool)
+    mask[order, slots] = True
+    regions = features.region_embeds.new_zeros((*shape, features.region_embeds.shape[-1]))
+    captions = torch.zeros_like(regions)
+    regions[order, slots] = features.region_embeds
+    captions[order, slots] = features.region_text_embeds
+    return pointing_accuracy(regions, captions, mask)
+
+
 def grounding_metrics(model, processor, rows, batch_size: int = 16) -> dict:
-    """[`pointing_accuracy`] of `model` over a dataset split.
+    """[`pointing_accuracy`] of `model` over a dataset split (`image` and `regions` with `bbox` and `caption`).
 
-    Each row needs `image` and `regions` (each with `bbox` in pixels and `caption`); a row with more regions than
-    the processor's `max_regions` keeps the ones the training collator keeps (highest `score` first), so the
-    figure is measured on the same ROIs as the other evaluations. Rows with fewer than 2 such regions cannot take
-    part and are not run through the model. Only images, boxes and region captions are encoded: no report is
-    needed. Counts are accumulated batch by batch, so memory does not grow with the split; `rows` may be a list,
-    a `Dataset` or a streaming `IterableDataset`.
-
-    The model runs in eval mode without gradients and is put back in the mode it was in.
+    The ROIs are those the training collator keeps (the `max_regions` highest-scoring), as in every other
+    evaluation; images with fewer than 2 of them do not take part.
     """
-    selector = MedRegionCollator(processor)
-    # A streaming split has no length; its bar then counts batches without a total.
-    total = -(-len(rows) // batch_size) if hasattr(rows, "__len__") else None
-    was_training = model.training
-    model.eval()
-    num_hits = num_regions = num_images = 0
-    inverse_counts = 0.0
-    try:
-        for batch in tqdm(_batches(rows, batch_size), desc="grounding", total=total, leave=False):
-            kept = [(row, selector.kept_regions(row)) for row in batch]
-            kept = [(row, regions) for row, regions in kept if len(regions) >= 2]
-            if kept:
-                inputs = processor(
-                    images=[_image_input(row["image"]) for row, _ in kept],
-                    boxes=[[region["bbox"] for region in regions] for _, regions in kept],
-                    region_text=[[region["caption"] for region in regions] for _, regions in kept],
-                    return_tensors="pt",
-                )
-                outputs = model(**_model_inputs(inputs, model))
-                hits, counts = _pointing_hits(
-                    outputs.region_embeds, outputs.region_text_embeds, outputs.region_mask
-                )
-                num_hits += int(hits.sum())
-                num_regions += len(hits)
-                num_images += len(counts)
-                inverse_counts += float((1.0 / counts.double()).sum())
-    finally:
-        model.train(was_training)
-    return _summary(num_hits, num_regions, inverse_counts, num_images)
+    return pointing_from_features(extract_features(model, processor, rows, batch_size=batch_size))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

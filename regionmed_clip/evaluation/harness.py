@@ -162,9 +162,9 @@ def run_evaluation(
     if "region" in names and len(features.region_embeds):
         metrics["region"] = region_metrics(features)
     if "grounding" in names and len(features.region_embeds):
-        from .grounding import grounding_metrics
+        from .grounding import pointing_from_features
 
-        metrics["grounding"] = grounding_metrics(model, processor, rows)
+        metrics["grounding"] = pointing_from_features(features)
     if "vqa" in names:
         metrics["vqa"] = _vqa(model, processor, data_path, vqa_rad, slake, seed)
     write_outputs(metrics, out_dir, roc)
