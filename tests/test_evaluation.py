@@ -176,3 +176,31 @@ def test_cli_eval_all_tasks_writes_every_file(tmp_path, synth_folder, tokenizer)
     assert set(metrics["zero_shot"]) == set(metrics["retrieval"]) == {"region-aware", "global"}
     assert len(metrics["provenance"]["data_sha256"]) == 64 and metrics["provenance"]["versions"]["torch"]
     assert "MedRegion-synth" in metrics["vqa"]
+
+
+def test_feature_cache_is_reused_and_keyed_on_the_model(tmp_path, synth_folder, tokenizer, monkeypatch):
+    import json
+
+    import regionmed_clip.evaluation.harness as harness
+
+    from .conftest import make_processor, tiny_model
+
+    tiny_model("pool").save_pretrained(tmp_path / "model")
+    make_processor(tokenizer).save_pretrained(tmp_path / "model")
+    run = dict(tasks="retrieval,region", cache_dir=tmp_path / "cache", bootstrap=0)
+    first = harness.run_evaluation(tmp_path / "model", synth_folder, tmp_path / "a", **run)
+    assert len(list((tmp_path / "cache").glob("features-*.pt"))) == 1
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("features were extracted again")
+
+    monkeypatch.setattr(harness, "extract_features", refuse)
+    second = harness.run_evaluation(tmp_path / "model", synth_folder, tmp_path / "b", **run)
+    assert (
+        json.loads((tmp_path / "a" / "metrics.json").read_text())["retrieval"]
+        == json.loads((tmp_path / "b" / "metrics.json").read_text())["retrieval"]
+    )
+    assert first["region"]["hard_negative_accuracy"] == second["region"]["hard_negative_accuracy"]
+    tiny_model("pool", seed=1).save_pretrained(tmp_path / "model")  # other weights: the cache must not match
+    with pytest.raises(AssertionError, match="extracted again"):
+        harness.run_evaluation(tmp_path / "model", synth_folder, tmp_path / "c", **run)

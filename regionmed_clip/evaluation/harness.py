@@ -1,6 +1,10 @@
 """One evaluation harness for every task of the paper: features are extracted once per model and split and every
 task reads them. `regionmed-clip eval` and `eval/*.py` are thin wrappers around `run_evaluation`."""
 
+import dataclasses
+import hashlib
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +13,7 @@ import torch
 from .classification import class_prototypes, few_shot, load_templates, zero_shot
 from .features import SplitFeatures, extract_features
 from .metrics import hard_negative_accuracy, recall_at_k, retrieval_ranks
-from .report import provenance, write_outputs
+from .report import dataset_hash, provenance, write_outputs
 
 TASKS = ("zero_shot", "few_shot", "retrieval", "region", "grounding", "vqa")
 
@@ -39,6 +43,35 @@ def region_metrics(features: SplitFeatures) -> dict:
             features.negative_mask,
         ),
     }
+
+
+def model_fingerprint(model_path: str | Path) -> str:
+    """sha256 of a model folder's weight and config files (a Hub id is returned as is)."""
+    folder = Path(model_path)
+    if not folder.is_dir():
+        return f"hub:{model_path}"
+    digest = hashlib.sha256()
+    for file in sorted([*folder.glob("*.safetensors"), *folder.glob("*.json")]):
+        digest.update(file.name.encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def cached_features(model, processor, rows, key: dict, cache_dir: str | Path | None, batch_size: int):
+    """`extract_features`, stored in `cache_dir` under a hash of `key` (model and data fingerprints, split) and
+    read back on the next run; no cache when `cache_dir` is None."""
+    if cache_dir is None:
+        return extract_features(model, processor, rows, batch_size=batch_size)
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    path = Path(cache_dir) / f"features-{name}.pt"
+    if path.is_file():
+        return SplitFeatures(**torch.load(path, weights_only=True))
+    features = extract_features(model, processor, rows, batch_size=batch_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    torch.save(dataclasses.asdict(features), partial)
+    os.replace(partial, path)
+    return features
 
 
 def parse_tasks(tasks: str | list[str]) -> list[str]:
@@ -82,10 +115,12 @@ def run_evaluation(
     batch_size: int = 32,
     vqa_rad: tuple[str, str] | None = None,
     slake: str | None = None,
+    cache_dir: str | Path | None = None,
 ) -> dict:
     """Evaluate a saved model on a dataset folder (or Hub id) and write metrics.json, metrics.md, roc_curves.png.
 
     `vqa_rad` = (json file, image folder) and `slake` = folder add those public VQA sets to the synthetic one.
+    With `cache_dir`, the features of each (model, data, split) are stored there and reused by later runs.
     """
     from transformers import AutoModel, AutoProcessor
 
@@ -97,7 +132,8 @@ def run_evaluation(
     model = AutoModel.from_pretrained(model_path).eval()
     processor = AutoProcessor.from_pretrained(model_path)
     rows = load_rows(data_path, split)
-    features = extract_features(model, processor, rows, batch_size=batch_size)
+    fingerprint = {"model": model_fingerprint(model_path), "data": dataset_hash(data_path)}
+    features = cached_features(model, processor, rows, {**fingerprint, "split": split}, cache_dir, batch_size)
     metrics: dict = {
         "provenance": provenance(
             model_path,
@@ -111,6 +147,7 @@ def run_evaluation(
                 "bootstrap": bootstrap,
                 "templates": str(templates) if templates else "default",
             },
+            fingerprint,
         ),
         "num_images": len(features.image_embeds),
     }
@@ -133,7 +170,8 @@ def run_evaluation(
                 roc = {"scores": scores, "labels": labels, "classes": classes}
     if "few_shot" in names and classes:
         support_rows = _support_rows(load_rows(data_path, support_split), classes, 5 * max(shots), seed)
-        support = extract_features(model, processor, support_rows, batch_size=batch_size)
+        support_key = {**fingerprint, "split": support_split, "rows": support_rows["id"]}
+        support = cached_features(model, processor, support_rows, support_key, cache_dir, batch_size)
         support_labels = np.array([classes.index(label) for label in support.labels])
         metrics["few_shot"] = {}
         for k in shots:

@@ -23,7 +23,8 @@ def dataset_hash(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def provenance(model_path, data_path, settings: dict) -> dict:
+def provenance(model_path, data_path, settings: dict, fingerprint: dict) -> dict:
+    """Where the figures come from: model and data with their sha256 (`fingerprint`), settings, versions."""
     versions = {}
     for package in PACKAGES:
         try:
@@ -32,8 +33,9 @@ def provenance(model_path, data_path, settings: dict) -> dict:
             versions[package] = None
     return {
         "model": str(model_path),
+        "model_sha256": fingerprint["model"],
         "data": str(data_path),
-        "data_sha256": dataset_hash(data_path),
+        "data_sha256": fingerprint["data"],
         "settings": settings,
         "versions": versions,
         "python": platform.python_version(),
