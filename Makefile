@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo ablation test lint clean
+.PHONY: install demo ablation bench test lint clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -26,12 +26,16 @@ demo: $(STAMP)
 ablation: $(STAMP)
 	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) eval/ablation.py --config configs/demo.yaml --out outputs/ablation
 
+# Speed and memory against VisionTextDualEncoderModel with the same towers; writes benchmarks/RESULTS.md.
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/run_benchmarks.py
+
 test: lint
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check regionmed_clip tests eval train_accelerate.py
-	$(PY) -m ruff format --check regionmed_clip tests eval train_accelerate.py
+	$(PY) -m ruff check regionmed_clip tests eval benchmarks train_accelerate.py
+	$(PY) -m ruff format --check regionmed_clip tests eval benchmarks train_accelerate.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
