@@ -15,7 +15,7 @@ from datasets import load_dataset
 from .schema import SPLITS
 
 
-def _image_input(image):
+def image_input(image):
     """A row's image as the image processor takes it: PIL as is; encoded `{"bytes", "path"}` as bytes or a path."""
     if isinstance(image, dict):
         return image.get("bytes") or image["path"]
@@ -77,7 +77,7 @@ class MedRegionCollator:
             }
         batch = self.processor(
             text=[row["detailed_report"] for row in rows],
-            images=[_image_input(row["image"]) for row in rows],
+            images=[image_input(row["image"]) for row in rows],
             summary_text=[row["summary_caption"] for row in rows],
             return_tensors="pt",
             **region_inputs,

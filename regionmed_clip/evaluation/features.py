@@ -1,6 +1,6 @@
 """Feature extraction: one batched pass of a model over a dataset split, reused by every metric."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -23,7 +23,6 @@ class SplitFeatures:
     negative_text_embeds: torch.Tensor
     negative_mask: torch.Tensor
     region_image: torch.Tensor  # (N,) index of the image each region belongs to
-    extra: dict = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -34,7 +33,7 @@ def extract_features(model, processor, rows, batch_size: int = 32, max_length: i
     model.eval()
     device = next(model.parameters()).device
     collator = MedRegionCollator(processor, max_length=max_length, max_negatives=max_negatives)
-    parts: dict[str, list] = {key: [] for key in SplitFeatures.__dataclass_fields__ if key not in ("extra",)}
+    parts: dict[str, list] = {key: [] for key in SplitFeatures.__dataclass_fields__}
     loader = make_dataloader(rows, collator, batch_size=batch_size)
     offset = 0
     for batch in tqdm(loader, desc="features", leave=False):

@@ -26,7 +26,7 @@ import torch
 from PIL import Image as PILImage
 from tqdm.auto import tqdm
 
-from ..data.collator import _image_input, load_rows
+from ..data.collator import image_input, load_rows
 
 ANSWER_TYPES = ("OPEN", "CLOSED")
 VQA_SPLITS = ("train", "test")
@@ -188,7 +188,7 @@ def load_synth_vqa(folder: str | os.PathLike) -> list[VQAExample]:
     examples = []
     for split, target in SYNTH_SPLITS.items():
         rows = load_rows(folder, split).cast_column("image", Image(decode=False))
-        images = dict(zip(rows["id"], (_image_input(image) for image in rows["image"]), strict=True))
+        images = dict(zip(rows["id"], (image_input(image) for image in rows["image"]), strict=True))
         for row in load_rows(folder, split, config="vqa"):
             if row["image_id"] not in images:
                 raise ValueError(
