@@ -244,6 +244,52 @@ def bench_processor(repeats: int) -> list[str]:
     return rows
 
 
+def peak_rss_mib(code: str) -> tuple[float, float]:
+    """(seconds, peak RSS increase in MiB) of `code` run in a fresh interpreter, so earlier work does not count."""
+    import sys
+
+    # ru_maxrss survives fork + exec from a large parent, so the peak is sampled from /proc by a thread instead.
+    script = (
+        "import threading, time, psutil, torch\n"
+        "from regionmed_clip.evaluation import recall_at_k, retrieval_ranks\n"
+        "process = psutil.Process(); baseline = process.memory_info().rss; peak = [baseline]; done = []\n"
+        "def sample():\n"
+        "    while not done:\n"
+        "        peak[0] = max(peak[0], process.memory_info().rss); time.sleep(0.005)\n"
+        "thread = threading.Thread(target=sample, daemon=True); thread.start()\n"
+        "start = time.perf_counter()\n" + code + "\n"
+        "seconds = time.perf_counter() - start; done.append(1); thread.join()\n"
+        "print(seconds, (peak[0] - baseline) / 2**20)"
+    )
+    output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    seconds, mib = output.split()[-2:]
+    return float(seconds), float(mib)
+
+
+def bench_scaling(repeats: int) -> list[str]:
+    rows = ["| train step (pool) | seconds | peak RSS MiB |", "|---|---|---|"]
+    for batch, k in ((4, 4), (8, 4), (16, 4), (8, 8), (8, 16)):
+        code = (
+            "from benchmarks.run_benchmarks import models, batch_inputs, train_step\n"
+            f"import benchmarks.run_benchmarks as b; b.BATCH = {batch}\n"
+            "ours, _ = models('pool'); inputs = batch_inputs(" + str(k) + ", 'pool')\n"
+            "step = train_step(ours, inputs, torch.optim.AdamW(ours.parameters(), lr=1e-5)); step(); step()"
+        )
+        seconds, mib = peak_rss_mib(code)
+        rows.append(f"| batch {batch}, K={k} (2 steps incl. build) | {seconds:.1f} | {mib:.0f} |")
+        print(rows[-1])
+    rows += ["", "| retrieval (512-d, I→T ranks) | seconds | peak RSS increase MiB |", "|---|---|---|"]
+    for size in (1_000, 10_000, 50_000):
+        code = (
+            f"q, g = torch.randn({size}, 512), torch.randn({size}, 512)\n"
+            f"recall_at_k(retrieval_ranks(q, g, torch.arange({size})))"
+        )
+        seconds, mib = peak_rss_mib(code)
+        rows.append(f"| {size:,} × {size:,} | {seconds:.1f} | {mib:.0f} |")
+        print(rows[-1])
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -274,6 +320,10 @@ def main() -> int:
         "## Image processor",
         "",
         *bench_processor(args.repeats),
+        "",
+        "## Scaling",
+        "",
+        *bench_scaling(args.repeats),
         "",
     ]
     Path(args.out).write_text("\n".join(sections), encoding="utf-8")
