@@ -8,13 +8,12 @@ Each training runs in its own process through the real entry point (`python -m r
 import argparse
 import dataclasses
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from .training.config import load_config
+from .training.run import train_in_subprocess
 
 
 def global_only(config, output_dir: Path):
@@ -31,15 +30,6 @@ def global_only(config, output_dir: Path):
         loss_weights={"global_loss": 1.0, "summary_loss": 0.5},
     )
     return dataclasses.replace(config, output_dir=str(output_dir), stages=[warmup, global_stage])
-
-
-def _train(config_path: Path, log_path: Path) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, "-m", "regionmed_clip.training.run", "--config", str(config_path)]
-    with open(log_path, "w", encoding="utf-8") as log:
-        result = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if result.returncode != 0:
-        raise SystemExit(f"training failed (exit {result.returncode}); see {log_path}")
 
 
 def _headline(metrics: dict) -> dict[str, float]:
@@ -108,21 +98,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = load_config(args.config, output_dir=args.output_dir)
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
-    config.save(out / "run_config.yaml")
     start = time.perf_counter()
-    _train(out / "run_config.yaml", out / "train.log")
+    model_folder = train_in_subprocess(config)
     timings["train 4-stage model (incl. data generation)"] = time.perf_counter() - start
     timings.update({f"  {k}": v for k, v in json.loads((out / "timings.json").read_text()).items()})
 
-    baseline = global_only(config, out / "global-only")
-    Path(baseline.output_dir).mkdir(parents=True, exist_ok=True)
-    baseline.save(Path(baseline.output_dir) / "run_config.yaml")
     start = time.perf_counter()
-    _train(Path(baseline.output_dir) / "run_config.yaml", Path(baseline.output_dir) / "train.log")
+    baseline_folder = train_in_subprocess(global_only(config, out / "global-only"))
     timings["train global-only baseline"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -133,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results, headlines = {}, {}
     for name, slug, folder, tasks in (
-        ("4-stage (region-aware)", "4-stage", out / "model", "all"),
-        ("global-only", "global-only", Path(baseline.output_dir) / "model", "zero_shot,retrieval,region"),
+        ("4-stage (region-aware)", "4-stage", model_folder, "all"),
+        ("global-only", "global-only", baseline_folder, "zero_shot,retrieval,region"),
     ):
         results[name] = run_evaluation(
             folder, config.data.path, out / "eval" / slug, tasks=tasks, seed=config.seed
@@ -143,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     timings["evaluate both models"] = time.perf_counter() - start
 
     example = load_rows(config.data.path, "test")[0]
-    classifier = pipeline("zero-shot-image-classification", model=str(out / "model"))
+    classifier = pipeline("zero-shot-image-classification", model=str(model_folder))
     scores = classifier(
         example["image"], candidate_labels=results["global-only"]["classes"], hypothesis_template="{}"
     )
@@ -162,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     _bar_chart(headlines, out / "comparison.png")
     print(_report(headlines, timings, out))
-    print(f"model folder: {out / 'model'} (AutoModel.from_pretrained / pipeline ready)")
+    print(f"model folder: {model_folder} (AutoModel.from_pretrained / pipeline ready)")
     print(f"pipeline on one test image (label {example['label']!r}): {scores[:3]}")
     return 0
 

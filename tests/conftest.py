@@ -37,6 +37,21 @@ def tiny_vision_config(**overrides) -> dict:
     return config
 
 
+def tiny_clip_vision_config(**overrides) -> dict:
+    """A tiny CLIP vision tower of the same size as `tiny_vision_config` (for tower-swap tests)."""
+    config = {
+        "model_type": "clip_vision_model",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": IMAGE_SIZE,
+        "patch_size": PATCH_SIZE,
+    }
+    config.update(overrides)
+    return config
+
+
 def tiny_text_config(**overrides) -> dict:
     config = {
         "model_type": "bert",

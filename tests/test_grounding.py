@@ -18,7 +18,7 @@ from regionmed_clip.evaluation.grounding import (
     save_heatmap_overlay,
 )
 
-from .conftest import make_processor, random_image, tiny_model
+from .conftest import make_processor, random_image, tiny_clip_vision_config, tiny_model
 
 cosine = torch.nn.functional.cosine_similarity
 
@@ -104,15 +104,7 @@ def test_pointing_accuracy_rejects_mismatched_shapes():
         pointing_accuracy(torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.ones(2, 2, dtype=torch.bool))
 
 
-CLIP_VISION = {
-    "model_type": "clip_vision_model",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "image_size": 32,
-    "patch_size": 8,
-}
+CLIP_VISION = tiny_clip_vision_config()
 
 
 @pytest.mark.parametrize("tower", ["vit", "clip"])

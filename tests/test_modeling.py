@@ -13,6 +13,7 @@ from regionmed_clip import RegionMedCLIPConfig, RegionMedCLIPModel, RegionMedCLI
 from .conftest import (
     IMAGE_SIZE,
     make_processor,
+    tiny_clip_vision_config,
     tiny_config,
     tiny_model,
     tiny_text_config,
@@ -291,15 +292,7 @@ def test_from_vision_text_pretrained_loads_both_towers_from_local_folders(tmp_pa
 
 
 def test_other_vision_towers_work_in_both_modes(tokenizer, sample_batch):
-    clip_vision = {
-        "model_type": "clip_vision_model",
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "image_size": 32,
-        "patch_size": 8,
-    }
+    clip_vision = tiny_clip_vision_config()
     for roi_mode in MODES:
         model = tiny_model(roi_mode, vision_config=clip_vision)
         assert isinstance(model.vision_model, CLIPVisionModel)
@@ -336,14 +329,7 @@ def test_a_full_clip_checkpoint_contributes_its_vision_tower(tmp_path):
     from transformers import BertConfig, CLIPConfig, CLIPModel
 
     clip_config = CLIPConfig(
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "image_size": 32,
-            "patch_size": 8,
-        },
+        vision_config={k: v for k, v in tiny_clip_vision_config().items() if k != "model_type"},
         text_config={
             "hidden_size": 32,
             "intermediate_size": 64,

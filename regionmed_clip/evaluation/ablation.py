@@ -8,12 +8,10 @@ and evaluated by the shared harness.
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from ..training.config import TrainConfig, load_config
+from ..training.run import train_in_subprocess
 from .harness import run_evaluation
 
 VARIANTS = ("B", "W", "W+G", "W+G+R", "W+G+R+F")
@@ -83,24 +81,12 @@ def run_ablation(config_path: str | Path, out_dir: str | Path, variants=VARIANTS
     config = load_config(config_path)
     out = Path(out_dir)
     configs = ablation_configs(config, out)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     results = {}
     for name in variants:
         variant = configs[name]
         folder = Path(variant.output_dir)
         if not (folder / "model" / "model.safetensors").is_file():
-            folder.mkdir(parents=True, exist_ok=True)
-            variant.save(folder / "run_config.yaml")
-            command = [
-                sys.executable,
-                "-m",
-                "regionmed_clip.training.run",
-                "--config",
-                str(folder / "run_config.yaml"),
-            ]
-            with open(folder / "train.log", "w", encoding="utf-8") as log:
-                if subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
-                    raise SystemExit(f"training variant {name} failed; see {folder / 'train.log'}")
+            train_in_subprocess(variant)
         metrics = run_evaluation(
             folder / "model",
             config.data.path,

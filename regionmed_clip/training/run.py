@@ -2,12 +2,37 @@
 (what `train_accelerate.py` and `regionmed-clip train` run)."""
 
 import argparse
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
 from .config import load_config
 from .trainer import training_function
+
+
+def train_in_subprocess(config) -> Path:
+    """Train `config` in a fresh process through this entry point (what `make demo` and the ablation do): the
+    config is saved as `run_config.yaml` in its output folder and the output goes to `train.log` there. Returns the
+    model folder; a failed run stops the caller, naming the log."""
+    folder = Path(config.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save(folder / "run_config.yaml")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [
+        sys.executable,
+        "-m",
+        "regionmed_clip.training.run",
+        "--config",
+        str(folder / "run_config.yaml"),
+    ]
+    with open(folder / "train.log", "w", encoding="utf-8") as log:
+        result = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        raise SystemExit(f"training failed (exit {result.returncode}); see {folder / 'train.log'}")
+    return folder / "model"
 
 
 def main(argv: list[str] | None = None) -> int:
