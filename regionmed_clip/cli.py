@@ -157,6 +157,30 @@ def _train_command(subparsers) -> None:
     train.set_defaults(run=lambda args: subprocess.run(launch_command(args)).returncode)
 
 
+def _finetune_command(subparsers) -> None:
+    from .training.finetune import FinetuneArgs, write_finetune_config
+
+    parser = subparsers.add_parser(
+        "finetune",
+        help="fine-tune a trained model with LoRA or in full (contrastive, or classification on labels)",
+        description=inspect.getdoc(FinetuneArgs),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_signature_arguments(parser, FinetuneArgs)
+    parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    parser.add_argument(
+        "--num-processes", type=int, default=1, help="processes on this machine (GPUs, or CPU)"
+    )
+    parser.add_argument("--accelerate-config", help="an Accelerate config file (configs/accelerate/*.yaml)")
+
+    def run(args):
+        config = write_finetune_config(_call_with(FinetuneArgs, args))
+        args.config, args.output_dir = str(config), None
+        return subprocess.run(launch_command(args)).returncode
+
+    parser.set_defaults(run=run)
+
+
 def _eval_command(subparsers) -> None:
     from .evaluation.harness import TASKS, run_evaluation
 
@@ -186,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _data_commands(subparsers)
     _train_command(subparsers)
+    _finetune_command(subparsers)
     _eval_command(subparsers)
     from .evaluation.grounding import add_explain_command
 

@@ -37,15 +37,31 @@ class MedRegionCollator:
         max_length (`int`, *optional*): Token limit for every text (default: the tokenizer's).
         max_negatives (`int`, *optional*): Keep at most this many hard negatives per region.
         with_regions (`bool`, defaults to `True`): Set `False` for global-only batches (no ROI inputs at all).
+        class_prompts (`list[str]`, *optional*): For classification: the text side of every batch is these
+            prompts (one per class) instead of the reports, and `labels` holds each row's class index.
+        label_index (`dict[str, int]`, *optional*): Class index of each label (with `class_prompts`).
+        label_column (`str`, defaults to `"label"`): The row field holding the label.
     """
 
     def __init__(
-        self, processor, max_length: int | None = None, max_negatives: int | None = None, with_regions=True
+        self,
+        processor,
+        max_length: int | None = None,
+        max_negatives: int | None = None,
+        with_regions=True,
+        class_prompts: list[str] | None = None,
+        label_index: dict[str, int] | None = None,
+        label_column: str = "label",
     ):
+        if (class_prompts is None) != (label_index is None):
+            raise ValueError("class_prompts and label_index go together")
         self.processor = processor
         self.max_length = max_length
         self.max_negatives = max_negatives
         self.with_regions = with_regions
+        self.class_prompts = class_prompts
+        self.label_index = label_index
+        self.label_column = label_column
         self.dropped_regions = 0
 
     def kept_regions(self, row: dict) -> list[dict]:
@@ -75,15 +91,27 @@ class MedRegionCollator:
                     for image_regions in regions
                 ],
             }
+        texts = self.class_prompts or [row["detailed_report"] for row in rows]
         batch = self.processor(
-            text=[row["detailed_report"] for row in rows],
+            text=texts,
             images=[image_input(row["image"]) for row in rows],
             summary_text=[row["summary_caption"] for row in rows],
             return_tensors="pt",
             **region_inputs,
             **text_kwargs,
         )
-        return dict(batch)
+        batch = dict(batch)
+        if self.label_index is not None:
+            batch["labels"] = torch.tensor([self._label(row) for row in rows])
+        return batch
+
+    def _label(self, row: dict) -> int:
+        label = row.get(self.label_column)
+        if label not in self.label_index:
+            raise ValueError(
+                f"row {row.get('id')!r}: label {label!r} is not one of the classes {sorted(self.label_index)}"
+            )
+        return self.label_index[label]
 
 
 def _local_data_files(folder: Path, config: str, split: str) -> str:

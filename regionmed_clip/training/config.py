@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-LOSS_TERMS = ("global_loss", "summary_loss", "roi_loss", "neg_loss")
+LOSS_TERMS = ("global_loss", "summary_loss", "roi_loss", "neg_loss", "class_loss")
 MIXED_PRECISION = ("no", "bf16", "fp16", "auto")
 
 
@@ -91,6 +91,51 @@ class StageSpec:
         """Whether the stage needs ROI inputs at all (otherwise the batch is global-only and cheaper)."""
         return any(self.loss_weights.get(term, 0.0) > 0 for term in ("roi_loss", "neg_loss"))
 
+    @property
+    def uses_classes(self) -> bool:
+        """Whether the stage trains on class labels (`class_loss`), with class prompts as the text side."""
+        return self.loss_weights.get("class_loss", 0.0) > 0
+
+
+# The attention projections of the two towers and of the ROI processor, under the module names of transformers'
+# ViT / CLIP / SigLIP (`q_proj`, `k_proj`, `v_proj`, `o_proj` / `out_proj`) and BERT (`attention.self.query`,
+# `key`, `value`, `attention.output.dense`); a regex PEFT matches against full module names.
+LORA_ATTENTION_TARGETS = (
+    r"(vision_model|text_model|roi_processor)\..*(attention|attn)\.(self\.|output\.)?"
+    r"(q_proj|k_proj|v_proj|o_proj|out_proj|query|key|value|dense)"
+)
+
+
+@dataclass
+class LoraSpec:
+    """PEFT LoRA on top of a pretrained model: only the LoRA matrices and `modules_to_save` train.
+
+    The projections are trained in full by default (`modules_to_save`): they are small and map both towers into the
+    shared space, which a new domain moves. The temperature never trains under LoRA: it is a buffer when fixed,
+    and a learnable one is a bare `nn.Parameter`, which PEFT's `modules_to_save` silently ignores.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: str | list[str] = LORA_ATTENTION_TARGETS  # a regex on full names, or a list of names
+    modules_to_save: list[str] = field(default_factory=lambda: ["visual_projection", "text_projection"])
+
+
+@dataclass
+class ClassificationSpec:
+    """Fine-tuning on class labels: the text side of each batch is one prompt per class and `class_loss` is the
+    cross-entropy of the image-to-prompt logits against the row's label (the CLIP objective with the classes as
+    captions). The model stays a CLIP: the zero-shot pipeline scores the same prompts afterwards."""
+
+    labels: list[str] | None = None  # the classes in order (default: the sorted labels of the training split)
+    template: str = "{}"  # prompt for each class name
+    label_column: str = "label"
+
+    def __post_init__(self):
+        if "{}" not in self.template:
+            raise ValueError(f"classification.template needs a '{{}}' placeholder, got {self.template!r}")
+
 
 @dataclass
 class TrainConfig:
@@ -111,6 +156,8 @@ class TrainConfig:
     log_every: int = 1
     report_to: str = "tensorboard"  # an Accelerate tracker name, or "none"
     resume: bool = False
+    lora: LoraSpec | None = None  # PEFT LoRA fine-tuning instead of training the parameters themselves
+    classification: ClassificationSpec | None = None  # needed by stages that weight `class_loss`
 
     def __post_init__(self):
         if self.mixed_precision not in MIXED_PRECISION:
@@ -119,6 +166,14 @@ class TrainConfig:
             raise ValueError("at least one stage is needed")
         if self.gradient_accumulation_steps < 1:
             raise ValueError("gradient_accumulation_steps must be >= 1")
+        for stage in self.stages:
+            if self.lora is not None and stage.frozen:
+                raise ValueError(
+                    f"stage {stage.name}: with `lora` the trainable set is the adapter's (and `modules_to_save`); "
+                    "remove `frozen`"
+                )
+            if stage.uses_classes and self.classification is None:
+                raise ValueError(f"stage {stage.name} weights class_loss: add a `classification` section")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -135,6 +190,15 @@ def _plain(value):
     return value
 
 
+def _optional_dataclass(hint):
+    """`Spec | None` → `Spec`, so an optional section is built like a required one; other hints unchanged."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        options = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        if len(options) == 1 and dataclasses.is_dataclass(options[0]):
+            return options[0]
+    return hint
+
+
 def _build(cls, data, where: str):
     """A dataclass from a dict, naming unknown keys and converting nested dataclasses / tuples."""
     if not isinstance(data, dict):
@@ -146,7 +210,7 @@ def _build(cls, data, where: str):
     hints = typing.get_type_hints(cls)
     values = {}
     for name, value in data.items():
-        hint = hints[name]
+        hint = _optional_dataclass(hints[name]) if value is not None else hints[name]
         origin = typing.get_origin(hint)
         if dataclasses.is_dataclass(hint):
             value = _build(hint, value, f"{where}.{name}")

@@ -51,12 +51,35 @@ def gather_padded(tensor: torch.Tensor, with_grad: bool) -> torch.Tensor:
     return torch.cat([part[: int(rows[0])] for part, rows in zip(parts, shapes, strict=True)])
 
 
-def training_loss_terms(outputs, batch: dict, logit_scale: torch.Tensor, neg_scale: float, neg_bias: float):
-    """The loss terms of a training step over the global batch (see the module docstring)."""
+def class_loss(
+    image_embeds: torch.Tensor, class_embeds: torch.Tensor, labels: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
+    """Cross-entropy of each image's scaled cosine logits over the `(C, P)` class-prompt embeddings."""
+    return F.cross_entropy(logit_scale * image_embeds @ class_embeds.t(), labels)
+
+
+def training_loss_terms(
+    outputs,
+    batch: dict,
+    logit_scale: torch.Tensor,
+    neg_scale: float,
+    neg_bias: float,
+    labels: torch.Tensor | None = None,
+):
+    """The loss terms of a training step over the global batch (see the module docstring).
+
+    With `labels`, the text side holds one prompt per class rather than one report per image: `class_loss` is
+    then computed on this process's images (every process holds the same prompts; DDP's gradient average over
+    equal local batches gives the global mean) and there is no `global_loss`.
+    """
     image = outputs.image_embeds
+    terms = {}
+    if labels is not None:
+        terms["class_loss"] = class_loss(image, outputs.text_embeds, labels, logit_scale)
+    texts = outputs.text_embeds if labels is None else None
     terms_input = {
         "image_embeds": gather_padded(image, True) if image is not None else None,
-        "text_embeds": gather_padded(outputs.text_embeds, True) if outputs.text_embeds is not None else None,
+        "text_embeds": gather_padded(texts, True) if texts is not None else None,
         "summary_embeds": gather_padded(outputs.summary_embeds, True)
         if outputs.summary_embeds is not None
         else None,
@@ -76,4 +99,5 @@ def training_loss_terms(outputs, batch: dict, logit_scale: torch.Tensor, neg_sca
         terms_input["negative_mask"] = gather_padded(
             outputs.negative_mask[mask].to(torch.uint8), False
         ).bool()
-    return regionmed_loss_terms(logit_scale, neg_scale=neg_scale, neg_bias=neg_bias, **terms_input)
+    terms.update(regionmed_loss_terms(logit_scale, neg_scale=neg_scale, neg_bias=neg_bias, **terms_input))
+    return terms

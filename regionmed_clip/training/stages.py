@@ -69,7 +69,7 @@ class StageCallback:
 
     def on_stage_begin(self, index: int, stage: StageSpec, total_steps: int):
         trainer = self.trainer
-        counts = set_trainable(trainer.unwrapped, stage.frozen)
+        counts = trainer.apply_trainable(stage)
         optimizer = build_optimizer(trainer.unwrapped, stage, trainer.config)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(total_steps, stage.warmup_ratio, stage.min_lr_ratio)

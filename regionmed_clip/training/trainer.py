@@ -22,7 +22,7 @@ from ..data.collator import MedRegionCollator, load_rows
 from .config import TrainConfig, resolve_path
 from .data import epoch_seed, stage_dataloader, stage_total_steps
 from .losses import training_loss_terms
-from .stages import StageCallback
+from .stages import StageCallback, set_trainable
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -128,9 +128,21 @@ class Trainer:
             self.model.gradient_checkpointing_enable()
         with self.accelerator.main_process_first():
             self.rows = self._load_rows()
-        # Wrapped while every parameter is trainable; stages freeze afterwards (see stages.py).
-        for parameter in self.model.parameters():
-            parameter.requires_grad_(True)
+        self.class_labels = self._class_labels()
+        if self.class_labels is not None:
+            # Saved with the model, so the classes it was tuned on travel with it.
+            self.model.config.id2label = dict(enumerate(self.class_labels))
+            self.model.config.label2id = {label: index for index, label in enumerate(self.class_labels)}
+        if config.lora is not None:
+            from .lora import apply_lora, trainable_summary
+
+            # The adapter fixes the trainable set for the whole run, and DDP is wrapped around exactly that set.
+            self.model = apply_lora(self.model, config.lora)
+            self.print(f"LoRA {trainable_summary(self.model)[2]}")
+        else:
+            # Wrapped while every parameter is trainable; stages freeze afterwards (see stages.py).
+            for parameter in self.model.parameters():
+                parameter.requires_grad_(True)
         self.model = self.accelerator.prepare(self.model)
         self.accelerator.register_for_checkpointing(_OptimizerState(self))
         if self.accelerator.is_main_process:
@@ -157,6 +169,31 @@ class Trainer:
             generate_synth(SynthConfig(out=data.path, **data.synth))
             self.timings["generate MedRegion-synth"] = time.perf_counter() - start
         return load_rows(data.path, data.train_split, streaming=data.streaming)
+
+    def _class_labels(self) -> list[str] | None:
+        spec = self.config.classification
+        if spec is None:
+            return None
+        if spec.labels:
+            return list(spec.labels)
+        if self.config.data.streaming:
+            raise ValueError("classification on a streaming dataset needs `classification.labels`")
+        if spec.label_column not in self.rows.column_names:
+            raise ValueError(f"{self.config.data.path}: no {spec.label_column!r} column to classify on")
+        labels = sorted({label for label in self.rows[spec.label_column] if label})
+        if len(labels) < 2:
+            raise ValueError(
+                f"{self.config.data.path}: classification needs at least 2 labels, found {labels}"
+            )
+        return labels
+
+    def apply_trainable(self, stage) -> dict[str, int]:
+        """Freeze what `stage` freezes; under LoRA the adapter's trainable set stays as PEFT made it."""
+        if self.config.lora is None:
+            return set_trainable(self.unwrapped, stage.frozen)
+        trainable = sum(p.numel() for p in self.unwrapped.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.unwrapped.parameters())
+        return {"trainable": trainable, "frozen": total - trainable}
 
     def log(self, metrics: dict):
         if self.config.report_to != "none":
@@ -221,6 +258,8 @@ class Trainer:
         """Drop the inputs whose loss term the stage does not use, so their towers do not run."""
         weights = stage.loss_weights
         drop = set()
+        if not weights.get("class_loss"):
+            drop |= {"labels"}
         if not weights.get("summary_loss"):
             drop |= {"summary_input_ids", "summary_attention_mask"}
         if not weights.get("roi_loss"):
@@ -232,10 +271,11 @@ class Trainer:
     def training_step(self, batch: dict, stage) -> dict:
         learning_rate = self.optimizer.param_groups[0]["lr"]
         with self.accelerator.accumulate(self.model):
+            labels = batch.pop("labels", None)
             outputs = self.model(**batch)
             config = self.unwrapped.config
             terms = training_loss_terms(
-                outputs, batch, outputs.logit_scale, config.neg_logit_scale, config.neg_logit_bias
+                outputs, batch, outputs.logit_scale, config.neg_logit_scale, config.neg_logit_bias, labels
             )
             weights = stage.loss_weights
             loss = sum(weights[name] * term for name, term in terms.items() if weights.get(name, 0.0) > 0)
@@ -263,8 +303,17 @@ class Trainer:
             self.optimizer.load_state_dict(self.pending_optimizer_state["optimizer"])
             self.scheduler.load_state_dict(self.pending_optimizer_state["scheduler"])
             self.pending_optimizer_state = None
+        classes = self.config.classification if stage.uses_classes else None
         collator = MedRegionCollator(
-            self.processor, data.max_length, data.max_negatives, with_regions=stage.uses_regions
+            self.processor,
+            data.max_length,
+            data.max_negatives,
+            with_regions=stage.uses_regions,
+            class_prompts=[classes.template.format(label) for label in self.class_labels]
+            if classes
+            else None,
+            label_index={label: i for i, label in enumerate(self.class_labels)} if classes else None,
+            label_column=classes.label_column if classes else "label",
         )
         start = time.perf_counter()
         progress = tqdm(
@@ -314,10 +363,20 @@ class Trainer:
         return self.save_final()
 
     def save_final(self) -> Path:
-        """The trained model with `save_pretrained` (weights, config, remote code), the processor and the config."""
+        """The trained model with `save_pretrained` (weights, config, remote code), the processor and the config.
+        Under LoRA the adapter alone goes to `adapter/` and `model/` holds the merged model, which loads and
+        evaluates like any other."""
         folder = self.output_dir / "model"
         self.accelerator.wait_for_everyone()
-        self.unwrapped.save_pretrained(
+        model = self.unwrapped
+        if self.config.lora is not None:
+            model.save_pretrained(
+                self.output_dir / "adapter", is_main_process=self.accelerator.is_main_process
+            )
+            if self.accelerator.is_main_process:
+                self.processor.save_pretrained(self.output_dir / "adapter")
+            model = model.merge_and_unload()
+        model.save_pretrained(
             folder, is_main_process=self.accelerator.is_main_process, save_function=self.accelerator.save
         )
         if self.accelerator.is_main_process:
