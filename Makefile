@@ -34,8 +34,8 @@ test: lint
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check regionmed_clip tests eval benchmarks train_accelerate.py
-	$(PY) -m ruff format --check regionmed_clip tests eval benchmarks train_accelerate.py
+	$(PY) -m ruff check regionmed_clip tests eval benchmarks demo train_accelerate.py
+	$(PY) -m ruff format --check regionmed_clip tests eval benchmarks demo train_accelerate.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
