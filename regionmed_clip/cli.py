@@ -212,9 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     _train_command(subparsers)
     _finetune_command(subparsers)
     _eval_command(subparsers)
+    from .annotation.cli import add_annotate_command
     from .evaluation.grounding import add_explain_command
 
     add_explain_command(subparsers)
+    add_annotate_command(subparsers)
     return parser
 
 
