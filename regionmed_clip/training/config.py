@@ -88,8 +88,9 @@ class StageSpec:
 
     @property
     def uses_regions(self) -> bool:
-        """Whether the stage needs ROI inputs at all (otherwise the batch is global-only and cheaper)."""
-        return any(self.loss_weights.get(term, 0.0) > 0 for term in ("roi_loss", "neg_loss"))
+        """Whether the stage needs ROI inputs at all (otherwise the batch is global-only and cheaper); the class
+        loss scores the region-aware image embedding of rows that have regions."""
+        return any(self.loss_weights.get(term, 0.0) > 0 for term in ("roi_loss", "neg_loss", "class_loss"))
 
     @property
     def uses_classes(self) -> bool:
@@ -126,7 +127,9 @@ class LoraSpec:
 class ClassificationSpec:
     """Fine-tuning on class labels: the text side of each batch is one prompt per class and `class_loss` is the
     cross-entropy of the image-to-prompt logits against the row's label (the CLIP objective with the classes as
-    captions). The model stays a CLIP: the zero-shot pipeline scores the same prompts afterwards."""
+    captions). The image side is the region-aware embedding for rows with regions (their boxes go in, as in
+    evaluation's region-aware row) and the global one otherwise. The model stays a CLIP: the zero-shot pipeline
+    scores the same prompts afterwards."""
 
     labels: list[str] | None = None  # the classes in order (default: the sorted labels of the training split)
     template: str = "{}"  # prompt for each class name
