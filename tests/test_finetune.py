@@ -31,6 +31,19 @@ def base_folder(tmp_path_factory, tokenizer):
     return folder
 
 
+def tiny_run(tmp_path, base_folder, synth_folder, **overrides) -> FinetuneArgs:
+    """A few CPU steps on the synth folder, logged to metrics.jsonl only."""
+    options = {"steps": 2, "lr": 1e-3, "batch_size": 8, "max_length": 64, "mixed_precision": "no"}
+    options.update(overrides)
+    return FinetuneArgs(
+        model=str(base_folder),
+        data=str(synth_folder),
+        output_dir=str(tmp_path / "run"),
+        report_to="none",
+        **options,
+    )
+
+
 def fixed_inputs(processor, synth_folder):
     rows = load_rows(synth_folder, "validation").select(range(4))
     batch = MedRegionCollator(processor, max_length=64)(list(rows))
@@ -72,18 +85,7 @@ def test_the_temperature_never_trains_under_lora(learnable):
 def test_lora_training_changes_only_adapters_and_projections_and_reloads_exactly(
     tmp_path, base_folder, synth_folder, capsys
 ):
-    args = FinetuneArgs(
-        model=str(base_folder),
-        data=str(synth_folder),
-        output_dir=str(tmp_path / "run"),
-        steps=3,
-        lr=1e-2,
-        batch_size=8,
-        max_length=64,
-        mixed_precision="no",
-        report_to="none",
-    )
-    trainer = Trainer(finetune_config(args))
+    trainer = Trainer(finetune_config(tiny_run(tmp_path, base_folder, synth_folder, steps=3, lr=1e-2)))
     assert "trainable params:" in capsys.readouterr().out
     before = {name: p.detach().clone() for name, p in trainer.unwrapped.named_parameters()}
     buffers_before = {name: b.clone() for name, b in trainer.unwrapped.named_buffers()}
@@ -156,20 +158,14 @@ def test_classification_batches_carry_class_prompts_and_label_indices(tokenizer,
 def test_full_classification_fine_tuning_trains_on_labels_and_saves_the_classes(
     tmp_path, base_folder, synth_folder
 ):
-    args = FinetuneArgs(
-        model=str(base_folder),
-        data=str(synth_folder),
-        output_dir=str(tmp_path / "run"),
+    args = tiny_run(
+        tmp_path,
+        base_folder,
+        synth_folder,
         method="full",
         task="classification",
         template="a scan showing a {}",
         frozen=("text_model",),
-        steps=2,
-        lr=1e-3,
-        batch_size=8,
-        max_length=64,
-        mixed_precision="no",
-        report_to="none",
     )
     trainer = Trainer(finetune_config(args))
     text_before = {n: p.detach().clone() for n, p in trainer.unwrapped.text_model.named_parameters()}
