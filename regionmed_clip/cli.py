@@ -214,9 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_command(subparsers)
     from .annotation.cli import add_annotate_command
     from .evaluation.grounding import add_explain_command
+    from .hub import add_publish_command
 
     add_explain_command(subparsers)
     add_annotate_command(subparsers)
+    add_publish_command(subparsers)
     return parser
 
 

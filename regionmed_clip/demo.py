@@ -3,6 +3,8 @@
 Also trains the same model global-only for the same number of steps and compares the two on the held-out split:
 region-caption retrieval R@1 and hard-negative accuracy are the figures that show region-aware learning.
 Each training runs in its own process through the real entry point (`python -m regionmed_clip.training.run`).
+The model folder gets its model card (`README.md`, from `model_card.md`) with the evaluation's figures, ready
+for `regionmed-clip publish`.
 """
 
 import argparse
@@ -127,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         headlines[name] = _headline(results[name])
     timings["evaluate both models"] = time.perf_counter() - start
 
+    from .hub import render_model_card
+
+    card = render_model_card(model_folder, metrics=out / "eval" / "4-stage" / "metrics.json")
+    (Path(model_folder) / "README.md").write_text(card, encoding="utf-8")
+
     example = load_rows(config.data.path, "test")[0]
     classifier = pipeline("zero-shot-image-classification", model=str(model_folder))
     scores = classifier(
@@ -147,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     _bar_chart(headlines, out / "comparison.png")
     print(_report(headlines, timings, out))
-    print(f"model folder: {model_folder} (AutoModel.from_pretrained / pipeline ready)")
+    print(f"model folder: {model_folder} (AutoModel.from_pretrained / pipeline ready; model card README.md)")
     print(f"pipeline on one test image (label {example['label']!r}): {scores[:3]}")
     return 0
 

@@ -1,6 +1,7 @@
 """`make demo`'s program end to end on a tiny config: trains both models, evaluates, writes the report."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -62,3 +63,23 @@ def test_demo_program_writes_model_report_and_metrics(tmp_path):
     assert "| region → caption R@1 |" in report and "Zero-shot classification" in report and "VQA" in report
     assert "total" in result.stdout
     assert os.path.getsize(out / "comparison.png") > 1000
+    card = (out / "model" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---", 2)[1])
+    assert front["library_name"] == "transformers"
+    assert front["pipeline_tag"] == "zero-shot-image-classification"
+    assert {"medical", "clip", "region-aware"} <= set(front["tags"])
+    index = {m["name"]: m["value"] for r in front["model-index"][0]["results"] for m in r["metrics"]}
+    expected = {
+        "region → caption R@1": evaluation["region"]["region_to_caption"]["R@1"],
+        "hard-negative accuracy": evaluation["region"]["hard_negative_accuracy"],
+        "image → text R@1 (region-aware)": evaluation["retrieval"]["region-aware"]["image_to_text"]["R@1"],
+        "pointing accuracy": evaluation["grounding"]["pointing_accuracy"],
+        "overall accuracy": evaluation["vqa"]["MedRegion-synth"]["overall"],
+    }
+    auc = evaluation["zero_shot"]["region-aware"]["macro_auc"]
+    # NaN when a test class has no positives; the card then leaves the figure out rather than invent one.
+    if not math.isnan(auc):
+        expected["macro AUC (region-aware embedding)"] = auc
+    assert {name: index[name] for name in expected} == expected
+    assert "| warmup |" in card and "Not for clinical use" in card and "random weights" in card
+    assert "{{" not in card
