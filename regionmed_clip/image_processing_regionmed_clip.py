@@ -59,11 +59,12 @@ def _min_max(array: np.ndarray) -> np.ndarray:
 
 
 def _scaled(array: np.ndarray, where: str) -> np.ndarray:
-    """Map pixel values to float32 in [0, 1]: 8-bit by /255, deeper integers and out-of-range floats by min–max."""
+    """Pixel values in [0, 1]: 8-bit stays uint8 (read as /255 when it becomes float), deeper integers and
+    out-of-range floats are min–max scaled to float32."""
     if array.dtype == np.bool_:
         return array.astype(np.float32)
     if array.dtype == np.uint8:
-        return array.astype(np.float32) / 255.0
+        return array
     if np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
             raise DecodeError(f"{where}: pixel array contains NaN or infinite values.")
@@ -75,10 +76,13 @@ def _scaled(array: np.ndarray, where: str) -> np.ndarray:
     raise DecodeError(f"{where}: unsupported pixel dtype {array.dtype}.")
 
 
-def _to_rgb(array: np.ndarray, where: str, channels_first: bool = False) -> np.ndarray:
-    """`(H, W)`, `(H, W, C)` or `(C, H, W)` with C in 1/3/4 → `(H, W, 3)`; alpha is composited over black.
+def _channels(array: np.ndarray, where: str, channels_first: bool = False) -> np.ndarray:
+    """`(H, W)`, `(H, W, C)` or `(C, H, W)` with C in 1/3/4 → `(H, W, 1)` or `(H, W, 3)`, uint8 or float32;
+    alpha is composited over black.
 
     A 3-D array is channels-last when its last axis could be channels, unless `channels_first` (torch tensors).
+    Grayscale keeps one channel: resizing it is a third of the work, and the mean / std broadcast makes the three
+    equal channels at the end.
     """
     if array.ndim == 2:
         array = array[..., None]
@@ -93,10 +97,13 @@ def _to_rgb(array: np.ndarray, where: str, channels_first: bool = False) -> np.n
             f"{where}: expected a 2-D grayscale or 3-D image with 1, 3 or 4 channels, got {array.shape}."
         )
     if array.shape[-1] == 4:
+        array = _unit_float(array)
         array = array[..., :3] * array[..., 3:]
-    if array.shape[-1] == 1:
-        array = np.repeat(array, 3, axis=-1)
-    return np.ascontiguousarray(array, dtype=np.float32)
+    return array if array.dtype == np.uint8 else array.astype(np.float32, copy=False)
+
+
+def _unit_float(array: np.ndarray) -> np.ndarray:
+    return array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array
 
 
 def _pydicom(where: str):
@@ -112,7 +119,7 @@ def _pydicom(where: str):
 
 
 def _dicom_to_array(dataset, where: str) -> np.ndarray:
-    """Pixels of a DICOM dataset as float32 `(H, W, 3)` in [0, 1].
+    """Pixels of a DICOM dataset as `(H, W, C)` in [0, 1] (see `_channels`).
 
     Grayscale data goes through the modality LUT (rescale slope / intercept) and the VOI LUT or window stored in the
     file, is scaled by its min–max, and MONOCHROME1 (white = low) is inverted so that, as in MONOCHROME2, bright means
@@ -129,12 +136,12 @@ def _dicom_to_array(dataset, where: str) -> np.ndarray:
         )
         pixels = pixels[0]
     if int(getattr(dataset, "SamplesPerPixel", 1)) > 1:
-        return _to_rgb(_scaled(pixels, where), where)
+        return _channels(_scaled(pixels, where), where)
     pixels = pixel_tools.apply_voi_lut(pixel_tools.apply_modality_lut(pixels, dataset), dataset)
     pixels = _min_max(np.asarray(pixels, dtype=np.float64))
     if str(getattr(dataset, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         pixels = 1.0 - pixels
-    return _to_rgb(pixels, where)
+    return _channels(pixels, where)
 
 
 def _is_dicom_bytes(head: bytes) -> bool:
@@ -155,15 +162,15 @@ def _pil_to_array(image: Image.Image, where: str) -> np.ndarray:
     except Exception as error:
         raise DecodeError(f"{where}: cannot decode image data: {error}") from error
     if image.mode in _HIGH_BIT_DEPTH_MODES:
-        return _to_rgb(_scaled(np.asarray(image), where), where)
+        return _channels(_scaled(np.asarray(image), where), where)
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         image = image.convert("RGBA")
-    elif image.mode != "RGB":
-        # PIL's own conversions are the right ones for CMYK, YCbCr, LAB, P, 1 and L.
+    elif image.mode not in ("RGB", "L"):
+        # PIL's own conversions are the right ones for CMYK, YCbCr, LAB, P and 1.
         image = image.convert("RGB")
-    return _to_rgb(np.asarray(image).astype(np.float32) / 255.0, where)
+    return _channels(np.asarray(image), where)
 
 
 def decode_image(image, where: str = "image") -> np.ndarray:
@@ -175,13 +182,23 @@ def decode_image(image, where: str = "image") -> np.ndarray:
     torchvision, NumPy arrays as `(H, W, C)` unless only the first axis can be channels), encoded bytes, file paths and URLs, and with the
     `dicom` extra DICOM files or `pydicom` datasets.
     """
+    array = _decode(image, where)
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    return np.ascontiguousarray(_unit_float(array), dtype=np.float32)
+
+
+def _decode(image, where: str) -> np.ndarray:
+    """`decode_image` without its last step: `(H, W, 1)` or `(H, W, 3)`, uint8 for 8-bit data, else float32 in
+    [0, 1]. The processor converts to float in one torch pass and repeats grayscale only in the normalisation's
+    broadcast, which gives the same values as `decode_image` followed by the same resize."""
     if isinstance(image, torch.Tensor):
         array = image.detach().cpu().numpy()
-        return _to_rgb(_scaled(array, where), where, channels_first=True)
+        return _channels(_scaled(array, where), where, channels_first=True)
     if isinstance(image, np.ndarray):
         if image.size == 0:
             raise DecodeError(f"{where}: empty array {image.shape}.")
-        return _to_rgb(_scaled(image, where), where)
+        return _channels(_scaled(image, where), where)
     if isinstance(image, Image.Image):
         return _pil_to_array(image, where)
     if hasattr(image, "pixel_array") and hasattr(image, "file_meta"):
@@ -311,8 +328,15 @@ class RegionMedCLIPImageProcessor(PilBackend):
 
     def _to_pixel_values(
         self, array: np.ndarray, do_resize, size, resample, do_normalize, image_mean, image_std
-    ):
-        pixels = torch.from_numpy(array).permute(2, 0, 1)[None]
+    ) -> np.ndarray:
+        """An array from `_decode` → `(3, H, W)` float32 pixel values.
+
+        One image at a time, so that its float copy stays in cache (a stacked batch of large RGB images is slower).
+        """
+        # PIL hands out read-only buffers, which torch will not wrap without a warning.
+        pixels = torch.from_numpy(array if array.flags.writeable else array.copy()).permute(2, 0, 1)[None]
+        if pixels.dtype == torch.uint8:
+            pixels = pixels / 255.0
         if do_resize and tuple(pixels.shape[-2:]) != (size.height, size.width):
             mode = _INTERPOLATION.get(PILImageResampling(resample), "bilinear")
             pixels = F.interpolate(
@@ -328,7 +352,7 @@ class RegionMedCLIPImageProcessor(PilBackend):
             mean = torch.tensor(image_mean, dtype=pixels.dtype).view(1, -1, 1, 1)
             std = torch.tensor(image_std, dtype=pixels.dtype).view(1, -1, 1, 1)
             pixels = (pixels - mean) / std
-        return pixels[0].numpy()
+        return pixels[0].expand(3, -1, -1).numpy()
 
     def _preprocess_image_like_inputs(
         self,
@@ -351,7 +375,7 @@ class RegionMedCLIPImageProcessor(PilBackend):
             images = [images]
         if len(images) == 0:
             raise ValueError("No images were given.")
-        arrays = [decode_image(image, f"image {index}") for index, image in enumerate(images)]
+        arrays = [_decode(image, f"image {index}") for index, image in enumerate(images)]
         to_pixels = {
             "do_resize": do_resize,
             "size": size,

@@ -388,19 +388,21 @@ class RegionMedCLIPPreTrainedModel(PreTrainedModel):
             init.normal_(module.visual_projection.weight, std=module.vision_embed_dim**-0.5 * factor)
             init.normal_(module.text_projection.weight, std=module.text_embed_dim**-0.5 * factor)
         elif isinstance(module, RegionMedCLIPRoiProcessor):
+            # Every layer of the ROI processor is set here: for remote code, transformers never calls
+            # `_init_weights` on a module without parameters of its own (the attention, the MLP), and the default
+            # for a plain `nn.Linear` is std = initializer_factor = 1, which saturates the attention and the pool
+            # softmax (whose gradients, scaled by the zero gate, then become subnormal and slow the backward).
             hidden_size = module.box_embedding.out_features
             init.normal_(module.box_embedding.weight, std=hidden_size**-0.5 * factor)
             init.zeros_(module.box_embedding.bias)
+            attention, mlp = module.attention, module.mlp
+            projections = (attention.q_proj, attention.k_proj, attention.v_proj, attention.out_proj)
+            for layer in (*projections, mlp.fc1, mlp.fc2):
+                init.normal_(layer.weight, std=layer.in_features**-0.5 * factor)
+                init.zeros_(layer.bias)
+            init.normal_(module.pool_score.weight, std=hidden_size**-0.5 * factor)
+            init.zeros_(module.pool_score.bias)
             init.zeros_(module.gate)
-        elif isinstance(module, RegionMedCLIPRoiAttention):
-            for proj in (module.q_proj, module.k_proj, module.v_proj, module.out_proj):
-                init.normal_(proj.weight, std=module.embed_dim**-0.5 * factor)
-                init.zeros_(proj.bias)
-        elif isinstance(module, RegionMedCLIPRoiMLP):
-            init.normal_(module.fc1.weight, std=module.fc1.in_features**-0.5 * factor)
-            init.normal_(module.fc2.weight, std=module.fc2.in_features**-0.5 * factor)
-            init.zeros_(module.fc1.bias)
-            init.zeros_(module.fc2.bias)
 
 
 class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
