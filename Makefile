@@ -22,7 +22,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) -m regionmed_clip.demo --config configs/demo.yaml
 
-# The B / W / W+G / W+G+R / W+G+R+F ablation on the demo's data and step budget (about 20 minutes on 2 cores).
+# The B / W / W+G / W+G+R / W+G+R+F ablation on the demo's data and step budget (about 15 minutes on 2 cores).
 ablation: $(STAMP)
 	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) eval/ablation.py --config configs/demo.yaml --out outputs/ablation
 
