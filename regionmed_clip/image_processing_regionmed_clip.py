@@ -148,6 +148,14 @@ def _is_dicom_bytes(head: bytes) -> bool:
     return len(head) >= 132 and head[128:132] == b"DICM"
 
 
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """Whether a file is DICOM: by its suffix (some DICOM files lack the preamble) or its `DICM` magic."""
+    if os.fspath(path).lower().endswith((".dcm", ".dicom")):
+        return True
+    with open(path, "rb") as handle:
+        return _is_dicom_bytes(handle.read(132))
+
+
 def _read_dicom(source, where: str) -> np.ndarray:
     try:
         dataset = _pydicom(where).dcmread(source)
@@ -218,9 +226,7 @@ def _decode(image, where: str) -> np.ndarray:
         where = f"{where} ({path})"
         if not os.path.isfile(path):
             raise DecodeError(f"{where}: no such file.")
-        with open(path, "rb") as handle:
-            head = handle.read(132)
-        if path.lower().endswith((".dcm", ".dicom")) or _is_dicom_bytes(head):
+        if is_dicom_file(path):
             return _read_dicom(path, where)
         try:
             return _pil_to_array(Image.open(path), where)

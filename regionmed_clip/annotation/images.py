@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..image_processing_regionmed_clip import DecodeError, decode_image
+from ..image_processing_regionmed_clip import DecodeError, decode_image, is_dicom_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom")
-_DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
 def list_images(root: str | os.PathLike) -> list[tuple[str, Path]]:
@@ -51,17 +50,11 @@ def read_image(path: str | os.PathLike) -> tuple[Image.Image, dict]:
     path = Path(path)
     pixels = decode_image(path, where="image")
     image = Image.fromarray(np.clip(pixels * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="RGB")
-    if path.suffix.lower() in _DICOM_SUFFIXES or _is_dicom(path):
+    if is_dicom_file(path):
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         return image, {"bytes": buffer.getvalue(), "path": path.with_suffix(".png").name}
     return image, {"bytes": path.read_bytes(), "path": path.name}
-
-
-def _is_dicom(path: Path) -> bool:
-    with open(path, "rb") as handle:
-        head = handle.read(132)
-    return len(head) >= 132 and head[128:132] == b"DICM"
 
 
 __all__ = ["IMAGE_SUFFIXES", "DecodeError", "list_images", "read_image"]
