@@ -119,6 +119,15 @@ def _data_commands(subparsers) -> None:
     validate.set_defaults(run=run_validate)
 
 
+def _add_launch_options(parser: argparse.ArgumentParser) -> None:
+    """The options `launch_command` reads besides the config, shared by `train` and `finetune`."""
+    parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    parser.add_argument(
+        "--num-processes", type=int, default=1, help="processes on this machine (GPUs, or CPU)"
+    )
+    parser.add_argument("--accelerate-config", help="an Accelerate config file (configs/accelerate/*.yaml)")
+
+
 def launch_command(args: argparse.Namespace) -> list[str]:
     """The `accelerate launch` command line that `regionmed-clip train` runs."""
     command = [sys.executable, "-m", "accelerate.commands.launch"]
@@ -149,11 +158,7 @@ def _train_command(subparsers) -> None:
         "--config", required=True, help="training YAML (configs/demo.yaml, configs/paper.yaml)"
     )
     train.add_argument("--output-dir", help="override the config's output_dir")
-    train.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
-    train.add_argument(
-        "--num-processes", type=int, default=1, help="processes on this machine (GPUs, or CPU)"
-    )
-    train.add_argument("--accelerate-config", help="an Accelerate config file (configs/accelerate/*.yaml)")
+    _add_launch_options(train)
     train.set_defaults(run=lambda args: subprocess.run(launch_command(args)).returncode)
 
 
@@ -167,11 +172,7 @@ def _finetune_command(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_signature_arguments(parser, FinetuneArgs)
-    parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
-    parser.add_argument(
-        "--num-processes", type=int, default=1, help="processes on this machine (GPUs, or CPU)"
-    )
-    parser.add_argument("--accelerate-config", help="an Accelerate config file (configs/accelerate/*.yaml)")
+    _add_launch_options(parser)
 
     def run(args):
         config = write_finetune_config(_call_with(FinetuneArgs, args))

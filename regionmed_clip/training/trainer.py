@@ -191,8 +191,9 @@ class Trainer:
         """Freeze what `stage` freezes; under LoRA the adapter's trainable set stays as PEFT made it."""
         if self.config.lora is None:
             return set_trainable(self.unwrapped, stage.frozen)
-        trainable = sum(p.numel() for p in self.unwrapped.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.unwrapped.parameters())
+        from .lora import trainable_summary
+
+        trainable, total, _ = trainable_summary(self.unwrapped)
         return {"trainable": trainable, "frozen": total - trainable}
 
     def log(self, metrics: dict):
@@ -258,8 +259,6 @@ class Trainer:
         """Drop the inputs whose loss term the stage does not use, so their towers do not run."""
         weights = stage.loss_weights
         drop = set()
-        if not weights.get("class_loss"):
-            drop |= {"labels"}
         if not weights.get("summary_loss"):
             drop |= {"summary_input_ids", "summary_attention_mask"}
         if not weights.get("roi_loss"):
