@@ -112,10 +112,11 @@ def _number(value) -> float | None:
 
 def _card_dataset_name(folder: Path) -> str | None:
     """`pretty_name` from a dataset folder's card."""
+    from .data.folder import card_front_matter
+
     try:
-        front = (folder / "README.md").read_text(encoding="utf-8").split("---", 2)[1]
-        return yaml.safe_load(front).get("pretty_name")
-    except (OSError, IndexError, AttributeError, yaml.YAMLError):
+        return (card_front_matter(folder / "README.md") or {}).get("pretty_name")
+    except (OSError, AttributeError, yaml.YAMLError):
         return None
 
 
@@ -439,10 +440,14 @@ def dataset_files(dataset_dir: str | os.PathLike) -> list[Path]:
         raise FileNotFoundError(
             f"{folder} has no README.md dataset card; write it with `regionmed-clip data`"
         )
+    from .data.folder import card_front_matter
+
     try:
-        metadata = yaml.safe_load(card.read_text(encoding="utf-8").split("---", 2)[1]) or {}
-    except (IndexError, yaml.YAMLError) as error:
+        metadata = card_front_matter(card)
+    except yaml.YAMLError as error:
         raise ValueError(f"{card} has no readable YAML front matter: {error}") from error
+    if metadata is None:
+        raise ValueError(f"{card} has no readable YAML front matter: it does not start with '---'")
     if not metadata.get("configs"):
         raise ValueError(f"{card} declares no `configs`: `load_dataset` would not find the parquet shards")
     files = sorted(

@@ -9,9 +9,9 @@ import os
 from pathlib import Path
 
 import torch
-import yaml
 from datasets import load_dataset
 
+from .folder import card_front_matter
 from .schema import SPLITS
 
 
@@ -118,15 +118,12 @@ def _local_data_files(folder: Path, config: str, split: str) -> str:
     """The parquet pattern of `split` of `config` in a local dataset folder, from its card's `configs` YAML."""
     card = folder / "README.md"
     directory = "data" if config == "default" else config
-    if card.is_file():
-        text = card.read_text(encoding="utf-8")
-        if text.startswith("---"):
-            metadata = yaml.safe_load(text.split("---", 2)[1]) or {}
-            for entry in metadata.get("configs", []):
-                if entry.get("config_name") == config:
-                    for files in entry.get("data_files", []):
-                        if files.get("split") == split:
-                            return str(folder / files["path"])
+    metadata = (card_front_matter(card) if card.is_file() else None) or {}
+    for entry in metadata.get("configs", []):
+        if entry.get("config_name") == config:
+            for files in entry.get("data_files", []):
+                if files.get("split") == split:
+                    return str(folder / files["path"])
     return str(folder / directory / f"{split}-*.parquet")
 
 

@@ -87,6 +87,15 @@ class ShardedParquetWriter:
         return dict(self.counts)
 
 
+def card_front_matter(card: str | os.PathLike) -> dict | None:
+    """The YAML front matter of a card (`README.md`), or `None` when the card has none; bad YAML raises
+    `yaml.YAMLError`."""
+    text = Path(card).read_text(encoding="utf-8")
+    if not text.startswith("---"):
+        return None
+    return yaml.safe_load(text.split("---", 2)[1]) or {}
+
+
 def write_dataset_card(
     out_dir: str | os.PathLike,
     configs: dict[str, tuple[str, Features, dict[str, int]]],
