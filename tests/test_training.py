@@ -108,6 +108,13 @@ def test_shipped_configs_load_with_the_papers_numbers():
             "exactly one of vision_pretrained / vision_config",
         ),
         (lambda c: c.update(mixed_precision="fp64"), "mixed_precision must be one of"),
+        (
+            lambda c: c["stages"][1].update(lr_scale=2),
+            r"bad.yaml: unknown keys \['lr_scale'\] \(at stages\[1\]",
+        ),
+        (lambda c: c["data"].update(max_length="long"), r"bad.yaml: .*data.max_length.*int"),
+        (lambda c: c.update(seed=[1]), r"bad.yaml: .*seed"),
+        (lambda c: c.update(log_every=1), r"unknown keys \['log_every'\]"),
     ],
 )
 def test_config_errors_say_what_is_wrong(tmp_path, change, message):

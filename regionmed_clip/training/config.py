@@ -6,11 +6,10 @@ holds the paper's recipe, `configs/demo.yaml` a CPU-sized one.
 """
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import dacite
 import yaml
 
 LOSS_TERMS = ("global_loss", "summary_loss", "roi_loss", "neg_loss", "class_loss")
@@ -156,7 +155,6 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     checkpoint_every: int = 0  # optimizer steps between checkpoints (0: at stage ends only)
     keep_checkpoints: int = 2
-    log_every: int = 1
     report_to: str = "tensorboard"  # an Accelerate tracker name, or "none"
     resume: bool = False
     lora: LoraSpec | None = None  # PEFT LoRA fine-tuning instead of training the parameters themselves
@@ -193,53 +191,43 @@ def _plain(value):
     return value
 
 
-def _optional_dataclass(hint):
-    """`Spec | None` → `Spec`, so an optional section is built like a required one; other hints unchanged."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        options = [arg for arg in typing.get_args(hint) if arg is not type(None)]
-        if len(options) == 1 and dataclasses.is_dataclass(options[0]):
-            return options[0]
-    return hint
+# Strict: an unknown key is an error, never ignored. YAML lists become tuples where a field is a tuple, and YAML
+# integers are accepted where a float is expected (`lr: 1` means 1.0).
+_READER = dacite.Config(strict=True, cast=[tuple], type_hooks={float: float})
 
 
-def _build(cls, data, where: str):
-    """A dataclass from a dict, naming unknown keys and converting nested dataclasses / tuples."""
+def _key_paths(data, keys: set[str], where: str = "") -> list[str]:
+    """Where in the YAML mapping `data` the `keys` occur (`stages[0].foo`), to point at an unknown key."""
+    found = []
+    if isinstance(data, dict):
+        for key, value in data.items():
+            path = f"{where}.{key}" if where else str(key)
+            found += [path] if key in keys else _key_paths(value, keys, path)
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            found += _key_paths(value, keys, f"{where}[{i}]")
+    return found
+
+
+def _read(cls, data, source: str):
+    """`cls` from a mapping through dacite, its errors turned into `ValueError`s that name `source` and the key."""
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(fields)
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(fields)}")
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for name, value in data.items():
-        hint = _optional_dataclass(hints[name]) if value is not None else hints[name]
-        origin = typing.get_origin(hint)
-        if dataclasses.is_dataclass(hint):
-            value = _build(hint, value, f"{where}.{name}")
-        elif origin is list and dataclasses.is_dataclass(typing.get_args(hint)[0]):
-            value = [
-                _build(typing.get_args(hint)[0], item, f"{where}.{name}[{i}]") for i, item in enumerate(value)
-            ]
-        elif origin is tuple:
-            value = tuple(value)
-        elif (
-            hint is float
-            and isinstance(value, int)
-            or origin in (typing.Union, types.UnionType)
-            and float in typing.get_args(hint)
-            and isinstance(value, int)
-        ):
-            value = float(value)
-        values[name] = value
-    return cls(**values)
+        raise ValueError(f"{source}: expected a mapping, got {type(data).__name__}")
+    try:
+        return dacite.from_dict(cls, data, _READER)
+    except dacite.UnexpectedDataError as error:
+        raise ValueError(
+            f"{source}: unknown keys {sorted(error.keys)} (at {', '.join(_key_paths(data, error.keys))})"
+        ) from error
+    except dacite.DaciteError as error:
+        raise ValueError(f"{source}: {error}") from error
 
 
 def load_config(path: str | Path, **overrides) -> TrainConfig:
     """Read a YAML training config; `overrides` replace top-level keys (e.g. `output_dir=...`, `resume=True`)."""
     data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     data.update({key: value for key, value in overrides.items() if value is not None})
-    return _build(TrainConfig, data, str(path))
+    return _read(TrainConfig, data, str(path))
 
 
 def resolve_path(path: str | None) -> str | None:
