@@ -20,7 +20,7 @@ install: $(STAMP)
 
 # MedRegion-synth → 4-stage training → evaluation → outputs/demo/ (model folder, report.md, metrics, plots).
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) -m regionmed_clip.demo --config configs/demo.yaml
+	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) -m regionmed_clip.cli demo --config configs/demo.yaml
 
 # The B / W / W+G / W+G+R / W+G+R+F ablation on the demo's data and step budget (about 15 minutes on 2 cores).
 ablation: $(STAMP)

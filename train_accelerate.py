@@ -2,7 +2,7 @@
 
 import sys
 
-from regionmed_clip.training.run import main
+from regionmed_clip.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

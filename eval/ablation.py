@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from regionmed_clip.evaluation.ablation import run_ablation
+from regionmed_clip.ablation import run_ablation
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)

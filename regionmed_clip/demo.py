@@ -2,15 +2,13 @@
 
 Also trains the same model global-only for the same number of steps and compares the two on the held-out split:
 region-caption retrieval R@1 and hard-negative accuracy are the figures that show region-aware learning.
-Each training runs in its own process through the real entry point (`python -m regionmed_clip.training.run`).
+Each training runs in its own process through the real entry point (`train_in_subprocess`).
 The model folder gets its model card (`README.md`, from `model_card.md`) with the evaluation's figures, ready
 for `regionmed-clip publish`.
 """
 
-import argparse
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -93,12 +91,14 @@ def _report(headlines: dict, timings: dict, out: Path) -> str:
     return text
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/demo.yaml")
-    parser.add_argument("--output-dir", default=None)
-    args = parser.parse_args(argv)
-    config = load_config(args.config, output_dir=args.output_dir)
+def run_demo(config: str = "configs/demo.yaml", output_dir: str | None = None) -> Path:
+    """MedRegion-synth, four-stage training, evaluation and the model card; returns the model folder.
+
+    Args:
+        config: The training YAML of the four-stage model (its data section makes MedRegion-synth).
+        output_dir: Overrides the config's output_dir.
+    """
+    config = load_config(config, output_dir=output_dir)
     out = Path(config.output_dir)
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -156,8 +156,4 @@ def main(argv: list[str] | None = None) -> int:
     print(_report(headlines, timings, out))
     print(f"model folder: {model_folder} (AutoModel.from_pretrained / pipeline ready; model card README.md)")
     print(f"pipeline on one test image (label {example['label']!r}): {scores[:3]}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return Path(model_folder)

@@ -29,8 +29,8 @@ import torch
 from PIL import Image
 
 from regionmed_clip.annotation import AnnotateConfig, Proposal, ProposalConfig, ReportConfig, annotate
-from regionmed_clip.annotation.cli import add_annotate_command
 from regionmed_clip.annotation.store import JOURNAL, AnnotationStore
+from regionmed_clip.cli.annotate import register as add_annotate_command
 from regionmed_clip.data.collator import load_rows
 from regionmed_clip.data.schema import validate_rows
 

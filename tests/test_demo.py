@@ -29,7 +29,7 @@ def test_demo_program_writes_model_report_and_metrics(tmp_path):
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump(config))
     result = subprocess.run(
-        [sys.executable, "-m", "regionmed_clip.demo", "--config", str(path)],
+        [sys.executable, "-m", "regionmed_clip.cli", "demo", "--config", str(path)],
         capture_output=True,
         text=True,
         env=ENV,

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from regionmed_clip.cli.evaluate import add_explain_command
 from regionmed_clip.data.collator import load_rows
 from regionmed_clip.evaluation.grounding import (
-    add_explain_command,
     grounding_metrics,
     patch_text_similarity,
     pointing_accuracy,

@@ -23,8 +23,9 @@ from datasets import Image as ImageFeature
 from huggingface_hub import HfApi
 from transformers import AutoModel, AutoProcessor
 
+from regionmed_clip.cli.publish import register as add_publish_command
 from regionmed_clip.data.collator import load_rows
-from regionmed_clip.hub import PublishError, add_publish_command, finite_timeouts, publish
+from regionmed_clip.hub import PublishError, finite_timeouts, publish
 
 from .conftest import make_processor, random_image, tiny_model
 from .hub_server import (

@@ -266,7 +266,7 @@ def test_sigkill_mid_stage_then_resume_matches_an_uninterrupted_run(tmp_path, sy
         tmp_path / "kill.yaml",
         tiny_training_config(tmp_path / "kill", synth_folder, steps=steps, checkpoint_every=3),
     )
-    command = [sys.executable, "-m", "regionmed_clip.training.run", "--config"]
+    command = [sys.executable, "-m", "regionmed_clip.cli.train", "--config"]
     done = subprocess.run(command + [str(reference)], capture_output=True, text=True, env=ENV, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 

@@ -6,7 +6,7 @@ recipe, which was never released).
 - `calibration`: the score threshold that maximises F1 at IoU 0.5 on a small hand-labelled set.
 - `reports`: the paper's structured prompt for a vision-language model (Qwen2.5-VL), a strict parser, retries
   with the errors fed back, hard-negative fallback.
-- `store` / `pipeline`: batched, resumable writing of the dataset folder; `cli`: `regionmed-clip annotate`.
+- `store` / `pipeline`: batched, resumable writing of the dataset folder (`regionmed-clip annotate` runs it).
 
 Models are loaded inside functions, so importing this package is cheap; it needs the `train` extra (`datasets`).
 """

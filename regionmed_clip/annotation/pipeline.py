@@ -27,16 +27,29 @@ SOURCE = "auto"  # the `source` of a region whose box came from the proposer
 class AnnotateConfig:
     """What to annotate and where to write it."""
 
-    images: str  # folder of raw images, searched recursively; ids are paths relative to it, without suffix
-    out: str  # the dataset folder to write, or to resume
-    modality: str = "unknown"  # the `modality` column of every row
-    batch_size: int = 16  # images per written batch: the most a crash can lose
-    calibration: str | None = (
-        None  # calibration.json from `annotate calibrate`: its threshold replaces score_threshold
+    images: str = field(
+        metadata={
+            "help": "Folder of raw images, searched recursively; ids are paths relative to it, without suffix"
+        }
     )
-    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train / validation / test shares
-    seed: int = 0  # split hash and negative-generator seed
-    retry_failed: bool = False  # try again the images earlier runs rejected or could not read
+    out: str = field(metadata={"help": "The dataset folder to write, or to resume"})
+    modality: str = field(default="unknown", metadata={"help": "The `modality` column of every row"})
+    batch_size: int = field(
+        default=16, metadata={"help": "Images per written batch: the most a crash can lose"}
+    )
+    calibration: str | None = field(
+        default=None,
+        metadata={
+            "help": "calibration.json from `annotate calibrate`: its threshold replaces score_threshold"
+        },
+    )
+    ratios: tuple[float, float, float] = field(
+        default=(0.8, 0.1, 0.1), metadata={"help": "Train / validation / test shares"}
+    )
+    seed: int = field(default=0, metadata={"help": "Split hash and negative-generator seed"})
+    retry_failed: bool = field(
+        default=False, metadata={"help": "Try again the images earlier runs rejected or could not read"}
+    )
 
     def __post_init__(self):
         self.ratios = tuple(float(r) for r in self.ratios)

@@ -25,33 +25,64 @@ automatic (point-grid) generation. The detector runs through the `zero-shot-obje
 """
 
 from dataclasses import asdict, dataclass, field
+from typing import Literal, get_args
 
 import torch
 from PIL import Image
 
 from ..data.vocabulary import TERMS
 
-MASK_QUALITIES = ("stability", "predicted_iou")
+MaskQuality = Literal["stability", "predicted_iou"]
+MASK_QUALITIES = get_args(MaskQuality)
 
 
 @dataclass
 class ProposalConfig:
     """How ROI proposals are made; the defaults are the paper's models."""
 
-    detector: str = (
-        "IDEA-Research/grounding-dino-base"  # zero-shot-object-detection checkpoint (id or folder)
+    detector: str = field(
+        default="IDEA-Research/grounding-dino-base",
+        metadata={"help": "Zero-shot-object-detection checkpoint (id or folder)"},
     )
-    segmenter: str = "wanglab/medsam-vit-base"  # SAM-family checkpoint taking box prompts (MedSAM, SAM, ...)
-    terms: tuple[str, ...] = TERMS  # lesion terms used as text prompts (the vocabulary's)
-    prompt_template: str = "{term}."  # Grounding DINO expects lower-case phrases ending with a period
-    device: str = "auto"  # "cuda", "cuda:1", "cpu"; "auto" = cuda when available
-    detection_threshold: float = 0.1  # detector confidence below which a box is not even a candidate
-    candidates_per_image: int = 16  # best detections (after NMS) sent to the segmenter
-    mask_quality: str = "stability"  # "stability" (any SAM-family model) or "predicted_iou" (SAM's IoU head)
-    multimask: bool = False  # three masks per box, best by predicted IoU (SAM); MedSAM was trained with one
-    score_threshold: float = 0.3  # joint score needed to keep a region (calibrate it on labelled images)
-    nms_iou: float = 0.5  # boxes overlapping more than this with a better one are duplicates
-    top_k: int = 3  # regions kept per image
+    segmenter: str = field(
+        default="wanglab/medsam-vit-base",
+        metadata={"help": "SAM-family checkpoint taking box prompts (MedSAM, SAM, ...)"},
+    )
+    terms: tuple[str, ...] = field(
+        default=TERMS, metadata={"help": "Lesion terms used as text prompts (the vocabulary's)"}
+    )
+    prompt_template: str = field(
+        default="{term}.",
+        metadata={
+            "help": "Detector prompt per term; Grounding DINO expects lower-case phrases ending with a period"
+        },
+    )
+    device: str = field(
+        default="auto",
+        metadata={"help": 'Device of both models: "cuda", "cuda:1", "cpu"; "auto" = cuda when available'},
+    )
+    detection_threshold: float = field(
+        default=0.1, metadata={"help": "Detector confidence below which a box is not even a candidate"}
+    )
+    candidates_per_image: int = field(
+        default=16, metadata={"help": "Best detections (after NMS) sent to the segmenter"}
+    )
+    mask_quality: MaskQuality = field(
+        default="stability",
+        metadata={"help": '"stability" (any SAM-family model) or "predicted_iou" (SAM\'s IoU head)'},
+    )
+    multimask: bool = field(
+        default=False,
+        metadata={"help": "Three masks per box, best by predicted IoU (SAM); MedSAM was trained with one"},
+    )
+    score_threshold: float = field(
+        default=0.3,
+        metadata={"help": "Joint score needed to keep a region (calibrate it on labelled images)"},
+    )
+    nms_iou: float = field(
+        default=0.5, metadata={"help": "Boxes overlapping more than this with a better one are duplicates"}
+    )
+    top_k: int = field(default=3, metadata={"help": "Regions kept per image"})
 
     def __post_init__(self):
         self.terms = tuple(self.terms)

@@ -50,13 +50,22 @@ Generate = Callable[[Image.Image, list[dict]], str]
 class ReportConfig:
     """The report model and how hard to try."""
 
-    vlm: str = (
-        "Qwen/Qwen2.5-VL-7B-Instruct"  # image-text-to-text checkpoint; the paper used Qwen2.5-VL-72B-Instruct
+    vlm: str = field(
+        default="Qwen/Qwen2.5-VL-7B-Instruct",
+        metadata={"help": "Image-text-to-text checkpoint; the paper used Qwen2.5-VL-72B-Instruct"},
     )
-    vlm_device: str = "auto"  # "auto" shards over every visible GPU (device_map="auto"); or "cuda:0", "cpu"
-    vlm_dtype: str = "auto"  # the checkpoint's dtype (bfloat16 for Qwen2.5-VL); or "float16", "float32"
-    max_attempts: int = 3  # tries per image before it is rejected
-    max_new_tokens: int = 768
+    vlm_device: str = field(
+        default="auto",
+        metadata={
+            "help": 'Device of the report model: "auto" shards over every visible GPU (device_map="auto"); or "cuda:0", "cpu"'
+        },
+    )
+    vlm_dtype: str = field(
+        default="auto",
+        metadata={"help": 'The checkpoint\'s dtype (bfloat16 for Qwen2.5-VL); or "float16", "float32"'},
+    )
+    max_attempts: int = field(default=3, metadata={"help": "Tries per image before it is rejected"})
+    max_new_tokens: int = field(default=768, metadata={"help": "Token limit of each answer"})
 
     def __post_init__(self):
         if self.max_attempts < 1:

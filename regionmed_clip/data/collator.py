@@ -12,7 +12,7 @@ import torch
 from datasets import load_dataset
 
 from .folder import card_front_matter
-from .schema import SPLITS
+from .schema import SPLITS, InvalidRowsError, ValidationReport, validate_rows
 
 
 def image_input(image):
@@ -145,6 +145,28 @@ def load_rows(
         files = _local_data_files(folder, config, split)
         return load_dataset("parquet", data_files={split: files}, split=split, streaming=streaming)
     return load_dataset(str(path), config, split=split, streaming=streaming)
+
+
+def validate_folder(path: str | os.PathLike, split: tuple[str, ...] = ()) -> dict:
+    """Check every row of a dataset folder (or Hub id), streaming it split by split.
+
+    Args:
+        path: Dataset folder or Hub id.
+        split: The splits to check; with none given, every split present.
+
+    Returns `{split: ValidationReport}`; a split with invalid rows has them listed in its report.
+    """
+    from datasets import get_dataset_split_names
+
+    reports = {}
+    for name in split or get_dataset_split_names(str(path)):
+        reports[name] = ValidationReport()
+        try:
+            for _ in validate_rows(load_rows(path, name, streaming=True), report=reports[name]):
+                pass
+        except InvalidRowsError:
+            pass  # the report holds the invalid rows, which the caller lists
+    return reports
 
 
 def make_dataloader(

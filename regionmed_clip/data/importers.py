@@ -8,6 +8,15 @@
 Every importer reads its input once to learn the row ids (for the split), then streams the rows through the
 validator into parquet shards. A row that cannot be built or fails validation is reported by id; with
 `skip_invalid=True` it is left out and counted instead.
+
+Args (the parameters every importer shares; each importer's docstring adds its own):
+    image_root: Folder the image file names are relative to.
+    out_dir: The dataset folder to write (parquet shards and a dataset card).
+    modality: The `modality` of rows that do not name their own.
+    ratios: Train / validation / test shares of a seeded split, for rows without a `split` field.
+    seed: Seed of the split and of the generated hard negatives.
+    skip_invalid: Leave invalid rows out and count them, instead of stopping with the list of them.
+    swap_position: Also make hard negatives by mirroring the position (left / right, upper / lower).
 """
 
 import csv
@@ -249,6 +258,10 @@ def import_annotations(
     `region_extraction` may be one "adjective|term|position" string or a list of them, paired in order with the
     image's boxes; "No Finding" means no regions. A record's `split`, `modality`, `label` and `id` fields are used
     when present.
+
+    Args:
+        annotations: The annotation JSON (a list of records) or JSONL file.
+        boxes: The box file: pixel boxes per image file name or id (JSON or CSV; see `read_box_file`).
     """
     annotations, image_root = Path(annotations), Path(image_root)
     box_table = read_box_file(boxes)
@@ -339,6 +352,11 @@ def import_coco(
     read from that text with the vocabulary (position from the box centre when not named). The image's report is
     its `report_field` (or `caption`), else the list of its region captions; the summary is the report's first
     sentence. Images may carry `split`, `modality` and `label`.
+
+    Args:
+        annotations: The COCO JSON (`images`, `annotations` with `bbox` [x, y, w, h], `categories`).
+        caption_field: The annotation field holding a region's caption (else its category name).
+        report_field: The image field holding its report.
     """
     annotations, image_root = Path(annotations), Path(image_root)
     data = json.loads(annotations.read_text(encoding="utf-8"))
@@ -435,7 +453,14 @@ def import_image_csv(
     skip_invalid: bool = False,
 ) -> ImportSummary:
     """Import an image folder with a CSV of `path, report[, label][, split][, summary][, modality]` as global-only
-    rows (no regions). The summary is the `summary` column, else the report's first sentence."""
+    rows (no regions). The summary is the `summary` column, else the report's first sentence.
+
+    Args:
+        csv_path: The CSV file.
+        path_column: The column holding each image's path, relative to `image_root`.
+        report_column: The column holding each image's report.
+        label_column: The column holding each image's class label (optional).
+    """
     csv_path, image_root = Path(csv_path), Path(image_root)
     split_of = _splitter(_csv_records(csv_path, path_column), ratios, seed)
 

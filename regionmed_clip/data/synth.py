@@ -19,7 +19,7 @@ any row can be regenerated alone.
 import io
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,17 +40,19 @@ NUMBER_WORDS = {1: "one", 2: "two"}
 class SynthConfig:
     """What `generate_synth` makes; the defaults fit a CPU demo."""
 
-    out: str  # output folder (a Hub-style dataset folder)
-    train: int = 2000  # rows per split
-    validation: int = 250
-    test: int = 250
-    image_size: int = 192  # square images, pixels
-    seed: int = 0
-    min_lesions: int = 1
-    max_lesions: int = 3
-    min_area: float = 0.01  # lesion area as a fraction of the image
-    max_area: float = 0.06
-    rows_per_shard: int = 1000
+    out: str = field(metadata={"help": "Output folder (a Hub-style dataset folder)"})
+    train: int = field(default=2000, metadata={"help": "Rows of the training split"})
+    validation: int = field(default=250, metadata={"help": "Rows of the validation split"})
+    test: int = field(default=250, metadata={"help": "Rows of the test split"})
+    image_size: int = field(default=192, metadata={"help": "Side of the square images, in pixels"})
+    seed: int = field(default=0, metadata={"help": "Seed of every random draw"})
+    min_lesions: int = field(default=1, metadata={"help": "Fewest lesions per image (1-3)"})
+    max_lesions: int = field(default=3, metadata={"help": "Most lesions per image (1-3)"})
+    min_area: float = field(
+        default=0.01, metadata={"help": "Smallest lesion area as a fraction of the image"}
+    )
+    max_area: float = field(default=0.06, metadata={"help": "Largest lesion area as a fraction of the image"})
+    rows_per_shard: int = field(default=1000, metadata={"help": "Rows per parquet shard"})
 
     def __post_init__(self):
         if self.image_size < 32:

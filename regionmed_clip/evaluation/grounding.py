@@ -6,8 +6,6 @@ the captions of the other ROIs of the same image, so it measures whether the mod
 image rather than whether it recognises a finding at all.
 """
 
-import argparse
-import inspect
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -231,6 +229,12 @@ def explain(
     """Load a saved model folder (or Hub id), map where `text` matches `image`, and save the overlay to `out`.
 
     Runs on the CPU in float32: one image does not need an accelerator, and the map is then reproducible.
+
+    Args:
+        model_path: Model folder or Hub id.
+        image: Image file (PNG, JPEG, DICOM, ...).
+        text: The text to locate, e.g. a region caption.
+        out: The PNG to write.
     """
     from transformers import AutoModel, AutoProcessor
 
@@ -243,30 +247,7 @@ def explain(
     return save_heatmap_overlay(image, similarity, out, title=text)
 
 
-def add_explain_command(subparsers) -> argparse.ArgumentParser:
-    """Add the `explain` sub-command (patch-to-text heatmap of one image) to an argparse `subparsers`; the command
-    runs through `args.run(args)`."""
-    parser = subparsers.add_parser(
-        "explain",
-        help="heatmap of where a text matches an image (patch-to-text cosine similarity)",
-        description=inspect.getdoc(explain).split("\n\n")[0],
-    )
-    parser.add_argument("--model", required=True, help="model folder or Hub id")
-    parser.add_argument("--image", required=True, help="image file (PNG, JPEG, DICOM, ...)")
-    parser.add_argument("--text", required=True, help="text to locate, e.g. a region caption")
-    parser.add_argument("--out", default="heatmap.png", help="output PNG (default: heatmap.png)")
-
-    def run_explain(args: argparse.Namespace) -> int:
-        path = explain(args.model, args.image, args.text, args.out)
-        print(path)
-        return 0
-
-    parser.set_defaults(run=run_explain)
-    return parser
-
-
 __all__ = [
-    "add_explain_command",
     "explain",
     "grounding_metrics",
     "patch_text_similarity",

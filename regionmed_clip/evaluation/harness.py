@@ -121,6 +121,23 @@ def run_evaluation(
 
     `vqa_rad` = (json file, image folder) and `slake` = folder add those public VQA sets to the synthetic one.
     With `cache_dir`, the features of each (model, data, split) are stored there and reused by later runs.
+
+    Args:
+        model_path: Model folder or Hub id.
+        data_path: Dataset folder or Hub id (the MedRegion layout).
+        out_dir: Where metrics.json, metrics.md and roc_curves.png go.
+        tasks: Comma-separated tasks (zero_shot, few_shot, retrieval, region, grounding, vqa), or `all`.
+        split: The split evaluated.
+        support_split: The split few-shot support images are drawn from.
+        templates: A YAML file of prompt `templates` and `class_names` (default: the medical template set).
+        shots: Support images per class of the few-shot episodes.
+        episodes: Seeded few-shot episodes per shot count.
+        bootstrap: Bootstrap resamples of the zero-shot AUC's 95 % confidence interval.
+        seed: Seed of the episodes, the bootstrap and the VQA head.
+        batch_size: Images per forward pass.
+        vqa_rad: VQA-RAD's JSON file and image folder.
+        slake: SLAKE's folder.
+        cache_dir: A folder that keeps the features of each (model, data, split) for later runs.
     """
     from transformers import AutoModel, AutoProcessor
 

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import platform
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -177,3 +178,96 @@ def write_outputs(metrics: dict, out_dir: str | Path, roc: dict | None = None) -
             )
         )
     return written
+
+
+@dataclass(frozen=True)
+class CardFigure:
+    """One figure of a model card's `model-index`: the task and metric types of the Hub's model-index, a
+    readable metric name, the value as measured, and the dataset when it is not the evaluated one (VQA sets)."""
+
+    task_type: str
+    task_name: str
+    metric_type: str
+    metric_name: str
+    value: float
+    dataset: str | None = None
+
+
+# How each task of metrics.json appears in a model-index: (task type, task name) and, per figure, (metric type,
+# metric name, key path inside the task's result). A `{entry}` in a name or path is each key of the task's
+# mapping (the embedding, the shot count, the VQA set); tasks without it hold one result. The retrieval and
+# region task types are not pipeline tags, which the model-index allows (as MTEB's cards do).
+MODEL_INDEX_FIGURES: dict[str, tuple[tuple[str, str], tuple[tuple[str, str, tuple[str, ...]], ...]]] = {
+    "zero_shot": (
+        ("zero-shot-image-classification", "Zero-shot classification"),
+        (
+            ("roc_auc", "macro AUC ({entry} embedding)", ("{entry}", "macro_auc")),
+            ("accuracy", "accuracy ({entry} embedding)", ("{entry}", "accuracy")),
+        ),
+    ),
+    "few_shot": (
+        ("image-classification", "Few-shot classification"),
+        (
+            ("roc_auc", "{entry} macro AUC (prototype rule)", ("{entry}", "prototype", "mean")),
+            ("roc_auc", "{entry} macro AUC (logistic probe)", ("{entry}", "linear_probe", "mean")),
+        ),
+    ),
+    "retrieval": (
+        ("image-text-retrieval", "Image–text retrieval"),
+        tuple(
+            ("recall", f"{arrow} R@{k} ({{entry}})", ("{entry}", direction, f"R@{k}"))
+            for direction, arrow in (("image_to_text", "image → text"), ("text_to_image", "text → image"))
+            for k in (1, 5, 10)
+        ),
+    ),
+    "region": (
+        ("region-text-retrieval", "Region–caption retrieval"),
+        tuple(("recall", f"region → caption R@{k}", ("region_to_caption", f"R@{k}")) for k in (1, 5, 10))
+        + (("accuracy", "hard-negative accuracy", ("hard_negative_accuracy",)),),
+    ),
+    "grounding": (
+        ("region-grounding", "Region grounding"),
+        (("accuracy", "pointing accuracy", ("pointing_accuracy",)),),
+    ),
+    "vqa": (
+        ("visual-question-answering", "Visual question answering"),
+        tuple(
+            (("accuracy", f"{part} accuracy", ("{entry}", part))) for part in ("open", "closed", "overall")
+        ),
+    ),
+}
+
+
+def _measured(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return None if np.isnan(value) else value
+
+
+def model_index_figures(metrics: dict) -> list[CardFigure]:
+    """The figures of a `metrics.json` (as `write_outputs` writes it) for a model card's `model-index`, in
+    `MODEL_INDEX_FIGURES` order; tasks that did not run, skipped entries and NaN figures are left out."""
+    figures = []
+    for task, ((task_type, task_name), specs) in MODEL_INDEX_FIGURES.items():
+        result = metrics.get(task)
+        if not isinstance(result, dict):
+            continue
+        per_entry = any("{entry}" in spec[2] for spec in specs)
+        for entry in result if per_entry else [None]:
+            for metric_type, name, path in specs:
+                value = result
+                for key in path:
+                    value = value.get(entry if key == "{entry}" else key) if isinstance(value, dict) else None
+                value = _measured(value)
+                if value is not None:
+                    figures.append(
+                        CardFigure(
+                            task_type,
+                            task_name,
+                            metric_type,
+                            name.format(entry=entry),
+                            value,
+                            dataset=entry if task == "vqa" else None,
+                        )
+                    )
+    return figures

@@ -8,12 +8,14 @@ holds the paper's recipe, `configs/demo.yaml` a CPU-sized one.
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import dacite
 import yaml
 
 LOSS_TERMS = ("global_loss", "summary_loss", "roi_loss", "neg_loss", "class_loss")
-MIXED_PRECISION = ("no", "bf16", "fp16", "auto")
+MixedPrecision = Literal["no", "bf16", "fp16", "auto"]
+MIXED_PRECISION = get_args(MixedPrecision)
 
 
 @dataclass

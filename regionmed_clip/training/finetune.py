@@ -9,67 +9,93 @@ writes that config. The tasks:
 - `classification`: `class_loss` on a labelled dataset (see `ClassificationSpec`); the model stays a CLIP.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
-from .config import ClassificationSpec, DataSpec, LoraSpec, ModelSpec, StageSpec, TrainConfig
+from .config import (
+    ClassificationSpec,
+    DataSpec,
+    LoraSpec,
+    MixedPrecision,
+    ModelSpec,
+    StageSpec,
+    TrainConfig,
+)
 
-METHODS = ("lora", "full")
-TASKS = ("contrastive", "classification")
+Method = Literal["lora", "full"]
+Task = Literal["contrastive", "classification"]
+METHODS, TASKS = get_args(Method), get_args(Task)
 CONTRASTIVE_WEIGHTS = {"global_loss": 1.0, "summary_loss": 0.5, "roi_loss": 1.0, "neg_loss": 1.0}
 
 
 @dataclass
 class FinetuneArgs:
-    """Options of `regionmed-clip finetune` (each is a `--flag`).
+    """Options of `regionmed-clip finetune` (each is a `--flag`; the help of each is in its metadata)."""
 
-    Args:
-        model: RegionMed-CLIP folder or Hub id to start from.
-        data: Dataset folder or Hub id (the MedRegion layout; `classification` needs a label column).
-        output_dir: Where the run goes: `model/` (merged under LoRA), `adapter/` (LoRA only), checkpoints, logs.
-        method: `lora` (PEFT adapters on the attention projections, projections trained in full) or `full`.
-        task: `contrastive` or `classification`.
-        steps: Optimizer steps; without it, `epochs` passes over the data (1 when neither is given).
-        epochs: Passes over the training split.
-        lr: Peak learning rate (linear warm-up, cosine decay).
-        batch_size: Images per process and step.
-        warmup_ratio: Share of the run spent warming up.
-        frozen: Module-name prefixes kept frozen (`full` only), e.g. `text_model`.
-        lora_r: LoRA rank.
-        lora_alpha: LoRA scaling numerator (the update is scaled by alpha / r).
-        lora_dropout: Dropout on the LoRA input.
-        template: Classification prompt for each class name (`{}` is the name).
-        labels: Classification classes in order (default: the sorted labels of the training split).
-        max_length: Token limit of every text.
-        max_negatives: Hard negatives used per region.
-        mixed_precision: `auto` (bf16 where the hardware has it), `bf16`, `fp16` or `no`.
-        seed: Seed of the data order and of the LoRA initialisation.
-        checkpoint_every: Optimizer steps between checkpoints (0: at the end only).
-        report_to: An Accelerate tracker name, or `none`.
-    """
-
-    model: str
-    data: str
-    output_dir: str
-    method: str = "lora"
-    task: str = "contrastive"
-    steps: int | None = None
-    epochs: float | None = None
-    lr: float = 1e-4
-    batch_size: int = 32
-    warmup_ratio: float = 0.1
-    frozen: tuple[str, ...] = ()
-    lora_r: int = LoraSpec.r
-    lora_alpha: float = LoraSpec.alpha
-    lora_dropout: float = LoraSpec.dropout
-    template: str = ClassificationSpec.template
-    labels: tuple[str, ...] = ()
-    max_length: int = DataSpec.max_length
-    max_negatives: int | None = None
-    mixed_precision: str = "auto"
-    seed: int = 0
-    checkpoint_every: int = 0
-    report_to: str = "tensorboard"
+    model: str = field(metadata={"help": "RegionMed-CLIP folder or Hub id to start from."})
+    data: str = field(
+        metadata={
+            "help": "Dataset folder or Hub id (the MedRegion layout; `classification` needs a label column)."
+        }
+    )
+    output_dir: str = field(
+        metadata={
+            "help": "Where the run goes: `model/` (merged under LoRA), `adapter/` (LoRA only), checkpoints, logs."
+        }
+    )
+    method: Method = field(
+        default="lora",
+        metadata={
+            "help": "`lora` (PEFT adapters on the attention projections, projections trained in full) or `full`."
+        },
+    )
+    task: Task = field(default="contrastive", metadata={"help": "`contrastive` or `classification`."})
+    steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Optimizer steps; without it, `epochs` passes over the data (1 when neither is given)."
+        },
+    )
+    epochs: float | None = field(default=None, metadata={"help": "Passes over the training split."})
+    lr: float = field(default=1e-4, metadata={"help": "Peak learning rate (linear warm-up, cosine decay)."})
+    batch_size: int = field(default=32, metadata={"help": "Images per process and step."})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "Share of the run spent warming up."})
+    frozen: tuple[str, ...] = field(
+        default=(), metadata={"help": "Module-name prefixes kept frozen (`full` only), e.g. `text_model`."}
+    )
+    lora_r: int = field(default=LoraSpec.r, metadata={"help": "LoRA rank."})
+    lora_alpha: float = field(
+        default=LoraSpec.alpha,
+        metadata={"help": "LoRA scaling numerator (the update is scaled by alpha / r)."},
+    )
+    lora_dropout: float = field(default=LoraSpec.dropout, metadata={"help": "Dropout on the LoRA input."})
+    template: str = field(
+        default=ClassificationSpec.template,
+        metadata={"help": "Classification prompt for each class name (`{}` is the name)."},
+    )
+    labels: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "Classification classes in order (default: the sorted labels of the training split)."
+        },
+    )
+    max_length: int = field(default=DataSpec.max_length, metadata={"help": "Token limit of every text."})
+    max_negatives: int | None = field(default=None, metadata={"help": "Hard negatives used per region."})
+    mixed_precision: MixedPrecision = field(
+        default=TrainConfig.mixed_precision,
+        metadata={"help": "`auto` (bf16 where the hardware has it), `bf16`, `fp16` or `no`."},
+    )
+    seed: int = field(
+        default=TrainConfig.seed, metadata={"help": "Seed of the data order and of the LoRA initialisation."}
+    )
+    checkpoint_every: int = field(
+        default=TrainConfig.checkpoint_every,
+        metadata={"help": "Optimizer steps between checkpoints (0: at the end only)."},
+    )
+    report_to: str = field(
+        default=TrainConfig.report_to, metadata={"help": "An Accelerate tracker name, or `none`."}
+    )
 
     def __post_init__(self):
         if self.method not in METHODS:

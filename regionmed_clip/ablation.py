@@ -10,9 +10,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-from ..training.config import TrainConfig, load_config
-from ..training.run import train_in_subprocess
-from .harness import run_evaluation
+from .evaluation.harness import run_evaluation
+from .training.config import TrainConfig, load_config
+from .training.run import train_in_subprocess
 
 VARIANTS = ("B", "W", "W+G", "W+G+R", "W+G+R+F")
 HEADLINE = {

@@ -1,0 +1,253 @@
+"""The package's import graph holds its intended layers.
+
+Imports are read from the source (AST), at module level and inside functions alike, so an import hidden in a
+function body counts as much as one at the top of a file. The rules:
+
+- no import cycles between modules;
+- the remote-code unit (the files `save_pretrained` copies next to the weights) imports only its own files, the
+  standard library, torch, transformers, numpy, PIL and their hard dependencies (an optional import guarded by
+  `except ImportError`, such as pydicom for DICOM files, is allowed);
+- `training` and `evaluation` do not import each other;
+- only `cli` registers commands: nothing outside it imports argparse, and nothing imports `cli`.
+"""
+
+import ast
+import importlib.metadata
+import re
+import sys
+from pathlib import Path
+
+from transformers.dynamic_module_utils import get_relative_import_files
+
+import regionmed_clip
+
+PACKAGE_DIR = Path(regionmed_clip.__file__).parent
+REMOTE_CODE_ROOTS = ("torch", "transformers", "numpy", "pillow")
+
+
+def module_name(path: Path, root: Path, package: str) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join((package, *parts))
+
+
+def imports_of(path: Path, name: str, is_package: bool, modules: set[str] = frozenset()) -> set[str]:
+    """Every module `path` imports, anywhere in the file, as absolute names. `from p import x` is the submodule
+    `p.x` where `modules` has one (as when `x` is a file of the package), else the module `p`."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    base = name if is_package else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                anchor = base.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                module = ".".join(anchor + ([node.module] if node.module else []))
+            else:
+                module = node.module
+            for alias in node.names:
+                submodule = f"{module}.{alias.name}"
+                found.add(submodule if submodule in modules else module)
+    return found
+
+
+def _files(root: Path, package: str) -> dict[str, Path]:
+    return {module_name(path, root, package): path for path in sorted(root.rglob("*.py"))}
+
+
+def import_graph(root: Path, package: str) -> dict[str, set[str]]:
+    """Module → the package's own modules it imports."""
+    files = _files(root, package)
+    return {
+        name: {
+            target
+            for target in imports_of(path, name, path.name == "__init__.py", set(files))
+            if target in files and target != name
+        }
+        for name, path in files.items()
+    }
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle (`[a, b, ..., a]`), or None."""
+    state: dict[str, str] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = "open"
+        stack.append(node)
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == "open":
+                return stack[stack.index(target) :] + [target]
+            if target not in state:
+                cycle = visit(target)
+                if cycle:
+                    return cycle
+        stack.pop()
+        state[node] = "done"
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            cycle = visit(node)
+            if cycle:
+                return cycle
+    return None
+
+
+def layer_violations(root: Path, package: str) -> list[str]:
+    """What breaks the command and package rules: argparse or `cli` imported outside `cli`, and imports between
+    `training` and `evaluation`."""
+    problems = []
+    files = _files(root, package)
+    for module, path in files.items():
+        targets = imports_of(path, module, path.name == "__init__.py", set(files))
+        if not _in(module, f"{package}.cli"):
+            if "argparse" in targets:
+                problems.append(f"{module} imports argparse: commands belong in {package}.cli")
+            problems += [f"{module} imports {t}" for t in sorted(targets) if _in(t, f"{package}.cli")]
+        for source, other in (("training", "evaluation"), ("evaluation", "training")):
+            if _in(module, f"{package}.{source}"):
+                problems += [f"{module} imports {t}" for t in sorted(targets) if _in(t, f"{package}.{other}")]
+    return problems
+
+
+def remote_code_files() -> set[Path]:
+    """The files `save_pretrained` copies: the modules of the classes registered for an auto class, with their
+    relative imports (transformers' own rule), and any flat `*_regionmed_clip.py` file, the unit's naming rule."""
+    exported = (getattr(regionmed_clip, name) for name in regionmed_clip.__all__)
+    modules = {
+        Path(sys.modules[obj.__module__].__file__)
+        for obj in exported
+        if isinstance(obj, type) and getattr(obj, "_auto_class", None)
+    }
+    modules |= set(PACKAGE_DIR.glob("*_regionmed_clip.py"))
+    files = set(modules)
+    for module in modules:
+        files.update(Path(path) for path in get_relative_import_files(str(module)))
+    return files
+
+
+def hard_dependencies(distributions: tuple[str, ...]) -> set[str]:
+    """The distributions named and everything they require without an extra, transitively (normalised names)."""
+
+    def normal(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    seen, todo = set(), [normal(name) for name in distributions]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requirements = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for requirement in requirements:
+            if "extra ==" not in requirement:
+                todo.append(normal(re.match(r"[A-Za-z0-9_.-]+", requirement).group()))
+    return seen
+
+
+def _in(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_the_package_has_no_import_cycles():
+    assert find_cycle(import_graph(PACKAGE_DIR, "regionmed_clip")) is None
+
+
+def test_a_cycle_through_a_function_level_import_is_found(tmp_path):
+    package = tmp_path / "synthetic"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("from .sub import b\n")
+    (package / "sub" / "__init__.py").write_text("")
+    (package / "sub" / "b.py").write_text("def helper():\n    from ..a import value\n    return value\n")
+    (package / "c.py").write_text("from . import a\n")
+    graph = import_graph(package, "synthetic")
+    assert graph["synthetic.c"] == {"synthetic.a"}
+    assert find_cycle(graph) == ["synthetic.a", "synthetic.sub.b", "synthetic.a"]
+    (package / "sub" / "b.py").write_text("def helper():\n    return 1\n")
+    assert find_cycle(import_graph(package, "synthetic")) is None
+
+
+def optional_imports(tree: ast.AST) -> set[ast.AST]:
+    """Imports inside a `try` that handles ImportError: optional features (pydicom for DICOM files) that fail with
+    a message naming the extra to install, never at import time."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try) and any(
+            isinstance(handler.type, ast.Name) and handler.type.id in ("ImportError", "ModuleNotFoundError")
+            for handler in node.handlers
+        ):
+            found.update(
+                inner
+                for statement in node.body
+                for inner in ast.walk(statement)
+                if isinstance(inner, ast.Import | ast.ImportFrom)
+            )
+    return found
+
+
+def test_the_remote_code_unit_imports_only_torch_transformers_numpy_pil_and_itself():
+    files = remote_code_files()
+    names = {path.name for path in files}
+    assert {
+        "configuration_regionmed_clip.py",
+        "modeling_regionmed_clip.py",
+        "image_processing_regionmed_clip.py",
+        "processing_regionmed_clip.py",
+    } <= names
+    allowed = hard_dependencies(REMOTE_CODE_ROOTS)
+    distributions = importlib.metadata.packages_distributions()
+    for path in files:
+        assert path.parent == PACKAGE_DIR, f"{path} is not flat: remote code is copied by file name"
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if node in optional_imports(tree):
+                continue
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert node.level == 1 and f"{node.module}.py" in names, (
+                    f"{path.name} imports .{node.module}, which is not a flat file of the remote-code unit"
+                )
+                continue
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                modules = [node.module]
+            else:
+                continue
+            for module in modules:
+                top = module.split(".")[0]
+                if top in sys.stdlib_module_names:
+                    continue
+                owners = {re.sub(r"[-_.]+", "-", d).lower() for d in distributions.get(top, [top])}
+                assert owners & allowed, (
+                    f"{path.name} imports {module}, outside torch / transformers / numpy / PIL"
+                )
+
+
+def test_only_cli_registers_commands_and_training_and_evaluation_stay_apart():
+    assert layer_violations(PACKAGE_DIR, "regionmed_clip") == []
+
+
+def test_the_layer_rules_catch_each_violation(tmp_path):
+    package = tmp_path / "synthetic"
+    for folder in ("cli", "training", "evaluation"):
+        (package / folder).mkdir(parents=True)
+        (package / folder / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("")
+    (package / "cli" / "commands.py").write_text("import argparse\n")
+    (package / "hub.py").write_text("def add_command(subparsers):\n    import argparse\n")
+    (package / "annotation.py").write_text("from .cli import commands\n")
+    (package / "evaluation" / "ablation.py").write_text("def run():\n    from ..training import trainer\n")
+    assert layer_violations(package, "synthetic") == [
+        "synthetic.annotation imports synthetic.cli.commands",
+        "synthetic.evaluation.ablation imports synthetic.training",
+        "synthetic.hub imports argparse: commands belong in synthetic.cli",
+    ]
