@@ -6,8 +6,8 @@ import argparse
 import importlib
 import sys
 
-# One module per command group, each with `register(subparsers)`. They are imported when the parser is built,
-# so that `python -m regionmed_clip.cli.train` (the training process) does not import its own package twice.
+# One module per command group, each with `register(subparsers)`. They are imported when the parser is built, not
+# here: `python -m regionmed_clip.cli.train` (the training process) must not find itself already imported.
 COMMAND_MODULES = ("data", "train", "evaluate", "annotate", "publish", "demo")
 
 

@@ -6,9 +6,11 @@ from .features import SplitFeatures, extract_features
 from .grounding import patch_text_similarity, pointing_accuracy
 from .harness import TASKS, region_metrics, run_evaluation
 from .metrics import hard_negative_accuracy, macro_auc, recall_at_k, retrieval_ranks
+from .report import CardFigure, model_index_figures
 from .vqa import VQAExample, evaluate_vqa, load_slake, load_synth_vqa, load_vqa_rad
 
 __all__ = [
+    "CardFigure",
     "DEFAULT_TEMPLATES",
     "SplitFeatures",
     "VQAExample",
@@ -22,6 +24,7 @@ __all__ = [
     "load_synth_vqa",
     "load_vqa_rad",
     "macro_auc",
+    "model_index_figures",
     "patch_text_similarity",
     "pointing_accuracy",
     "recall_at_k",
