@@ -208,8 +208,9 @@ def test_the_remote_code_unit_imports_only_torch_transformers_numpy_pil_and_itse
     for path in files:
         assert path.parent == PACKAGE_DIR, f"{path} is not flat: remote code is copied by file name"
         tree = ast.parse(path.read_text(encoding="utf-8"))
+        optional = optional_imports(tree)
         for node in ast.walk(tree):
-            if node in optional_imports(tree):
+            if node in optional:
                 continue
             if isinstance(node, ast.ImportFrom) and node.level:
                 assert node.level == 1 and f"{node.module}.py" in names, (
