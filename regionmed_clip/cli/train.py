@@ -47,15 +47,6 @@ def launch_command(config: str, launch: LaunchOptions, output_dir: str | None = 
     return command
 
 
-def _process_parser() -> tuple[argparse.ArgumentParser, object]:
-    from ..training.run import run_training
-
-    parser = argparse.ArgumentParser(
-        prog="python -m regionmed_clip.cli.train", description=run_training.__doc__.splitlines()[0]
-    )
-    return parser, add_options(parser, run_training)
-
-
 def register(subparsers) -> None:
     from ..training.finetune import FinetuneArgs, write_finetune_config
     from ..training.run import run_training
@@ -95,8 +86,12 @@ def register(subparsers) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """One training process: `--config X [--output-dir D] [--resume]`."""
-    parser, options = _process_parser()
-    folder = options.build(parser.parse_args(argv))
+    from ..training.run import run_training
+
+    parser = argparse.ArgumentParser(
+        prog="python -m regionmed_clip.cli.train", description=run_training.__doc__.splitlines()[0]
+    )
+    folder = add_options(parser, run_training).build(parser.parse_args(argv))
     print(f"model saved to {folder}")
     return 0
 
