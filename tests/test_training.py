@@ -115,6 +115,10 @@ def test_shipped_configs_load_with_the_papers_numbers():
         (lambda c: c["data"].update(max_length="long"), r"bad.yaml: .*data.max_length.*int"),
         (lambda c: c.update(seed=[1]), r"bad.yaml: .*seed"),
         (lambda c: c.update(log_every=1), r"unknown keys \['log_every'\]"),
+        (
+            lambda c: c["data"].update(eval_split="validation"),
+            r"unknown keys \['eval_split'\] \(at data.eval_split\)",
+        ),
     ],
 )
 def test_config_errors_say_what_is_wrong(tmp_path, change, message):

@@ -55,7 +55,6 @@ class DataSpec:
     path: str
     synth: dict | None = None  # SynthConfig fields (train, validation, test, image_size, seed)
     train_split: str = "train"
-    eval_split: str = "validation"
     max_length: int = 128  # token limit for every text
     max_negatives: int | None = None  # hard negatives used per region (None: all)
     num_workers: int = 0
