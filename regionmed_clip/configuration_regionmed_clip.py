@@ -1,15 +1,83 @@
 """RegionMed-CLIP model configuration."""
 
+import dataclasses
 import math
 
-from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PretrainedConfig
-from transformers.configuration_utils import SubConfigSpec
 
 ROI_MODES = ("crop", "pool")
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Compatibility with every transformers from 4.57 to the newest 5.x, by feature checks. Configs are dataclasses from
+# transformers 5.10 on (with `SubConfigSpec` sub-config specs from 5.20) and plain classes with an `__init__` before.
+# The class below declares its fields once, as annotations; `_config_class` turns them into an `__init__` where
+# configs are plain classes, and the sub-configs are built here rather than by `SubConfigSpec`, so one class body
+# serves every version.
+# ---------------------------------------------------------------------------------------------------------------------
 
-@strict
+MIN_TRANSFORMERS = "4.57"
+
+
+def _require_transformers():
+    """Fail at import, naming the minimum version, on a transformers older than the oldest supported one."""
+    # The generic `ProcessorMixin.__call__` arrived in 4.57, the oldest release these files are tested on.
+    import transformers
+    from transformers.processing_utils import ProcessorMixin
+
+    if "__call__" not in ProcessorMixin.__dict__:
+        raise ImportError(
+            f"RegionMed-CLIP needs transformers>={MIN_TRANSFORMERS}; found {transformers.__version__}. "
+            f"Upgrade with: pip install 'transformers>={MIN_TRANSFORMERS}'"
+        )
+
+
+_require_transformers()
+
+DATACLASS_CONFIGS = dataclasses.is_dataclass(PretrainedConfig)
+
+
+def _config_class(cls):
+    """Make `cls` a config on this transformers: type-checked with huggingface_hub's `strict` where configs are
+    dataclasses, else given an `__init__` that sets the annotated fields (defaults from the class) and passes the
+    rest to `__post_init__`, as the dataclass `__init__` does."""
+    if DATACLASS_CONFIGS:
+        from huggingface_hub.dataclasses import strict
+
+        return strict(cls)
+    fields = {name: getattr(cls, name) for name in cls.__dict__.get("__annotations__", {})}
+
+    def __init__(self, **kwargs):
+        for name, default in fields.items():
+            setattr(self, name, kwargs.pop(name, default))
+        self.__post_init__(**kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+def _finish_base_init(config, **kwargs):
+    """The base class's share of construction: its `__post_init__` on dataclass configs, its `__init__` before."""
+    if DATACLASS_CONFIGS:
+        PretrainedConfig.__post_init__(config, **kwargs)
+    else:
+        PretrainedConfig.__init__(config, **kwargs)
+
+
+def _sub_config(value, default_model_type: str) -> PretrainedConfig:
+    """A sub-config from a config object, a dict carrying its `model_type` (default `default_model_type`), or None."""
+    if isinstance(value, PretrainedConfig):
+        return value
+    if value is None:
+        return AutoConfig.for_model(default_model_type)
+    if not isinstance(value, dict):
+        raise TypeError(
+            f"A sub-config must be a dict, a PretrainedConfig or None, got {type(value).__name__}."
+        )
+    settings = dict(value)
+    return AutoConfig.for_model(settings.pop("model_type", default_model_type), **settings)
+
+
+@_config_class
 class RegionMedCLIPConfig(PretrainedConfig):
     r"""
     Configuration of a [`RegionMedCLIPModel`]: a vision tower, a text tower, bias-free projections into a shared
@@ -83,10 +151,8 @@ class RegionMedCLIPConfig(PretrainedConfig):
     """
 
     model_type = "regionmed-clip"
-    sub_configs_defaults = {
-        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="vit"),
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="bert"),
-    }
+    # Read by transformers to pass attention and dtype settings down to the towers.
+    sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig}
 
     vision_config: PretrainedConfig | dict | None = None
     text_config: PretrainedConfig | dict | None = None
@@ -110,7 +176,9 @@ class RegionMedCLIPConfig(PretrainedConfig):
     initializer_factor: int | float = 1.0
 
     def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
+        self.vision_config = _sub_config(self.vision_config, "vit")
+        self.text_config = _sub_config(self.text_config, "bert")
+        _finish_base_init(self, **kwargs)
         if self.roi_intermediate_size is None:
             self.roi_intermediate_size = 4 * self.vision_config.hidden_size
         # A class carries one auto class in `auto_map`; the zero-shot pipeline looks the model up under a second

@@ -8,18 +8,30 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from transformers.image_processing_backends import PilBackend
-from transformers.image_processing_utils import BatchFeature
+from transformers.image_processing_utils import BatchFeature, get_size_dict
 from transformers.image_utils import (
     IMAGENET_STANDARD_MEAN,
     IMAGENET_STANDARD_STD,
     PILImageResampling,
+    SizeDict,
     load_image,
 )
 from transformers.processing_utils import ImagesKwargs
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
+
+try:
+    # transformers >= 5.10: the numpy backend of the two-backend image processors, whose `preprocess` resolves and
+    # validates the call's settings before `_preprocess_image_like_inputs`.
+    from transformers.image_processing_backends import PilBackend as _ImageProcessorBase
+
+    _BASE_RESOLVES_SETTINGS = True
+except ImportError:
+    # Older transformers: the numpy image processor base; `preprocess` below resolves the settings itself.
+    from transformers.image_processing_utils import BaseImageProcessor as _ImageProcessorBase
+
+    _BASE_RESOLVES_SETTINGS = False
 
 _INTERPOLATION = {
     PILImageResampling.NEAREST: "nearest",
@@ -268,7 +280,16 @@ def validate_boxes(boxes, height: int, width: int, where: str) -> tuple[np.ndarr
     return result, clipped
 
 
-class RegionMedCLIPImageProcessor(PilBackend):
+def _reject_unsupported(settings: dict):
+    unsupported = [name for name in ("do_rescale", "do_center_crop", "do_pad") if settings.get(name)]
+    if unsupported:
+        raise ValueError(
+            f"{', '.join(unsupported)} is not supported: images are scaled to [0, 1] while decoding and resized "
+            "to `size` whole, so that ROI boxes keep their meaning. Crop or pad the images beforehand."
+        )
+
+
+class RegionMedCLIPImageProcessor(_ImageProcessorBase):
     r"""
     Image processor of RegionMed-CLIP. Turns images (and optionally per-image ROI boxes) into the model's inputs:
 
@@ -324,13 +345,34 @@ class RegionMedCLIPImageProcessor(PilBackend):
         return cls(**{**settings, **kwargs})
 
     def _validate_preprocess_kwargs(self, **kwargs):
-        unsupported = [name for name in ("do_rescale", "do_center_crop", "do_pad") if kwargs.get(name)]
-        if unsupported:
-            raise ValueError(
-                f"{', '.join(unsupported)} is not supported: images are scaled to [0, 1] while decoding and resized "
-                "to `size` whole, so that ROI boxes keep their meaning. Crop or pad the images beforehand."
-            )
+        _reject_unsupported(kwargs)
         super()._validate_preprocess_kwargs(**kwargs)
+
+    if not _BASE_RESOLVES_SETTINGS:
+
+        def preprocess(self, images, boxes=None, return_tensors=None, **kwargs) -> BatchFeature:
+            """Call settings default to the processor's own; `size` becomes a `SizeDict` as the backends make it."""
+            _reject_unsupported(kwargs)
+            names = (
+                "max_regions",
+                "roi_mode",
+                "do_resize",
+                "size",
+                "resample",
+                "do_normalize",
+                "image_mean",
+                "image_std",
+            )
+            settings = {name: kwargs.pop(name, None) for name in names}
+            settings = {name: getattr(self, name) if v is None else v for name, v in settings.items()}
+            settings["size"] = SizeDict(**get_size_dict(settings["size"]))
+            ignored = {"do_rescale", "do_center_crop", "do_pad", "data_format", "input_data_format"}
+            unexpected = sorted(set(kwargs) - ignored)
+            if unexpected:
+                raise TypeError(f"{type(self).__name__} got unexpected keyword arguments {unexpected}.")
+            return self._preprocess_image_like_inputs(
+                images, boxes=boxes, return_tensors=return_tensors, **settings
+            )
 
     def _to_pixel_values(
         self, array: np.ndarray, do_resize, size, resample, do_normalize, image_mean, image_std

@@ -7,12 +7,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
-from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from .configuration_regionmed_clip import RegionMedCLIPConfig
+
+try:
+    # transformers 5: init functions that skip tensors already loaded from a checkpoint.
+    from transformers import initialization as init
+except ImportError:
+    # transformers 4 loads checkpoint tensors after `_init_weights`, so torch's own functions are right there.
+    from torch.nn import init
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Losses: pure functions of L2-normalised embeddings, local to one process. Distributed training gathers the embeddings

@@ -1,10 +1,21 @@
 """Processor for RegionMed-CLIP: the image processor and a tokenizer that normalises text as the paper does."""
 
+import json
+import os
+
 import numpy as np
 from tokenizers import Regex, normalizers
 from transformers.processing_utils import ProcessorMixin
 from transformers.tokenization_utils_base import BatchEncoding
-from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+try:
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+except ImportError:  # transformers 4: the same tokenizers-backed class under its v4 name
+    from transformers import PreTrainedTokenizerFast as TokenizersBackend
+
+# The tokenizer class name written to `tokenizer_config.json`: transformers 4 knows the tokenizers-backed class only as
+# `PreTrainedTokenizerFast`, which transformers 5 keeps as an alias, so folders saved anywhere load everywhere.
+PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
 
 # Unicode punctuation plus the ASCII symbols of Python's `string.punctuation` that Unicode files as symbols.
 PUNCTUATION_PATTERN = r"[\p{P}$+<=>^`|~]"
@@ -79,10 +90,29 @@ class RegionMedCLIPProcessor(ProcessorMixin):
     ```
     """
 
+    if not hasattr(ProcessorMixin, "get_attributes"):
+        # transformers 4 lists the sub-processors and their loading classes here; 5 reads the `__init__` signature.
+        attributes = ["image_processor", "tokenizer"]
+        image_processor_class = "AutoImageProcessor"
+        tokenizer_class = PORTABLE_TOKENIZER_CLASS
+
     def __init__(self, image_processor=None, tokenizer=None, **kwargs):
         if tokenizer is not None:
             tokenizer = with_paper_normalizer(tokenizer)
         super().__init__(image_processor, tokenizer, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        tokenizer_config = os.path.join(save_directory, "tokenizer_config.json")
+        if os.path.isfile(tokenizer_config):
+            with open(tokenizer_config, encoding="utf-8") as handle:
+                settings = json.load(handle)
+            if settings.get("tokenizer_class") == "TokenizersBackend":
+                settings["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
+                with open(tokenizer_config, "w", encoding="utf-8") as handle:
+                    json.dump(settings, handle, indent=2, sort_keys=True, ensure_ascii=False)
+                    handle.write("\n")
+        return result
 
     @property
     def model_input_names(self) -> list[str]:
