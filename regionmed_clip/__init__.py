@@ -21,6 +21,7 @@ from .modeling_regionmed_clip import (
     RegionMedCLIPOutput,
     RegionMedCLIPPreTrainedModel,
 )
+from .pipeline_regionmed_clip import ZeroShotRegionClassificationPipeline
 from .processing_regionmed_clip import RegionMedCLIPProcessor, with_paper_normalizer
 
 __version__ = "0.1.0"
@@ -47,6 +48,7 @@ __all__ = [
     "RegionMedCLIPOutput",
     "RegionMedCLIPPreTrainedModel",
     "RegionMedCLIPProcessor",
+    "ZeroShotRegionClassificationPipeline",
     "decode_image",
     "with_paper_normalizer",
 ]

@@ -188,6 +188,19 @@ class RegionMedCLIPConfig(PretrainedConfig):
             model_class = auto_map.get("AutoModel", "modeling_regionmed_clip.RegionMedCLIPModel")
             auto_map.setdefault("AutoModelForZeroShotImageClassification", model_class)
             self.auto_map = auto_map
+            # The region pipeline travels with the model file (a relative import of it); naming it here lets
+            # `pipeline("zero-shot-region-classification", model=folder, trust_remote_code=True)` find it.
+            pipelines = dict(getattr(self, "custom_pipelines", None) or {})
+            pipelines.setdefault(
+                "zero-shot-region-classification",
+                {
+                    "impl": "pipeline_regionmed_clip.ZeroShotRegionClassificationPipeline",
+                    "pt": ["AutoModel"],
+                    "tf": [],
+                    "type": "multimodal",
+                },
+            )
+            self.custom_pipelines = pipelines
         self._check_combinations()
 
     @property

@@ -13,6 +13,10 @@ from transformers.utils import ModelOutput
 
 from .configuration_regionmed_clip import RegionMedCLIPConfig
 
+# Imported so that it travels with this file: `save_pretrained` copies a model file's relative imports, which puts the
+# region pipeline (named in the config's `custom_pipelines`) in every saved folder.
+from .pipeline_regionmed_clip import ZeroShotRegionClassificationPipeline
+
 try:
     # transformers 5: init functions that skip tensors already loaded from a checkpoint.
     from transformers import initialization as init
@@ -948,6 +952,7 @@ def _hub_kwargs(kwargs: dict) -> dict:
 
 __all__ = [
     "RegionMedCLIPModel",
+    "ZeroShotRegionClassificationPipeline",
     "RegionMedCLIPOutput",
     "RegionMedCLIPImageFeatures",
     "RegionMedCLIPPreTrainedModel",

@@ -1,0 +1,77 @@
+"""Remote-code check for one transformers version, run as a script in an environment holding only torch,
+transformers, pillow, numpy and pydicom (never this package).
+
+    python tests/remote_code_check.py FOLDER INPUTS.json WORKDIR
+
+Loads FOLDER (saved by the main environment) through the Auto classes with `trust_remote_code=True`, scores the
+inputs of INPUTS.json with the model, the zero-shot pipeline and the region pipeline, saves and reloads the model and
+processor under WORKDIR, and prints one JSON report on the last line of stdout. `tests/test_remote_code_compat.py`
+compares the report with the main environment's own scores.
+"""
+
+import json
+import os
+import sys
+
+
+def _block_package():
+    """Make `import regionmed_clip` fail, so that only the folder's own code can run."""
+
+    class _Block:
+        def find_spec(self, name, path=None, target=None):
+            if name == "regionmed_clip" or name.startswith("regionmed_clip."):
+                raise ImportError("regionmed_clip is blocked in this process")
+
+    sys.meta_path.insert(0, _Block())
+
+
+def main(folder: str, inputs_path: str, workdir: str) -> dict:
+    import numpy as np
+    import torch
+    import transformers
+    from PIL import Image
+    from transformers import AutoConfig, AutoModel, AutoProcessor, pipeline
+
+    with open(inputs_path, encoding="utf-8") as handle:
+        inputs = json.load(handle)
+    images = [Image.fromarray(np.array(array, dtype=np.uint8)) for array in inputs["images"]]
+    labels, boxes, template = inputs["labels"], inputs["boxes"], inputs["template"]
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+
+    def logits_of(model, processor):
+        batch = processor(text=labels, images=images, boxes=boxes, return_tensors="pt")
+        with torch.no_grad():
+            return model(**batch).logits_per_image.tolist()
+
+    classifier = pipeline("zero-shot-image-classification", model=folder, trust_remote_code=True)
+    zero_shot = classifier(images, candidate_labels=labels, hypothesis_template=template)
+    regions = pipeline("zero-shot-region-classification", model=folder, trust_remote_code=True)
+    region_results = regions(images, boxes=boxes, candidate_labels=labels, hypothesis_template=template)
+
+    saved = os.path.join(workdir, "resaved")
+    model.save_pretrained(saved)
+    processor.save_pretrained(saved)
+    reloaded_model = AutoModel.from_pretrained(saved, trust_remote_code=True).eval()
+    reloaded_processor = AutoProcessor.from_pretrained(saved, trust_remote_code=True)
+    eager = AutoModel.from_pretrained(folder, trust_remote_code=True, attn_implementation="eager")
+
+    return {
+        "transformers": transformers.__version__,
+        "classes": [type(config).__module__, type(model).__module__, type(processor).__module__],
+        "logits": logits_of(model, processor),
+        "zero_shot": zero_shot,
+        "region": region_results,
+        "resaved_logits": logits_of(reloaded_model, reloaded_processor),
+        "eager_towers": [
+            eager.config.vision_config._attn_implementation,
+            eager.config.text_config._attn_implementation,
+        ],
+    }
+
+
+if __name__ == "__main__":
+    _block_package()
+    print(json.dumps(main(*sys.argv[1:4])))

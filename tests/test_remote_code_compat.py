@@ -1,0 +1,224 @@
+"""The region pipeline, and the remote-code folder on every pinned transformers version.
+
+`.ci/run` builds one environment per pinned version (torch, that transformers, pillow, numpy, pydicom; never this
+package) and names their interpreters in `REGIONMED_COMPAT_PYTHONS` (separated by `os.pathsep`). Without it the
+cross-version test is skipped locally and fails under CI (`CI=true`), so CI cannot pass without running it.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom.data
+import pytest
+import torch
+from transformers import AutoModel, AutoProcessor, pipeline
+
+from regionmed_clip import ZeroShotRegionClassificationPipeline
+
+from .conftest import make_processor, random_image, tiny_model
+from .test_hub_integration import BLOCK_PACKAGE
+
+LABELS = ["round nodule", "normal chest", "oval cyst"]
+TEMPLATE = "a scan showing {}"
+CHECK_SCRIPT = Path(__file__).with_name("remote_code_check.py")
+COMPAT_PYTHONS = [path for path in os.environ.get("REGIONMED_COMPAT_PYTHONS", "").split(os.pathsep) if path]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("regionmed-clip-compat")
+    tiny_model("pool").save_pretrained(folder)
+    make_processor(tokenizer, "pool").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """A DICOM path (pydicom's CT test file, 16-bit) and a PNG path, with their boxes."""
+    png = tmp_path_factory.mktemp("images") / "scan.png"
+    random_image(48, 40, 3).save(png)
+    return [pydicom.data.get_testdata_file("CT_small.dcm"), str(png)], [
+        [(3, 4, 30, 33)],
+        [(0, 5, 20, 39), (10, 10, 35, 30)],
+    ]
+
+
+def _forward(folder, images, boxes):
+    """Per-box and whole-image softmax scores from the model's own forward, label order."""
+    model = AutoModel.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    inputs = processor(
+        text=[TEMPLATE.format(label) for label in LABELS], images=images, boxes=boxes, return_tensors="pt"
+    )
+    with torch.no_grad():
+        outputs = model(**inputs)
+    region = (outputs.logit_scale * outputs.region_embeds @ outputs.text_embeds.t()).softmax(-1)
+    return region, outputs.logits_per_image.softmax(-1), outputs.region_mask
+
+
+def _by_label(ranking):
+    return [{item["label"]: item["score"] for item in ranking}[label] for label in LABELS]
+
+
+def _assert_matches_forward(results, folder, images, boxes):
+    region, whole, mask = _forward(folder, images, boxes)
+    assert len(results) == len(images)
+    for index, (result, image_boxes) in enumerate(zip(results, boxes, strict=True)):
+        scores = [item["score"] for item in result["image"]]
+        assert scores == sorted(scores, reverse=True)
+        np.testing.assert_allclose(_by_label(result["image"]), whole[index].numpy(), rtol=0, atol=1e-5)
+        assert [tuple(r["box"]) for r in result["regions"]] == [tuple(b) for b in image_boxes]
+        assert int(mask[index].sum()) == len(image_boxes)
+        for slot, entry in enumerate(result["regions"]):
+            np.testing.assert_allclose(
+                _by_label(entry["scores"]), region[index, slot].numpy(), rtol=0, atol=1e-5
+            )
+
+
+def test_saved_folder_ships_the_region_pipeline(folder):
+    assert (folder / "pipeline_regionmed_clip.py").is_file()
+    config = json.loads((folder / "config.json").read_text())
+    assert config["custom_pipelines"]["zero-shot-region-classification"]["impl"] == (
+        "pipeline_regionmed_clip.ZeroShotRegionClassificationPipeline"
+    )
+
+
+def test_region_pipeline_scores_equal_the_models_forward_in_batches(folder, images):
+    paths, boxes = images
+    classifier = pipeline(
+        "zero-shot-region-classification",
+        model=str(folder),
+        pipeline_class=ZeroShotRegionClassificationPipeline,
+    )
+    batched = classifier(paths, boxes=boxes, candidate_labels=LABELS, hypothesis_template=TEMPLATE)
+    _assert_matches_forward(batched, folder, paths, boxes)
+    one_per_forward = classifier(
+        paths, boxes=boxes, candidate_labels=LABELS, hypothesis_template=TEMPLATE, batch_size=1
+    )
+    for a, b in zip(batched, one_per_forward, strict=True):
+        np.testing.assert_allclose(_by_label(a["image"]), _by_label(b["image"]), rtol=0, atol=1e-5)
+    single = classifier(paths[1], boxes=boxes[1], candidate_labels=LABELS, hypothesis_template=TEMPLATE)
+    assert single["regions"][1]["box"] == list(boxes[1][1])
+
+
+def test_region_pipeline_without_boxes_ranks_the_whole_image_like_the_standard_pipeline(folder, images):
+    png = images[0][1]
+    regions = pipeline(
+        "zero-shot-region-classification",
+        model=str(folder),
+        pipeline_class=ZeroShotRegionClassificationPipeline,
+    )(png, candidate_labels=LABELS, hypothesis_template=TEMPLATE)
+    standard = pipeline("zero-shot-image-classification", model=str(folder))(
+        png, candidate_labels=LABELS, hypothesis_template=TEMPLATE
+    )
+    assert regions["regions"] == []
+    np.testing.assert_allclose(_by_label(regions["image"]), _by_label(standard), rtol=0, atol=1e-6)
+
+
+def test_region_pipeline_rejects_mismatched_boxes(folder, images):
+    classifier = pipeline(
+        "zero-shot-region-classification",
+        model=str(folder),
+        pipeline_class=ZeroShotRegionClassificationPipeline,
+    )
+    with pytest.raises(ValueError, match="boxes for 1"):
+        classifier(images[0], boxes=[[(0, 0, 5, 5)]], candidate_labels=LABELS)
+    with pytest.raises(ValueError, match="candidate_labels"):
+        classifier(images[0][1], candidate_labels=[])
+
+
+def _check_inputs(tmp_path, images) -> Path:
+    pngs = [random_image(48, 40, 11), random_image(36, 52, 12, mode="L")]
+    path = tmp_path / "inputs.json"
+    path.write_text(
+        json.dumps(
+            {
+                "images": [np.asarray(image).tolist() for image in pngs],
+                "labels": LABELS,
+                "boxes": [[[3, 4, 30, 33]], [[0, 5, 20, 40], [10, 10, 35, 50]]],
+                "template": TEMPLATE,
+            }
+        )
+    )
+    return path
+
+
+def _run_check(python: str, folder, tmp_path, inputs) -> dict:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "PYTHONPATH": "",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    result = subprocess.run(
+        [python, str(CHECK_SCRIPT), str(folder), str(inputs), str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _assert_report_matches(report, expected):
+    assert all(module.startswith("transformers_modules.") for module in report["classes"]), report["classes"]
+    np.testing.assert_allclose(report["logits"], expected["logits"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(report["resaved_logits"], expected["logits"], rtol=0, atol=1e-5)
+    for got, want in zip(report["zero_shot"], expected["zero_shot"], strict=True):
+        assert [s["label"] for s in got] == [s["label"] for s in want]
+        np.testing.assert_allclose([s["score"] for s in got], [s["score"] for s in want], rtol=0, atol=1e-5)
+    for got, want in zip(report["region"], expected["region"], strict=True):
+        np.testing.assert_allclose(_by_label(got["image"]), _by_label(want["image"]), rtol=0, atol=1e-5)
+        for got_box, want_box in zip(got["regions"], want["regions"], strict=True):
+            np.testing.assert_allclose(
+                _by_label(got_box["scores"]), _by_label(want_box["scores"]), rtol=0, atol=1e-5
+            )
+    assert report["eager_towers"] == ["eager", "eager"]
+
+
+def test_region_pipeline_runs_from_the_folder_where_the_package_cannot_be_imported(folder, images, tmp_path):
+    paths, boxes = images
+    code = BLOCK_PACKAGE + (
+        "import json, sys\nfrom transformers import pipeline\n"
+        f"p = pipeline('zero-shot-region-classification', model={str(folder)!r}, trust_remote_code=True)\n"
+        f"print(json.dumps(p({paths!r}, boxes={boxes!r}, candidate_labels={LABELS!r}, hypothesis_template={TEMPLATE!r})))\n"
+    )
+    env = {
+        **os.environ,
+        "HF_HOME": str(tmp_path / "hf"),
+        "PYTHONPATH": "",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd="/", env=env, capture_output=True, text=True, timeout=240
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(result.stdout.strip().splitlines()[-1])
+    _assert_matches_forward(results, folder, paths, [[tuple(b) for b in image] for image in boxes])
+
+
+@pytest.mark.skipif(
+    not COMPAT_PYTHONS and os.environ.get("CI") != "true",
+    reason="REGIONMED_COMPAT_PYTHONS is unset: .ci/run builds the pinned transformers environments and sets it",
+)
+def test_remote_code_on_every_pinned_transformers(folder, images, tmp_path):
+    assert COMPAT_PYTHONS, (
+        "CI=true but REGIONMED_COMPAT_PYTHONS is unset: .ci/run must build the compat environments"
+    )
+    inputs = _check_inputs(tmp_path, images)
+    expected = _run_check(sys.executable, folder, tmp_path / "main", inputs)
+    versions = []
+    for index, python in enumerate(COMPAT_PYTHONS):
+        report = _run_check(python, folder, tmp_path / f"env{index}", inputs)
+        _assert_report_matches(report, expected)
+        versions.append(report["transformers"])
+    assert len(set(versions)) == len(COMPAT_PYTHONS), versions
