@@ -38,4 +38,4 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check regionmed_clip tests eval benchmarks demo train_accelerate.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .venv-compat .pytest_cache .ruff_cache *.egg-info

@@ -8,18 +8,21 @@ from transformers import AutoConfig, PretrainedConfig
 ROI_MODES = ("crop", "pool")
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Compatibility with every transformers from 4.57 to the newest 5.x, by feature checks. Configs are dataclasses from
-# transformers 5.10 on (with `SubConfigSpec` sub-config specs from 5.20) and plain classes with an `__init__` before.
-# The class below declares its fields once, as annotations; `_config_class` turns them into an `__init__` where
-# configs are plain classes, and the sub-configs are built here rather than by `SubConfigSpec`, so one class body
-# serves every version.
+# Compatibility with transformers 4.57 to 5.x, by feature checks. Configs are plain classes with an `__init__` in 4.x
+# and early 5.x, dataclasses later (`SubConfigSpec` sub-config specs later still). The class below declares its
+# fields once, as annotations; `_config_class` gives it an `__init__` where configs are plain classes, and the
+# sub-configs are built in `__post_init__` rather than by `SubConfigSpec`, so one class body serves every version.
 # ---------------------------------------------------------------------------------------------------------------------
 
 MIN_TRANSFORMERS = "4.57"
 
 
-def _require_transformers():
-    """Fail at import, naming the minimum version, on a transformers older than the oldest supported one."""
+def require_supported_transformers():
+    """Raise an `ImportError` naming the minimum version on a transformers older than the oldest supported one.
+
+    Every remote-code file calls it on import, so a folder fails at once with this message whichever Auto class or
+    pipeline loads it first.
+    """
     # The generic `ProcessorMixin.__call__` arrived in 4.57, the oldest release these files are tested on.
     import transformers
     from transformers.processing_utils import ProcessorMixin
@@ -31,7 +34,7 @@ def _require_transformers():
         )
 
 
-_require_transformers()
+require_supported_transformers()
 
 DATACLASS_CONFIGS = dataclasses.is_dataclass(PretrainedConfig)
 
@@ -255,4 +258,4 @@ class RegionMedCLIPConfig(PretrainedConfig):
                 )
 
 
-__all__ = ["RegionMedCLIPConfig"]
+__all__ = ["MIN_TRANSFORMERS", "RegionMedCLIPConfig", "require_supported_transformers"]

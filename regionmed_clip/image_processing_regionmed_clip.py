@@ -19,10 +19,13 @@ from transformers.image_utils import (
 from transformers.processing_utils import ImagesKwargs
 from transformers.utils import logging
 
+from .configuration_regionmed_clip import require_supported_transformers
+
+require_supported_transformers()
 logger = logging.get_logger(__name__)
 
 try:
-    # transformers >= 5.10: the numpy backend of the two-backend image processors, whose `preprocess` resolves and
+    # Newer transformers 5: the numpy backend of the two-backend image processors, whose `preprocess` resolves and
     # validates the call's settings before `_preprocess_image_like_inputs`.
     from transformers.image_processing_backends import PilBackend as _ImageProcessorBase
 
@@ -302,8 +305,9 @@ class RegionMedCLIPImageProcessor(_ImageProcessorBase):
 
     Scaling to [0, 1] happens while decoding, so `do_rescale` is off: 8-bit data is divided by 255, deeper data is
     min–max scaled per image. Resizing uses torch's antialiased interpolation on float data, so 16-bit images are not
-    quantised to 8 bits first; the PIL backend is the base class because transformers' torchvision backend needs
-    torchvision, which this package does not require.
+    quantised to 8 bits first; the base class is transformers' numpy image processor (the PIL backend where
+    transformers has backends), because the torchvision backend needs torchvision, which this package does not
+    require.
 
     Args:
         size (`dict[str, int]`, *optional*, defaults to `{"height": 224, "width": 224}`): Model input size.

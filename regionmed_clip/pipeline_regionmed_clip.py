@@ -4,6 +4,10 @@ region-aware whole image."""
 import torch
 from transformers import Pipeline
 
+from .configuration_regionmed_clip import require_supported_transformers
+
+require_supported_transformers()
+
 DEFAULT_HYPOTHESIS_TEMPLATE = "This is a photo of {}."
 TASK = "zero-shot-region-classification"
 

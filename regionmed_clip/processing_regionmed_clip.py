@@ -8,6 +8,10 @@ from tokenizers import Regex, normalizers
 from transformers.processing_utils import ProcessorMixin
 from transformers.tokenization_utils_base import BatchEncoding
 
+from .configuration_regionmed_clip import require_supported_transformers
+
+require_supported_transformers()
+
 try:
     from transformers.tokenization_utils_tokenizers import TokenizersBackend
 except ImportError:  # transformers 4: the same tokenizers-backed class under its v4 name
@@ -33,9 +37,10 @@ def with_paper_normalizer(tokenizer) -> TokenizersBackend:
     training all see the same text. Punctuation is deleted, not replaced by a space, so a hyphenated word joins up:
     "X-Ray" and "xray" give the same ids, as do "left-sided" and "leftsided".
 
-    The result is a generic `TokenizersBackend` (saved with `tokenizer_class: "TokenizersBackend"`): model-specific
-    classes such as `BertTokenizer` rebuild their normalizer from their init arguments when loaded, which would drop
-    this one; the generic class loads `tokenizer.json` as written. Calling it again is a no-op.
+    The result is a generic `TokenizersBackend` (`PreTrainedTokenizerFast` in transformers 4; the processor saves it
+    under that name, which both major versions resolve to the generic class): model-specific classes such as
+    `BertTokenizer` rebuild their normalizer from their init arguments when loaded, which would drop this one; the
+    generic class loads `tokenizer.json` as written. Calling it again is a no-op.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:

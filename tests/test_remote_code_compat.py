@@ -23,9 +23,12 @@ from .conftest import make_processor, random_image, tiny_model
 from .test_hub_integration import BLOCK_PACKAGE
 
 LABELS = ["round nodule", "normal chest", "oval cyst"]
-TEMPLATE = "a scan showing {}"
+# Capitals and punctuation: scores agree across versions only if the tokenizer keeps its normalizer there.
+TEMPLATE = "A Scan, showing: {}."
 CHECK_SCRIPT = Path(__file__).with_name("remote_code_check.py")
 COMPAT_PYTHONS = [path for path in os.environ.get("REGIONMED_COMPAT_PYTHONS", "").split(os.pathsep) if path]
+TOO_OLD_PYTHON = os.environ.get("REGIONMED_TOO_OLD_PYTHON", "")
+IN_CI = os.environ.get("CI") == "true"
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +210,7 @@ def test_region_pipeline_runs_from_the_folder_where_the_package_cannot_be_import
 
 
 @pytest.mark.skipif(
-    not COMPAT_PYTHONS and os.environ.get("CI") != "true",
+    not COMPAT_PYTHONS and not IN_CI,
     reason="REGIONMED_COMPAT_PYTHONS is unset: .ci/run builds the pinned transformers environments and sets it",
 )
 def test_remote_code_on_every_pinned_transformers(folder, images, tmp_path):
@@ -222,3 +225,32 @@ def test_remote_code_on_every_pinned_transformers(folder, images, tmp_path):
         _assert_report_matches(report, expected)
         versions.append(report["transformers"])
     assert len(set(versions)) == len(COMPAT_PYTHONS), versions
+
+
+@pytest.mark.skipif(
+    not TOO_OLD_PYTHON and not IN_CI,
+    reason="REGIONMED_TOO_OLD_PYTHON is unset: .ci/run builds a transformers older than the supported range",
+)
+@pytest.mark.parametrize("loader", ["AutoConfig", "AutoModel", "AutoProcessor", "pipeline"])
+def test_remote_code_below_the_supported_range_names_the_minimum_version(folder, tmp_path, loader):
+    assert TOO_OLD_PYTHON, (
+        "CI=true but REGIONMED_TOO_OLD_PYTHON is unset: .ci/run must build that environment"
+    )
+    call = (
+        f"transformers.pipeline('zero-shot-region-classification', model={str(folder)!r}, trust_remote_code=True)"
+        if loader == "pipeline"
+        else f"transformers.{loader}.from_pretrained({str(folder)!r}, trust_remote_code=True)"
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [TOO_OLD_PYTHON, "-c", f"import transformers\n{call}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode != 0
+    assert "ImportError: RegionMed-CLIP needs transformers>=4.57; found 4.56" in result.stderr, result.stderr[
+        -3000:
+    ]
