@@ -84,17 +84,17 @@ class ZeroShotRegionClassificationPipeline(Pipeline):
         return preprocess_params, {}, {}
 
     def preprocess(self, group, candidate_labels=None, hypothesis_template=DEFAULT_HYPOTHESIS_TEMPLATE):
-        with_boxes = any(image_boxes for image_boxes in group["boxes"])
+        boxes = [[] if image_boxes is None else image_boxes for image_boxes in group["boxes"]]
         inputs = self.processor(
             text=[hypothesis_template.format(label) for label in candidate_labels],
             images=group["images"],
-            boxes=[list(b or []) for b in group["boxes"]] if with_boxes else None,
+            boxes=boxes if any(len(image_boxes) for image_boxes in boxes) else None,
             padding=True,
             return_tensors="pt",
         )
         dtype = self.model.dtype
         inputs = {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in inputs.items()}
-        return {"inputs": inputs, "candidate_labels": candidate_labels, "boxes": group["boxes"]}
+        return {"inputs": inputs, "candidate_labels": candidate_labels, "boxes": boxes}
 
     def _forward(self, model_inputs):
         outputs = self.model(**model_inputs["inputs"])
@@ -121,8 +121,11 @@ class ZeroShotRegionClassificationPipeline(Pipeline):
         results = []
         for index, image_boxes in enumerate(model_outputs["boxes"]):
             regions = [
-                {"box": list(box), "scores": ranked(model_outputs["region_logits"][index, slot])}
-                for slot, box in enumerate(image_boxes or [])
+                {
+                    "box": [float(value) for value in box],
+                    "scores": ranked(model_outputs["region_logits"][index, slot]),
+                }
+                for slot, box in enumerate(image_boxes)
             ]
             results.append({"regions": regions, "image": ranked(model_outputs["logits_per_image"][index])})
         return results

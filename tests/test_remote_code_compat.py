@@ -106,6 +106,10 @@ def test_region_pipeline_scores_equal_the_models_forward_in_batches(folder, imag
         np.testing.assert_allclose(_by_label(a["image"]), _by_label(b["image"]), rtol=0, atol=1e-5)
     single = classifier(paths[1], boxes=boxes[1], candidate_labels=LABELS, hypothesis_template=TEMPLATE)
     assert single["regions"][1]["box"] == list(boxes[1][1])
+    as_array = classifier(
+        paths[1], boxes=np.array(boxes[1]), candidate_labels=LABELS, hypothesis_template=TEMPLATE
+    )
+    assert as_array == single
 
 
 def test_region_pipeline_without_boxes_ranks_the_whole_image_like_the_standard_pipeline(folder, images):
