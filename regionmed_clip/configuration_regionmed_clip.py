@@ -39,6 +39,11 @@ require_supported_transformers()
 DATACLASS_CONFIGS = dataclasses.is_dataclass(PretrainedConfig)
 
 
+def _annotated_fields(cls) -> dict:
+    """The fields a config class declares itself, with their class defaults."""
+    return {name: getattr(cls, name) for name in cls.__dict__.get("__annotations__", {})}
+
+
 def _config_class(cls):
     """Make `cls` a config on this transformers: type-checked with huggingface_hub's `strict` where configs are
     dataclasses, else given an `__init__` that sets the annotated fields (defaults from the class) and passes the
@@ -47,7 +52,7 @@ def _config_class(cls):
         from huggingface_hub.dataclasses import strict
 
         return strict(cls)
-    fields = {name: getattr(cls, name) for name in cls.__dict__.get("__annotations__", {})}
+    fields = _annotated_fields(cls)
 
     def __init__(self, **kwargs):
         for name, default in fields.items():
@@ -62,8 +67,13 @@ def _finish_base_init(config, **kwargs):
     """The base class's share of construction: its `__post_init__` on dataclass configs, its `__init__` before."""
     if DATACLASS_CONFIGS:
         PretrainedConfig.__post_init__(config, **kwargs)
-    else:
-        PretrainedConfig.__init__(config, **kwargs)
+        return
+    own = {name: getattr(config, name) for name in _annotated_fields(type(config))}
+    PretrainedConfig.__init__(config, **kwargs)
+    # The 4.x base sets the attributes it knows to its own defaults, among them `temperature` (a generation
+    # setting there), so the config's own fields are put back.
+    for name, value in own.items():
+        setattr(config, name, value)
 
 
 def _sub_config(value, default_model_type: str) -> PretrainedConfig:

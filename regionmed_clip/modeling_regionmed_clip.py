@@ -15,7 +15,7 @@ from .configuration_regionmed_clip import RegionMedCLIPConfig
 
 # Imported so that it travels with this file: `save_pretrained` copies a model file's relative imports, which puts the
 # region pipeline (named in the config's `custom_pipelines`) in every saved folder.
-from .pipeline_regionmed_clip import ZeroShotRegionClassificationPipeline
+from .pipeline_regionmed_clip import ZeroShotRegionClassificationPipeline  # noqa: F401
 
 try:
     # transformers 5: init functions that skip tensors already loaded from a checkpoint.
@@ -952,7 +952,6 @@ def _hub_kwargs(kwargs: dict) -> dict:
 
 __all__ = [
     "RegionMedCLIPModel",
-    "ZeroShotRegionClassificationPipeline",
     "RegionMedCLIPOutput",
     "RegionMedCLIPImageFeatures",
     "RegionMedCLIPPreTrainedModel",

@@ -107,6 +107,8 @@ class RegionMedCLIPProcessor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as `ProcessorMixin` does, naming the tokenizer class `PreTrainedTokenizerFast` (see
+        `PORTABLE_TOKENIZER_CLASS`) so that transformers 4 can load the folder too."""
         result = super().save_pretrained(save_directory, *args, **kwargs)
         tokenizer_config = os.path.join(save_directory, "tokenizer_config.json")
         if os.path.isfile(tokenizer_config):

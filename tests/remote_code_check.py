@@ -58,8 +58,13 @@ def main(folder: str, inputs_path: str, workdir: str) -> dict:
     reloaded_processor = AutoProcessor.from_pretrained(saved, trust_remote_code=True)
     eager = AutoModel.from_pretrained(folder, trust_remote_code=True, attn_implementation="eager")
 
+    own_fields = [
+        name for name in type(config).__annotations__ if name not in ("vision_config", "text_config")
+    ]
     return {
         "transformers": transformers.__version__,
+        "fields": {name: getattr(config, name) for name in own_fields},
+        "resaved_fields": {name: getattr(reloaded_model.config, name) for name in own_fields},
         "classes": [type(config).__module__, type(model).__module__, type(processor).__module__],
         "logits": logits_of(model, processor),
         "zero_shot": zero_shot,

@@ -178,6 +178,8 @@ def _run_check(python: str, folder, tmp_path, inputs) -> dict:
 
 def _assert_report_matches(report, expected):
     assert all(module.startswith("transformers_modules.") for module in report["classes"]), report["classes"]
+    assert report["fields"] == expected["fields"]
+    assert report["resaved_fields"] == expected["fields"]
     np.testing.assert_allclose(report["logits"], expected["logits"], rtol=0, atol=1e-5)
     np.testing.assert_allclose(report["resaved_logits"], expected["logits"], rtol=0, atol=1e-5)
     for got, want in zip(report["zero_shot"], expected["zero_shot"], strict=True):
