@@ -355,25 +355,18 @@ class RegionMedCLIPImageProcessor(_ImageProcessorBase):
     if not _BASE_RESOLVES_SETTINGS:
 
         def preprocess(self, images, boxes=None, return_tensors=None, **kwargs) -> BatchFeature:
-            """Call settings default to the processor's own; `size` becomes a `SizeDict` as the backends make it."""
+            """Every setting of `valid_kwargs` from the call, else from the processor, as the backends resolve them;
+            `size` becomes a `SizeDict` as they make it."""
             _reject_unsupported(kwargs)
-            names = (
-                "max_regions",
-                "roi_mode",
-                "do_resize",
-                "size",
-                "resample",
-                "do_normalize",
-                "image_mean",
-                "image_std",
-            )
-            settings = {name: kwargs.pop(name, None) for name in names}
-            settings = {name: getattr(self, name) if v is None else v for name, v in settings.items()}
-            settings["size"] = SizeDict(**get_size_dict(settings["size"]))
-            ignored = {"do_rescale", "do_center_crop", "do_pad", "data_format", "input_data_format"}
-            unexpected = sorted(set(kwargs) - ignored)
+            names = set(self.valid_kwargs.__annotations__) - {"boxes", "return_tensors"}
+            unexpected = sorted(set(kwargs) - names)
             if unexpected:
                 raise TypeError(f"{type(self).__name__} got unexpected keyword arguments {unexpected}.")
+            settings = {
+                name: kwargs[name] if kwargs.get(name) is not None else getattr(self, name, None)
+                for name in names
+            }
+            settings["size"] = SizeDict(**get_size_dict(settings["size"]))
             return self._preprocess_image_like_inputs(
                 images, boxes=boxes, return_tensors=return_tensors, **settings
             )
