@@ -9,6 +9,7 @@ from .configuration_regionmed_clip import require_supported_transformers
 require_supported_transformers()
 
 DEFAULT_HYPOTHESIS_TEMPLATE = "This is a photo of {}."
+DEFAULT_BATCH_SIZE = 8
 TASK = "zero-shot-region-classification"
 
 
@@ -22,7 +23,7 @@ class ZeroShotRegionClassificationPipeline(Pipeline):
 
     Images are decoded by the model's own image processor, so besides PIL images it takes file paths (PNG, JPEG,
     16-bit, DICOM), URLs, encoded bytes, NumPy arrays and torch tensors. A list of images is encoded `batch_size` images
-    per forward (default 8); `boxes` then holds one list of boxes per image.
+    per forward (default `DEFAULT_BATCH_SIZE`, 8); `boxes` then holds one list of boxes per image.
 
     Scores are softmaxes over the candidate labels, as in the `zero-shot-image-classification` pipeline: per box of
     `logit_scale · region_embedsᵀ text_embeds`, and for the whole image of the model's `logits_per_image`, which uses
@@ -62,7 +63,7 @@ class ZeroShotRegionClassificationPipeline(Pipeline):
             raise ValueError(
                 f"Got {len(images)} images but boxes for {len(boxes)}; give one list of boxes per image."
             )
-        size = batch_size or getattr(self, "_batch_size", None) or 8
+        size = batch_size or getattr(self, "_batch_size", None) or DEFAULT_BATCH_SIZE
         groups = [
             {"images": images[start : start + size], "boxes": boxes[start : start + size]}
             for start in range(0, len(images), size)
