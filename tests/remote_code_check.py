@@ -49,7 +49,13 @@ def main(folder: str, inputs_path: str, workdir: str) -> dict:
     classifier = pipeline("zero-shot-image-classification", model=folder, trust_remote_code=True)
     zero_shot = classifier(images, candidate_labels=labels, hypothesis_template=template)
     regions = pipeline("zero-shot-region-classification", model=folder, trust_remote_code=True)
-    region_results = regions(images, boxes=boxes, candidate_labels=labels, hypothesis_template=template)
+    # File inputs (a DICOM path) go through the folder's own decoder.
+    region_results = regions(
+        images + inputs["paths"],
+        boxes=boxes + inputs["path_boxes"],
+        candidate_labels=labels,
+        hypothesis_template=template,
+    )
 
     saved = os.path.join(workdir, "resaved")
     model.save_pretrained(saved)

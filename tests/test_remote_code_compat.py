@@ -148,6 +148,8 @@ def _check_inputs(tmp_path, images) -> Path:
                 "labels": LABELS,
                 "boxes": [[[3, 4, 30, 33]], [[0, 5, 20, 40], [10, 10, 35, 50]]],
                 "template": TEMPLATE,
+                "paths": [images[0][0]],
+                "path_boxes": [images[1][0]],
             }
         )
     )
@@ -185,6 +187,7 @@ def _assert_report_matches(report, expected):
     for got, want in zip(report["zero_shot"], expected["zero_shot"], strict=True):
         assert [s["label"] for s in got] == [s["label"] for s in want]
         np.testing.assert_allclose([s["score"] for s in got], [s["score"] for s in want], rtol=0, atol=1e-5)
+    assert len(report["region"]) == 3
     for got, want in zip(report["region"], expected["region"], strict=True):
         np.testing.assert_allclose(_by_label(got["image"]), _by_label(want["image"]), rtol=0, atol=1e-5)
         for got_box, want_box in zip(got["regions"], want["regions"], strict=True):
