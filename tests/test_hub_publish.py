@@ -25,7 +25,7 @@ from transformers import AutoModel, AutoProcessor
 
 from regionmed_clip.cli.publish import register as add_publish_command
 from regionmed_clip.data.collator import load_rows
-from regionmed_clip.hub import PublishError, finite_timeouts, publish
+from regionmed_clip.hub import PublishError, finite_timeouts, model_files, publish
 
 from .conftest import make_processor, random_image, tiny_model
 from .hub_server import (
@@ -387,6 +387,19 @@ def test_folders_are_checked_before_anything_is_sent(tmp_path, model_folder, hub
             str(model_folder), "loopback-user/never", dataset=str(tmp_path), dataset_repo_id="loopback-user/d"
         )
     assert len(hub.requests) == requests
+
+
+def test_a_folder_missing_a_file_its_config_names_is_refused(tmp_path, model_folder):
+    """Every module that `auto_map` or `custom_pipelines` names must ship: the region pipeline's file included."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for path in model_folder.iterdir():
+        if path.is_file():
+            (folder / path.name).write_bytes(path.read_bytes())
+    assert REMOTE_CODE | {"pipeline_regionmed_clip.py"} <= {p.name for p in model_files(folder)}
+    (folder / "pipeline_regionmed_clip.py").unlink()
+    with pytest.raises(ValueError, match="pipeline_regionmed_clip.py"):
+        model_files(folder)
 
 
 def test_the_network_guard_blocks_and_reports_anything_beyond_loopback(tmp_path, monkeypatch):

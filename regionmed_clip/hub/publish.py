@@ -32,12 +32,6 @@ from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, validat
 
 from .card import render_model_card
 
-REMOTE_CODE_FILES = (
-    "configuration_regionmed_clip.py",
-    "modeling_regionmed_clip.py",
-    "image_processing_regionmed_clip.py",
-    "processing_regionmed_clip.py",
-)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 ACCESS_CHECK_TIMEOUT_S = 10.0  # the first request: long enough for a slow link, short enough to fail fast
 CONNECT_TIMEOUT_S = 10.0
@@ -78,7 +72,7 @@ def model_files(model_dir: str | os.PathLike) -> list[Path]:
     if not any(p.suffix == ".safetensors" for p in files):
         raise ValueError(f"{folder} has no safetensors weights; save the model with `save_pretrained`")
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    missing = [name for name in REMOTE_CODE_FILES if not (folder / name).is_file()]
+    missing = [name for name in remote_code_files(config) if not (folder / name).is_file()]
     if "auto_map" not in config or missing:
         raise ValueError(
             f"{folder} lacks the remote code (auto_map in config.json, "
@@ -88,6 +82,15 @@ def model_files(model_dir: str | os.PathLike) -> list[Path]:
     if not (folder / "processor_config.json").is_file() or not (folder / "tokenizer_config.json").is_file():
         raise ValueError(f"{folder} has no processor files; save the processor next to the model")
     return [p for p in files if p.suffix not in PICKLE_SUFFIXES and p.name != "README.md"]
+
+
+def remote_code_files(config: dict) -> list[str]:
+    """The module files a saved `config.json` asks `trust_remote_code` to import: those its `auto_map` and its
+    `custom_pipelines` name (`"module.Class"`). A folder saved before the region pipeline existed names no pipeline
+    and is complete without its file; one that names it must ship it."""
+    references = list((config.get("auto_map") or {}).values())
+    references += [spec.get("impl", "") for spec in (config.get("custom_pipelines") or {}).values()]
+    return sorted({f"{reference.rsplit('.', 1)[0]}.py" for reference in references if "." in reference})
 
 
 def dataset_files(dataset_dir: str | os.PathLike) -> list[Path]:
