@@ -141,6 +141,11 @@ class RegionMedCLIPConfig(PretrainedConfig):
             Scale s in L_neg = −log(1 − σ(s·N + b)); s = 1, b = 0 is exactly the paper's formula.
         neg_logit_bias (`float`, *optional*, defaults to 0.0):
             Bias b in L_neg.
+        text_pad_length (`int`, *optional*):
+            Right-pad shorter text inputs to this many tokens inside the model (pad id `text_config.pad_token_id`,
+            mask 0), as a tokenizer called with `padding="max_length"` would. For text towers trained on one fixed
+            length whose pooled output reads a fixed position (SigLIP reads the last of 64 tokens): callers that pad
+            per batch, such as the zero-shot pipeline, then get the embeddings the tower was trained to give.
         layer_norm_eps (`float`, *optional*, defaults to 1e-6):
             Epsilon of the ROI processor's layer norms.
         initializer_factor (`float`, *optional*, defaults to 1.0):
@@ -185,6 +190,7 @@ class RegionMedCLIPConfig(PretrainedConfig):
     neg_loss_weight: int | float = 1.0
     neg_logit_scale: int | float = 1.0
     neg_logit_bias: int | float = 0.0
+    text_pad_length: int | None = None
     layer_norm_eps: int | float = 1e-6
     initializer_factor: int | float = 1.0
 
@@ -243,6 +249,8 @@ class RegionMedCLIPConfig(PretrainedConfig):
                 raise ValueError(
                     f"{name} must be >= 0, got {getattr(self, name)}; set it to 0 to switch a term off."
                 )
+        if self.text_pad_length is not None and self.text_pad_length <= 0:
+            raise ValueError(f"text_pad_length must be > 0 or None, got {self.text_pad_length}.")
         if not 0.0 <= self.roi_dropout < 1.0:
             raise ValueError(f"roi_dropout must be in [0, 1), got {self.roi_dropout}.")
         vision_hidden = getattr(self.vision_config, "hidden_size", None)

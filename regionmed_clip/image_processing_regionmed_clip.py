@@ -54,11 +54,15 @@ class RegionMedCLIPImageProcessorKwargs(ImagesKwargs, total=False):
     roi_mode (`str`, *optional*):
         `"crop"` also returns `roi_pixel_values` (each box cropped from the original image and resized);
         `"pool"` returns boxes and mask only, as the model pools ROIs from the global forward.
+    shortest_edge (`int`, *optional*):
+        Resize the shorter side of each whole image to this length, keeping the aspect ratio, then take the center
+        `size` crop (CLIP's preprocessing). `None` resizes the whole image to `size` (SigLIP's and ViT's).
     """
 
     boxes: Any
     max_regions: int | None
     roi_mode: str | None
+    shortest_edge: int | None
 
 
 class DecodeError(ValueError):
@@ -298,10 +302,16 @@ class RegionMedCLIPImageProcessor(_ImageProcessorBase):
 
     - `pixel_values` `(B, 3, H, W)`: each image decoded to RGB in [0, 1] (see `decode_image` for every input kind,
       including 16-bit, CMYK and DICOM), resized to `size` with antialiasing, normalised by `image_mean` / `image_std`.
-    - with `boxes=`: `roi_boxes` `(B, max_regions, 4)` (x0, y0, x1, y1 as fractions of the original image size,
-      after clipping to the image), `roi_mask` `(B, max_regions)`, and in `crop` mode `roi_pixel_values`
-      `(B, max_regions, 3, H, W)`: each box cropped from the *original* image (integer pixel bounds enclosing the box)
-      and processed like a whole image. Padded slots are zeros with mask 0.
+    - with `boxes=`: `roi_boxes` `(B, max_regions, 4)` (x0, y0, x1, y1 as fractions of the model's view of the
+      image, after clipping to it: the whole image, or with `shortest_edge` its center crop), `roi_mask`
+      `(B, max_regions)`, and in `crop` mode `roi_pixel_values` `(B, max_regions, 3, H, W)`: each box cropped from
+      the *original* image (integer pixel bounds enclosing the box) and resized to `size` whole. Padded slots are
+      zeros with mask 0.
+
+    With `shortest_edge` set the whole image is resized on its shorter side and center-cropped to `size`, as CLIP's
+    processor does, so a checkpoint converted from CLIP sees the pixels it was trained on. Boxes are then mapped into
+    the crop; a box partly outside it is clipped (and counted in the clipping warning), one wholly outside it is an
+    error, since the model cannot see it.
 
     Scaling to [0, 1] happens while decoding, so `do_rescale` is off: 8-bit data is divided by 255, deeper data is
     min–max scaled per image. Resizing uses torch's antialiased interpolation on float data, so 16-bit images are not
@@ -313,6 +323,8 @@ class RegionMedCLIPImageProcessor(_ImageProcessorBase):
         size (`dict[str, int]`, *optional*, defaults to `{"height": 224, "width": 224}`): Model input size.
         max_regions (`int`, *optional*, defaults to 8): ROI slots per image.
         roi_mode (`str`, *optional*, defaults to `"pool"`): `"crop"` to also return `roi_pixel_values`.
+        shortest_edge (`int`, *optional*): Resize the shorter side to this, then center-crop to `size` (CLIP style);
+            `None` (default) resizes to `size` directly.
 
     Example:
 
@@ -337,6 +349,7 @@ class RegionMedCLIPImageProcessor(_ImageProcessorBase):
     do_normalize = True
     max_regions = 8
     roi_mode = "pool"
+    shortest_edge = None
 
     @classmethod
     def from_model_config(cls, config, **kwargs) -> "RegionMedCLIPImageProcessor":
@@ -371,8 +384,32 @@ class RegionMedCLIPImageProcessor(_ImageProcessorBase):
                 images, boxes=boxes, return_tensors=return_tensors, **settings
             )
 
+    @staticmethod
+    def _view(height: int, width: int, size, shortest_edge: int | None) -> tuple[int, int, int, int]:
+        """`(resized_height, resized_width, top, left)`: the size a whole image is resized to and the offset of the
+        `size` crop taken from it (no crop without `shortest_edge`), with transformers' rounding."""
+        if shortest_edge is None:
+            return size.height, size.width, 0, 0
+        if height <= width:
+            resized = (shortest_edge, int(shortest_edge * width / height))
+        else:
+            resized = (int(shortest_edge * height / width), shortest_edge)
+        if resized[0] < size.height or resized[1] < size.width:
+            raise ValueError(
+                f"shortest_edge={shortest_edge} is smaller than the crop size {size.height}x{size.width}."
+            )
+        return (*resized, (resized[0] - size.height) // 2, (resized[1] - size.width) // 2)
+
     def _to_pixel_values(
-        self, array: np.ndarray, do_resize, size, resample, do_normalize, image_mean, image_std
+        self,
+        array: np.ndarray,
+        do_resize,
+        size,
+        resample,
+        do_normalize,
+        image_mean,
+        image_std,
+        shortest_edge: int | None = None,
     ) -> np.ndarray:
         """An array from `_decode` → `(3, H, W)` float32 pixel values.
 
@@ -382,17 +419,20 @@ class RegionMedCLIPImageProcessor(_ImageProcessorBase):
         pixels = torch.from_numpy(array if array.flags.writeable else array.copy()).permute(2, 0, 1)[None]
         if pixels.dtype == torch.uint8:
             pixels = pixels / 255.0
-        if do_resize and tuple(pixels.shape[-2:]) != (size.height, size.width):
+        resized_height, resized_width, top, left = self._view(*pixels.shape[-2:], size, shortest_edge)
+        if do_resize and tuple(pixels.shape[-2:]) != (resized_height, resized_width):
             mode = _INTERPOLATION.get(PILImageResampling(resample), "bilinear")
             pixels = F.interpolate(
                 pixels,
-                size=(size.height, size.width),
+                size=(resized_height, resized_width),
                 mode=mode,
                 antialias=mode != "nearest",
                 **({} if mode == "nearest" else {"align_corners": False}),
             )
             if mode == "bicubic":
                 pixels = pixels.clamp(0.0, 1.0)
+        if do_resize and shortest_edge is not None:
+            pixels = pixels[..., top : top + size.height, left : left + size.width]
         if do_normalize:
             mean = torch.tensor(image_mean, dtype=pixels.dtype).view(1, -1, 1, 1)
             std = torch.tensor(image_std, dtype=pixels.dtype).view(1, -1, 1, 1)
@@ -411,6 +451,7 @@ class RegionMedCLIPImageProcessor(_ImageProcessorBase):
         do_normalize: bool = True,
         image_mean=None,
         image_std=None,
+        shortest_edge: int | None = None,
         return_tensors=None,
         **kwargs,
     ) -> BatchFeature:
@@ -429,12 +470,36 @@ class RegionMedCLIPImageProcessor(_ImageProcessorBase):
             "image_mean": image_mean,
             "image_std": image_std,
         }
-        data = {"pixel_values": np.stack([self._to_pixel_values(array, **to_pixels) for array in arrays])}
+        whole = {**to_pixels, "shortest_edge": shortest_edge if do_resize else None}
+        data = {"pixel_values": np.stack([self._to_pixel_values(array, **whole) for array in arrays])}
         if boxes is not None:
-            data.update(self._regions(arrays, boxes, max_regions, roi_mode, to_pixels))
+            data.update(
+                self._regions(arrays, boxes, max_regions, roi_mode, to_pixels, whole["shortest_edge"])
+            )
         return BatchFeature(data=data, tensor_type=return_tensors)
 
-    def _regions(self, arrays, boxes, max_regions, roi_mode, to_pixels) -> dict[str, np.ndarray]:
+    @staticmethod
+    def _in_view(box, height: int, width: int, view, size) -> tuple[tuple | None, bool]:
+        """A pixel box of the original image as fractions of the model's view (see `_view`), clipped to it, and
+        whether it was clipped; `None` for a box wholly outside the view."""
+        x0, y0, x1, y1 = box
+        if view == (size.height, size.width, 0, 0):
+            return (x0 / width, y0 / height, x1 / width, y1 / height), False
+        resized_height, resized_width, top, left = view
+        scaled = (
+            (x0 * resized_width / width - left) / size.width,
+            (y0 * resized_height / height - top) / size.height,
+            (x1 * resized_width / width - left) / size.width,
+            (y1 * resized_height / height - top) / size.height,
+        )
+        clipped = tuple(min(max(value, 0.0), 1.0) for value in scaled)
+        if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+            return None, True
+        return clipped, clipped != scaled
+
+    def _regions(
+        self, arrays, boxes, max_regions, roi_mode, to_pixels, shortest_edge
+    ) -> dict[str, np.ndarray]:
         if isinstance(boxes, (np.ndarray, torch.Tensor)) and len(arrays) == 1 and np.asarray(boxes).ndim == 2:
             boxes = [boxes]
         if len(boxes) != len(arrays):
@@ -463,13 +528,18 @@ class RegionMedCLIPImageProcessor(_ImageProcessorBase):
                     f"{where} has {len(pixel_boxes)} boxes but max_regions={max_regions}; keep the "
                     f"{max_regions} most relevant or raise max_regions (model config and processor)."
                 )
+            view = self._view(image_height, image_width, to_pixels["size"], shortest_edge)
             for slot, (x0, y0, x1, y1) in enumerate(pixel_boxes):
-                roi_boxes[index, slot] = (
-                    x0 / image_width,
-                    y0 / image_height,
-                    x1 / image_width,
-                    y1 / image_height,
+                fractions, cut = self._in_view(
+                    (x0, y0, x1, y1), image_height, image_width, view, to_pixels["size"]
                 )
+                if fractions is None:
+                    raise ValueError(
+                        f"{where} box {slot} {(x0, y0, x1, y1)}: lies outside the center crop the model sees "
+                        f"(shortest_edge={shortest_edge}, size {to_pixels['size'].height}x{to_pixels['size'].width})."
+                    )
+                total_clipped += cut
+                roi_boxes[index, slot] = fractions
                 roi_mask[index, slot] = 1
                 if crops is not None:
                     left, top = int(np.floor(x0)), int(np.floor(y0))

@@ -1,10 +1,12 @@
 """PyTorch RegionMed-CLIP model: a dual-encoder CLIP with region-of-interest features and an ROI processor."""
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.activations import ACT2FN
@@ -462,9 +464,9 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
     ):
         super().__init__(config)
         self.vision_model = (
-            vision_model if vision_model is not None else AutoModel.from_config(config.vision_config)
+            vision_model if vision_model is not None else _tower_from_config(config.vision_config)
         )
-        self.text_model = text_model if text_model is not None else AutoModel.from_config(config.text_config)
+        self.text_model = text_model if text_model is not None else _tower_from_config(config.text_config)
         # The towers share the composite config's sub-configs, so attention settings and edits reach both.
         self.config.vision_config._attn_implementation = self.vision_model.config._attn_implementation
         self.config.text_config._attn_implementation = self.text_model.config._attn_implementation
@@ -518,7 +520,27 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         patches = last_hidden_state[:, num_prefix:]
         return patches.transpose(1, 2).reshape(patches.shape[0], -1, grid_h, grid_w)
 
+    def _pad_text(self, input_ids, attention_mask, token_type_ids):
+        """Right-pad text inputs to `config.text_pad_length` (when set) as the tokenizer pads to `max_length`:
+        `text_config.pad_token_id` in the ids, 0 in the masks."""
+        missing = (self.config.text_pad_length or 0) - input_ids.shape[1]
+        if missing <= 0:
+            return input_ids, attention_mask, token_type_ids
+        pad_id = self.config.text_config.pad_token_id
+        if pad_id is None:
+            raise ValueError("text_pad_length is set but text_config has no pad_token_id to pad with.")
+        input_ids = F.pad(input_ids, (0, missing), value=pad_id)
+        if attention_mask is not None:
+            attention_mask = F.pad(attention_mask, (0, missing), value=0)
+        if token_type_ids is not None:
+            token_type_ids = F.pad(token_type_ids, (0, missing), value=0)
+        return input_ids, attention_mask, token_type_ids
+
     def _encode_text(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, **kwargs):
+        if position_ids is None:
+            input_ids, attention_mask, token_type_ids = self._pad_text(
+                input_ids, attention_mask, token_type_ids
+            )
         outputs = self.text_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -935,19 +957,160 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         )
         return cls(config, vision_model=vision_model, text_model=text_model)
 
+    @classmethod
+    def from_dual_encoder_pretrained(cls, model_name_or_path: str, **kwargs) -> "RegionMedCLIPModel":
+        r"""
+        Build a RegionMed-CLIP from a whole trained dual encoder — a `CLIPModel`, `SiglipModel` or
+        `VisionTextDualEncoderModel` checkpoint (Hub id or local folder), or another CLIP-style one with
+        `vision_model` / `text_model` / `visual_projection` / `text_projection` / `logit_scale` (OWL-ViT's) — keeping
+        its image–text alignment: the towers, the projections and the learned temperature are the source's, so with
+        no ROIs `logits_per_image` equals the source's (SigLIP: up to the constant `logit_bias` SigLIP adds to its
+        logits). The ROI processor starts from its init with its gate at 0, so outputs do not move until region
+        training opens it.
+
+        SigLIP keeps its heads inside the towers (the vision attention-pool head, the text head) and compares their
+        outputs directly; here its `visual_projection` / `text_projection` are square `nn.Linear` layers initialised
+        to the identity, so the checkpoint layout and the training code are those of every other RegionMed-CLIP and
+        the projections may be trained like any other. `projection_dim` is then the vision hidden size. The source's
+        `logit_bias` is carried as `logit_bias_init_value` (and into a `logit_bias` parameter where the model has
+        one), `loss_objective="sigmoid"`, and `text_pad_length` is the text tower's trained length (SigLIP pools the
+        last of its 64 positions).
+
+        The source loads through `AutoModel.from_pretrained`, so the usual loading kwargs (`revision`, `token`,
+        `cache_dir`, `dtype`, `attn_implementation`, ...) are passed on; the other kwargs set or override fields of
+        [`RegionMedCLIPConfig`] (e.g. `roi_mode="crop"`, `max_regions=16`). `learnable_temperature` defaults to
+        `True`, as the source learned its temperature.
+
+        Example:
+
+        ```python
+        >>> model = RegionMedCLIPModel.from_dual_encoder_pretrained("google/medsiglip-448", roi_mode="pool")
+        ```
+        """
+        load_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in _LOAD_KWARGS}
+        source = AutoModel.from_pretrained(model_name_or_path, **load_kwargs)
+        kind = _dual_encoder_kind(source, model_name_or_path)
+        vision_model = _as_tower(source.vision_model, source.config.vision_config, model_name_or_path)
+        text_model = _as_tower(source.text_model, source.config.text_config, model_name_or_path)
+        logit_scale = float(source.logit_scale.detach().reshape(()))
+        settings = {"temperature": math.exp(-logit_scale), "learnable_temperature": True}
+        if kind == "siglip":
+            vision_dim = vision_model.config.hidden_size
+            text_dim = getattr(text_model.config, "projection_size", None) or text_model.config.hidden_size
+            if not vision_dim == text_dim == text_model.config.hidden_size:
+                raise ValueError(
+                    f"{model_name_or_path}: SigLIP towers of widths vision {vision_dim}, text hidden "
+                    f"{text_model.config.hidden_size} / head {text_dim} cannot share identity projections."
+                )
+            settings.update(
+                projection_dim=vision_dim,
+                text_pad_length=text_model.config.max_position_embeddings,
+                loss_objective="sigmoid",
+                logit_bias_init_value=float(source.logit_bias.detach().reshape(())),
+            )
+        else:
+            settings["projection_dim"] = source.visual_projection.out_features
+        config = RegionMedCLIPConfig(
+            vision_config=vision_model.config.to_dict(),
+            text_config=text_model.config.to_dict(),
+            **{**settings, **kwargs},
+        )
+        # The new layers (ROI processor, SigLIP's identity projections) take the dtype the source was loaded in.
+        model = cls(config, vision_model=vision_model, text_model=text_model).to(source.dtype)
+        with torch.no_grad():
+            if kind == "siglip":
+                for projection in (model.visual_projection, model.text_projection):
+                    projection.weight.copy_(torch.eye(*projection.weight.shape))
+                if hasattr(model, "logit_bias"):
+                    model.logit_bias.copy_(source.logit_bias.detach().reshape(model.logit_bias.shape))
+            else:
+                model.visual_projection.load_state_dict(source.visual_projection.state_dict())
+                model.text_projection.load_state_dict(source.text_projection.state_dict())
+            model.logit_scale.copy_(source.logit_scale.detach().reshape(()))
+        return model
+
+
+def _dual_encoder_kind(source: PreTrainedModel, where: str) -> str:
+    """`"siglip"` for a SigLIP-family source (towers compared directly, a logit bias), `"projected"` for
+    CLIP-style sources with `visual_projection` / `text_projection`."""
+    model_type = source.config.model_type
+    if model_type in ("siglip", "siglip2"):
+        if model_type == "siglip2":
+            raise ValueError(
+                f"{where} is a Siglip2Model, whose NaFlex vision tower takes patchified inputs with "
+                "`pixel_attention_mask` / `spatial_shapes` rather than an image grid; RegionMed-CLIP's ROI pooling "
+                "and image processor need a fixed-resolution tower. Convert a SiglipModel checkpoint instead."
+            )
+        return "siglip"
+    if all(
+        hasattr(source, name)
+        for name in ("vision_model", "text_model", "visual_projection", "text_projection")
+    ):
+        return "projected"
+    raise ValueError(
+        f"{where} is a {type(source).__name__} ({model_type}); from_dual_encoder_pretrained reads CLIPModel, "
+        "SiglipModel and VisionTextDualEncoderModel checkpoints. For two separate towers use "
+        "from_vision_text_pretrained."
+    )
+
+
+def _as_tower(module: nn.Module, config, where: str) -> PreTrainedModel:
+    """A dual encoder's tower as the class RegionMed-CLIP builds from its sub-config (so that a saved model
+    reloads with the same weight names).
+
+    transformers 4.x (and OWL-ViT still) keep the bare transformer (`CLIPVisionTransformer`) inside the dual encoder;
+    its tower class (`CLIPVisionModel`) holds exactly that module under one attribute, with the same weight names
+    below it. The tower is built around the loaded module on the meta device, so nothing is initialised twice.
+    """
+    with torch.device("meta"):
+        tower = _tower_from_config(config)
+    if type(tower) is type(module):
+        return module
+    slots = [name for name, child in tower.named_children() if type(child) is type(module)]
+    if len(slots) != 1:
+        raise ValueError(
+            f"{where}: cannot place the bare {type(module).__name__} in {type(tower).__name__}, whose children "
+            f"are {[type(child).__name__ for child in tower.children()]}."
+        )
+    setattr(tower, slots[0], module)
+    unloaded = [
+        name for name, tensor in [*tower.named_parameters(), *tower.named_buffers()] if tensor.is_meta
+    ]
+    if unloaded:
+        raise ValueError(f"{where}: {type(tower).__name__} has weights outside {slots[0]}: {unloaded}.")
+    return tower
+
+
+def _tower_from_config(config) -> PreTrainedModel:
+    """The tower a sub-config describes: its `AutoModel` class, or for tower configs that transformers does not
+    register with `AutoModel` (SigLIP's text tower) the model class named after the config (`SiglipTextConfig` →
+    `SiglipTextModel`), as transformers names them."""
+    try:
+        return AutoModel.from_config(config)
+    except ValueError as error:
+        model_class = getattr(transformers, type(config).__name__.replace("Config", "Model"), None)
+        if model_class is None or getattr(model_class, "config_class", None) is not type(config):
+            raise error
+        return model_class(config)
+
+
+# `from_pretrained` kwargs that also apply to loading a config.
+_HUB_KWARGS = (
+    "cache_dir",
+    "force_download",
+    "local_files_only",
+    "token",
+    "revision",
+    "subfolder",
+    "trust_remote_code",
+)
+# `from_pretrained` kwargs of a whole source checkpoint in `from_dual_encoder_pretrained`; the others are config.
+_LOAD_KWARGS = (*_HUB_KWARGS, "dtype", "attn_implementation", "device_map")
+
 
 def _hub_kwargs(kwargs: dict) -> dict:
     """The subset of `from_pretrained` kwargs that also apply to loading a config."""
-    keys = (
-        "cache_dir",
-        "force_download",
-        "local_files_only",
-        "token",
-        "revision",
-        "subfolder",
-        "trust_remote_code",
-    )
-    return {k: v for k, v in kwargs.items() if k in keys}
+    return {k: v for k, v in kwargs.items() if k in _HUB_KWARGS}
 
 
 __all__ = [

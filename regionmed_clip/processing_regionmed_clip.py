@@ -72,11 +72,17 @@ class RegionMedCLIPProcessor(ProcessorMixin):
     the model's input names.
 
     The tokenizer is wrapped by [`with_paper_normalizer`] on construction, so text is lower-cased and stripped of
-    punctuation by the tokenizer itself, wherever it is used.
+    punctuation by the tokenizer itself, wherever it is used. A processor converted from a trained dual encoder
+    keeps that model's own tokenizer instead (`normalize_text=False`), since its text tower learned that
+    tokenizer's ids.
 
     Args:
         image_processor ([`RegionMedCLIPImageProcessor`]): The image processor.
         tokenizer (`PreTrainedTokenizerBase`): A fast tokenizer of the text tower.
+        normalize_text (`bool`, *optional*, defaults to `True`): Wrap the tokenizer in [`with_paper_normalizer`].
+        text_padding (`bool` or `str`, *optional*, defaults to `True`): Default `padding` of every text field
+            (`"max_length"` for towers trained on one fixed length, as SigLIP's).
+        text_max_length (`int`, *optional*): Default `max_length` of every text field.
 
     Example:
 
@@ -101,10 +107,21 @@ class RegionMedCLIPProcessor(ProcessorMixin):
         image_processor_class = "AutoImageProcessor"
         tokenizer_class = PORTABLE_TOKENIZER_CLASS
 
-    def __init__(self, image_processor=None, tokenizer=None, **kwargs):
-        if tokenizer is not None:
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        normalize_text: bool = True,
+        text_padding: bool | str = True,
+        text_max_length: int | None = None,
+        **kwargs,
+    ):
+        if tokenizer is not None and normalize_text:
             tokenizer = with_paper_normalizer(tokenizer)
         super().__init__(image_processor, tokenizer, **kwargs)
+        self.normalize_text = normalize_text
+        self.text_padding = text_padding
+        self.text_max_length = text_max_length
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save as `ProcessorMixin` does, naming the tokenizer class `PreTrainedTokenizerFast` (see
@@ -167,7 +184,7 @@ class RegionMedCLIPProcessor(ProcessorMixin):
         region_text: list[list[str]] | None = None,
         negative_text: list[list[list[str]]] | None = None,
         summary_text: list[str] | None = None,
-        padding: bool | str = True,
+        padding: bool | str | None = None,
         truncation: bool = True,
         max_length: int | None = None,
         return_tensors: str | None = None,
@@ -182,7 +199,8 @@ class RegionMedCLIPProcessor(ProcessorMixin):
             negative_text (`list[list[list[str]]]`, *optional*): Per image, per box, its hard-negative captions
                 (the number may vary; missing ones are padded with all-zero attention masks).
             summary_text (`list[str]`, *optional*): Per image, its summary caption.
-            padding, truncation, max_length: Passed to the tokenizer for every text field.
+            padding, truncation, max_length: Passed to the tokenizer for every text field (`padding` and
+                `max_length` default to the processor's `text_padding` / `text_max_length`).
             return_tensors (`str`, *optional*): `"pt"` for torch tensors, `"np"` for NumPy arrays.
             **kwargs: Passed to the image processor (e.g. `max_regions`, `size`).
 
@@ -194,6 +212,8 @@ class RegionMedCLIPProcessor(ProcessorMixin):
         """
         if text is None and images is None:
             raise ValueError("Pass text, images, or both.")
+        padding = self.text_padding if padding is None else padding
+        max_length = self.text_max_length if max_length is None else max_length
         data = {}
         if text is not None:
             texts = [text] if isinstance(text, str) else list(text)

@@ -8,13 +8,13 @@ import sys
 
 # One module per command group, each with `register(subparsers)`. They are imported when the parser is built, not
 # here: `python -m regionmed_clip.cli.train` (the training process) must not find itself already imported.
-COMMAND_MODULES = ("data", "train", "evaluate", "annotate", "publish", "demo")
+COMMAND_MODULES = ("data", "train", "evaluate", "annotate", "publish", "convert", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="regionmed-clip",
-        description="RegionMed-CLIP: build datasets, train, fine-tune, evaluate, annotate and publish.",
+        description="RegionMed-CLIP: build datasets, train, fine-tune, evaluate, annotate, publish and convert.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:

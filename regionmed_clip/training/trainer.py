@@ -75,12 +75,19 @@ def resolve_mixed_precision(setting: str) -> str:
 
 
 def build_model(spec) -> tuple[RegionMedCLIPModel, RegionMedCLIPProcessor]:
-    """The model and processor a `ModelSpec` describes (pretrained folder, or towers + config)."""
+    """The model and processor a `ModelSpec` describes (pretrained folder, a dual encoder to convert, or towers +
+    config)."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     if spec.pretrained is not None:
         path = resolve_path(spec.pretrained)
         return RegionMedCLIPModel.from_pretrained(path), RegionMedCLIPProcessor.from_pretrained(path)
+    if spec.from_dual_encoder is not None:
+        from ..convert import convert_processor
+
+        path = resolve_path(spec.from_dual_encoder)
+        model = RegionMedCLIPModel.from_dual_encoder_pretrained(path, **spec.config)
+        return model, convert_processor(path, model.config, image_processor=spec.image_processor)
     towers = {}
     for tower in ("vision", "text"):
         pretrained = resolve_path(getattr(spec, f"{tower}_pretrained"))

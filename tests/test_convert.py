@@ -1,0 +1,385 @@
+"""Conversion of trained dual encoders (CLIP, SigLIP, VisionTextDualEncoder) into RegionMed-CLIP."""
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import (
+    AutoImageProcessor,
+    AutoModel,
+    AutoProcessor,
+    AutoTokenizer,
+    BertConfig,
+    CLIPConfig,
+    CLIPModel,
+    SiglipConfig,
+    SiglipModel,
+    VisionTextDualEncoderConfig,
+    VisionTextDualEncoderModel,
+    ViTConfig,
+    pipeline,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+from regionmed_clip import RegionMedCLIPModel, RegionMedCLIPProcessor
+from regionmed_clip.cli import main
+from regionmed_clip.convert import UNKNOWN_LICENSE, ConvertConfig, convert
+from regionmed_clip.data.synth import SynthConfig, synth_example
+
+from .conftest import IMAGE_SIZE, PATCH_SIZE
+from .test_hub_integration import _run_isolated
+
+ROOT = Path(__file__).resolve().parents[1]
+LABELS = ["round nodule", "pleural effusion", "normal chest", "oval cyst in the left lobe"]
+TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+TEXT = {**TOWER, "vocab_size": 30522, "max_position_embeddings": 64, "pad_token_id": 0}
+VISION = {**TOWER, "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE}
+
+
+def _clip():
+    text = {**TEXT, "bos_token_id": 101, "eos_token_id": 102}
+    config = CLIPConfig(text_config=text, vision_config=VISION, projection_dim=16, logit_scale_init_value=2.3)
+    processor = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    return CLIPModel(config), processor, "mit"
+
+
+def _siglip():
+    model = SiglipModel(SiglipConfig(text_config=TEXT, vision_config=VISION))
+    with torch.no_grad():
+        model.logit_scale.fill_(2.1)
+        model.logit_bias.fill_(-3.5)
+    return model, SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}), None
+
+
+def _vtde():
+    config = VisionTextDualEncoderConfig.from_vision_text_configs(
+        ViTConfig(**VISION), BertConfig(**TEXT), projection_dim=16
+    )
+    model = VisionTextDualEncoderModel(config)
+    with torch.no_grad():
+        model.logit_scale.fill_(1.7)
+    return model, ViTImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}), "apache-2.0"
+
+
+SOURCES = {"clip": _clip, "siglip": _siglip, "vtde": _vtde}
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory, tokenizer):
+    """Each tiny source saved as a complete folder (weights, image processor, tokenizer, card)."""
+    folders = {}
+    for name, build in SOURCES.items():
+        torch.manual_seed(0)
+        model, image_processor, license = build()
+        folder = tmp_path_factory.mktemp(name)
+        model.eval().save_pretrained(folder)
+        image_processor.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        if license:
+            (folder / "README.md").write_text(
+                f"---\nlicense: {license}\n---\n# tiny {name}\n", encoding="utf-8"
+            )
+        folders[name] = folder
+    return folders
+
+
+@pytest.fixture(scope="module")
+def converted(sources, tmp_path_factory):
+    return {
+        name: convert(
+            ConvertConfig(source=str(folder), out=str(tmp_path_factory.mktemp(f"{name}-converted")))
+        )
+        for name, folder in sources.items()
+    }
+
+
+def _images() -> list[Image.Image]:
+    """MedRegion-synth images, cropped to non-square shapes so resize and center-crop modes differ."""
+    config = SynthConfig(out="unused", image_size=120)
+    images = [
+        Image.open(io.BytesIO(synth_example(config, "train", i)[0]["image"]["bytes"])) for i in range(2)
+    ]
+    return [images[0].convert("RGB").crop((0, 10, 120, 100)), images[1].convert("RGB").crop((15, 0, 85, 120))]
+
+
+def _source_inputs(name, folder):
+    """Inputs as the source's own processing makes them (SigLIP: padded to 64 tokens, as its pipeline does)."""
+    image_processor = AutoImageProcessor.from_pretrained(folder)
+    tokenizer_kwargs = {"padding": "max_length", "max_length": 64} if name == "siglip" else {"padding": True}
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return {
+        **tokenizer(LABELS, return_tensors="pt", **tokenizer_kwargs),
+        **image_processor(images=_images(), return_tensors="pt"),
+    }
+
+
+def _source_logits(name, folder, inputs):
+    model = AutoModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        logits = model(**inputs).logits_per_image
+        return logits - (model.logit_bias if name == "siglip" else 0.0)
+
+
+@pytest.mark.parametrize("name", SOURCES)
+def test_converted_model_reproduces_the_source_logits(sources, name):
+    inputs = _source_inputs(name, sources[name])
+    expected = _source_logits(name, sources[name], inputs)
+    model = RegionMedCLIPModel.from_dual_encoder_pretrained(str(sources[name])).eval()
+    with torch.no_grad():
+        logits = model(**inputs).logits_per_image
+        boxes = torch.tensor([[[0.1, 0.2, 0.6, 0.7], [0.3, 0.3, 0.9, 0.8]]] * len(_images()))
+        with_boxes = model(**inputs, roi_boxes=boxes).logits_per_image
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+    # The fresh ROI processor's gate is 0: boxes do not move the scores until region training opens it.
+    torch.testing.assert_close(with_boxes, logits, rtol=0, atol=0)
+    source = AutoModel.from_pretrained(sources[name])
+    assert model.logit_scale.item() == pytest.approx(source.logit_scale.item(), abs=1e-6)
+    assert model.logit_scale.requires_grad
+    if name == "siglip":
+        assert model.config.loss_objective == "sigmoid"
+        assert model.config.logit_bias_init_value == pytest.approx(source.logit_bias.item())
+        assert model.config.projection_dim == VISION["hidden_size"]
+        torch.testing.assert_close(model.visual_projection.weight, torch.eye(VISION["hidden_size"]))
+
+
+@pytest.mark.parametrize("name", ["clip", "vtde"])
+def test_pooled_and_projected_features_are_the_sources(sources, name):
+    """CLIP pools post_layernorm(CLS) and the EOS token, VTDE the towers' poolers: `_pooled` must read the same."""
+    inputs = _source_inputs(name, sources[name])
+    source = AutoModel.from_pretrained(sources[name]).eval()
+    model = RegionMedCLIPModel.from_dual_encoder_pretrained(str(sources[name])).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.get_image_features(inputs["pixel_values"]).pooler_output,
+            source.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output,
+        )
+        text = {key: inputs[key] for key in ("input_ids", "attention_mask")}
+        torch.testing.assert_close(
+            model.get_text_features(**text).pooler_output, source.get_text_features(**text).pooler_output
+        )
+
+
+@pytest.mark.parametrize(("name", "prefix"), [("clip", 1), ("siglip", 0)])
+def test_pool_mode_reads_the_patch_grid_with_or_without_a_class_token(sources, name, prefix):
+    model = RegionMedCLIPModel.from_dual_encoder_pretrained(str(sources[name])).eval()
+    pixel_values = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        tokens = model.vision_model(pixel_values=pixel_values).last_hidden_state
+    grid = model._patch_grid(tokens, pixel_values)
+    side = IMAGE_SIZE // PATCH_SIZE
+    assert grid.shape == (1, VISION["hidden_size"], side, side)
+    torch.testing.assert_close(grid.flatten(2).transpose(1, 2), tokens[:, prefix:])
+
+
+def test_loading_kwargs_reach_the_source_and_the_new_layers_follow_its_dtype(sources):
+    model = RegionMedCLIPModel.from_dual_encoder_pretrained(
+        str(sources["siglip"]), dtype=torch.bfloat16, attn_implementation="eager", max_regions=4
+    )
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.config.vision_config._attn_implementation == "eager" and model.config.max_regions == 4
+    inputs = _source_inputs("siglip", sources["siglip"])
+    with torch.no_grad():
+        logits = model(**{**inputs, "pixel_values": inputs["pixel_values"].bfloat16()}).logits_per_image
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+def test_siglip_text_is_padded_to_its_trained_length_inside_the_model(sources):
+    """The pipeline pads per batch; SigLIP's text tower reads position 63, so the model pads to 64 itself."""
+    inputs = _source_inputs("siglip", sources["siglip"])
+    expected = _source_logits("siglip", sources["siglip"], inputs)
+    model = RegionMedCLIPModel.from_dual_encoder_pretrained(str(sources["siglip"])).eval()
+    short = AutoTokenizer.from_pretrained(sources["siglip"])(LABELS, padding=True, return_tensors="pt")
+    assert short["input_ids"].shape[1] < 64
+    with torch.no_grad():
+        logits = model(**short, pixel_values=inputs["pixel_values"]).logits_per_image
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", SOURCES)
+def test_converted_processor_gives_the_source_pixel_values(sources, converted, name):
+    expected = AutoImageProcessor.from_pretrained(sources[name])(images=_images(), return_tensors="pt")
+    processor = AutoProcessor.from_pretrained(converted[name])
+    assert isinstance(processor, RegionMedCLIPProcessor)
+    pixel_values = processor(images=_images(), return_tensors="pt")["pixel_values"]
+    assert pixel_values.shape == expected["pixel_values"].shape
+    # The source resizes 8-bit images with PIL and rounds to 8 bits; this processor resizes in float. In 8-bit
+    # levels the two differ by about a quarter level on average and never by more than one (measured: max 0.93).
+    std = torch.tensor(AutoImageProcessor.from_pretrained(sources[name]).image_std).view(1, -1, 1, 1)
+    levels = (pixel_values - expected["pixel_values"]).abs() * std * 255
+    assert levels.mean() < 0.5, levels.mean()
+    assert levels.max() < 1.5, levels.max()
+
+
+def test_clip_center_crop_maps_boxes_into_the_crop(converted):
+    processor = AutoProcessor.from_pretrained(converted["clip"])
+    image = Image.new("RGB", (120, 60))
+    # The 120x60 image is resized to 64x32 and the center 32x32 (x 16..48 of 64, i.e. 30..90 px) is kept.
+    inputs = processor(images=image, boxes=[[(30, 0, 60, 30), (0, 0, 60, 60)]], return_tensors="np")
+    np.testing.assert_allclose(inputs["roi_boxes"][0, :2], [[0, 0, 0.5, 0.5], [0, 0, 0.5, 1]], atol=1e-6)
+    with pytest.raises(ValueError, match="outside the center crop"):
+        processor(images=image, boxes=[[(0, 0, 20, 20)]])
+    # In crop mode a box's crop is resized whole, not center-cropped again (that would cut the region).
+    photo = _images()[0]
+    crops = processor(images=photo, boxes=[[(10, 5, 90, 45)]], roi_mode="crop", return_tensors="np")
+    whole = processor.image_processor(photo.crop((10, 5, 90, 45)), shortest_edge=None, return_tensors="np")
+    np.testing.assert_allclose(crops["roi_pixel_values"][0, 0], whole["pixel_values"][0], atol=1e-6)
+
+
+def test_converted_tokenizer_and_padding_are_the_sources(sources, converted, tokenizer):
+    siglip = AutoProcessor.from_pretrained(converted["siglip"])
+    clip = AutoProcessor.from_pretrained(converted["clip"])
+    assert siglip(text=LABELS)["input_ids"].shape[1] == 64
+    assert clip(text=LABELS)["input_ids"].shape[1] < 64
+    # No paper normalizer: punctuation is kept, as the source tokenizer keeps it.
+    expected = tokenizer(["Effusion, left."])["input_ids"]
+    assert clip(text=["Effusion, left."])["input_ids"].tolist() == expected
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_cli_convert_and_the_pipeline_ranks_labels_as_the_source(sources, tmp_path, capsys, name):
+    out = tmp_path / "converted"
+    assert main(["convert", "--from", str(sources[name]), "--out", str(out), "--max-regions", "4"]) == 0
+    assert str(out) in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["max_regions"] == 4
+    assert {"README.md", "model.safetensors", "modeling_regionmed_clip.py", "processor_config.json"} <= {
+        path.name for path in out.iterdir()
+    }
+    image = _images()[0]
+    expected = pipeline("zero-shot-image-classification", model=str(sources[name]))(
+        image, candidate_labels=LABELS
+    )
+    scores = pipeline("zero-shot-image-classification", model=str(out))(image, candidate_labels=LABELS)
+    assert [s["label"] for s in scores] == [s["label"] for s in expected]
+
+
+def test_vtde_zero_shot_pipeline_ranks_labels_as_the_source_model(sources, converted):
+    """transformers has no zero-shot pipeline for VisionTextDualEncoderModel; the source's own scores stand in."""
+    image = _images()[0]
+    inputs = _source_inputs("vtde", sources["vtde"])
+    inputs["pixel_values"] = inputs["pixel_values"][:1]
+    prompts = [f"This is a photo of {label}." for label in LABELS]
+    inputs.update(AutoTokenizer.from_pretrained(sources["vtde"])(prompts, padding=True, return_tensors="pt"))
+    expected = _source_logits("vtde", sources["vtde"], inputs)[0]
+    scores = pipeline("zero-shot-image-classification", model=str(converted["vtde"]))(
+        image, candidate_labels=LABELS
+    )
+    assert [s["label"] for s in scores] == [LABELS[i] for i in expected.argsort(descending=True)]
+
+
+def test_a_dual_encoder_holding_bare_transformers_converts(tmp_path):
+    """transformers 4.x keeps CLIP's and SigLIP's towers as bare transformers (`CLIPVisionTransformer`) inside the
+    dual encoder; OWL-ViT's dual encoder still does in 5.x, so it stands in for that layout here."""
+    from transformers import OwlViTConfig, OwlViTModel
+
+    torch.manual_seed(0)
+    source = OwlViTModel(
+        OwlViTConfig(
+            text_config={**TEXT, "max_position_embeddings": 16}, vision_config=VISION, projection_dim=16
+        )
+    ).eval()
+    assert type(source.vision_model).__name__ == "OwlViTVisionTransformer"
+    source.save_pretrained(tmp_path)
+    source = OwlViTModel.from_pretrained(tmp_path).eval()
+    model = RegionMedCLIPModel.from_dual_encoder_pretrained(str(tmp_path)).eval()
+    assert type(model.vision_model).__name__ == "OwlViTVisionModel"
+    inputs = {
+        "input_ids": torch.randint(1000, 2000, (3, 16)),
+        "attention_mask": torch.ones(3, 16, dtype=torch.long),
+        "pixel_values": torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE),
+    }
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(**inputs).logits_per_image, source(**inputs).logits_per_image, rtol=0, atol=1e-5
+        )
+    model.save_pretrained(tmp_path / "converted")
+    reloaded = RegionMedCLIPModel.from_pretrained(tmp_path / "converted").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded(**inputs).logits_per_image, source(**inputs).logits_per_image, rtol=0, atol=1e-5
+        )
+
+
+def test_model_card_names_the_source_and_its_license(sources, converted):
+    clip_card = (converted["clip"] / "README.md").read_text(encoding="utf-8")
+    assert str(sources["clip"]) in clip_card and "license: mit" in clip_card and "CLIPModel" in clip_card
+    siglip_card = (converted["siglip"] / "README.md").read_text(encoding="utf-8")
+    assert UNKNOWN_LICENSE in siglip_card and "license: other" in siglip_card
+
+
+def test_unsupported_checkpoints_are_rejected_with_a_clear_error(tmp_path):
+    from transformers import BertModel
+
+    BertModel(BertConfig(**TEXT)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="reads CLIPModel, SiglipModel and VisionTextDualEncoderModel"):
+        RegionMedCLIPModel.from_dual_encoder_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_converted_folder_loads_with_remote_code_without_the_package(sources, converted, tmp_path, name):
+    inputs = _source_inputs(name, sources[name])
+    expected = _source_logits(name, sources[name], inputs)
+    np.save(tmp_path / "pixel_values.npy", inputs["pixel_values"].numpy())
+    code = f"""
+        import json, numpy as np, torch
+        from transformers import AutoModel, AutoProcessor
+        try:
+            import regionmed_clip
+            raise SystemExit("the package should not be importable here")
+        except ImportError:
+            pass
+        folder = {str(converted[name])!r}
+        model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+        inputs = processor(text={LABELS!r}, return_tensors="pt")
+        pixel_values = torch.from_numpy(np.load({str(tmp_path / "pixel_values.npy")!r}))
+        with torch.no_grad():
+            logits = model(**inputs, pixel_values=pixel_values).logits_per_image
+        print(json.dumps({{"module": type(model).__module__, "logits": logits.tolist()}}))
+    """
+    result = _run_isolated(code, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["module"].startswith("transformers_modules.")
+    np.testing.assert_allclose(report["logits"], expected.numpy(), rtol=0, atol=1e-5)
+
+
+def test_medsiglip_recipe_runs_its_stages_on_a_tiny_siglip(sources, synth_folder, tmp_path):
+    """configs/medsiglip-region.yaml as shipped, but for the model path, the data, the step counts and the
+    machine (no tracker, no worker processes on a small CPU)."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from regionmed_clip.training import Trainer, load_config
+
+    recipe = yaml.safe_load((ROOT / "configs" / "medsiglip-region.yaml").read_text(encoding="utf-8"))
+    assert recipe["model"]["from_dual_encoder"] == "google/medsiglip-448"
+    recipe["model"]["from_dual_encoder"] = str(sources["siglip"])
+    recipe.update(output_dir=str(tmp_path / "run"), report_to="none")
+    recipe["data"].update(path=str(synth_folder), num_workers=0)
+    for stage in recipe["stages"]:
+        stage.pop("epochs")
+        stage.update(steps=2, batch_size=4)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    config = load_config(tmp_path / "recipe.yaml")
+    assert config.gradient_checkpointing and config.lora.target_modules == "auto"
+
+    folder = Trainer(config).train()
+
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [record["stage"] for record in records] == [0, 0, 1, 1]
+    assert all(np.isfinite(record["loss/total"]) and record["loss/roi_loss"] > 0 for record in records)
+    adapter = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    lora_b = [tensor for name, tensor in adapter.items() if "lora_B" in name]
+    # LoRA's B starts at 0: under gradient checkpointing every adapter of both towers still trained.
+    assert lora_b and all(tensor.any() for tensor in lora_b)
+    model = RegionMedCLIPModel.from_pretrained(folder)
+    assert model.config.loss_objective == "sigmoid" and model.config.roi_mode == "pool"
+    assert model.roi_processor.gate.item() != 0.0
