@@ -65,7 +65,7 @@ def test_a_caption_without_vocabulary_adjective_is_an_error():
         generate_negatives("nodule seen")
 
 
-@pytest.mark.parametrize("text", ["round|nodule", "round nodule left upper", "|nodule|left", "a|b|c|d"])
+@pytest.mark.parametrize("text", ["round|nodule", "round nodule left upper", "round||left", "a|b|c|d"])
 def test_region_extraction_needs_three_parts(text):
     with pytest.raises(ValueError, match="adjective\\|term\\|position"):
         RegionTriple.parse(text)

@@ -4,16 +4,14 @@ Images are read with the package's own decoder (`decode_image`: PNG, JPEG, TIFF,
 DICOM with the `dicom` extra), so the models see the same 8-bit RGB picture the RegionMed-CLIP processor would.
 """
 
-import io
 import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from ..image_processing_regionmed_clip import DecodeError, decode_image, is_dicom_file
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom")
+from ..data.schema import IMAGE_SUFFIXES, stored_image
+from ..image_processing_regionmed_clip import DecodeError, decode_image
 
 
 def list_images(root: str | os.PathLike) -> list[tuple[str, Path]]:
@@ -41,8 +39,7 @@ def list_images(root: str | os.PathLike) -> list[tuple[str, Path]]:
 def read_image(path: str | os.PathLike) -> tuple[Image.Image, dict]:
     """The image as 8-bit RGB for the models, and the value stored in the dataset's `image` column.
 
-    The stored value is the file's own bytes (no re-encoding, so boxes stay in its pixel frame), except DICOM,
-    which `datasets` cannot decode: it is stored as the decoded PNG.
+    The stored value is `data.schema.stored_image`'s: the file's own bytes, or for DICOM the decoded PNG.
 
     Raises:
         DecodeError: the file cannot be read; the message names it.
@@ -50,11 +47,7 @@ def read_image(path: str | os.PathLike) -> tuple[Image.Image, dict]:
     path = Path(path)
     pixels = decode_image(path, where="image")
     image = Image.fromarray(np.clip(pixels * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="RGB")
-    if is_dicom_file(path):
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        return image, {"bytes": buffer.getvalue(), "path": path.with_suffix(".png").name}
-    return image, {"bytes": path.read_bytes(), "path": path.name}
+    return image, stored_image(path)
 
 
 __all__ = ["IMAGE_SUFFIXES", "DecodeError", "list_images", "read_image"]

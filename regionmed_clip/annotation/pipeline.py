@@ -13,7 +13,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data.schema import SPLITS, row_problems
+from ..data.schema import SPLITS, make_region, make_row, row_problems
 from .calibration import CalibrationResult
 from .images import DecodeError, list_images, read_image
 from .proposals import Proposal, ProposalConfig
@@ -118,28 +118,27 @@ def apply_calibration(proposals: ProposalConfig, path: str) -> ProposalConfig:
 def build_row(image_id: str, image: dict, modality: str, report: Report, proposals: list[Proposal]) -> dict:
     """The dataset row of one image: its regions are the proposals the report did not reject."""
     regions = [
-        {
-            "bbox": proposal.box,
-            "adjective": region.adjective,
-            "term": region.term,
-            "position": region.position,
-            "caption": region.caption,
-            "negatives": region.negatives,
-            "score": proposal.score,
-            "source": SOURCE,
-        }
+        make_region(
+            bbox=proposal.box,
+            caption=region.caption,
+            negatives=region.negatives,
+            adjective=region.adjective,
+            term=region.term,
+            position=region.position,
+            score=proposal.score,
+            source=SOURCE,
+        )
         for proposal, region in zip(proposals, report.regions, strict=True)
         if region is not None
     ]
-    return {
-        "id": image_id,
-        "image": image,
-        "modality": modality,
-        "summary_caption": report.summary_caption,
-        "detailed_report": report.detailed_report,
-        "regions": regions,
-        "label": None,
-    }
+    return make_row(
+        id=image_id,
+        image=image,
+        modality=modality,
+        summary_caption=report.summary_caption,
+        detailed_report=report.detailed_report,
+        regions=regions,
+    )
 
 
 def _annotate_batch(batch, proposer, generate, config: AnnotateConfig, reports: ReportConfig, summary):

@@ -26,12 +26,19 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from ..data.negatives import NUM_NEGATIVES, WORD, generate_negatives, normalize_caption, region_caption
+from ..data.negatives import (
+    NO_FINDING,
+    NUM_NEGATIVES,
+    WORD,
+    RegionTriple,
+    generate_negatives,
+    is_no_finding,
+    normalize_caption,
+    region_caption,
+)
 from ..data.vocabulary import POSITION_WORDS, grid_position
 
 SUMMARY_WORDS = (10, 15)
-NO_FINDING = "No Finding"
-_ADJECTIVE = re.compile(r"^[a-z]+(?:-[a-z]+)*$")
 # A sentence end inside the summary: . ! or ? not between digits (3.5 cm is fine).
 _INNER_SENTENCE_END = re.compile(r"[!?]|\.(?!\d)")
 
@@ -153,7 +160,7 @@ def user_prompt(
         "- Describe visible abnormalities",
         "- Format: [adjective]|[lesion]|[position]",
         "- Positions: left/right/center, upper/lower/middle",
-        '- No findings: answer "No Finding"',
+        f'- No findings: answer "{NO_FINDING}"',
         "",
         "Rules:",
         f"- summary_caption: one diagnostic sentence of {SUMMARY_WORDS[0]} to {SUMMARY_WORDS[1]} words with no "
@@ -162,7 +169,7 @@ def user_prompt(
         "- region_extraction: for each candidate region below, in the same order, exactly three parts separated "
         'by "|": a one-word shape or appearance adjective (e.g. irregular, round, oval, raised), a lesion term '
         "(e.g. lesion, mass, nodule, opacity) and its position using only left, right, center, central, upper, "
-        'lower, middle (e.g. "left upper"). Write "No Finding" for a candidate that shows no abnormality.',
+        f'lower, middle (e.g. "left upper"). Write "{NO_FINDING}" for a candidate that shows no abnormality.',
         f"- negative_variations: for each region, {NUM_NEGATIVES} alternative adjectives that contradict its "
         "adjective (contrasting shape, margin, texture, colour or density).",
         "- Answer with the JSON object only.",
@@ -177,7 +184,7 @@ def user_prompt(
         ]
     else:
         lines.append(
-            'No candidate regions were detected: set "region_extraction" to "No Finding" and '
+            f'No candidate regions were detected: set "region_extraction" to "{NO_FINDING}" and '
             '"negative_variations" to [].'
         )
     return "\n".join(lines)
@@ -247,31 +254,16 @@ def summary_problems(summary) -> list[str]:
     return problems
 
 
-def _is_no_finding(value) -> bool:
-    return isinstance(value, str) and normalize_caption(value) == "no finding"
-
-
-def _parse_triple(entry, number: int, problems: list[str]) -> tuple[str, str, str] | None:
+def _parse_triple(entry, number: int, problems: list[str]) -> RegionTriple | None:
     where = f"region_extraction entry {number}"
     if not isinstance(entry, str):
         problems.append(f'{where} must be a string "adjective|term|position"')
         return None
-    parts = [part.strip().lower() for part in entry.split("|")]
-    if len(parts) != 3 or not all(parts):
-        problems.append(f'{where} is {entry!r}; it must be three non-empty parts "adjective|term|position"')
+    try:
+        return RegionTriple.parse(entry, position_words=POSITION_WORDS)
+    except ValueError as error:
+        problems.append(f"{where}: {error}")
         return None
-    adjective, term, position = parts
-    if not _ADJECTIVE.match(adjective):
-        problems.append(f"{where}: the adjective {adjective!r} must be one word (hyphens allowed)")
-        return None
-    unknown = [word for word in position.split() if word not in POSITION_WORDS]
-    if unknown:
-        problems.append(
-            f"{where}: the position {position!r} uses {unknown}; use only left, right, center, central, upper, "
-            "lower, middle"
-        )
-        return None
-    return adjective, term, " ".join(position.split())
 
 
 def _negative_lists(value, regions: int, problems: list[str]) -> list:
@@ -294,17 +286,18 @@ def _negative_lists(value, regions: int, problems: list[str]) -> list:
 
 
 def _region_negatives(
-    given, triple: tuple[str, str, str], number: int, seed: int, problems: list[str]
+    given, triple: RegionTriple, number: int, seed: int, problems: list[str]
 ) -> tuple[list[str], bool] | None:
-    adjective, term, position = triple
-    caption = region_caption(adjective, term, position)
+    adjective, term, position = triple.adjective, triple.term, triple.position
+    caption = triple.caption
     if given is None:
         try:
             return generate_negatives(caption, adjective, seed=seed), True
         except ValueError:
+            named = f"the adjective {adjective!r} is not one" if adjective else "it has no adjective"
             problems.append(
-                f"region {number}: the adjective {adjective!r} is not one we can contradict automatically; give "
-                f"its {NUM_NEGATIVES} negative_variations"
+                f"region {number}: {named} we can contradict automatically; give its {NUM_NEGATIVES} "
+                "negative_variations"
             )
             return None
     where = f"negative_variations of region {number}"
@@ -348,8 +341,8 @@ def parse_report(text: str, num_regions: int, seed: int = 0) -> Report:
         if extraction is None:
             problems.append("region_extraction is missing")
             extraction = []
-        if _is_no_finding(extraction) or (
-            isinstance(extraction, list) and len(extraction) == 1 and _is_no_finding(extraction[0])
+        if is_no_finding(extraction) or (
+            isinstance(extraction, list) and len(extraction) == 1 and is_no_finding(extraction[0])
         ):
             extraction = [NO_FINDING] * num_regions
         elif isinstance(extraction, str) and num_regions == 1:
@@ -361,7 +354,7 @@ def parse_report(text: str, num_regions: int, seed: int = 0) -> Report:
             extraction = [NO_FINDING] * num_regions
         given_negatives = _negative_lists(value.get("negative_variations"), num_regions, problems)
         for number, (entry, given) in enumerate(zip(extraction, given_negatives, strict=True), start=1):
-            if _is_no_finding(entry):
+            if is_no_finding(entry):
                 regions.append(None)
                 continue
             triple = _parse_triple(entry, number, problems)
@@ -369,7 +362,15 @@ def parse_report(text: str, num_regions: int, seed: int = 0) -> Report:
             if triple is None or negatives is None:
                 regions.append(None)
                 continue
-            regions.append(RegionReport(*triple, negatives=negatives[0], negatives_generated=negatives[1]))
+            regions.append(
+                RegionReport(
+                    triple.adjective,
+                    triple.term,
+                    triple.position,
+                    negatives=negatives[0],
+                    negatives_generated=negatives[1],
+                )
+            )
     if problems:
         raise ReportError(problems)
     return Report(value["summary_caption"].strip(), report_text.strip(), regions)

@@ -41,6 +41,12 @@ def register(subparsers) -> None:
     for name, function, help_text in (
         ("import-annotations", importers.import_annotations, "the paper's annotation JSON/JSONL plus boxes"),
         ("import-coco", importers.import_coco, "COCO-style detection JSON"),
+        (
+            "import-detection",
+            importers.import_detection_csv,
+            "a VinDr-CXR-style detection CSV (several readers)",
+        ),
+        ("import-grounding", importers.import_phrase_grounding, "an MS-CXR-style phrase-grounding CSV"),
         ("import-csv", importers.import_image_csv, "an image folder with a CSV of path, report[, label]"),
     ):
         parser = commands.add_parser(

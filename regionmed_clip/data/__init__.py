@@ -4,22 +4,45 @@ Needs the `train` extra (`datasets`, `pyarrow`); the model package itself does n
 """
 
 from .folder import ShardedParquetWriter, write_dataset_card
-from .importers import ImportSummary, import_annotations, import_coco, import_image_csv, read_box_file
-from .negatives import RegionTriple, generate_negatives, normalize_caption
-from .schema import FEATURES, VQA_FEATURES, InvalidRowsError, ValidationReport, row_problems, validate_rows
+from .importers import (
+    ImportSummary,
+    import_annotations,
+    import_coco,
+    import_detection_csv,
+    import_image_csv,
+    import_phrase_grounding,
+    read_box_file,
+)
+from .negatives import NO_FINDING, NegativeStrategy, RegionTriple, generate_negatives, normalize_caption
+from .schema import (
+    FEATURES,
+    VQA_FEATURES,
+    InvalidRowsError,
+    ValidationReport,
+    make_region,
+    make_row,
+    row_problems,
+    validate_rows,
+)
 
 __all__ = [
     "FEATURES",
     "VQA_FEATURES",
     "ImportSummary",
     "InvalidRowsError",
+    "NO_FINDING",
+    "NegativeStrategy",
     "RegionTriple",
     "ShardedParquetWriter",
     "ValidationReport",
     "generate_negatives",
     "import_annotations",
     "import_coco",
+    "import_detection_csv",
     "import_image_csv",
+    "import_phrase_grounding",
+    "make_region",
+    "make_row",
     "normalize_caption",
     "read_box_file",
     "row_problems",

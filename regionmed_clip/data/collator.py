@@ -5,7 +5,10 @@ row itself, so it works the same with `num_workers > 0`, with a map-style `Datas
 `load_dataset(..., streaming=True)`, where rows are read shard by shard and never all held in memory.
 """
 
+import logging
+import math
 import os
+import random
 from pathlib import Path
 
 import torch
@@ -13,6 +16,9 @@ from datasets import load_dataset
 
 from .folder import card_front_matter
 from .schema import SPLITS, InvalidRowsError, ValidationReport, validate_rows
+
+logger = logging.getLogger(__name__)
+REGION_SAMPLING = ("top", "cycle")
 
 
 def image_input(image):
@@ -22,6 +28,49 @@ def image_input(image):
     return image
 
 
+def _weighted_order(scores: list[float], rng: random.Random) -> list[int]:
+    """A random order of indices drawn without replacement with probability ∝ score (Efraimidis–Spirakis keys
+    u^(1/w)); scores ≤ 0 come last, in random order."""
+    keys = []
+    for score in scores:
+        u = rng.random()
+        keys.append((1, u ** (1.0 / score)) if score > 0 else (0, u))
+    return sorted(range(len(scores)), key=lambda index: keys[index], reverse=True)
+
+
+def visit_region_indices(scores: list[float], limit: int, visit: int, key: str) -> list[int]:
+    """Which regions (indices) of a row a training visit draws: `limit` of them, cycling through seeded
+    permutations.
+
+    The row's visits are grouped into cycles of `ceil(n / limit)` visits. Cycle `c` draws a permutation of the
+    regions weighted by score (seeded by `key` and `c` only, never by global RNG state) and its visits take the
+    consecutive slices of `limit`; the last slice of a cycle is filled up with the permutation's first regions. So
+    within every cycle each region is drawn at least once, higher scores earlier, and the same (key, visit) always
+    draws the same regions, which makes a resumed run draw what the uninterrupted one would.
+    """
+    count = len(scores)
+    if count <= limit:
+        return list(range(count))
+    visits_per_cycle = math.ceil(count / limit)
+    cycle, step = divmod(visit, visits_per_cycle)
+    order = _weighted_order(scores, random.Random(f"{key}|{cycle}"))
+    chosen = order[step * limit : (step + 1) * limit]
+    return chosen + [index for index in order if index not in chosen][: limit - len(chosen)]
+
+
+def region_passes(row: dict, max_regions: int) -> list[dict]:
+    """Copies of `row` whose regions together are all of the row's, at most `max_regions` each, best score first:
+    for scoring every region of a split (a collator in `"top"` mode keeps all regions of each pass). A row without
+    regions gives itself."""
+    regions = sorted(row.get("regions") or [], key=lambda region: -(region.get("score") or 0.0))
+    if not regions:
+        return [row]
+    return [
+        {**row, "regions": regions[start : start + max_regions]}
+        for start in range(0, len(regions), max_regions)
+    ]
+
+
 class MedRegionCollator:
     r"""
     Turns a list of MedRegion rows into one batch for [`RegionMedCLIPModel`]: `pixel_values`; the detailed report
@@ -29,8 +78,20 @@ class MedRegionCollator:
     when any row of the batch has regions, `roi_boxes`, `roi_mask`, `roi_pixel_values` (crop mode), region captions
     and hard negatives as the processor returns them.
 
-    An image with more regions than the processor's `max_regions` keeps its highest-scoring ones; how many were
-    dropped is counted in `dropped_regions`.
+    Which regions of an image with more than the processor's `max_regions` go into the batch depends on
+    `region_sampling`:
+
+    - `"top"` (the default; deterministic, for evaluation and inference): the `max_regions` highest-scoring. The
+      rest are truncated: counted in `dropped_regions` and reported in a warning, never silently. To score every
+      region, collate the passes of `region_passes(row, max_regions)` instead of the row (each pass holds at most
+      `max_regions` regions, so nothing is truncated).
+    - `"cycle"` (training): `max_regions` regions drawn afresh at each visit of the row, weighted by `score` and
+      cycling through seeded permutations (`visit_region_indices`), keyed by `seed`, the `stage`, the row's `id`
+      and the visit, which is the `epoch` set before each epoch's loader (`set_epoch`): each epoch visits each row
+      once. "Every region over an epoch" means: a row with `n` regions is visited in cycles of
+      `V = ceil(n / max_regions)` epochs (epochs 0…V−1, V…2V−1, …), and within each cycle every one of its regions
+      is drawn at least once (exactly once when `max_regions` divides `n`); a resumed run draws exactly what an
+      uninterrupted one would (no global RNG state is used). Nothing is dropped, so nothing is counted.
 
     Args:
         processor ([`RegionMedCLIPProcessor`]): Tokenizer and image processor.
@@ -41,6 +102,9 @@ class MedRegionCollator:
             prompts (one per class) instead of the reports, and `labels` holds each row's class index.
         label_index (`dict[str, int]`, *optional*): Class index of each label (with `class_prompts`).
         label_column (`str`, defaults to `"label"`): The row field holding the label.
+        region_sampling (`str`, defaults to `"top"`): `"top"` or `"cycle"` (see above).
+        seed (`int`, defaults to 0): Seed of the `"cycle"` sampling.
+        stage (`int`, defaults to 0): Training stage index, part of the `"cycle"` sampling key.
     """
 
     def __init__(
@@ -52,9 +116,18 @@ class MedRegionCollator:
         class_prompts: list[str] | None = None,
         label_index: dict[str, int] | None = None,
         label_column: str = "label",
+        region_sampling: str = "top",
+        seed: int = 0,
+        stage: int = 0,
     ):
         if (class_prompts is None) != (label_index is None):
             raise ValueError("class_prompts and label_index go together")
+        if region_sampling not in REGION_SAMPLING:
+            raise ValueError(f"region_sampling must be one of {REGION_SAMPLING}, got {region_sampling!r}")
+        self.region_sampling = region_sampling
+        self.seed = seed
+        self.stage = stage
+        self.epoch = 0
         self.processor = processor
         self.max_length = max_length
         self.max_negatives = max_negatives
@@ -64,19 +137,36 @@ class MedRegionCollator:
         self.label_column = label_column
         self.dropped_regions = 0
 
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose visits the next batches are (`"cycle"` sampling); set before building its loader, which
+        copies the collator into its workers."""
+        self.epoch = epoch
+
     def kept_regions(self, row: dict) -> list[dict]:
-        """The regions of `row` that go into a batch, in batch order: all, or the `max_regions` best-scoring."""
+        """The regions of `row` that go into a batch, in batch order: all of them when they fit, else the
+        `max_regions` best-scoring (`"top"`) or this epoch's draw (`"cycle"`)."""
         regions = list(row.get("regions") or [])
         limit = self.processor.image_processor.max_regions
-        if len(regions) > limit:
-            regions = sorted(regions, key=lambda region: -(region.get("score") or 0.0))[:limit]
-        return regions
+        if len(regions) <= limit:
+            return regions
+        if self.region_sampling == "top":
+            return sorted(regions, key=lambda region: -(region.get("score") or 0.0))[:limit]
+        scores = [float(region.get("score") or 0.0) for region in regions]
+        key = f"{self.seed}|{self.stage}|{row.get('id')}"
+        return [regions[index] for index in visit_region_indices(scores, limit, self.epoch, key)]
 
     def _regions(self, row: dict) -> list[dict]:
-        self.dropped_regions += max(
-            0, len(row.get("regions") or []) - self.processor.image_processor.max_regions
-        )
-        return self.kept_regions(row)
+        kept = self.kept_regions(row)
+        if self.region_sampling == "top" and len(kept) < len(row.get("regions") or []):
+            dropped = len(row["regions"]) - len(kept)
+            if not self.dropped_regions:
+                logger.warning(
+                    f"row {row.get('id')!r} has {len(row['regions'])} regions, more than max_regions "
+                    f"{len(kept)}: keeping the best-scoring; truncated regions are counted in dropped_regions "
+                    "(collate region_passes(row, max_regions) to use them all)"
+                )
+            self.dropped_regions += dropped
+        return kept
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         text_kwargs = {"padding": True, "truncation": True, "max_length": self.max_length}

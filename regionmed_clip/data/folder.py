@@ -104,13 +104,16 @@ def write_dataset_card(
     tags: tuple[str, ...] = ("medical", "region-of-interest", "clip"),
     license: str = "other",
     task_categories: tuple[str, ...] = ("zero-shot-image-classification", "image-to-text"),
+    metadata: dict | None = None,
 ) -> Path:
-    """Write `README.md` with YAML metadata for `configs` ({name: (directory, features, {split: count})})."""
-    metadata = {
+    """Write `README.md` with YAML metadata for `configs` ({name: (directory, features, {split: count})});
+    `metadata` adds keys of the data's own (e.g. `hard_negatives`: the negative strategy and what it made)."""
+    card_metadata = {
         "pretty_name": pretty_name,
         "license": license,
         "task_categories": list(task_categories),
         "tags": list(tags),
+        **(metadata or {}),
         "configs": [],
         "dataset_info": [],
     }
@@ -123,13 +126,13 @@ def write_dataset_card(
         }
         if name == DEFAULT_CONFIG:
             entry["default"] = True
-        metadata["configs"].append(entry)
+        card_metadata["configs"].append(entry)
         info = DatasetInfo(
             features=features,
             config_name=name,
             splits=SplitDict({split: SplitInfo(split, num_examples=counts[split]) for split in splits}),
         )
-        metadata["dataset_info"].append(info._to_yaml_dict())
+        card_metadata["dataset_info"].append(info._to_yaml_dict())
         body += [f"## Config `{name}`", "", "| split | rows |", "|---|---|"]
         body += [f"| {split} | {counts[split]} |" for split in splits]
         body += [
@@ -149,7 +152,7 @@ def write_dataset_card(
         "```",
         "",
     ]
-    card = "---\n" + yaml.safe_dump(metadata, sort_keys=False) + "---\n\n" + "\n".join(body)
+    card = "---\n" + yaml.safe_dump(card_metadata, sort_keys=False) + "---\n\n" + "\n".join(body)
     path = Path(out_dir) / "README.md"
     path.write_text(card, encoding="utf-8")
     return path

@@ -3,7 +3,17 @@
 - `import_annotations`: the paper's annotation JSON / JSONL (`image`, `summary_caption`, `detailed_report`,
   `region_extraction` "adjective|term|position", `negative_variations`) plus a box file.
 - `import_coco`: COCO-style detection JSON (`images`, `annotations` with `bbox` [x, y, w, h], `categories`).
+- `import_detection_csv`: a VinDr-CXR-style detection CSV (`image_id, class_name, x_min, y_min, x_max, y_max`,
+  several readers per image, "No finding" rows).
+- `import_phrase_grounding`: an MS-CXR-style phrase-grounding CSV (an image, a phrase, one or more boxes).
 - `import_image_csv`: an image folder and a CSV of `path, report[, label]` for global-only data.
+
+A region's caption is free text (a class name, a phrase, a triple's words); its adjective / term / position are
+read from it with the vocabulary where present and left empty otherwise. Hard negatives come from a
+`NegativeStrategy` (`negatives="adjective,position"`, default `"auto"`: given, adjective, position, term) whose
+term vocabulary is the dataset's own region names or classes; the dataset card records the strategy and what each
+kind made. Images may be PNG, JPEG, TIFF (16-bit too) or DICOM (stored as the decoded PNG; see
+`schema.stored_image`).
 
 Every importer reads its input once to learn the row ids (for the split), then streams the rows through the
 validator into parquet shards. A row that cannot be built or fails validation is reported by id; with
@@ -16,7 +26,10 @@ Args (the parameters every importer shares; each importer's docstring adds its o
     ratios: Train / validation / test shares of a seeded split, for rows without a `split` field.
     seed: Seed of the split and of the generated hard negatives.
     skip_invalid: Leave invalid rows out and count them, instead of stopping with the list of them.
-    swap_position: Also make hard negatives by mirroring the position (left / right, upper / lower).
+    negatives: The hard-negative strategy: a comma list of `given` (negatives in the file, used as they are),
+        `adjective` (contrasting adjectives), `position` (laterality / position mirrored), `term` (another region
+        name or class of the same file), tried in that order; `auto` is all four.
+    num_negatives: Hard negatives per region; a region for which the strategy finds fewer keeps those.
 """
 
 import csv
@@ -24,15 +37,36 @@ import io
 import json
 import os
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from .folder import DEFAULT_CONFIG, ShardedParquetWriter, write_dataset_card
-from .negatives import NUM_NEGATIVES, WORD, RegionTriple, generate_negatives, region_caption
-from .schema import FEATURES, SPLITS, ValidationReport, validate_rows
+from .negatives import (
+    NO_FINDING,
+    NUM_NEGATIVES,
+    WORD,
+    NegativeStrategy,
+    RegionTriple,
+    is_no_finding,
+    region_caption,
+)
+from .schema import (
+    FEATURES,
+    IMAGE_SUFFIXES,
+    SPLITS,
+    ValidationReport,
+    make_region,
+    make_row,
+    stored_image,
+    validate_rows,
+)
 from .vocabulary import ADJECTIVE_TO_GROUP, POSITION_WORDS, TERMS, grid_position
 
-NO_FINDING = "no finding"
+_KINDS = (
+    "_negative_kinds"  # a built row's per-region negative kinds, tallied for the card once the row is written
+)
 
 
 class RowError(ValueError):
@@ -48,11 +82,19 @@ class ImportSummary:
     out_dir: Path
     counts: dict[str, int]
     report: ValidationReport = field(default_factory=ValidationReport)
+    negatives: NegativeStrategy | None = None  # the strategy the regions' negatives came from, with its tally
 
     def describe(self) -> str:
         counts = ", ".join(f"{split} {count}" for split, count in self.counts.items())
         skipped = len(self.report.invalid)
-        return f"wrote {self.out_dir}: {counts}" + (f"; skipped {skipped} invalid rows" if skipped else "")
+        text = f"wrote {self.out_dir}: {counts}" + (f"; skipped {skipped} invalid rows" if skipped else "")
+        if self.negatives is not None:
+            made = ", ".join(
+                f"{kind} {count}" for kind, count in self.negatives.card_metadata()["made"].items()
+            )
+            text += f"\nhard negatives made: {made}; {self.negatives.short_regions} regions with fewer than "
+            text += str(self.negatives.num)
+        return text
 
 
 def split_assignment(
@@ -81,10 +123,20 @@ def _given_split(value, row_id: str) -> str:
 
 
 def _image_value(root: Path, name: str, row_id: str) -> dict:
+    """The stored image of `root / name`; a name without a suffix may be any image file of that stem (VinDr
+    `image_id`s name `<id>.dicom` or `<id>.png`)."""
     path = root / name
+    if not path.is_file() and not path.suffix:
+        path = next(
+            (root / f"{name}{suffix}" for suffix in IMAGE_SUFFIXES if (root / f"{name}{suffix}").is_file()),
+            path,
+        )
     if not path.is_file():
         raise RowError(row_id, f"image file {path} does not exist")
-    return {"bytes": path.read_bytes(), "path": Path(name).name}
+    try:
+        return stored_image(path)
+    except Exception as error:
+        raise RowError(row_id, str(error)) from error
 
 
 def _first_sentence(text: str) -> str:
@@ -103,10 +155,13 @@ def _decoded_lines(path: Path):
                 yield number, error
 
 
-def _write_folder(out_dir, records, build, split_of, skip_invalid, pretty_name, description) -> ImportSummary:
-    """Build, validate and write rows; `records` yields (row_id, record), `build` turns a record into a row."""
+def _write_folder(
+    out_dir, records, build, split_of, skip_invalid, description, source, strategy=None
+) -> ImportSummary:
+    """Build, validate and write rows; `records` yields (row_id, record), `build` turns a record into a row. The
+    card records `strategy`, the negative strategy the rows were built with."""
     out_dir = Path(out_dir)
-    report = ValidationReport()
+    report = ValidationReport(source=source)
 
     def built_rows():
         for row_id, record in records():
@@ -124,13 +179,21 @@ def _write_folder(out_dir, records, build, split_of, skip_invalid, pretty_name, 
     writer = ShardedParquetWriter(out_dir)
     try:
         for row in validate_rows(built_rows(), skip_invalid=skip_invalid, report=report):
+            for kinds in row.pop(_KINDS, []):
+                strategy.tally(kinds)
             writer.add(row.pop("_split"), row)
     except BaseException:
         writer.abort()
         raise
     counts = writer.close()
-    write_dataset_card(out_dir, {DEFAULT_CONFIG: ("data", FEATURES, counts)}, pretty_name, description)
-    return ImportSummary(out_dir, counts, report)
+    extra = {}
+    if strategy is not None:
+        description = f"{description}\n\n{strategy.describe()}"
+        extra["hard_negatives"] = strategy.card_metadata()
+    write_dataset_card(
+        out_dir, {DEFAULT_CONFIG: ("data", FEATURES, counts)}, out_dir.name, description, metadata=extra
+    )
+    return ImportSummary(out_dir, counts, report, strategy)
 
 
 def _splitter(records, ratios, seed):
@@ -208,8 +271,8 @@ def read_box_file(path: str | os.PathLike) -> dict[str, list[dict]]:
     return boxes
 
 
-def _negatives_for(record: dict, triples: list[RegionTriple], row_id: str, swap_position: bool, seed: int):
-    """Per region, its negative captions: from `negative_variations` when given, else generated.
+def _given_negatives(record: dict, triples: list[RegionTriple], row_id: str) -> list[list[str]]:
+    """Per region, the negative captions the record gives (`negative_variations`; empty lists where none).
 
     `negative_variations` may be full captions, or bare adjectives (the paper's "five alternative adjectives"),
     which replace the region's adjective; a list of lists gives one list per region.
@@ -220,26 +283,81 @@ def _negatives_for(record: dict, triples: list[RegionTriple], row_id: str, swap_
             raise RowError(row_id, f"negative_variations has {len(given)} lists for {len(triples)} regions")
         per_region = given
     else:
-        per_region = [given] * len(triples) if given else [None] * len(triples)
-    negatives = []
-    for triple, variations in zip(triples, per_region, strict=True):
-        if variations:
-            negatives.append(
-                [
-                    region_caption(str(v).strip().lower(), triple.term, triple.position)
-                    if len(WORD.findall(str(v))) == 1
-                    else str(v).strip()
-                    for v in variations
-                ]
-            )
-            continue
-        try:
-            negatives.append(
-                generate_negatives(triple.caption, triple.adjective, swap_position=swap_position, seed=seed)
-            )
-        except ValueError as error:
-            raise RowError(row_id, str(error)) from error
-    return negatives
+        per_region = [given or []] * len(triples)
+    return [
+        [
+            region_caption(str(v).strip().lower(), triple.term, triple.position)
+            if len(WORD.findall(str(v))) == 1
+            else str(v).strip()
+            for v in variations
+        ]
+        for triple, variations in zip(triples, per_region, strict=True)
+    ]
+
+
+def _triples(record: dict, row_id: str) -> list[RegionTriple]:
+    """The record's `region_extraction` entries (one string or a list; "No Finding" means none)."""
+    extraction = record.get("region_extraction") or []
+    extraction = [extraction] if isinstance(extraction, str) else list(extraction)
+    try:
+        return [RegionTriple.parse(item) for item in extraction if not is_no_finding(item)]
+    except ValueError as error:
+        raise RowError(row_id, str(error)) from error
+
+
+def region_structure(
+    caption: str, box=None, size: tuple[float, float] | None = None, term: str = ""
+) -> dict[str, str]:
+    """Adjective, term and position of a free-text region caption, as far as the vocabulary finds them.
+
+    The adjective is the first vocabulary adjective ("" when none: anatomy and detection captions have none); the
+    term is `term` when given (a class name), else the first vocabulary lesion term, else the caption's words
+    without position words and adjectives ("left hippocampus" → "hippocampus"); the position is the caption's
+    position words, else the grid cell of the box centre when the image `size` (width, height) is known.
+    """
+    words = [word.lower() for word in WORD.findall(caption)]
+    adjective = next((word for word in words if word in ADJECTIVE_TO_GROUP), "")
+    core = [word for word in words if word not in POSITION_WORDS and word not in ADJECTIVE_TO_GROUP]
+    term = term or next((word for word in words if word in TERMS), " ".join(core))
+    position = " ".join(word for word in words if word in POSITION_WORDS)
+    if not position and box is not None and size is not None:
+        x0, y0, x1, y1 = box
+        position = grid_position((x0 + x1) / 2 / size[0], (y0 + y1) / 2 / size[1])
+    return {"adjective": adjective, "term": term.lower(), "position": position}
+
+
+def _region(
+    strategy: NegativeStrategy,
+    box,
+    caption: str,
+    structure: dict,
+    score: float = 1.0,
+    source: str = "",
+    given=(),
+) -> tuple[dict, list[str]]:
+    """A region (with its negatives from `strategy`) and the kinds that made its negatives."""
+    negatives, kinds = strategy.make(caption, structure["adjective"], structure["term"], given)
+    region = make_region(
+        bbox=box, caption=caption, negatives=negatives, score=score, source=source, **structure
+    )
+    return region, kinds
+
+
+def _built_row(built: list[tuple[dict, list[str]]], **fields) -> dict:
+    """`make_row` of the `_region` results `built`, carrying their negative kinds for the card's tally."""
+    row = make_row(regions=[region for region, _ in built], **fields)
+    row[_KINDS] = [kinds for _, kinds in built]
+    return row
+
+
+def _strategy(negatives: str, seed: int, vocabulary, num: int = NUM_NEGATIVES) -> NegativeStrategy:
+    names = {str(name).strip().lower(): str(name).strip() for name in vocabulary if str(name).strip()}
+    return NegativeStrategy.from_text(negatives, num=num, seed=seed, vocabulary=tuple(sorted(names.values())))
+
+
+def _regions_report(captions: list[str]) -> str:
+    """The report of an image that has none of its own: its region captions, or "No Finding."."""
+    return "Findings: " + "; ".join(captions) + "." if captions else f"{NO_FINDING}."
 
 
 def import_annotations(
@@ -251,13 +369,14 @@ def import_annotations(
     ratios: tuple[float, float, float] = (0.8, 0.1, 0.1),
     seed: int = 0,
     skip_invalid: bool = False,
-    swap_position: bool = False,
+    negatives: str = "auto",
+    num_negatives: int = NUM_NEGATIVES,
 ) -> ImportSummary:
     """Import the paper's annotation JSON / JSONL and a box file (see `read_box_file`) into a dataset folder.
 
     `region_extraction` may be one "adjective|term|position" string or a list of them, paired in order with the
-    image's boxes; "No Finding" means no regions. A record's `split`, `modality`, `label` and `id` fields are used
-    when present.
+    image's boxes; the adjective and position may be empty ("|hippocampus|left"); "No Finding" means no regions. A
+    record's `split`, `modality`, `label` and `id` fields are used when present.
 
     Args:
         annotations: The annotation JSON (a list of records) or JSONL file.
@@ -266,45 +385,47 @@ def import_annotations(
     annotations, image_root = Path(annotations), Path(image_root)
     box_table = read_box_file(boxes)
     split_of = _splitter(_annotation_records(annotations), ratios, seed)
+    terms = []
+    for row_id, record in _annotation_records(annotations):
+        if isinstance(record, dict):
+            try:
+                terms += [triple.term for triple in _triples(record, row_id)]
+            except RowError:
+                continue  # reported when the row is built
+    strategy = _strategy(negatives, seed, terms, num_negatives)
 
     def build(row_id: str, record: dict) -> dict:
         name = str(record.get("image") or "")
         if not name:
             raise RowError(row_id, "record has no image file name")
         image = _image_value(image_root, name, row_id)
-        extraction = record.get("region_extraction") or []
-        extraction = [extraction] if isinstance(extraction, str) else list(extraction)
-        extraction = [item for item in extraction if str(item).strip().lower() != NO_FINDING]
-        try:
-            triples = [RegionTriple.parse(item) for item in extraction]
-        except ValueError as error:
-            raise RowError(row_id, str(error)) from error
+        triples = _triples(record, row_id)
         image_boxes = box_table.get(name, box_table.get(row_id, []))
         if len(image_boxes) != len(triples):
             raise RowError(row_id, f"{len(triples)} region_extraction entries but {len(image_boxes)} boxes")
-        negatives = _negatives_for(record, triples, row_id, swap_position, seed)
-        regions = [
-            {
-                "bbox": box["bbox"],
-                "adjective": triple.adjective,
-                "term": triple.term,
-                "position": triple.position,
-                "caption": triple.caption,
-                "negatives": region_negatives,
-                "score": float(box.get("score", 1.0)),
-                "source": str(box.get("source", "annotation")),
-            }
-            for triple, box, region_negatives in zip(triples, image_boxes, negatives, strict=True)
+        built = [
+            _region(
+                strategy,
+                box["bbox"],
+                triple.caption,
+                {"adjective": triple.adjective, "term": triple.term, "position": triple.position},
+                float(box.get("score", 1.0)),
+                str(box.get("source", "annotation")),
+                given,
+            )
+            for triple, box, given in zip(
+                triples, image_boxes, _given_negatives(record, triples, row_id), strict=True
+            )
         ]
-        return {
-            "id": row_id,
-            "image": image,
-            "modality": str(record.get("modality") or modality),
-            "summary_caption": str(record.get("summary_caption") or ""),
-            "detailed_report": str(record.get("detailed_report") or ""),
-            "regions": regions,
-            "label": record.get("label"),
-        }
+        return _built_row(
+            built,
+            id=row_id,
+            image=image,
+            modality=str(record.get("modality") or modality),
+            summary_caption=str(record.get("summary_caption") or ""),
+            detailed_report=str(record.get("detailed_report") or ""),
+            label=record.get("label"),
+        )
 
     return _write_folder(
         out_dir,
@@ -312,26 +433,14 @@ def import_annotations(
         build,
         split_of,
         skip_invalid,
-        pretty_name=Path(out_dir).name,
         description=f"Imported from {annotations.name} (RegionMed-CLIP annotation format) with boxes from "
         f"{Path(boxes).name}.",
+        strategy=strategy,
+        source=annotations.name,
     )
 
 
 # ---- COCO --------------------------------------------------------------------------------------------------------
-
-
-def parse_region_text(caption: str, box, width: float, height: float, fallback_term: str) -> dict:
-    """Adjective, term and position of a free-text region caption (vocabulary look-up); a position not named in
-    the text comes from the box centre."""
-    words = [word.lower() for word in WORD.findall(caption)]
-    adjective = next((word for word in words if word in ADJECTIVE_TO_GROUP), "")
-    term = next((word for word in words if word in TERMS), fallback_term)
-    position = " ".join(word for word in words if word in POSITION_WORDS)
-    if not position:
-        x0, y0, x1, y1 = box
-        position = grid_position((x0 + x1) / 2 / width, (y0 + y1) / 2 / height)
-    return {"adjective": adjective, "term": term, "position": position}
 
 
 def import_coco(
@@ -344,14 +453,18 @@ def import_coco(
     ratios: tuple[float, float, float] = (0.8, 0.1, 0.1),
     seed: int = 0,
     skip_invalid: bool = False,
-    swap_position: bool = False,
+    negatives: str = "auto",
+    num_negatives: int = NUM_NEGATIVES,
 ) -> ImportSummary:
     """Import a COCO-style detection JSON: one row per image, one region per annotation with a `bbox`.
 
-    A region's caption is the annotation's `caption_field`, or its category name; adjective / term / position are
-    read from that text with the vocabulary (position from the box centre when not named). The image's report is
-    its `report_field` (or `caption`), else the list of its region captions; the summary is the report's first
-    sentence. Images may carry `split`, `modality` and `label`.
+    A region's caption is the annotation's `caption_field`, or its category name (anatomical names such as "left
+    hippocampus" work as they are); adjective / term / position come from the annotation's `attributes` when it has
+    them, else from the caption with the vocabulary (see `region_structure`). Negatives given with an annotation
+    (`negatives`, or `attributes.negatives`) are the `given` kind of the `negatives` strategy; the `term` kind swaps
+    among the terms of the file's categories and captions. The image's report is its `report_field` (or
+    `caption`), else the list of its region captions; the summary is the report's first sentence. Images may carry
+    `split`, `modality` and `label`.
 
     Args:
         annotations: The COCO JSON (`images`, `annotations` with `bbox` [x, y, w, h], `categories`).
@@ -368,46 +481,64 @@ def import_coco(
     images = {str(image.get("id")): image for image in data.get("images", [])}
     split_of = _splitter(images.items(), ratios, seed)
 
+    def caption_of(annotation: dict) -> str:
+        category = str(categories.get(annotation.get("category_id"), ""))
+        return " ".join(str(annotation.get(caption_field) or category).split())
+
+    def structure_of(annotation: dict, caption: str, box, size) -> dict:
+        attributes = annotation.get("attributes") or {}
+        structure = region_structure(caption, box, size, str(attributes.get("term") or ""))
+        structure.update(
+            {key: str(attributes[key]) for key in ("adjective", "position") if attributes.get(key)}
+        )
+        return structure
+
+    vocabulary = [
+        structure_of(annotation, caption_of(annotation), None, None)["term"]
+        for annotations_of_image in by_image.values()
+        for annotation in annotations_of_image
+    ]
+    strategy = _strategy(negatives, seed, vocabulary, num_negatives)
+
     def build(row_id: str, image: dict) -> dict:
         value = _image_value(image_root, str(image.get("file_name", "")), row_id)
         width, height = float(image.get("width") or 0), float(image.get("height") or 0)
         if width <= 0 or height <= 0:
             raise RowError(row_id, "image entry needs positive width and height")
-        regions = []
+        built = []
         for annotation in by_image.get(image["id"], []):
             x, y, w, h = (float(v) for v in annotation["bbox"])
             box = [x, y, x + w, y + h]
-            category = str(categories.get(annotation.get("category_id"), "lesion"))
-            caption = str(annotation.get(caption_field) or category)
-            parsed = parse_region_text(caption, box, width, height, category)
-            try:
-                negatives = generate_negatives(
-                    caption, parsed["adjective"] or None, swap_position=swap_position, seed=seed
+            caption = caption_of(annotation)
+            if not caption:
+                raise RowError(
+                    row_id, f"annotation {annotation.get('id')} has no caption and no category name"
                 )
-            except ValueError as error:
-                raise RowError(row_id, f"annotation {annotation.get('id')}: {error}") from error
-            regions.append(
-                {
-                    "bbox": box,
-                    **parsed,
-                    "caption": caption,
-                    "negatives": negatives,
-                    "score": float(annotation.get("score", 1.0)),
-                    "source": "coco",
-                }
+            given = annotation.get("negatives") or (annotation.get("attributes") or {}).get("negatives") or ()
+            built.append(
+                _region(
+                    strategy,
+                    box,
+                    caption,
+                    structure_of(annotation, caption, box, (width, height)),
+                    float(annotation.get("score", 1.0)),
+                    "coco",
+                    given,
+                )
             )
+        regions = [region for region, _ in built]
         report = str(image.get(report_field) or image.get("caption") or "")
         if not report and regions:
-            report = "Findings: " + "; ".join(region["caption"] for region in regions) + "."
-        return {
-            "id": row_id,
-            "image": value,
-            "modality": str(image.get("modality") or modality),
-            "summary_caption": str(image.get("summary") or _first_sentence(report)),
-            "detailed_report": report,
-            "regions": regions,
-            "label": image.get("label"),
-        }
+            report = _regions_report([region["caption"] for region in regions])
+        return _built_row(
+            built,
+            id=row_id,
+            image=value,
+            modality=str(image.get("modality") or modality),
+            summary_caption=str(image.get("summary") or _first_sentence(report)),
+            detailed_report=report,
+            label=image.get("label"),
+        )
 
     return _write_folder(
         out_dir,
@@ -415,8 +546,284 @@ def import_coco(
         build,
         split_of,
         skip_invalid,
-        pretty_name=Path(out_dir).name,
         description=f"Imported from the COCO-style file {annotations.name}.",
+        strategy=strategy,
+        source=annotations.name,
+    )
+
+
+# ---- tabular box files: detection (VinDr-CXR) and phrase grounding (MS-CXR) --------------------------------------
+
+
+def _table_records(path: Path, image_column: str) -> dict[str, list[tuple[int, dict]]]:
+    """The rows of a CSV grouped by image, each with its line number; an undecodable line or a row without an
+    image names the file and line."""
+    grouped: dict[str, list[tuple[int, dict]]] = {}
+    lines = list(_decoded_lines(path))
+    if not lines:
+        raise ValueError(f"{path} is empty")
+    for number, line in lines:
+        if isinstance(line, Exception):
+            raise ValueError(f"{path} line {number}: text is not valid UTF-8 ({line})")
+    header = next(csv.reader([lines[0][1]]))
+    for number, line in lines[1:]:
+        if not line.strip():
+            continue
+        record = dict(zip(header, next(csv.reader([line])), strict=False))
+        name = str(record.get(image_column) or "").strip()
+        if not name:
+            raise ValueError(f"{path} line {number}: no {image_column!r} value")
+        grouped.setdefault(name, []).append((number, record))
+    return grouped
+
+
+def _box(
+    record: dict, columns: tuple[str, str, str, str], where: str, xywh: bool = False
+) -> list[float] | None:
+    """The pixel box `[x0, y0, x1, y1]` of a CSV row (`xywh`: the columns are x, y, width, height), or None when
+    every box column is empty; some empty or a non-number is an error naming `where`."""
+    values = [str(record.get(column) or "").strip() for column in columns]
+    if not any(values) or all(value.lower() == "nan" for value in values):
+        return None
+    try:
+        x0, y0, a, b = (float(value) for value in values)
+    except ValueError as error:
+        raise ValueError(f"{where}: box columns {columns} must be numbers, got {values}") from error
+    return [x0, y0, x0 + a, y0 + b] if xywh else [x0, y0, a, b]
+
+
+def _iou(a: list[float], b: list[float]) -> float:
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = width * height
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def merge_reader_boxes(
+    boxes: list[tuple[list[float], str]], num_readers: int, iou_threshold: float = 0.4
+) -> list[tuple[list[float], float, list[str]]]:
+    """Fuse one class's boxes drawn by several readers on one image.
+
+    Boxes are visited largest first; a box joins the first group whose mean box it overlaps with IoU ≥
+    `iou_threshold` and that has no box of the same reader yet, else it starts a group. Each group gives one box,
+    the mean of its members' coordinates, with the score `readers in the group / readers of the image` (the
+    readers' agreement, which the collator's sampling weights by) and the group's readers.
+
+    Args:
+        boxes: (box, reader) pairs.
+        num_readers: How many readers read the image (the agreement's denominator).
+        iou_threshold: The overlap at which two readers' boxes are taken to mark the same finding.
+    """
+    groups: list[list[tuple[list[float], str]]] = []
+    order = sorted(boxes, key=lambda item: -(item[0][2] - item[0][0]) * (item[0][3] - item[0][1]))
+    for box, reader in order:
+        for group in groups:
+            mean = [sum(member[0][k] for member in group) / len(group) for k in range(4)]
+            if reader not in {member[1] for member in group} and _iou(box, mean) >= iou_threshold:
+                group.append((box, reader))
+                break
+        else:
+            groups.append([(box, reader)])
+    merged = []
+    for group in groups:
+        mean = [sum(member[0][k] for member in group) / len(group) for k in range(4)]
+        readers = sorted({member[1] for member in group})
+        merged.append((mean, len(readers) / max(num_readers, len(readers)), readers))
+    return merged
+
+
+def import_detection_csv(
+    csv_path: str | os.PathLike,
+    image_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    image_column: str = "image_id",
+    class_column: str = "class_name",
+    reader_column: str = "rad_id",
+    readers: Literal["merge", "keep"] = "merge",
+    iou_threshold: float = 0.4,
+    modality: str = "chest radiograph",
+    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    skip_invalid: bool = False,
+    negatives: str = "auto",
+    num_negatives: int = NUM_NEGATIVES,
+) -> ImportSummary:
+    """Import a VinDr-CXR-style detection CSV: `image_id, class_name, x_min, y_min, x_max, y_max` (pixels), one
+    row per box, `rad_id` naming the reader.
+
+    Each region's caption is its class name ("Pleural effusion"; also its term); an image's only-"No finding" rows
+    make an image with no regions. `image_id` names the file in `image_root` with or without its suffix (`.dicom`,
+    `.png`, …). Several readers' boxes of one class on one image are merged with `readers="merge"` (the default,
+    see `merge_reader_boxes`: one region per finding, its score the readers' agreement, its source the readers),
+    or kept as they are with `readers="keep"` (one region per reader box, score 1, source the reader). A row with
+    a class but no box (VinDr's test labels) is an error naming the file and line. The report is the list of the
+    image's findings, or "No Finding."; the `label` is the image's most frequent class, or "No Finding". The
+    `term` negatives swap among the file's class names.
+
+    Args:
+        csv_path: The detection CSV, one row per box.
+        image_column: The column naming each row's image (a file in `image_root`, with or without its suffix).
+        class_column: The column holding each box's class name ("No finding" rows mark a reader's normal read).
+        reader_column: The column naming the reader who drew the box.
+        readers: "merge" (fuse the readers' boxes of one finding) or "keep" (every reader's box is a region).
+        iou_threshold: With `readers="merge"`, the overlap at which two readers' boxes mark the same finding.
+    """
+    if readers not in ("merge", "keep"):
+        raise ValueError(f'readers must be "merge" or "keep", got {readers!r}')
+    csv_path, image_root = Path(csv_path), Path(image_root)
+    columns = ("x_min", "y_min", "x_max", "y_max")
+    grouped = _table_records(csv_path, image_column)
+    classes = [record.get(class_column) or "" for rows in grouped.values() for _, record in rows]
+    strategy = _strategy(
+        negatives, seed, [name for name in classes if not is_no_finding(name)], num_negatives
+    )
+    records = {
+        Path(name).stem if Path(name).suffix.lower() in IMAGE_SUFFIXES else name: (name, rows)
+        for name, rows in grouped.items()
+    }
+    split_of = _splitter(list(records.items()), ratios, seed)
+
+    def build(row_id: str, record) -> dict:
+        name, rows = record
+        per_class: dict[str, list[tuple[list[float], str]]] = {}
+        for number, entry in rows:
+            where = f"{csv_path.name} line {number}"
+            class_name = " ".join(str(entry.get(class_column) or "").split())
+            if not class_name:
+                raise RowError(row_id, f"{where}: no {class_column!r} value")
+            try:
+                box = _box(entry, columns, where)
+            except ValueError as error:
+                raise RowError(row_id, str(error)) from error
+            if is_no_finding(class_name):
+                continue
+            if box is None:
+                raise RowError(row_id, f"{where}: class {class_name!r} has no box")
+            per_class.setdefault(class_name, []).append((box, str(entry.get(reader_column) or "")))
+        num_readers = len({str(entry.get(reader_column) or "") for _, entry in rows})
+        found = []
+        for class_name, boxes in per_class.items():
+            if readers == "merge":
+                found += [
+                    (class_name, box, score, ",".join(names))
+                    for box, score, names in merge_reader_boxes(boxes, num_readers, iou_threshold)
+                ]
+            else:
+                found += [(class_name, box, 1.0, reader) for box, reader in boxes]
+        built = [
+            _region(
+                strategy,
+                box,
+                class_name,
+                region_structure(class_name, term=class_name),
+                score,
+                source or "detection",
+            )
+            for class_name, box, score, source in found
+        ]
+        regions = [region for region, _ in built]
+        report = _regions_report(sorted({region["caption"] for region in regions}))
+        counts = Counter(class_name for class_name, *_ in found)
+        return _built_row(
+            built,
+            id=row_id,
+            image=_image_value(image_root, name, row_id),
+            modality=modality,
+            summary_caption=_first_sentence(report),
+            detailed_report=report,
+            label=min(counts, key=lambda c: (-counts[c], c)) if counts else NO_FINDING,
+        )
+
+    return _write_folder(
+        out_dir,
+        lambda: records.items(),
+        build,
+        split_of,
+        skip_invalid,
+        description=f"Imported from the detection CSV {csv_path.name} (readers' boxes: {readers}"
+        + (f", IoU ≥ {iou_threshold} merged" if readers == "merge" else "")
+        + ").",
+        strategy=strategy,
+        source=csv_path.name,
+    )
+
+
+def import_phrase_grounding(
+    csv_path: str | os.PathLike,
+    image_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    image_column: str = "path",
+    phrase_column: str = "label_text",
+    category_column: str = "category_name",
+    box_columns: tuple[str, str, str, str] = ("x", "y", "w", "h"),
+    modality: str = "chest radiograph",
+    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    skip_invalid: bool = False,
+    negatives: str = "auto",
+    num_negatives: int = NUM_NEGATIVES,
+) -> ImportSummary:
+    """Import an MS-CXR-style phrase-grounding CSV (`dicom_id, category_name, label_text, path, x, y, w, h, …`):
+    one row per box, the boxes of a phrase on consecutive rows.
+
+    Each box is a region whose caption is its phrase (a phrase with two boxes gives two regions with the same
+    caption; the region loss does not treat identical captions as negatives of each other). The term is the
+    `category_column` value ("Pleural effusion") when there is one, and the `term` negatives swap among the
+    file's categories where the phrase names its category. The report lists the image's phrases, the summary is
+    the first. Boxes are `x, y, width, height` pixels (`box_columns`).
+
+    Args:
+        csv_path: The phrase-grounding CSV, one row per box.
+        image_column: The column holding each image's path, relative to `image_root`.
+        phrase_column: The column holding the grounded phrase (the region caption).
+        category_column: The column holding the phrase's finding class (the region term; may be absent).
+        box_columns: The four columns of a box: x, y, width, height in pixels.
+    """
+    csv_path, image_root = Path(csv_path), Path(image_root)
+    grouped = _table_records(csv_path, image_column)
+    categories = [record.get(category_column) or "" for rows in grouped.values() for _, record in rows]
+    strategy = _strategy(negatives, seed, categories, num_negatives)
+    records = {Path(name).with_suffix("").as_posix(): (name, rows) for name, rows in grouped.items()}
+    split_of = _splitter(list(records.items()), ratios, seed)
+
+    def build(row_id: str, record) -> dict:
+        name, rows = record
+        built, phrases = [], []
+        for number, entry in rows:
+            where = f"{csv_path.name} line {number}"
+            phrase = " ".join(str(entry.get(phrase_column) or "").split())
+            try:
+                box = _box(entry, box_columns, where, xywh=True)
+            except ValueError as error:
+                raise RowError(row_id, str(error)) from error
+            if box is None:
+                raise RowError(row_id, f"{where}: the phrase {phrase!r} has no box")
+            category = " ".join(str(entry.get(category_column) or "").split())
+            structure = region_structure(phrase, term=category)
+            built.append(_region(strategy, box, phrase, structure, 1.0, "grounding"))
+            if phrase not in phrases:
+                phrases.append(phrase)
+        report = ". ".join(phrase.rstrip(".") for phrase in phrases) + "."
+        return _built_row(
+            built,
+            id=row_id,
+            image=_image_value(image_root, name, row_id),
+            modality=modality,
+            summary_caption=phrases[0].rstrip(".") + ".",
+            detailed_report=report,
+            label=" ".join(str(rows[0][1].get(category_column) or "").split()) or None,
+        )
+
+    return _write_folder(
+        out_dir,
+        lambda: records.items(),
+        build,
+        split_of,
+        skip_invalid,
+        description=f"Imported from the phrase-grounding CSV {csv_path.name}.",
+        strategy=strategy,
+        source=csv_path.name,
     )
 
 
@@ -466,15 +873,14 @@ def import_image_csv(
 
     def build(row_id: str, record: dict) -> dict:
         report = str(record.get(report_column) or "")
-        return {
-            "id": row_id,
-            "image": _image_value(image_root, str(record.get(path_column) or ""), row_id),
-            "modality": str(record.get("modality") or modality),
-            "summary_caption": str(record.get("summary") or _first_sentence(report)),
-            "detailed_report": report,
-            "regions": [],
-            "label": record.get(label_column) or None,
-        }
+        return make_row(
+            id=row_id,
+            image=_image_value(image_root, str(record.get(path_column) or ""), row_id),
+            modality=str(record.get("modality") or modality),
+            summary_caption=str(record.get("summary") or _first_sentence(report)),
+            detailed_report=report,
+            label=record.get(label_column) or None,
+        )
 
     return _write_folder(
         out_dir,
@@ -482,8 +888,8 @@ def import_image_csv(
         build,
         split_of,
         skip_invalid,
-        pretty_name=Path(out_dir).name,
         description=f"Imported from the image list {csv_path.name} (global image–report pairs, no regions).",
+        source=csv_path.name,
     )
 
 
@@ -492,8 +898,11 @@ __all__ = [
     "NUM_NEGATIVES",
     "import_annotations",
     "import_coco",
+    "import_detection_csv",
     "import_image_csv",
-    "parse_region_text",
+    "import_phrase_grounding",
+    "merge_reader_boxes",
     "read_box_file",
+    "region_structure",
     "split_assignment",
 ]

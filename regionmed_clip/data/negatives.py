@@ -1,15 +1,23 @@
-"""Hard-negative region captions: the positive caption with its adjective (optionally its position) contradicted.
+"""Hard-negative region captions: the positive caption with one part of it contradicted.
 
 The paper makes five negatives per region by replacing the shape / appearance adjective with contrasting ones
-(appendix B). Here the adjective's strongest contrasts come first, then the rest of its vocabulary group in a seeded
-order; with `swap_position=True` the first negative instead mirrors the position (left↔right, upper↔lower). The
-same caption and seed always give the same negatives, whatever else is processed, because the random stream is
+(appendix B): `generate_negatives` does that (the adjective's strongest contrasts first, then the rest of its
+vocabulary group in a seeded order; with `swap_position=True` the first negative instead mirrors the position).
+
+Anatomy and detection data have no lesion adjectives, so `NegativeStrategy` chooses, per dataset, among four kinds
+tried in the order given: `given` (negatives read from the file), `adjective` (the paper's swap), `position`
+(laterality / position mirrored: left↔right, upper↔lower, …) and `term` (the region's name replaced by another
+name from the dataset's own vocabulary of region names or classes: "left hippocampus" → "left amygdala"). A
+region for which the kinds find fewer negatives than asked keeps the ones found (the loss masks missing slots).
+The same caption and seed always give the same negatives, whatever else is processed, because each random stream is
 seeded from the caption itself.
 """
 
 import random
 import re
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
 
 from .vocabulary import ADJECTIVE_TO_GROUP, OPPOSITES, POSITION_OPPOSITES, contrasts
 
@@ -17,23 +25,53 @@ WORD = re.compile(r"[A-Za-z]+(?:-[A-Za-z]+)*")
 NUM_NEGATIVES = 5
 
 
+NO_FINDING = "No Finding"  # the paper's region_extraction for an image without findings (compared normalised)
+_ADJECTIVE = re.compile(r"^[a-z]+(?:-[a-z]+)*$")
+
+
+def is_no_finding(value) -> bool:
+    """Whether a text says "no finding" (any case or punctuation: "No Finding", "No finding", "no-finding")."""
+    return isinstance(value, str) and normalize_caption(value).replace(" ", "") == "nofinding"
+
+
 @dataclass(frozen=True)
 class RegionTriple:
-    """The paper's `region_extraction`: "adjective|term|position"."""
+    """The paper's `region_extraction`: "adjective|term|position". The term is required; the adjective (one word,
+    hyphens allowed) and the position may be empty ("|hippocampus|left"), since anatomy and detection regions have
+    no lesion adjective."""
 
     adjective: str
     term: str
     position: str
 
     @classmethod
-    def parse(cls, text: str) -> "RegionTriple":
-        parts = [part.strip() for part in str(text).split("|")]
-        if len(parts) != 3 or not parts[0] or not parts[1]:
+    def parse(cls, text: str, position_words: Collection[str] | None = None) -> "RegionTriple":
+        """Parse "adjective|term|position" (case and spacing normalised).
+
+        Args:
+            text: The triple.
+            position_words: When given, the position may use only these words.
+
+        Raises:
+            ValueError: not three parts, an empty term, an adjective of several words, or a position word outside
+                `position_words`.
+        """
+        parts = [" ".join(part.split()).lower() for part in str(text).split("|")]
+        if len(parts) != 3 or not parts[1]:
             raise ValueError(
-                f"region_extraction must be 'adjective|term|position' (two '|', adjective and term non-empty), "
-                f"got {text!r}"
+                f"region_extraction must be 'adjective|term|position': three parts with a non-empty term (the "
+                f"adjective and position may be empty), got {text!r}"
             )
-        return cls(parts[0].lower(), parts[1].lower(), parts[2].lower())
+        adjective, term, position = parts
+        if adjective and not _ADJECTIVE.match(adjective):
+            raise ValueError(f"the adjective {adjective!r} of {text!r} must be one word (hyphens allowed)")
+        if position_words is not None:
+            unknown = [word for word in position.split() if word not in position_words]
+            if unknown:
+                raise ValueError(
+                    f"the position {position!r} of {text!r} uses {unknown}; use only {', '.join(sorted(position_words))}"
+                )
+        return cls(adjective, term, position)
 
     @property
     def caption(self) -> str:
@@ -69,6 +107,23 @@ def _swap_positions(caption: str) -> str | None:
     return caption
 
 
+def _adjective_swaps(caption: str, adjective: str | None, rng: random.Random) -> list[str]:
+    """The caption with a vocabulary adjective (`adjective` when it is in the caption) replaced by its strong
+    contrasts, then by the rest of its group in a seeded order."""
+    spans = _spans(caption, ADJECTIVE_TO_GROUP)
+    if adjective is not None:
+        spans = [span for span in spans if span.group().lower() == adjective.lower()] or spans
+    strong, weak = [], []
+    for span in spans:
+        word = span.group().lower()
+        for contrast in contrasts(word):
+            (strong if contrast in OPPOSITES.get(word, ()) else weak).append(
+                _replace(caption, span, contrast)
+            )
+    rng.shuffle(weak)
+    return strong + weak
+
+
 def generate_negatives(
     caption: str,
     adjective: str | None = None,
@@ -92,21 +147,10 @@ def generate_negatives(
             or not enough distinct negatives exist.
     """
     rng = random.Random(f"{seed}|{caption}")
-    spans = _spans(caption, ADJECTIVE_TO_GROUP)
-    if adjective is not None:
-        spans = [span for span in spans if span.group().lower() == adjective.lower()] or spans
     candidates = []
     if swap_position and (mirrored := _swap_positions(caption)) is not None:
         candidates.append(mirrored)
-    strong, weak = [], []
-    for span in spans:
-        word = span.group().lower()
-        for contrast in contrasts(word):
-            (strong if contrast in OPPOSITES.get(word, ()) else weak).append(
-                _replace(caption, span, contrast)
-            )
-    rng.shuffle(weak)
-    candidates += strong + weak
+    candidates += _adjective_swaps(caption, adjective, rng)
 
     positive = normalize_caption(caption)
     negatives, seen = [], {positive}
@@ -121,3 +165,129 @@ def generate_negatives(
         f"cannot make {num} hard negatives for region caption {caption!r}: found "
         f"{len(negatives)}; it needs an adjective from the vocabulary (e.g. round, irregular, ill-defined)."
     )
+
+
+def _swap_terms(caption: str, term: str, vocabulary: Sequence[str], rng: random.Random) -> list[str]:
+    """The caption with its `term` (found case-insensitively) replaced by each other vocabulary term, seeded order."""
+    if not term:
+        return []
+    found = re.search(rf"(?<![A-Za-z]){re.escape(term)}(?![A-Za-z])", caption, flags=re.IGNORECASE)
+    if found is None:
+        return []
+    others = sorted({other for other in vocabulary if other and other.lower() != term.lower()})
+    rng.shuffle(others)
+    # A lower-case caption gets lower-case names ("small left pneumonia", not "small left Pneumonia").
+    lower = found.group().islower()
+    return [_replace(caption, found, other.lower() if lower else other) for other in others]
+
+
+def _mirrored_positions(caption: str) -> list[str]:
+    """Every position word mirrored at once, then each one alone ("left upper" → "right lower", "right upper",
+    "left lower")."""
+    spans = _spans(caption, POSITION_OPPOSITES)
+    if not spans:
+        return []
+    candidates = [_swap_positions(caption)]
+    if len(spans) > 1:
+        candidates += [_replace(caption, span, POSITION_OPPOSITES[span.group().lower()]) for span in spans]
+    return candidates
+
+
+NEGATIVE_KINDS = ("given", "adjective", "position", "term")
+
+
+@dataclass
+class NegativeStrategy:
+    """How a dataset's hard negatives are made, and a tally of what made them (for the dataset card).
+
+    Args:
+        kinds: The kinds tried in order until `num` negatives are found (see the module docstring); `"auto"` in a
+            comma list is all of them in the order `given, adjective, position, term`.
+        num: Negatives per region.
+        vocabulary: The dataset's region names or classes, for the `term` kind.
+        seed: Seed of the choice among equally good candidates.
+    """
+
+    kinds: tuple[str, ...] = NEGATIVE_KINDS
+    num: int = NUM_NEGATIVES
+    vocabulary: tuple[str, ...] = ()
+    seed: int = 0
+    made: Counter = field(default_factory=Counter)
+    short_regions: int = 0
+
+    def __post_init__(self):
+        unknown = [kind for kind in self.kinds if kind not in NEGATIVE_KINDS]
+        if unknown or not self.kinds:
+            raise ValueError(f"negative kinds must be some of {NEGATIVE_KINDS}, got {list(self.kinds)}")
+        if self.num < 0:
+            raise ValueError(f"the number of negatives must be non-negative, got {self.num}")
+
+    @classmethod
+    def from_text(cls, text: str, **kwargs) -> "NegativeStrategy":
+        """A strategy from a comma list such as "adjective,position" or "auto"."""
+        kinds = [kind.strip().lower() for kind in str(text).split(",") if kind.strip()]
+        if kinds == ["auto"]:
+            kinds = list(NEGATIVE_KINDS)
+        return cls(tuple(kinds), **kwargs)
+
+    def make(
+        self, caption: str, adjective: str = "", term: str = "", given: Sequence[str] = ()
+    ) -> tuple[list[str], list[str]]:
+        """Up to `num` distinct negatives of `caption`, none equal to it (compared as normalised text), and the kind
+        that made each; fewer when the kinds find fewer. Negatives given for the region (kind `given`) are its
+        negatives as they are, not topped up by generated ones (`row_problems` rejects one equal to the caption,
+        naming the row)."""
+        rng = random.Random(f"{self.seed}|{caption}")
+        negatives, kinds, seen = [], [], {normalize_caption(caption)}
+        for kind in self.kinds:
+            if kind == "given":
+                candidates = [str(item).strip() for item in given]
+            elif kind == "adjective":
+                candidates = _adjective_swaps(caption, adjective or None, rng)
+            elif kind == "position":
+                candidates = _mirrored_positions(caption)
+            else:
+                candidates = _swap_terms(caption, term, self.vocabulary, rng)
+            for candidate in candidates:
+                if len(negatives) == self.num:
+                    break
+                key = normalize_caption(candidate)
+                if kind == "given" or key not in seen:
+                    seen.add(key)
+                    negatives.append(candidate)
+                    kinds.append(kind)
+            if kind == "given" and negatives:
+                break  # the file's own negatives are the region's negatives, not topped up by generated ones
+        return negatives, kinds
+
+    def tally(self, kinds: Sequence[str]) -> None:
+        """Count one written region's negatives (the kinds `make` returned) for the card."""
+        self.made.update(kinds)
+        self.short_regions += len(kinds) < self.num
+
+    def describe(self) -> str:
+        """One paragraph for the dataset card: the kinds, their order and what each made."""
+        made = ", ".join(f"{kind} {self.made.get(kind, 0)}" for kind in self.kinds)
+        text = (
+            f"Hard negatives ({self.num} per region, seed {self.seed}) were made by the strategies "
+            f"{', '.join(f'`{kind}`' for kind in self.kinds)}, tried in that order. Negatives made by each: {made}."
+        )
+        if self.short_regions:
+            text += (
+                f" {self.short_regions} regions have fewer than {self.num} negatives (the loss masks the missing "
+                "slots)."
+            )
+        if "term" in self.kinds:
+            shown = ", ".join(sorted(self.vocabulary)[:20]) + (" …" if len(self.vocabulary) > 20 else "")
+            text += f" Term vocabulary ({len(self.vocabulary)} names): {shown}."
+        return text
+
+    def card_metadata(self) -> dict:
+        """The strategy as YAML-ready data for the card's front matter."""
+        return {
+            "kinds": list(self.kinds),
+            "per_region": self.num,
+            "seed": self.seed,
+            "made": {kind: self.made.get(kind, 0) for kind in self.kinds},
+            "regions_with_fewer": self.short_regions,
+        }

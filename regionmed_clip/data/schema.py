@@ -3,15 +3,27 @@
 One row per image: `id`, `image`, `modality`, `summary_caption`, `detailed_report`, `regions` (each with a pixel
 `bbox` [x0, y0, x1, y1], `adjective`, `term`, `position`, `caption`, `negatives`, `score`, `source`) and an optional
 `label`. Synthetic VQA pairs live in a second config with `VQA_FEATURES`, pointing at rows by `image_id`.
+
+A region's `caption` is free text and the only text a region needs; `adjective`, `term` and `position` are optional
+structure (the paper's triple, or what the vocabulary finds in the caption), empty strings where absent: anatomy
+and detection regions have no lesion adjective. `make_region` and `make_row` build every row that is written
+(importers, MedRegion-synth, the annotation pipeline), so the dict layout is spelled once.
 """
 
 import io
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 from datasets import Features, Image, List, Value
 from PIL import Image as PILImage
 
+from ..image_processing_regionmed_clip import decode_image, is_dicom_file
 from .negatives import normalize_caption
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom")
 
 REGION_FEATURES = {
     "bbox": List(Value("float32"), length=4),
@@ -48,6 +60,73 @@ VQA_FEATURES = Features(
 )
 
 SPLITS = ("train", "validation", "test")
+
+
+def stored_image(path: str | os.PathLike) -> dict:
+    """The `image` value of a file: its own bytes (no re-encoding, so boxes stay in its pixel frame), except DICOM,
+    which `datasets` cannot decode: it is stored as the PNG of the package's decoding (`decode_image`: modality and
+    VOI LUT, MONOCHROME1 inverted), which keeps the pixel frame too.
+
+    Raises:
+        DecodeError: a DICOM file cannot be decoded; the message names it.
+    """
+    path = Path(path)
+    if not is_dicom_file(path):
+        return {"bytes": path.read_bytes(), "path": path.name}
+    pixels = decode_image(path, where="image")
+    buffer = io.BytesIO()
+    PILImage.fromarray(np.clip(pixels * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="RGB").save(
+        buffer, format="PNG"
+    )
+    return {"bytes": buffer.getvalue(), "path": path.with_suffix(".png").name}
+
+
+def make_region(
+    *,
+    bbox: Sequence[float],
+    caption: str,
+    negatives: Sequence[str] = (),
+    adjective: str = "",
+    term: str = "",
+    position: str = "",
+    score: float = 1.0,
+    source: str = "",
+) -> dict:
+    """One region of a row: a pixel box `[x0, y0, x1, y1]`, its free-text caption, its hard negatives, and the
+    optional adjective / term / position structure."""
+    return {
+        "bbox": [float(value) for value in bbox],
+        "adjective": adjective or "",
+        "term": term or "",
+        "position": position or "",
+        "caption": caption,
+        "negatives": [str(negative) for negative in negatives],
+        "score": float(score),
+        "source": source,
+    }
+
+
+def make_row(
+    *,
+    id: str,
+    image,
+    summary_caption: str,
+    detailed_report: str,
+    regions: Sequence[dict] = (),
+    modality: str = "unknown",
+    label: str | None = None,
+) -> dict:
+    """One row: an image (PIL, or an encoded `{"bytes", "path"}` dict), its captions and its regions (each from
+    `make_region`). `label` is `None` when the data has none."""
+    return {
+        "id": str(id),
+        "image": image,
+        "modality": modality,
+        "summary_caption": summary_caption,
+        "detailed_report": detailed_report,
+        "regions": list(regions),
+        "label": None if label is None else str(label),
+    }
 
 
 def _image_size(image) -> tuple[int, int]:
@@ -101,13 +180,16 @@ def row_problems(row: dict) -> list[str]:
 
 @dataclass
 class ValidationReport:
-    """What `validate_rows` found: invalid rows by id with their problems, and how many rows were checked."""
+    """What `validate_rows` found: invalid rows by id with their problems, how many rows were checked, and the
+    file they came from (`source`, when known)."""
 
     checked: int = 0
     invalid: dict[str, list[str]] = field(default_factory=dict)
+    source: str = ""
 
     def describe(self, limit: int = 20) -> str:
-        lines = [f"{len(self.invalid)} of {self.checked} rows are invalid:"]
+        where = f" of {self.source}" if self.source else ""
+        lines = [f"{len(self.invalid)} of {self.checked} rows{where} are invalid:"]
         for row_id, problems in list(self.invalid.items())[:limit]:
             lines.append(f"  {row_id}: {'; '.join(problems)}")
         if len(self.invalid) > limit:

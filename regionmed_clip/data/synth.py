@@ -26,8 +26,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from .folder import DEFAULT_CONFIG, ShardedParquetWriter, write_dataset_card
-from .negatives import RegionTriple, generate_negatives
-from .schema import FEATURES, SPLITS, VQA_FEATURES
+from .negatives import NegativeStrategy, RegionTriple, generate_negatives
+from .schema import FEATURES, SPLITS, VQA_FEATURES, make_region, make_row
 from .vocabulary import contrasts, grid_position
 
 ADJECTIVES = ("round", "oval", "irregular", "spiculated", "lobulated")
@@ -290,7 +290,9 @@ def vqa_pairs(row_id: str, modality: str, lesions: list[Lesion], rng: np.random.
     if rng.random() < 0.5:
         asked, answer = (lesion.term, lesion.position), "yes"
     else:
-        absent = [(t, p) for t in TERMS for p in {item.position for item in lesions} if (t, p) not in present]
+        # Positions in lesion order, not a set's: set order of strings changes with PYTHONHASHSEED.
+        positions = dict.fromkeys(item.position for item in lesions)
+        absent = [(t, p) for t in TERMS for p in positions if (t, p) not in present]
         asked, answer = absent[int(rng.integers(len(absent)))], "no"
     questions = [
         (f"Is there {_a(asked[0])} in the {_where(asked[1])}?", answer, "CLOSED", "PRES"),
@@ -370,26 +372,25 @@ def synth_example(config: SynthConfig, split: str, index: int) -> tuple[dict, li
     for lesion in lesions:
         triple = RegionTriple(lesion.adjective, lesion.term, lesion.position)
         regions.append(
-            {
-                "bbox": lesion.box,
-                "adjective": lesion.adjective,
-                "term": lesion.term,
-                "position": lesion.position,
-                "caption": triple.caption,
-                "negatives": generate_negatives(triple.caption, lesion.adjective, seed=config.seed),
-                "score": 1.0,
-                "source": "synth",
-            }
+            make_region(
+                bbox=lesion.box,
+                caption=triple.caption,
+                negatives=generate_negatives(triple.caption, lesion.adjective, seed=config.seed),
+                adjective=lesion.adjective,
+                term=lesion.term,
+                position=lesion.position,
+                source="synth",
+            )
         )
-    row = {
-        "id": row_id,
-        "image": {"bytes": encoded.getvalue(), "path": f"{row_id}.png"},
-        "modality": modality,
-        "summary_caption": summary_caption(modality, lesions),
-        "detailed_report": detailed_report(modality, lesions, pixel_mm=0.5 * 224 / size),
-        "regions": regions,
-        "label": lesions[0].term,
-    }
+    row = make_row(
+        id=row_id,
+        image={"bytes": encoded.getvalue(), "path": f"{row_id}.png"},
+        modality=modality,
+        summary_caption=summary_caption(modality, lesions),
+        detailed_report=detailed_report(modality, lesions, pixel_mm=0.5 * 224 / size),
+        regions=regions,
+        label=lesions[0].term,
+    )
     return row, vqa_pairs(row_id, modality, lesions, rng)
 
 
@@ -406,9 +407,14 @@ def generate_synth(config: SynthConfig, progress: bool = True) -> dict[str, dict
     rows = ShardedParquetWriter(out, FEATURES, "data", config.rows_per_shard)
     questions = ShardedParquetWriter(out, VQA_FEATURES, "vqa", 10 * config.rows_per_shard)
     total = sum(getattr(config, split) for split in SPLITS)
+    strategy = NegativeStrategy(
+        ("adjective",), seed=config.seed
+    )  # what generate_negatives does, for the card
     with tqdm(total=total, desc="MedRegion-synth", unit="img", disable=not progress) as bar:
         for split in SPLITS:
             for row, pairs in iter_synth(config, split):
+                for region in row["regions"]:
+                    strategy.tally(["adjective"] * len(region["negatives"]))
                 rows.add(split, row)
                 for pair in pairs:
                     questions.add(split, pair)
@@ -421,10 +427,11 @@ def generate_synth(config: SynthConfig, progress: bool = True) -> dict[str, dict
             "vqa": ("vqa", VQA_FEATURES, counts["vqa"]),
         },
         pretty_name="MedRegion-synth",
-        description=_card_text(config),
+        description=f"{_card_text(config)}\n{strategy.describe()}",
         license="apache-2.0",
         task_categories=("zero-shot-image-classification", "image-to-text", "visual-question-answering"),
         tags=("medical", "region-of-interest", "clip", "synthetic"),
+        metadata={"hard_negatives": strategy.card_metadata()},
     )
     return counts
 

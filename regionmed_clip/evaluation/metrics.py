@@ -27,7 +27,8 @@ def recall_at_k(ranks: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
 def hard_negative_accuracy(
     regions: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, mask
 ) -> float:
-    """Share of ROIs whose own caption scores above every one of its hard negatives.
+    """Share of ROIs whose own caption scores above every one of its hard negatives, over the ROIs that have at
+    least one (a region may have none; NaN when no ROI has any).
 
     Args: `regions`, `positives` `(N, P)`; `negatives` `(N, M, P)`; `mask` `(N, M)` true for real negatives.
     """
@@ -35,7 +36,10 @@ def hard_negative_accuracy(
     positive = (regions * torch.nn.functional.normalize(positives.float(), dim=-1)).sum(-1)
     negative = torch.einsum("np,nmp->nm", regions, torch.nn.functional.normalize(negatives.float(), dim=-1))
     negative = negative.masked_fill(~mask.bool(), float("-inf"))
-    return float((positive > negative.amax(-1)).float().mean())
+    scored = mask.bool().any(-1)
+    if not scored.any():
+        return float("nan")
+    return float((positive > negative.amax(-1))[scored].float().mean())
 
 
 def macro_auc(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:

@@ -320,6 +320,9 @@ class Trainer:
             else None,
             label_index={label: i for i, label in enumerate(self.class_labels)} if classes else None,
             label_column=classes.label_column if classes else "label",
+            region_sampling="cycle",
+            seed=self.config.seed,
+            stage=index,
         )
         start = time.perf_counter()
         progress = tqdm(
@@ -329,6 +332,7 @@ class Trainer:
             disable=not accelerator.is_local_main_process,
         )
         while state.stage_step < total:
+            collator.set_epoch(state.epoch)
             loader = stage_dataloader(
                 self.rows,
                 collator,
