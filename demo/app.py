@@ -10,7 +10,8 @@ Decisions:
 - The model loads through `AutoModel` / `AutoProcessor` with the classes `import regionmed_clip` registers, not with
   `trust_remote_code=True`. The app needs the package anyway (its image decoder reads DICOM, and the heatmap is the
   package's own `explain` code), so the installed, tested code runs instead of Python files fetched with a model
-  repo. Weights load in float32 (as `regionmed-clip explain` does) on the GPU when there is one.
+  repo. Weights load in float32 (as `regionmed-clip explain` does) on `--device`: `auto` (the default) is the GPU
+  when there is one. The app scores one image at a time, so it has no batch size.
 - Uploads go through `gr.File`, not `gr.Image`: a browser cannot show DICOM, and `gr.Image` would re-encode the
   upload as an 8-bit RGB picture, losing a 16-bit or DICOM image's range before the package's decoder sees it. Any
   file type is accepted (DICOM files often have no extension); `decode_image` decides, and says what it could not
@@ -47,6 +48,7 @@ from transformers import AutoModel, AutoProcessor
 
 import regionmed_clip  # noqa: F401  (registers the Auto classes)
 from regionmed_clip import decode_image
+from regionmed_clip.evaluation.device import DEVICE_CHOICES, resolve_device
 from regionmed_clip.evaluation.grounding import patch_text_similarity, save_heatmap_overlay
 
 MODEL_ENV = "REGIONMED_MODEL"
@@ -61,10 +63,10 @@ Box = tuple[float, float, float, float]
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def load_model(name_or_path: str | os.PathLike, device: str | None = None):
-    """The model (float32, eval mode, on `device`: CUDA when available) and processor of a folder or Hub id."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModel.from_pretrained(name_or_path, dtype=torch.float32).to(device).eval()
+def load_model(name_or_path: str | os.PathLike, device: str = "auto"):
+    """The model (float32, eval mode, on `device`: `auto` is CUDA when available, else the CPU) and processor of a
+    folder or Hub id."""
+    model = AutoModel.from_pretrained(name_or_path, dtype=torch.float32).to(resolve_device(device)).eval()
     processor = AutoProcessor.from_pretrained(name_or_path)
     return model, processor
 
@@ -271,10 +273,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--model", default=os.environ.get(MODEL_ENV), help=f"folder or Hub id (default: ${MODEL_ENV})"
     )
+    parser.add_argument(
+        "--device", default="auto", help=f"{DEVICE_CHOICES} (default: auto, CUDA when present)"
+    )
     args = parser.parse_args(argv)
     if not args.model:
         parser.error(f"no model: pass --model or set {MODEL_ENV} to a model folder or Hub id.")
-    demo = build_demo(*load_model(args.model))
+    demo = build_demo(*load_model(args.model, args.device))
     demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), share=False)
 
 

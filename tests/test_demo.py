@@ -55,12 +55,45 @@ def test_demo_program_writes_model_report_and_metrics(tmp_path):
         assert (out / name).exists(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["learning_check"]) == {"4-stage (region-aware)", "global-only"}
-    assert "hard-negative accuracy" in metrics["learning_check"]["global-only"]
+    figures = list(metrics["learning_check"]["global-only"])
+    assert figures[:3] == [
+        "image → report R@1 (box-free)",
+        "report → image R@1 (box-free)",
+        "zero-shot macro AUC (box-free)",
+    ]
+    assert all(name.endswith("(GT boxes at test)") for name in figures[3:])
+    assert "hard-negative accuracy (GT boxes at test)" in figures
     evaluation = json.loads((out / "eval" / "4-stage" / "metrics.json").read_text())
+    baseline = json.loads((out / "eval" / "global-only" / "metrics.json").read_text())
+    # The baseline's ROI branch is never trained: its regions go through its global path on crops.
+    assert metrics["region_paths"] == {
+        "4-stage (region-aware)": "roi_processor",
+        "global-only": "global_on_crops",
+    }
+    assert baseline["embeddings"]["roi_branch_trained"] is False
+    assert (
+        metrics["learning_check"]["global-only"]["image → report R@1 (box-free)"]
+        == (baseline["retrieval"]["box_free"]["global"]["image_to_text"]["R@1"])
+    )
+    assert (
+        metrics["controls"]["hard-negative accuracy (GT boxes at test)"]["value"]
+        == (evaluation["region"]["controls"]["text_only_prior"]["hard_negative_accuracy"])
+    )
+    assert (
+        metrics["controls"]["region → caption R@1 (GT boxes at test)"]["value"]
+        == (evaluation["region"]["controls"]["box_only"]["region_to_caption"]["R@1"])
+    )
     assert {"zero_shot", "few_shot", "retrieval", "region", "grounding", "vqa"} <= set(evaluation)
     assert len(metrics["pipeline_example"]["scores"]) == len(evaluation["classes"])
     report = (out / "report.md").read_text()
-    assert "| region → caption R@1 |" in report and "Zero-shot classification" in report and "VQA" in report
+    assert (
+        "| region → caption R@1 (GT boxes at test) |" in report
+        and "box-only (nearest training boxes): " in report
+    )
+    assert report.index("| image → report R@1 (box-free) |") < report.index(
+        "| region → caption R@1 (GT boxes"
+    )
+    assert "Zero-shot classification" in report and "VQA" in report
     assert "total" in result.stdout
     assert os.path.getsize(out / "comparison.png") > 1000
     card = (out / "model" / "README.md").read_text()
@@ -69,17 +102,21 @@ def test_demo_program_writes_model_report_and_metrics(tmp_path):
     assert front["pipeline_tag"] == "zero-shot-image-classification"
     assert {"medical", "clip", "region-aware"} <= set(front["tags"])
     index = {m["name"]: m["value"] for r in front["model-index"][0]["results"] for m in r["metrics"]}
+    retrieval = evaluation["retrieval"]
     expected = {
-        "region → caption R@1": evaluation["region"]["region_to_caption"]["R@1"],
-        "hard-negative accuracy": evaluation["region"]["hard_negative_accuracy"],
-        "image → text R@1 (region-aware)": evaluation["retrieval"]["region-aware"]["image_to_text"]["R@1"],
-        "pointing accuracy": evaluation["grounding"]["pointing_accuracy"],
+        "region → caption R@1 (GT boxes at test)": evaluation["region"]["region_to_caption"]["R@1"],
+        "hard-negative accuracy (GT boxes at test)": evaluation["region"]["hard_negative_accuracy"],
+        "image → text R@1 (global, box-free)": retrieval["box_free"]["global"]["image_to_text"]["R@1"],
+        "image → text R@1 (region-aware, GT boxes at test)": retrieval["gt_boxes"]["region-aware"][
+            "image_to_text"
+        ]["R@1"],
+        "pointing accuracy (GT boxes at test)": evaluation["grounding"]["pointing_accuracy"],
         "overall accuracy": evaluation["vqa"]["MedRegion-synth"]["overall"],
     }
-    auc = evaluation["zero_shot"]["region-aware"]["macro_auc"]
+    auc = evaluation["zero_shot"]["box_free"]["global"]["macro_auc"]
     # NaN when a test class has no positives; the card then leaves the figure out rather than invent one.
     if not math.isnan(auc):
-        expected["macro AUC (region-aware embedding)"] = auc
+        expected["macro AUC (global embedding, box-free)"] = auc
     assert {name: index[name] for name in expected} == expected
     assert "| warmup |" in card and "Not for clinical use" in card and "random weights" in card
     assert "{{" not in card

@@ -53,6 +53,27 @@ def loaded(tmp_path_factory, tokenizer):
     return app.load_model(folder, device="cpu")
 
 
+def test_load_model_puts_the_model_on_the_resolved_device(tmp_path, tokenizer, monkeypatch):
+    from regionmed_clip import RegionMedCLIPModel
+
+    tiny_model().save_pretrained(tmp_path)
+    make_processor(tokenizer).save_pretrained(tmp_path)
+    moved = []
+    original = RegionMedCLIPModel.to
+
+    def record(self, *args, **kwargs):
+        moved.append(torch.device(args[0]))
+        return original(self, "cpu")  # CUDA is mocked: the model stays where it can run
+
+    monkeypatch.setattr(RegionMedCLIPModel, "to", record)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    model, _ = app.load_model(tmp_path)
+    assert moved == [torch.device("cuda")] and not model.training
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    app.load_model(tmp_path, device="auto")
+    assert moved[-1] == torch.device("cpu")
+
+
 @pytest.fixture(scope="module")
 def scan(tmp_path_factory) -> Path:
     """A 160 × 120 greyscale "scan": a smooth background with a bright round lesion (for a readable screenshot)."""

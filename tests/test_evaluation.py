@@ -1,10 +1,22 @@
-"""Oracle tests of the metric functions against naive loops."""
+"""Oracle tests of the metric functions and the no-image controls against naive loops; feature extraction (every
+region in passes, the global path for an untrained ROI branch, token limits, device); the eval command end to end."""
+
+import math
 
 import numpy as np
 import pytest
 import torch
 
-from regionmed_clip.evaluation import hard_negative_accuracy, macro_auc, recall_at_k, retrieval_ranks
+from regionmed_clip.evaluation import (
+    hard_negative_accuracy,
+    macro_auc,
+    recall_at_k,
+    retrieval_metrics,
+    retrieval_ranks,
+    text_groups,
+)
+
+from .conftest import make_processor, tiny_model
 
 
 def naive_rank(query, gallery, target):
@@ -145,8 +157,6 @@ def test_cli_eval_all_tasks_writes_every_file(tmp_path, synth_folder, tokenizer)
 
     from regionmed_clip.cli import main
 
-    from .conftest import make_processor, tiny_model
-
     tiny_model("crop").save_pretrained(tmp_path / "model")
     make_processor(tokenizer, "crop").save_pretrained(tmp_path / "model")
     code = main(
@@ -173,7 +183,20 @@ def test_cli_eval_all_tasks_writes_every_file(tmp_path, synth_folder, tokenizer)
         assert (tmp_path / "eval" / name).is_file(), name
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert {"zero_shot", "few_shot", "retrieval", "region", "grounding", "vqa", "provenance"} <= set(metrics)
-    assert set(metrics["zero_shot"]) == set(metrics["retrieval"]) == {"region-aware", "global"}
+    assert set(metrics["zero_shot"]) == set(metrics["few_shot"]) == {"box_free", "gt_boxes"}
+    assert set(metrics["retrieval"]) == {"box_free", "gt_boxes", "num_distinct_reports"}
+    for section in ("zero_shot", "few_shot", "retrieval"):
+        assert set(metrics[section]["box_free"]) == {"global"}, section
+        assert set(metrics[section]["gt_boxes"]) == {"region-aware"}, section
+    assert set(metrics["region"]["controls"]) == {"box_only", "text_only_prior"}
+    assert set(metrics["grounding"]["controls"]) == {"box_only"}
+    table = (tmp_path / "eval" / "metrics.md").read_text()
+    for heading in ("Zero-shot", "Few-shot", "Image–text retrieval"):
+        section = table.split(heading, 1)[1].split("##", 1)[0]
+        assert section.index("| none (box-free) | global |") < section.index(
+            "| GT boxes at test | region-aware |"
+        )
+    assert "box-only control" in table and "text-only prior" in table
     assert len(metrics["provenance"]["data_sha256"]) == 64 and metrics["provenance"]["versions"]["torch"]
     assert "MedRegion-synth" in metrics["vqa"]
 
@@ -182,8 +205,6 @@ def test_feature_cache_is_reused_and_keyed_on_the_model(tmp_path, synth_folder, 
     import json
 
     import regionmed_clip.evaluation.harness as harness
-
-    from .conftest import make_processor, tiny_model
 
     tiny_model("pool").save_pretrained(tmp_path / "model")
     make_processor(tokenizer).save_pretrained(tmp_path / "model")
@@ -204,3 +225,449 @@ def test_feature_cache_is_reused_and_keyed_on_the_model(tmp_path, synth_folder, 
     tiny_model("pool", seed=1).save_pretrained(tmp_path / "model")  # other weights: the cache must not match
     with pytest.raises(AssertionError, match="extracted again"):
         harness.run_evaluation(tmp_path / "model", synth_folder, tmp_path / "c", **run)
+
+
+def naive_grouped_rank(query, gallery, groups, target):
+    scores = [torch.nn.functional.cosine_similarity(query, item, dim=0).item() for item in gallery]
+    best = max(score for score, group in zip(scores, groups, strict=True) if group == target)
+    return sum(score >= best for score, group in zip(scores, groups, strict=True) if group != target)
+
+
+def test_grouped_retrieval_ranks_match_a_naive_loop():
+    generator = torch.Generator().manual_seed(6)
+    queries, gallery = torch.randn(11, 5, generator=generator), torch.randn(9, 5, generator=generator)
+    groups = torch.tensor([0, 1, 1, 2, 3, 3, 3, 4, 5])
+    targets = torch.randint(0, 6, (11,), generator=generator)
+    gallery[5] = gallery[0]  # a wrong item tied with a right one counts against the query
+    for chunk in (2, 1024):
+        ranks = retrieval_ranks(queries, gallery, targets, chunk=chunk, gallery_groups=groups)
+        expected = [
+            naive_grouped_rank(q, gallery, groups.tolist(), int(t))
+            for q, t in zip(queries, targets, strict=True)
+        ]
+        assert ranks.tolist() == expected
+    with pytest.raises(ValueError, match="has no gallery item"):
+        retrieval_ranks(queries[:1], gallery, torch.tensor([9]), gallery_groups=groups)
+
+
+def test_identical_report_texts_are_one_target_in_both_directions():
+    # Images 0 and 1 share a report word for word; image 0 sits on report 1's embedding, not on its own.
+    reports = ["round nodule", "round nodule", "oval cyst"]
+    texts = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0], [0.0, 0.0, 1.0]])
+    images = torch.tensor([[0.9, 0.1, 0.0], [0.9, 0.1, 0.0], [0.0, 0.1, 1.0]])
+    assert text_groups(reports).tolist() == [0, 0, 1]
+    result = retrieval_metrics(images, texts, reports)
+    assert result["image_to_text"]["R@1"] == 1.0 and result["text_to_image"]["R@1"] == 1.0
+    # Counting every image as its own target (the naive reading) misses image 0 → report 0 and report 0 → image 0.
+    naive = recall_at_k(retrieval_ranks(images, texts, torch.arange(3)), ks=(1,))
+    assert naive["R@1"] < 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Measured controls
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_text_prior_matches_a_naive_logistic_regression_and_reads_negative_only_words():
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    from regionmed_clip.evaluation import TextPrior
+    from regionmed_clip.evaluation.controls import caption_words
+
+    captions = ["round nodule left", "oval cyst right", "round mass upper", "oval nodule lower"] * 3
+    negatives = [
+        ["spiculated nodule left", "round cyst left"],
+        ["lobulated cyst right"],
+        [],
+        ["oval mass lower"],
+    ] * 3
+    prior = TextPrior(captions, negatives)
+    texts = captions + [text for per_region in negatives for text in per_region]
+    vectorizer = CountVectorizer(analyzer=caption_words, binary=True)
+    reference = LogisticRegression(max_iter=2000, random_state=0).fit(
+        vectorizer.fit_transform(texts), [1] * len(captions) + [0] * (len(texts) - len(captions))
+    )
+
+    def score(text):
+        return reference.decision_function(vectorizer.transform([text]))[0]
+
+    test_captions = ["round nodule upper", "oval cyst left", "round cyst right"]
+    test_negatives = [["spiculated nodule upper"], ["lobulated cyst left", "oval nodule left"], []]
+    expected = np.mean(
+        [all(score(c) > score(n) for n in ns) for c, ns in zip(test_captions, test_negatives, strict=True)]
+    )
+    assert prior.hard_negative_accuracy(test_captions, test_negatives) == pytest.approx(expected)
+    # Words that only negatives use give them away without any image.
+    assert prior.hard_negative_accuracy(["round nodule upper"], [["spiculated nodule upper"]]) == 1.0
+
+
+def naive_box_scores(train_boxes, train_captions, boxes, captions, k, smoothing=0.5):
+    from regionmed_clip.evaluation.controls import caption_words
+
+    def geometry(box):
+        x0, y0, x1, y1 = box
+        return np.array([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0])
+
+    scores = np.zeros((len(boxes), len(captions)))
+    for i, box in enumerate(boxes):
+        distances = [float(((geometry(box) - geometry(other)) ** 2).sum()) for other in train_boxes]
+        nearest = sorted(range(len(train_boxes)), key=lambda j: (distances[j], j))[:k]
+        for c, caption in enumerate(captions):
+            words = set(caption_words(caption))
+            log_ps = [
+                np.log(sum(word in caption_words(train_captions[j]) for j in nearest) + smoothing)
+                - np.log(k + 2 * smoothing)
+                for word in words
+            ]
+            scores[i, c] = np.mean(log_ps)
+    return scores
+
+
+def test_box_only_control_matches_a_naive_nearest_box_vote_and_reads_positions_off_boxes():
+    from regionmed_clip.evaluation import BoxOnlyControl
+
+    rng = np.random.default_rng(7)
+    corners = rng.uniform(0, 0.5, (40, 2))
+    train_boxes = np.concatenate([corners, corners + rng.uniform(0.1, 0.5, (40, 2))], axis=1)
+    # Position words follow the box centre, as in MedRegion-synth.
+    train_captions = [
+        f"{rng.choice(['round', 'oval'])} nodule {'left' if (b[0] + b[2]) / 2 < 0.5 else 'right'}"
+        for b in train_boxes
+    ]
+    control = BoxOnlyControl(train_boxes, train_captions, k=5)
+    test_boxes = np.array([[0.05, 0.1, 0.25, 0.3], [0.7, 0.2, 0.9, 0.5], [0.1, 0.6, 0.3, 0.8]])
+    captions = ["nodule left", "nodule right", "oval nodule middle"]
+    expected = naive_box_scores(train_boxes, train_captions, test_boxes, captions, k=5)
+    np.testing.assert_allclose(control.scores(test_boxes, captions).numpy(), expected, rtol=1e-9)
+    retrieval = control.region_retrieval(test_boxes[:2], ["nodule left", "nodule right"])
+    assert retrieval["R@1"] == 1.0
+    pointing = control.pointing(test_boxes[:2], ["nodule left", "nodule right"], torch.tensor([0, 0]))
+    assert pointing["pointing_accuracy"] == 1.0 and pointing["num_regions"] == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Feature extraction: every region, the untrained-ROI path, token limits, device
+# ---------------------------------------------------------------------------------------------------------------------
+
+REGIONS_PER_IMAGE = 7
+
+
+def many_region_rows(synth_folder) -> list[dict]:
+    """The synth test rows, each with 7 regions (more than the 3 slots of the tiny model), distinct captions and
+    descending scores, so the evaluation order is known."""
+    from regionmed_clip.data.collator import load_rows
+
+    rows = []
+    for index, row in enumerate(load_rows(synth_folder, "test")):
+        width, height = row["image"].size
+        regions = []
+        for k in range(REGIONS_PER_IMAGE):
+            x0, y0 = 4 + 9 * k, 6 + 7 * k
+            regions.append(
+                {
+                    "bbox": [float(x0), float(y0), float(min(x0 + 30, width)), float(min(y0 + 26, height))],
+                    "adjective": "",
+                    "term": "",
+                    "position": "",
+                    "caption": f"finding {k} of image {index} spreading over a long stretch of tissue",
+                    "negatives": [f"other finding {k}", f"absent finding {k} of image {index}"],
+                    "score": 1.0 - k / 10,
+                    "source": "test",
+                }
+            )
+        rows.append({**row, "regions": regions})
+    return rows
+
+
+def single_region_embedding(model, processor, row, region) -> torch.Tensor:
+    inputs = processor(images=[row["image"]], boxes=[[region["bbox"]]], return_tensors="pt")
+    return torch.nn.functional.normalize(model.get_region_features(**inputs)[0, 0], dim=-1)
+
+
+def test_every_region_is_scored_in_passes_and_equals_its_own_forward(synth_folder, tokenizer):
+    from regionmed_clip.evaluation import extract_features
+
+    rows = many_region_rows(synth_folder)
+    model, processor = tiny_model("pool"), make_processor(tokenizer, max_regions=3)
+    features = extract_features(model, processor, rows, batch_size=4, max_length=32, progress=False)
+    assert len(features.region_embeds) == REGIONS_PER_IMAGE * len(rows) == len(features.region_captions)
+    assert features.region_image.tolist() == [i for i in range(len(rows)) for _ in range(REGIONS_PER_IMAGE)]
+    assert features.region_captions == [region["caption"] for row in rows for region in row["regions"]]
+    expected = torch.stack(
+        [single_region_embedding(model, processor, row, region) for row in rows for region in row["regions"]]
+    )
+    torch.testing.assert_close(features.region_embeds, expected, rtol=1e-4, atol=1e-5)
+    # The region-aware image embedding uses the first pass: the 3 highest-scoring regions.
+    first = processor(
+        images=[rows[0]["image"]], boxes=[[r["bbox"] for r in rows[0]["regions"][:3]]], return_tensors="pt"
+    )
+    aware = torch.nn.functional.normalize(model.get_image_features(**first).pooler_output[0], dim=-1)
+    torch.testing.assert_close(features.gt_boxes["region-aware"][0], aware, rtol=1e-4, atol=1e-5)
+
+
+def write_split(folder, split: str, rows: list[dict]) -> None:
+    from datasets import Dataset
+
+    from regionmed_clip.data import FEATURES
+
+    for old in (folder / "data").glob(f"{split}-*.parquet"):
+        old.unlink()
+    Dataset.from_list(rows, features=FEATURES).to_parquet(
+        str(folder / "data" / f"{split}-00000-of-00001.parquet")
+    )
+
+
+def test_cli_eval_region_scores_every_region_of_the_split(tmp_path, synth_folder, tokenizer):
+    import json
+    import shutil
+
+    from regionmed_clip.cli import main
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_folder, data)
+    rows = many_region_rows(synth_folder)
+    write_split(data, "test", rows)
+    tiny_model("pool").save_pretrained(tmp_path / "model")
+    make_processor(tokenizer, max_regions=3).save_pretrained(tmp_path / "model")
+    arguments = [
+        "eval",
+        "--model",
+        str(tmp_path / "model"),
+        "--data",
+        str(data),
+        "--tasks",
+        "region,grounding",
+    ]
+    assert main([*arguments, "--out", str(tmp_path / "eval"), "--device", "cpu", "--batch-size", "4"]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert (
+        metrics["region"]["num_regions"]
+        == metrics["region"]["split_regions"]
+        == REGIONS_PER_IMAGE * len(rows)
+    )
+    assert metrics["region"]["region_to_caption"]["num_captions"] == REGIONS_PER_IMAGE * len(rows)
+    assert metrics["grounding"]["num_regions"] == REGIONS_PER_IMAGE * len(rows)
+    assert metrics["provenance"]["settings"]["device"] == "cpu"
+    assert metrics["provenance"]["settings"]["batch_size"] == 4
+
+
+def test_roi_branch_status_from_the_training_config_or_the_gate():
+    from regionmed_clip.evaluation import roi_branch_status
+
+    model = tiny_model("pool")
+    common = {"lr": 1e-4, "batch_size": 2, "steps": 3}
+    global_stage = {"name": "global", "loss_weights": {"global_loss": 1.0}, "frozen": [], **common}
+    region_stage = {
+        "name": "roi",
+        "loss_weights": {"global_loss": 1.0, "neg_loss": 1.0},
+        "frozen": ["text_model"],
+        **common,
+    }
+    frozen_region = {**region_stage, "frozen": ["roi_processor"]}
+    partly_frozen = {**region_stage, "frozen": ["roi_processor.mlp"]}
+    assert roi_branch_status(model, {"stages": [global_stage]})[0] is False
+    assert roi_branch_status(model, {"stages": [global_stage, frozen_region]})[0] is False
+    assert roi_branch_status(model, {"stages": [global_stage, region_stage]})[0] is True
+    assert roi_branch_status(model, {"stages": [partly_frozen]})[0] is True
+    with pytest.raises(ValueError, match="stage 'broken' is not a stage"):
+        roi_branch_status(model, {"stages": [{"name": "broken", "loss_weights": {"global_loss": 1.0}}]})
+    assert roi_branch_status(model, None)[0] is True  # the gate moved from 0 (0.7 in the tiny model)
+    with torch.no_grad():
+        model.roi_processor.gate.zero_()
+    assert roi_branch_status(model, None)[0] is False
+    # The training config outranks the gate: region losses train the ROI processor without moving it.
+    assert roi_branch_status(model, {"stages": [region_stage]})[0] is True
+
+
+def test_an_untrained_roi_branch_is_scored_through_the_global_path_on_crops(
+    tmp_path, synth_folder, tokenizer
+):
+    import json
+
+    import yaml
+
+    from regionmed_clip.evaluation import extract_features
+    from regionmed_clip.evaluation.harness import run_evaluation
+
+    model, processor = tiny_model("pool"), make_processor(tokenizer, max_regions=3)
+    with torch.no_grad():
+        model.roi_processor.gate.zero_()
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    stages = [
+        {
+            "name": "global-only",
+            "lr": 1e-4,
+            "batch_size": 2,
+            "steps": 3,
+            "loss_weights": {"global_loss": 1.0},
+            "frozen": ["roi_processor"],
+        }
+    ]
+    (tmp_path / "model" / "training_config.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    run = dict(tasks="region", bootstrap=0, device="cpu")
+    metrics = run_evaluation(tmp_path / "model", synth_folder, tmp_path / "a", **run)
+    assert metrics["embeddings"]["region_path"] == "global_on_crops"
+    assert metrics["embeddings"]["roi_branch_trained"] is False
+    # A random ROI processor plays no part: other ROI weights give the same region figures.
+    with torch.no_grad():
+        for parameter in model.roi_processor.parameters():
+            parameter.normal_()
+        model.roi_processor.gate.zero_()
+    model.save_pretrained(tmp_path / "model")
+    again = run_evaluation(tmp_path / "model", synth_folder, tmp_path / "b", **run)
+    assert json.dumps(again["region"], sort_keys=True) == json.dumps(metrics["region"], sort_keys=True)
+    # And the region embedding is the crop through the vision tower and projection.
+    rows = many_region_rows(synth_folder)[:2]
+    features = extract_features(
+        model, processor, rows, max_length=32, region_path="global_on_crops", progress=False
+    )
+    crop_processor = make_processor(tokenizer, "crop", max_regions=3)
+    crop = crop_processor(
+        images=[rows[1]["image"]], boxes=[[rows[1]["regions"][4]["bbox"]]], return_tensors="pt"
+    )
+    expected = model.get_image_features(pixel_values=crop["roi_pixel_values"][0]).pooler_output[0]
+    torch.testing.assert_close(
+        features.region_embeds[REGIONS_PER_IMAGE + 4], torch.nn.functional.normalize(expected, dim=-1)
+    )
+
+
+def test_texts_are_cut_at_the_training_max_length_and_the_cuts_are_counted(tmp_path, synth_folder, tokenizer):
+    import yaml
+
+    from regionmed_clip.data.collator import load_rows
+    from regionmed_clip.evaluation.harness import run_evaluation
+
+    model, processor = tiny_model("pool"), make_processor(tokenizer)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    default = run_evaluation(tmp_path / "model", synth_folder, tmp_path / "a", tasks="retrieval", bootstrap=0)
+    assert default["text"]["max_length"] == 64 and default["text"]["max_length_source"] == "tokenizer"
+    (tmp_path / "model" / "training_config.yaml").write_text(yaml.safe_dump({"data": {"max_length": 12}}))
+    metrics = run_evaluation(
+        tmp_path / "model", synth_folder, tmp_path / "b", tasks="retrieval,region", bootstrap=0
+    )
+    assert (
+        metrics["text"]["max_length"] == 12 and metrics["text"]["max_length_source"] == "training_config.yaml"
+    )
+    rows = load_rows(synth_folder, "test")
+
+    def longer(texts):
+        return sum(len(processor.tokenizer(text)["input_ids"]) > 12 for text in texts)
+
+    reports = rows["detailed_report"]
+    captions = [region["caption"] for regions in rows["regions"] for region in regions]
+    negatives = [n for regions in rows["regions"] for region in regions for n in region["negatives"]]
+    assert metrics["text"]["truncated"] == {
+        "reports": longer(reports),
+        "region_captions": longer(captions),
+        "negatives": longer(negatives),
+    }
+    assert metrics["text"]["truncated"]["reports"] > 0  # synth reports are longer than 12 tokens
+    assert metrics["text"]["num_texts"]["reports"] == len(reports)
+    given = run_evaluation(tmp_path / "model", synth_folder, tmp_path / "c", tasks="retrieval", max_length=20)
+    assert given["text"]["max_length"] == 20 and given["text"]["max_length_source"] == "given"
+
+
+def test_resolve_device_auto_cpu_and_a_mocked_cuda(monkeypatch):
+    from regionmed_clip.evaluation import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="no CUDA device"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match="not one of"):
+        resolve_device("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda") and resolve_device("cuda:1") == torch.device(
+        "cuda:1"
+    )
+
+
+def test_evaluation_moves_the_model_and_its_batches_to_the_resolved_device(
+    tmp_path, synth_folder, tokenizer, monkeypatch
+):
+    from regionmed_clip import RegionMedCLIPModel
+    from regionmed_clip.evaluation.features import model_inputs
+    from regionmed_clip.evaluation.harness import run_evaluation
+
+    tiny_model("pool").save_pretrained(tmp_path / "model")
+    make_processor(tokenizer).save_pretrained(tmp_path / "model")
+    moved = []
+
+    class Moved(Exception):
+        pass
+
+    def record(self, *args, **kwargs):
+        moved.append(torch.device(args[0]))
+        raise Moved  # CUDA is mocked: stop before anything runs there
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(RegionMedCLIPModel, "to", record)
+    with pytest.raises(Moved):
+        run_evaluation(tmp_path / "model", synth_folder, tmp_path / "eval", tasks="retrieval")
+    assert moved == [torch.device("cuda")]
+    # Batches follow the model's parameters, floating tensors in its dtype (a meta model stands in for a GPU one).
+    monkeypatch.undo()
+    with torch.device("meta"):
+        meta = torch.nn.Linear(2, 2, dtype=torch.bfloat16)
+    batch = {"pixel_values": torch.zeros(1, 3, 4, 4), "input_ids": torch.zeros(1, 5, dtype=torch.long)}
+    inputs = model_inputs(batch, meta)
+    assert {t.device.type for t in inputs.values()} == {"meta"}
+    assert inputs["pixel_values"].dtype == torch.bfloat16 and inputs["input_ids"].dtype == torch.long
+
+
+def test_split_regions_match_the_boxes_and_captions_the_features_hold(synth_folder, tokenizer):
+    from regionmed_clip.data.collator import load_rows
+    from regionmed_clip.evaluation import extract_features
+    from regionmed_clip.evaluation.harness import split_regions
+
+    table = split_regions(synth_folder, "test")
+    features = extract_features(
+        tiny_model("pool"), make_processor(tokenizer), load_rows(synth_folder, "test"), progress=False
+    )
+    torch.testing.assert_close(torch.from_numpy(table["boxes"]).float(), features.region_boxes)
+    assert table["captions"] == features.region_captions and table["negatives"] == features.region_negatives
+    assert torch.equal(table["image"], features.region_image)
+
+
+def test_hard_negative_accuracy_from_scores_counts_ties_as_misses_and_leaves_out_regions_without_negatives():
+    from regionmed_clip.evaluation.metrics import hard_negative_accuracy_from_scores
+
+    positive = torch.tensor([0.5, 0.5, 0.5, 0.5])
+    negative = torch.tensor([[0.4, 0.9], [0.5, -1.0], [0.1, 0.2], [0.0, 0.0]])
+    mask = torch.tensor([[True, False], [True, True], [True, True], [False, False]])
+    # Region 0: its real negative is below (the masked 0.9 does not count); 1: a tie; 2: above both; 3: none.
+    assert hard_negative_accuracy_from_scores(positive, negative, mask) == pytest.approx(2 / 3)
+    assert math.isnan(
+        hard_negative_accuracy_from_scores(positive, torch.zeros(4, 0), torch.zeros(4, 0, dtype=torch.bool))
+    )
+    assert math.isnan(
+        hard_negative_accuracy_from_scores(torch.zeros(0), torch.zeros(0, 2), torch.zeros(0, 2))
+    )
+
+
+def test_controls_without_training_regions_are_reported_as_skipped(tmp_path, synth_folder, tokenizer):
+    import shutil
+
+    from regionmed_clip.data.collator import load_rows
+    from regionmed_clip.evaluation.harness import run_evaluation
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_folder, data)
+    write_split(data, "train", [{**row, "regions": []} for row in load_rows(synth_folder, "train")])
+    tiny_model("pool").save_pretrained(tmp_path / "model")
+    make_processor(tokenizer).save_pretrained(tmp_path / "model")
+    metrics = run_evaluation(
+        tmp_path / "model", data, tmp_path / "eval", tasks="region,grounding", bootstrap=0
+    )
+    assert metrics["region"]["controls"] == {
+        "box_only": {"skipped": "the train split has no regions to fit it on"},
+        "text_only_prior": {"skipped": "no hard negatives in the train split or in the evaluated one"},
+    }
+    assert metrics["grounding"]["controls"] == {
+        "box_only": {"skipped": "the train split has no regions to fit it on"}
+    }
+    assert "| pointing accuracy |" in (tmp_path / "eval" / "metrics.md").read_text()
+    assert "skipped: the train split has no regions" in (tmp_path / "eval" / "metrics.md").read_text()

@@ -167,7 +167,7 @@ def test_explain_command_end_to_end(tmp_path, tokenizer, capsys):
     parser = argparse.ArgumentParser()
     add_explain_command(parser.add_subparsers(dest="command", required=True))
     defaults = parser.parse_args(["explain", "--model", "m", "--image", "i", "--text", "t"])
-    assert defaults.out == "heatmap.png"
+    assert defaults.out == "heatmap.png" and defaults.device == "auto"
     args = parser.parse_args(
         [
             "explain",
@@ -179,6 +179,8 @@ def test_explain_command_end_to_end(tmp_path, tokenizer, capsys):
             "oval cyst",
             "--out",
             str(out),
+            "--device",
+            "cpu",
         ]
     )
     assert args.run(args) == 0
@@ -197,7 +199,30 @@ def test_grounding_metrics_on_synth_rows(tokenizer, synth_folder):
     metrics = grounding_metrics(model, processor, rows, batch_size=4)
     assert model.training  # put back in the mode it came in
     assert metrics["num_images"] == len(eligible)
-    assert metrics["num_regions"] == sum(min(len(row["regions"]), 3) for row in eligible)
+    assert metrics["num_regions"] == sum(len(row["regions"]) for row in eligible)  # every region, in passes
     assert 0.0 <= metrics["pointing_accuracy"] <= 1.0 and 0.0 < metrics["chance"] <= 0.5
     # Counts accumulated batch by batch give what one batch gives.
     assert grounding_metrics(model, processor, rows, batch_size=64) == pytest.approx(metrics)
+
+
+def test_explain_puts_the_model_on_the_resolved_device(tmp_path, tokenizer, monkeypatch):
+    from regionmed_clip import RegionMedCLIPModel
+    from regionmed_clip.evaluation.grounding import explain
+
+    tiny_model().save_pretrained(tmp_path / "model")
+    make_processor(tokenizer).save_pretrained(tmp_path / "model")
+    random_image(40, 40, 3).save(tmp_path / "scan.png")
+    moved = []
+    original = RegionMedCLIPModel.to
+
+    def record(self, *args, **kwargs):
+        moved.append(torch.device(args[0]))
+        return original(self, "cpu")  # CUDA is mocked: the model stays where it can run
+
+    monkeypatch.setattr(RegionMedCLIPModel, "to", record)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    explain(tmp_path / "model", tmp_path / "scan.png", "oval cyst", tmp_path / "a.png")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    explain(tmp_path / "model", tmp_path / "scan.png", "oval cyst", tmp_path / "b.png")
+    explain(tmp_path / "model", tmp_path / "scan.png", "oval cyst", tmp_path / "c.png", device="cpu")
+    assert moved == [torch.device("cpu"), torch.device("cuda"), torch.device("cpu")]

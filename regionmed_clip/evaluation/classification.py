@@ -40,11 +40,14 @@ def load_templates(path: str | Path | None) -> tuple[tuple[str, ...], dict[str, 
 
 
 @torch.no_grad()
-def class_prototypes(model, processor, class_texts: list[str], templates=DEFAULT_TEMPLATES) -> torch.Tensor:
-    """`(C, P)` normalised text prototypes: the mean of each class's normalised template embeddings."""
+def class_prototypes(
+    model, processor, class_texts: list[str], templates=DEFAULT_TEMPLATES, max_length: int | None = None
+) -> torch.Tensor:
+    """`(C, P)` normalised text prototypes: the mean of each class's normalised template embeddings (prompts cut
+    at `max_length` tokens, by default the tokenizer's limit)."""
     device = next(model.parameters()).device
     prompts = [template.format(text) for text in class_texts for template in templates]
-    inputs = processor(text=prompts, return_tensors="pt").to(device)
+    inputs = processor(text=prompts, max_length=max_length, return_tensors="pt").to(device)
     features = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
     embeds = torch.nn.functional.normalize(features.pooler_output.float().cpu(), dim=-1)
     embeds = embeds.view(len(class_texts), len(templates), -1).mean(1)

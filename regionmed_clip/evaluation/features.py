@@ -1,83 +1,259 @@
-"""Feature extraction: one batched pass of a model over a dataset split, reused by every metric."""
+"""Feature extraction: one batched pass of a model over a dataset split, reused by every metric.
 
-from dataclasses import dataclass
+Decisions:
+- Image embeddings come in two groups. `box_free` holds those computed from the image alone, as a user without
+  boxes gets them (`global`: z_global, what `get_image_features` returns with no boxes). `gt_boxes` holds those
+  that take the split's ground-truth boxes as input (`region-aware`: z_fused over an image's first `max_regions`
+  regions). An embedding the model makes from regions it proposes itself belongs in `box_free`, under its own name.
+- Every region of the split is scored: an image with more regions than the processor's `max_regions` slots is run
+  again with the next slots' worth, as many passes as it needs. Regions are taken in descending `score` (ties in
+  file order), so the first pass is the highest-scoring `max_regions`, the ones the region-aware image embedding
+  uses. The collator gets each pass's region subset explicitly, so no sampling of its own takes part.
+- Regions are embedded through the ROI processor (`region_path="roi_processor"`), or, for a model whose ROI branch
+  was never trained, through the global path applied to the region: the box is cropped from the original image,
+  resized, and sent through the vision tower and `visual_projection` (`"global_on_crops"`). See
+  [`roi_branch_status`] for how "never trained" is decided.
+- Texts are tokenised at `max_length`; how many reports, region captions and negatives were longer (and so cut)
+  is counted.
+"""
+
+import copy
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ..data.collator import MedRegionCollator, make_dataloader
+from ..data.collator import MedRegionCollator
+
+REGION_PATHS = ("roi_processor", "global_on_crops")
 
 
 @dataclass
 class SplitFeatures:
-    """Normalised embeddings of one split: images (region-aware and global), reports, and every real ROI with its
-    caption and hard negatives."""
+    """Normalised embeddings of one split: images (box-free and with ground-truth boxes), reports, and every
+    region with its caption, hard negatives and box."""
 
-    image_embeds: torch.Tensor
-    global_image_embeds: torch.Tensor
+    box_free: dict[str, torch.Tensor]
+    gt_boxes: dict[str, torch.Tensor]
     report_embeds: torch.Tensor
+    reports: list[str]
     labels: list
     region_embeds: torch.Tensor
     region_text_embeds: torch.Tensor
     region_captions: list[str]
+    region_negatives: list[list[str]]
     negative_text_embeds: torch.Tensor
     negative_mask: torch.Tensor
-    region_image: torch.Tensor  # (N,) index of the image each region belongs to
+    region_image: torch.Tensor  # (N,) index of the image each region belongs to, non-decreasing
+    region_boxes: torch.Tensor  # (N, 4) x0, y0, x1, y1 as fractions of the image
+    region_path: str = "roi_processor"
+    max_length: int = 0
+    truncated: dict[str, int] = field(default_factory=dict)
+    num_texts: dict[str, int] = field(default_factory=dict)
+
+
+def roi_branch_status(model, training_config: dict | None) -> tuple[bool, str]:
+    """Whether the model's ROI branch was trained, and why that was decided.
+
+    With the `training_config.yaml` the trainer saves beside the model, the branch is trained when some stage uses
+    regions (`StageSpec.uses_regions`: a weighted loss term needs ROI inputs) and does not freeze `roi_processor`.
+    Without it, the gate decides: it is initialised to exactly 0 and any update through the region-aware
+    embedding moves it, so a gate of exactly 0 means untrained. (The gate alone is not enough when the config
+    exists: the region losses train the ROI processor's region features without touching the gate.)
+    """
+    from ..training.config import StageSpec
+
+    if training_config is not None:
+        for stage in training_config.get("stages") or []:
+            try:
+                spec = StageSpec(**{k: v for k, v in stage.items() if k in StageSpec.__dataclass_fields__})
+            except (TypeError, ValueError) as error:
+                raise ValueError(
+                    f"training_config.yaml: stage {stage.get('name')!r} is not a stage: {error}"
+                ) from error
+            if spec.uses_regions and "roi_processor" not in spec.frozen:
+                return True, f"stage {spec.name!r} trained it on regions"
+        return False, "training_config.yaml: no stage trained the ROI processor on regions"
+    gate = float(model.roi_processor.gate.detach().float().cpu())
+    if gate == 0.0:
+        return False, "no training_config.yaml and the ROI gate is exactly 0 (its initial value)"
+    return True, f"no training_config.yaml; the ROI gate is {gate:.4g}, moved from its initial 0"
+
+
+def tokenizer_limit(processor, model) -> int:
+    """The longest text the model can read: the tokenizer's `model_max_length`, or, when that is unset (a huge
+    sentinel), the text tower's position table."""
+    limit = getattr(processor.tokenizer, "model_max_length", None)
+    positions = getattr(model.config.text_config, "max_position_embeddings", None)
+    if limit is None or limit > 1_000_000:
+        if positions is None:
+            raise ValueError(
+                "neither the tokenizer nor the text config states a token limit; pass max_length"
+            )
+        return int(positions)
+    return int(min(limit, positions)) if positions else int(limit)
+
+
+def model_inputs(inputs, model) -> dict[str, torch.Tensor]:
+    """Tensors on the model's device, floating ones in its dtype (the processor returns float32)."""
+    parameter = next(model.parameters())
+    return {
+        key: value.to(parameter.device, parameter.dtype if value.is_floating_point() else None)
+        for key, value in inputs.items()
+    }
+
+
+def ordered_regions(row: dict) -> list[dict]:
+    """A row's regions in the order evaluation takes them: descending `score`, ties in file order."""
+    return sorted(row.get("regions") or [], key=lambda region: -(region.get("score") or 0.0))
+
+
+def _crop_processor(processor):
+    """A copy of `processor` whose image processor also returns the ROI crops."""
+    processor = copy.copy(processor)
+    processor.image_processor = copy.deepcopy(processor.image_processor)
+    processor.image_processor.roi_mode = "crop"
+    return processor
+
+
+def _count_longer(tokenizer, texts: list[str], max_length: int) -> int:
+    if not texts:
+        return 0
+    lengths = tokenizer(texts, truncation=False, return_attention_mask=False)["input_ids"]
+    return sum(len(ids) > max_length for ids in lengths)
 
 
 @torch.no_grad()
-def extract_features(model, processor, rows, batch_size: int = 32, max_length: int = 64, max_negatives=None):
-    """Run `model` over `rows` (a `Dataset` or a list) once; ROI inputs are used where the rows have regions. The
-    model runs in eval mode and is put back in the mode it was in."""
+def extract_features(
+    model,
+    processor,
+    rows,
+    batch_size: int = 32,
+    max_length: int | None = None,
+    max_negatives: int | None = None,
+    region_path: str = "roi_processor",
+    progress: bool = True,
+) -> SplitFeatures:
+    """Run `model` over `rows` (a `Dataset` or a list) on the device its parameters are on; every region of every
+    row is embedded (see the module's decisions). The model runs in eval mode and is put back in the mode it was
+    in."""
+    if region_path not in REGION_PATHS:
+        raise ValueError(f"region_path must be one of {REGION_PATHS}, got {region_path!r}")
+    if len(rows) == 0:
+        raise ValueError("there are no rows to evaluate: the split is empty")
+    max_length = max_length or tokenizer_limit(processor, model)
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    collator = MedRegionCollator(processor, max_length=max_length, max_negatives=max_negatives)
-    parts: dict[str, list] = {key: [] for key in SplitFeatures.__dataclass_fields__}
-    loader = make_dataloader(rows, collator, batch_size=batch_size)
-    offset = 0
-    for batch in tqdm(loader, desc="features", leave=False):
-        batch = {key: value.to(device) for key, value in batch.items()}
-        batch.pop("summary_input_ids"), batch.pop("summary_attention_mask")
-        outputs = model(**batch)
-        size = batch["pixel_values"].shape[0]
-        parts["image_embeds"].append(outputs.image_embeds.float().cpu())
-        parts["global_image_embeds"].append(outputs.global_image_embeds.float().cpu())
-        parts["report_embeds"].append(outputs.text_embeds.float().cpu())
-        parts["labels"].extend(rows[offset + i]["label"] for i in range(size))
-        if outputs.region_embeds is not None:
+    crops = region_path == "global_on_crops"
+    collator = MedRegionCollator(
+        _crop_processor(processor) if crops else processor, max_length=max_length, max_negatives=max_negatives
+    )
+    slots = processor.image_processor.max_regions
+    parts: dict[str, list] = defaultdict(list)
+    for start in tqdm(range(0, len(rows), batch_size), desc="features", leave=False, disable=not progress):
+        batch_rows = [rows[index] for index in range(start, min(start + batch_size, len(rows)))]
+        regions = [ordered_regions(row) for row in batch_rows]
+        passes = max(1, math.ceil(max(len(r) for r in regions) / slots))
+        for number in range(passes):
+            members = [i for i, r in enumerate(regions) if number == 0 or len(r) > number * slots]
+            chosen = [regions[i][number * slots : (number + 1) * slots] for i in members]
+            batch = collator([{**batch_rows[i], "regions": c} for i, c in zip(members, chosen, strict=True)])
+            for unused in ("summary_input_ids", "summary_attention_mask", "labels"):
+                batch.pop(unused, None)
+            roi_crops = batch.pop("roi_pixel_values", None) if crops else None
+            if crops and model.config.roi_mode == "crop":
+                batch["roi_pixel_values"] = roi_crops
+            if number > 0:  # later passes only add regions; the reports are in already
+                batch.pop("input_ids", None), batch.pop("attention_mask", None)
+            outputs = model(**model_inputs(batch, model))
+            if number == 0:
+                parts["global"].append(outputs.global_image_embeds.float().cpu())
+                parts["region-aware"].append(outputs.image_embeds.float().cpu())
+                parts["report_embeds"].append(outputs.text_embeds.float().cpu())
+                parts["reports"].extend(row["detailed_report"] for row in batch_rows)
+                parts["labels"].extend(row["label"] for row in batch_rows)
+            if outputs.region_embeds is None:
+                continue
             mask = outputs.region_mask
-            parts["region_embeds"].append(outputs.region_embeds[mask].float().cpu())
+            if crops:
+                pixels = model_inputs({"crops": roi_crops[mask.cpu()]}, model)["crops"]
+                embeds = model.get_image_features(pixel_values=pixels).pooler_output
+                parts["region_embeds"].append(torch.nn.functional.normalize(embeds.float(), dim=-1).cpu())
+            else:
+                parts["region_embeds"].append(outputs.region_embeds[mask].float().cpu())
             parts["region_text_embeds"].append(outputs.region_text_embeds[mask].float().cpu())
-            negatives = outputs.negative_text_embeds[mask].float().cpu()
-            negative_mask = outputs.negative_mask[mask].cpu()
-            parts["negative_text_embeds"].append(negatives)
-            parts["negative_mask"].append(negative_mask)
-            parts["region_image"].append(mask.nonzero()[:, 0].cpu() + offset)
-            for i in range(size):
-                kept = collator.kept_regions(rows[offset + i])  # the collator's own choice, in its order
-                parts["region_captions"].extend(region["caption"] for region in kept)
-        offset += size
+            parts["negative_text_embeds"].append(outputs.negative_text_embeds[mask].float().cpu())
+            parts["negative_mask"].append(outputs.negative_mask[mask].cpu())
+            parts["region_image"].append(torch.tensor(members)[mask.nonzero()[:, 0].cpu()] + start)
+            parts["region_boxes"].append(batch["roi_boxes"][mask.cpu()].float())
+            for image_regions in chosen:
+                parts["region_captions"].extend(region["caption"] for region in image_regions)
+                parts["region_negatives"].extend(
+                    list(region["negatives"] or [])[:max_negatives] for region in image_regions
+                )
     model.train(was_training)
+    tokenizer = processor.tokenizer
+    negatives_flat = [text for per_region in parts["region_negatives"] for text in per_region]
+    truncated = {
+        "reports": _count_longer(tokenizer, parts["reports"], max_length),
+        "region_captions": _count_longer(tokenizer, parts["region_captions"], max_length),
+        "negatives": _count_longer(tokenizer, negatives_flat, max_length),
+    }
+    num_texts = {
+        "reports": len(parts["reports"]),
+        "region_captions": len(parts["region_captions"]),
+        "negatives": len(negatives_flat),
+    }
+    return _assemble(parts, region_path, max_length, truncated, num_texts)
+
+
+def _assemble(
+    parts: dict, region_path: str, max_length: int, truncated: dict, num_texts: dict
+) -> SplitFeatures:
+    """Concatenate the batches and order the regions image by image (each image's passes in slot order)."""
+    dim = parts["global"][0].shape[-1]
     width = max((n.shape[1] for n in parts["negative_text_embeds"]), default=0)
-    padded = [
+    negatives = [
         torch.nn.functional.pad(n, (0, 0, 0, width - n.shape[1])) for n in parts["negative_text_embeds"]
     ]
     masks = [torch.nn.functional.pad(m, (0, width - m.shape[1])) for m in parts["negative_mask"]]
-    dim = parts["image_embeds"][0].shape[-1]
+
+    def cat(tensors: list, empty: torch.Tensor) -> torch.Tensor:
+        return torch.cat(tensors) if tensors else empty
+
+    region_image = cat(parts["region_image"], torch.zeros(0, dtype=torch.long))
+    order = torch.sort(region_image, stable=True).indices
     return SplitFeatures(
-        image_embeds=torch.cat(parts["image_embeds"]),
-        global_image_embeds=torch.cat(parts["global_image_embeds"]),
+        box_free={"global": torch.cat(parts["global"])},
+        gt_boxes={"region-aware": torch.cat(parts["region-aware"])},
         report_embeds=torch.cat(parts["report_embeds"]),
+        reports=parts["reports"],
         labels=parts["labels"],
-        region_embeds=torch.cat(parts["region_embeds"]) if parts["region_embeds"] else torch.zeros(0, dim),
-        region_text_embeds=torch.cat(parts["region_text_embeds"])
-        if parts["region_text_embeds"]
-        else torch.zeros(0, dim),
-        region_captions=parts["region_captions"],
-        negative_text_embeds=torch.cat(padded) if padded else torch.zeros(0, 0, dim),
-        negative_mask=torch.cat(masks) if masks else torch.zeros(0, 0, dtype=torch.bool),
-        region_image=torch.cat(parts["region_image"])
-        if parts["region_image"]
-        else torch.zeros(0, dtype=torch.long),
+        region_embeds=cat(parts["region_embeds"], torch.zeros(0, dim))[order],
+        region_text_embeds=cat(parts["region_text_embeds"], torch.zeros(0, dim))[order],
+        region_captions=[parts["region_captions"][i] for i in order.tolist()],
+        region_negatives=[parts["region_negatives"][i] for i in order.tolist()],
+        negative_text_embeds=cat(negatives, torch.zeros(0, 0, dim))[order],
+        negative_mask=cat(masks, torch.zeros(0, 0, dtype=torch.bool))[order],
+        region_image=region_image[order],
+        region_boxes=cat(parts["region_boxes"], torch.zeros(0, 4))[order],
+        region_path=region_path,
+        max_length=max_length,
+        truncated=truncated,
+        num_texts=num_texts,
     )
+
+
+def read_training_config(model_path: str | Path) -> dict | None:
+    """The `training_config.yaml` saved beside a model folder, or None (a Hub id, or a model from elsewhere)."""
+    import yaml
+
+    from ..training.trainer import CONFIG_FILE
+
+    path = Path(model_path) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}

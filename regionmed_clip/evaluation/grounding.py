@@ -14,7 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .features import extract_features
+from .device import resolve_device
+from .features import extract_features, model_inputs
 
 # Vision towers whose `last_hidden_state` stops before the final layer norm that their pooled (CLS) output gets.
 # Their patch tokens need that norm too before `visual_projection`, which was only ever trained on normed features.
@@ -41,11 +42,16 @@ def _pointing_hits(
             f"Expected region_embeds and region_text_embeds (B, K, P) and region_mask (B, K); got "
             f"{tuple(region_embeds.shape)}, {tuple(region_text_embeds.shape)} and {tuple(region_mask.shape)}."
         )
-    mask = region_mask.bool()
     # Normalised again so that the function is a cosine whatever it is given; padded zeros stay zero.
     regions = F.normalize(region_embeds.float(), dim=-1)
     captions = F.normalize(region_text_embeds.float(), dim=-1)
     scores = torch.einsum("bkp,bjp->bkj", regions, captions)  # ROI k of image b against caption j of image b
+    return _hits_from_scores(scores, region_mask)
+
+
+def _hits_from_scores(scores: torch.Tensor, region_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[`_pointing_hits`] from `(B, K, K)` scores of ROI k against caption j of the same image."""
+    mask = region_mask.bool()
     own = scores.diagonal(dim1=1, dim2=2)  # (B, K)
     # A competitor is another real caption of the same image; everything else cannot win.
     competitor = mask[:, None, :] & ~torch.eye(mask.shape[1], dtype=torch.bool, device=mask.device)
@@ -56,6 +62,13 @@ def _pointing_hits(
     # Strictly greater: a tie with another caption (e.g. two ROIs of one image with the same caption) is a miss.
     hits = (own > best_other)[eligible]
     return hits, counts[counts >= 2]
+
+
+def pointing_accuracy_from_scores(scores: torch.Tensor, region_mask: torch.Tensor) -> dict:
+    """[`pointing_accuracy`] from any scorer's `(B, K, K)` scores of ROI k against caption j of image b (used by
+    the measured controls, which score without embeddings)."""
+    hits, counts = _hits_from_scores(scores, region_mask)
+    return _summary(int(hits.sum()), len(hits), float((1.0 / counts.double()).sum()), len(counts))
 
 
 def pointing_accuracy(
@@ -92,33 +105,30 @@ def _summary(num_hits: int, num_regions: int, inverse_counts: float, num_images:
     }
 
 
-def _model_inputs(inputs, model) -> dict[str, torch.Tensor]:
-    """Processor outputs on the model's device, floating tensors in its dtype (the processor returns float32)."""
-    parameter = next(model.parameters())
-    return {
-        key: value.to(parameter.device, parameter.dtype if value.is_floating_point() else None)
-        for key, value in inputs.items()
-    }
-
-
 @torch.no_grad()
 def pointing_from_features(features) -> dict:
     """[`pointing_accuracy`] from a split's extracted features: the regions, flat over the split, are put back
     into per-image `(B, K, P)` slots by their `region_image` index."""
-    images = features.region_image
-    if len(images) == 0:
+    if len(features.region_image) == 0:
         return _summary(0, 0, 0.0, 0)
-    _, slot_counts = torch.unique_consecutive(images, return_counts=True)
-    slots = torch.cat([torch.arange(int(count)) for count in slot_counts])
-    order = torch.unique_consecutive(images, return_inverse=True)[1]
-    shape = (len(slot_counts), int(slot_counts.max()))
-    mask = torch.zeros(shape, dtype=torch.bool)
-    mask[order, slots] = True
-    regions = features.region_embeds.new_zeros((*shape, features.region_embeds.shape[-1]))
+    (order, slots), mask = region_slots(features.region_image)
+    regions = features.region_embeds.new_zeros((*mask.shape, features.region_embeds.shape[-1]))
     captions = torch.zeros_like(regions)
     regions[order, slots] = features.region_embeds
     captions[order, slots] = features.region_text_embeds
     return pointing_accuracy(regions, captions, mask)
+
+
+def region_slots(region_image: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Regions listed image by image (`region_image` is each one's image index, non-decreasing) put back into
+    per-image slots: their `(image, slot)` positions and the `(B, K)` mask of filled slots (B images with regions,
+    K the most regions of one image)."""
+    _, counts = torch.unique_consecutive(region_image, return_counts=True)
+    order = torch.unique_consecutive(region_image, return_inverse=True)[1]
+    slots = torch.cat([torch.arange(int(count)) for count in counts])
+    mask = torch.zeros((len(counts), int(counts.max())), dtype=torch.bool)
+    mask[order, slots] = True
+    return (order, slots), mask
 
 
 def grounding_metrics(model, processor, rows, batch_size: int = 16) -> dict:
@@ -158,7 +168,7 @@ def patch_text_similarity(model, processor, image, text: str) -> np.ndarray:
     processor, so it is lower-cased and stripped of punctuation as in training. The model is used as it is
     (call `.eval()` first if it is training: dropout would make the map random).
     """
-    inputs = _model_inputs(processor(text=[text], images=[image], return_tensors="pt"), model)
+    inputs = model_inputs(processor(text=[text], images=[image], return_tensors="pt"), model)
     patches = F.normalize(projected_patch_grid(model, inputs["pixel_values"]).float(), dim=-1)[0]
     text_features = model.get_text_features(
         input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
@@ -224,24 +234,30 @@ def save_heatmap_overlay(
 
 
 def explain(
-    model_path: str | os.PathLike, image: str | os.PathLike, text: str, out: str | os.PathLike = "heatmap.png"
+    model_path: str | os.PathLike,
+    image: str | os.PathLike,
+    text: str,
+    out: str | os.PathLike = "heatmap.png",
+    device: str = "auto",
 ) -> Path:
     """Load a saved model folder (or Hub id), map where `text` matches `image`, and save the overlay to `out`.
 
-    Runs on the CPU in float32: one image does not need an accelerator, and the map is then reproducible.
+    Runs in float32 on `device`; float32 keeps the map the same on every machine up to the device's rounding.
+    One image and one text go through at a time.
 
     Args:
         model_path: Model folder or Hub id.
         image: Image file (PNG, JPEG, DICOM, ...).
         text: The text to locate, e.g. a region caption.
         out: The PNG to write.
+        device: `auto` (CUDA when available, else the CPU), `cpu`, `cuda` or `cuda:N`.
     """
     from transformers import AutoModel, AutoProcessor
 
     import regionmed_clip  # noqa: F401  (registers the Auto classes)
 
     # dtype pinned: transformers 5 otherwise loads a checkpoint in the dtype it was saved in (e.g. bf16).
-    model = AutoModel.from_pretrained(model_path, dtype=torch.float32).eval()
+    model = AutoModel.from_pretrained(model_path, dtype=torch.float32).to(resolve_device(device)).eval()
     processor = AutoProcessor.from_pretrained(model_path)
     similarity = patch_text_similarity(model, processor, image, text)
     return save_heatmap_overlay(image, similarity, out, title=text)

@@ -1,21 +1,142 @@
 """One evaluation harness for every task of the paper: features are extracted once per model and split and every
-task reads them. `regionmed-clip eval` and `eval/*.py` are thin wrappers around `run_evaluation`."""
+task reads them. `regionmed-clip eval` and `eval/*.py` are thin wrappers around `run_evaluation`.
+
+Each task is one function in `TASKS` that takes the shared [`EvalContext`] and returns its section of
+metrics.json. Image-level sections (`zero_shot`, `few_shot`, `retrieval`) are split by what the image embedding
+needs at test time:
+
+- `box_free`: from the image alone, as `get_image_features` without boxes (`global`: z_global). Reported first:
+  it is what a user without boxes gets.
+- `gt_boxes`: with the split's ground-truth boxes as input (`region-aware`: z_fused). Labelled "GT boxes at test".
+
+Region-level sections (`region`, `grounding`) need boxes by definition; each carries `controls`, the same metric
+measured by a model that sees no image (see `controls.py`), trained on `support_split`.
+"""
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .classification import class_prototypes, few_shot, load_templates, zero_shot
-from .features import SplitFeatures, extract_features
-from .metrics import hard_negative_accuracy, recall_at_k, retrieval_ranks
+from .controls import BoxOnlyControl, TextPrior
+from .device import resolve_device
+from .features import (
+    SplitFeatures,
+    extract_features,
+    ordered_regions,
+    read_training_config,
+    roi_branch_status,
+    tokenizer_limit,
+)
+from .metrics import hard_negative_accuracy, recall_at_k, retrieval_ranks, text_groups
 from .report import dataset_hash, provenance, write_outputs
 
-TASKS = ("zero_shot", "few_shot", "retrieval", "region", "grounding", "vqa")
+FEATURES_FORMAT = 2  # bumped whenever SplitFeatures changes, so an old cache is never read as a new one
+
+
+@dataclasses.dataclass
+class EvalContext:
+    """What every task reads: the model, the split's features and the run's settings."""
+
+    model: torch.nn.Module
+    processor: object
+    data_path: str | Path
+    rows: object
+    features: SplitFeatures
+    fingerprint: dict
+    split: str
+    support_split: str
+    templates: str | Path | None
+    shots: tuple[int, ...]
+    episodes: int
+    bootstrap: int
+    seed: int
+    batch_size: int
+    cache_dir: str | Path | None
+    vqa_rad: tuple[str, str] | None
+    slake: str | None
+    roc: dict | None = None
+
+    @functools.cached_property
+    def classes(self) -> dict | None:
+        """The labelled images, their classes and the class text prototypes; None when no image has a label."""
+        labelled = [i for i, label in enumerate(self.features.labels) if label]
+        names = sorted({self.features.labels[i] for i in labelled})
+        if not names:
+            return None
+        template_set, display = load_templates(self.templates)
+        return {
+            "names": names,
+            "rows": labelled,
+            "labels": np.array([names.index(self.features.labels[i]) for i in labelled]),
+            "prototypes": class_prototypes(
+                self.model,
+                self.processor,
+                [display.get(c, c) for c in names],
+                template_set,
+                self.features.max_length,
+            ),
+        }
+
+    @functools.cached_property
+    def training_regions(self) -> dict:
+        """The support split's regions, which the no-image controls are fitted on."""
+        return split_regions(self.data_path, self.support_split)
+
+    def embeddings(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The image embeddings of the split, box-free ones first."""
+        return {"box_free": self.features.box_free, "gt_boxes": self.features.gt_boxes}
+
+
+def split_regions(data_path: str | Path, split: str) -> dict:
+    """Every region of a split without decoding its pixels, in evaluation order: `boxes` `(N, 4)` as fractions
+    of the image, `captions`, `negatives` and `image` (the row index of each region)."""
+    from datasets import Image
+
+    from ..data.collator import image_input, load_rows
+
+    rows = load_rows(data_path, split).cast_column("image", Image(decode=False))
+    boxes, captions, negatives, images = [], [], [], []
+    for index, row in enumerate(rows):
+        regions = ordered_regions(row)
+        if not regions:
+            continue
+        width, height = _image_size(image_input(row["image"]))
+        for region in regions:
+            x0, y0, x1, y1 = region["bbox"]
+            boxes.append((x0 / width, y0 / height, x1 / width, y1 / height))
+            captions.append(region["caption"])
+            negatives.append(list(region["negatives"] or []))
+            images.append(index)
+    return {
+        "boxes": np.array(boxes, dtype=np.float64).reshape(-1, 4),
+        "captions": captions,
+        "negatives": negatives,
+        "image": torch.tensor(images, dtype=torch.long),
+    }
+
+
+def _image_size(image) -> tuple[int, int]:
+    """(width, height) from the file header where PIL reads it, else (DICOM) from the decoded pixels."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    from ..image_processing_regionmed_clip import decode_image
+
+    try:
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
+            return opened.size
+    except UnidentifiedImageError:
+        height, width = decode_image(image).shape[:2]
+        return width, height
 
 
 def region_metrics(features: SplitFeatures) -> dict:
@@ -45,28 +166,229 @@ def region_metrics(features: SplitFeatures) -> dict:
     }
 
 
+def retrieval_metrics(image_embeds: torch.Tensor, report_embeds: torch.Tensor, reports: list[str]) -> dict:
+    """Image ↔ report retrieval where identical report texts are one target: an image whose report is word for
+    word another image's retrieves either as a hit, and a report retrieves any image it describes."""
+    groups = text_groups(reports)
+    return {
+        "image_to_text": recall_at_k(
+            retrieval_ranks(image_embeds, report_embeds, groups, gallery_groups=groups)
+        ),
+        "text_to_image": recall_at_k(
+            retrieval_ranks(report_embeds, image_embeds, groups, gallery_groups=groups)
+        ),
+    }
+
+
+def task_zero_shot(ctx: EvalContext) -> dict | None:
+    """Zero-shot AUC and accuracy of every image embedding (Table 1)."""
+    classes = ctx.classes
+    if classes is None:
+        return None
+    section: dict = {}
+    for group, embeddings in ctx.embeddings().items():
+        section[group] = {}
+        for name, embeds in embeddings.items():
+            result = zero_shot(
+                embeds[classes["rows"]], classes["labels"], classes["prototypes"], ctx.bootstrap, ctx.seed
+            )
+            scores = result.pop("scores")
+            result["per_class_auc"] = {classes["names"][i]: v for i, v in result["per_class_auc"].items()}
+            section[group][name] = result
+            if ctx.roc is None:  # the first box-free embedding: the figure a user without boxes gets
+                ctx.roc = {
+                    "scores": scores,
+                    "labels": classes["labels"],
+                    "classes": classes["names"],
+                    "name": name,
+                }
+    return section
+
+
+def task_few_shot(ctx: EvalContext) -> dict | None:
+    """k-shot AUC of every image embedding, support drawn from `support_split` (Tables 5–6)."""
+    from ..data.collator import load_rows
+
+    classes = ctx.classes
+    if classes is None:
+        return None
+    support_rows = _support_rows(
+        load_rows(ctx.data_path, ctx.support_split), classes["names"], 5 * max(ctx.shots), ctx.seed
+    )
+    key = {
+        **ctx.fingerprint,
+        "format": FEATURES_FORMAT,
+        "split": ctx.support_split,
+        "rows": support_rows["id"],
+    }
+    settings = {"max_length": ctx.features.max_length, "region_path": ctx.features.region_path}
+    support = cached_features(
+        ctx.model, ctx.processor, support_rows, key, ctx.cache_dir, ctx.batch_size, **settings
+    )
+    support_labels = np.array([classes["names"].index(label) for label in support.labels])
+    support_embeddings = {"box_free": support.box_free, "gt_boxes": support.gt_boxes}
+    section: dict = {}
+    for group, embeddings in ctx.embeddings().items():
+        section[group] = {}
+        for name, embeds in embeddings.items():
+            section[group][name] = {}
+            for k in ctx.shots:
+                try:
+                    section[group][name][f"{k}-shot"] = few_shot(
+                        support_embeddings[group][name],
+                        support_labels,
+                        embeds[classes["rows"]],
+                        classes["labels"],
+                        classes["prototypes"],
+                        k,
+                        ctx.episodes,
+                        ctx.seed,
+                    )
+                except ValueError as error:  # a class with fewer than k support images: reported, not fatal
+                    section[group][name][f"{k}-shot"] = {"skipped": str(error)}
+    return section
+
+
+def task_retrieval(ctx: EvalContext) -> dict:
+    """Image ↔ report Recall@K of every image embedding (Table 3)."""
+    section: dict = {
+        group: {
+            name: retrieval_metrics(embeds, ctx.features.report_embeds, ctx.features.reports)
+            for name, embeds in embeddings.items()
+        }
+        for group, embeddings in ctx.embeddings().items()
+    }
+    section["num_distinct_reports"] = len(set(ctx.features.reports))
+    return section
+
+
+def task_region(ctx: EvalContext) -> dict | None:
+    """Region → caption retrieval and hard-negative accuracy over every region of the split, with the box-only and
+    text-only controls."""
+    features = ctx.features
+    if len(features.region_embeds) == 0:
+        return None
+    section = region_metrics(features)
+    section["num_regions"] = len(features.region_embeds)
+    section["split_regions"] = sum(len(regions or []) for regions in ctx.rows["regions"])
+    train = ctx.training_regions
+    controls: dict = {}
+    if train["captions"]:
+        box_only = BoxOnlyControl(train["boxes"], train["captions"])
+        controls["box_only"] = {
+            "region_to_caption": box_only.region_retrieval(
+                features.region_boxes.numpy(), features.region_captions
+            )
+        }
+    else:
+        controls["box_only"] = {"skipped": f"the {ctx.support_split} split has no regions to fit it on"}
+    if any(train["negatives"]) and features.negative_mask.any():
+        prior = TextPrior(train["captions"], train["negatives"], seed=ctx.seed)
+        controls["text_only_prior"] = {
+            "hard_negative_accuracy": prior.hard_negative_accuracy(
+                features.region_captions, features.region_negatives
+            )
+        }
+    else:
+        controls["text_only_prior"] = {
+            "skipped": f"no hard negatives in the {ctx.support_split} split or in the evaluated one"
+        }
+    section["controls"] = controls
+    return section
+
+
+def task_grounding(ctx: EvalContext) -> dict | None:
+    """The pointing game over the split's images with 2 or more regions, with the box-only control."""
+    from .grounding import pointing_from_features
+
+    features = ctx.features
+    if len(features.region_embeds) == 0:
+        return None
+    section = pointing_from_features(features)
+    train = ctx.training_regions
+    if train["captions"]:
+        box_only = BoxOnlyControl(train["boxes"], train["captions"])
+        result = box_only.pointing(
+            features.region_boxes.numpy(), features.region_captions, features.region_image
+        )
+        section["controls"] = {"box_only": {"pointing_accuracy": result["pointing_accuracy"]}}
+    else:
+        section["controls"] = {
+            "box_only": {"skipped": f"the {ctx.support_split} split has no regions to fit it on"}
+        }
+    return section
+
+
+def task_vqa(ctx: EvalContext) -> dict:
+    """Closed-set VQA accuracy with frozen embeddings (Table 2): MedRegion-synth's VQA config when the data folder
+    has one, plus VQA-RAD and SLAKE when given."""
+    from .vqa import evaluate_vqa, load_slake, load_synth_vqa, load_vqa_rad
+
+    sets = {}
+    folder = Path(ctx.data_path)
+    if folder.is_dir() and (folder / "vqa").is_dir():
+        sets["MedRegion-synth"] = load_synth_vqa(folder)
+    if ctx.vqa_rad is not None:
+        sets["VQA-RAD"] = load_vqa_rad(*ctx.vqa_rad)
+    if ctx.slake is not None:
+        sets["SLAKE"] = load_slake(ctx.slake)
+    return {
+        name: evaluate_vqa(
+            ctx.model,
+            ctx.processor,
+            examples,
+            seed=ctx.seed,
+            embed_batch_size=ctx.batch_size,
+            max_length=ctx.features.max_length,
+        )
+        for name, examples in sets.items()
+    }
+
+
+TASKS: dict[str, Callable[[EvalContext], dict | None]] = {
+    "zero_shot": task_zero_shot,
+    "few_shot": task_few_shot,
+    "retrieval": task_retrieval,
+    "region": task_region,
+    "grounding": task_grounding,
+    "vqa": task_vqa,
+}
+
+
 def model_fingerprint(model_path: str | Path) -> str:
     """sha256 of a model folder's weight and config files (a Hub id is returned as is)."""
     folder = Path(model_path)
     if not folder.is_dir():
         return f"hub:{model_path}"
     digest = hashlib.sha256()
-    for file in sorted([*folder.glob("*.safetensors"), *folder.glob("*.json")]):
+    for file in sorted([*folder.glob("*.safetensors"), *folder.glob("*.json"), *folder.glob("*.yaml")]):
         digest.update(file.name.encode())
         digest.update(file.read_bytes())
     return digest.hexdigest()
 
 
-def cached_features(model, processor, rows, key: dict, cache_dir: str | Path | None, batch_size: int):
-    """`extract_features`, stored in `cache_dir` under a hash of `key` (model and data fingerprints, split) and
-    read back on the next run; no cache when `cache_dir` is None."""
+def cached_features(
+    model,
+    processor,
+    rows,
+    key: dict,
+    cache_dir: str | Path | None,
+    batch_size: int,
+    **settings,
+) -> SplitFeatures:
+    """`extract_features` with `settings`, stored in `cache_dir` under a hash of `key` (model and data
+    fingerprints, split) and the settings, and read back on the next run; no cache when `cache_dir` is None."""
+
+    def extract():
+        return extract_features(model, processor, rows, batch_size=batch_size, **settings)
+
     if cache_dir is None:
-        return extract_features(model, processor, rows, batch_size=batch_size)
-    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+        return extract()
+    name = hashlib.sha256(json.dumps({**key, **settings}, sort_keys=True).encode()).hexdigest()[:20]
     path = Path(cache_dir) / f"features-{name}.pt"
     if path.is_file():
         return SplitFeatures(**torch.load(path, weights_only=True))
-    features = extract_features(model, processor, rows, batch_size=batch_size)
+    features = extract()
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     torch.save(dataclasses.asdict(features), partial)
@@ -80,13 +402,8 @@ def parse_tasks(tasks: str | list[str]) -> list[str]:
         return list(TASKS)
     unknown = set(names) - set(TASKS)
     if unknown:
-        raise ValueError(f"unknown tasks {sorted(unknown)}; choose from {TASKS} or 'all'")
+        raise ValueError(f"unknown tasks {sorted(unknown)}; choose from {tuple(TASKS)} or 'all'")
     return names
-
-
-def _embeddings(features) -> dict[str, torch.Tensor]:
-    """Both image embeddings are reported: region-aware (uses the boxes of the data) and global."""
-    return {"region-aware": features.image_embeds, "global": features.global_image_embeds}
 
 
 def _support_rows(rows, classes: list[str], per_class: int, seed: int):
@@ -98,6 +415,19 @@ def _support_rows(rows, classes: list[str], per_class: int, seed: int):
         pool = np.flatnonzero(labels == name)
         chosen.extend(rng.choice(pool, min(per_class, len(pool)), replace=False).tolist())
     return rows.select(sorted(chosen))
+
+
+def resolve_max_length(
+    max_length: int | None, training_config: dict | None, processor, model
+) -> tuple[int, str]:
+    """The token limit for evaluation and where it came from: as given, else the training config's
+    `data.max_length`, else the tokenizer's limit."""
+    if max_length is not None:
+        return max_length, "given"
+    trained = ((training_config or {}).get("data") or {}).get("max_length")
+    if trained is not None:
+        return int(trained), "training_config.yaml"
+    return tokenizer_limit(processor, model), "tokenizer"
 
 
 def run_evaluation(
@@ -113,14 +443,20 @@ def run_evaluation(
     bootstrap: int = 1000,
     seed: int = 0,
     batch_size: int = 32,
+    device: str = "auto",
+    max_length: int | None = None,
+    region_path: str = "auto",
     vqa_rad: tuple[str, str] | None = None,
     slake: str | None = None,
     cache_dir: str | Path | None = None,
 ) -> dict:
     """Evaluate a saved model on a dataset folder (or Hub id) and write metrics.json, metrics.md, roc_curves.png.
 
-    `vqa_rad` = (json file, image folder) and `slake` = folder add those public VQA sets to the synthetic one.
-    With `cache_dir`, the features of each (model, data, split) are stored there and reused by later runs.
+    Image-level figures come first without boxes (`box_free`), then with the data's boxes (`gt_boxes`); region
+    figures cover every region of the split and stand next to measured no-image controls fitted on
+    `support_split`. Texts are cut at `max_length` and the cuts are counted. `vqa_rad` and `slake` add those
+    public VQA sets to the synthetic one. With `cache_dir`, the features of each (model, data, split, settings)
+    are stored there and reused by later runs.
 
     Args:
         model_path: Model folder or Hub id.
@@ -128,16 +464,20 @@ def run_evaluation(
         out_dir: Where metrics.json, metrics.md and roc_curves.png go.
         tasks: Comma-separated tasks (zero_shot, few_shot, retrieval, region, grounding, vqa), or `all`.
         split: The split evaluated.
-        support_split: The split few-shot support images are drawn from.
+        support_split: The split few-shot support images are drawn from, and the no-image controls fitted on.
         templates: A YAML file of prompt `templates` and `class_names` (default: the medical template set).
         shots: Support images per class of the few-shot episodes.
         episodes: Seeded few-shot episodes per shot count.
         bootstrap: Bootstrap resamples of the zero-shot AUC's 95 % confidence interval.
-        seed: Seed of the episodes, the bootstrap and the VQA head.
-        batch_size: Images per forward pass.
+        seed: Seed of the episodes, the bootstrap, the controls and the VQA head.
+        batch_size: Images per forward pass (and texts per VQA encoder pass).
+        device: `auto` (CUDA when available, else the CPU), `cpu`, `cuda` or `cuda:N`.
+        max_length: Token limit of every text (default: the model's training_config.yaml, else the tokenizer's).
+        region_path: How regions are embedded: `auto` (the global path on crops for a model whose ROI branch was
+            never trained, else the ROI processor), `roi_processor` or `global_on_crops`.
         vqa_rad: VQA-RAD's JSON file and image folder.
         slake: SLAKE's folder.
-        cache_dir: A folder that keeps the features of each (model, data, split) for later runs.
+        cache_dir: A folder that keeps the features of each (model, data, split, settings) for later runs.
     """
     from transformers import AutoModel, AutoProcessor
 
@@ -146,95 +486,76 @@ def run_evaluation(
     from ..data.collator import load_rows
 
     names = parse_tasks(tasks)
-    model = AutoModel.from_pretrained(model_path).eval()
+    target = resolve_device(device)
+    model = AutoModel.from_pretrained(model_path).to(target).eval()
     processor = AutoProcessor.from_pretrained(model_path)
+    training_config = read_training_config(model_path)
+    trained, reason = roi_branch_status(model, training_config)
+    if region_path == "auto":
+        region_path = "roi_processor" if trained else "global_on_crops"
+    length, length_source = resolve_max_length(max_length, training_config, processor, model)
     rows = load_rows(data_path, split)
     fingerprint = {"model": model_fingerprint(model_path), "data": dataset_hash(data_path)}
-    features = cached_features(model, processor, rows, {**fingerprint, "split": split}, cache_dir, batch_size)
+    settings = {"max_length": length, "region_path": region_path}
+    key = {**fingerprint, "format": FEATURES_FORMAT, "split": split}
+    features = cached_features(model, processor, rows, key, cache_dir, batch_size, **settings)
+    ctx = EvalContext(
+        model,
+        processor,
+        data_path,
+        rows,
+        features,
+        fingerprint,
+        split,
+        support_split,
+        templates,
+        tuple(shots),
+        episodes,
+        bootstrap,
+        seed,
+        batch_size,
+        cache_dir,
+        vqa_rad,
+        slake,
+    )
     metrics: dict = {
         "provenance": provenance(
             model_path,
             data_path,
             {
                 "split": split,
+                "support_split": support_split,
                 "tasks": names,
                 "seed": seed,
                 "shots": list(shots),
                 "episodes": episodes,
                 "bootstrap": bootstrap,
                 "templates": str(templates) if templates else "default",
+                "device": str(target),
+                "batch_size": batch_size,
             },
             fingerprint,
         ),
-        "num_images": len(features.image_embeds),
+        "num_images": len(features.report_embeds),
+        "embeddings": {
+            "box_free": list(features.box_free),
+            "gt_boxes": list(features.gt_boxes),
+            "region_path": features.region_path,
+            "roi_branch_trained": trained,
+            "roi_branch_reason": reason,
+        },
+        "text": {
+            "max_length": features.max_length,
+            "max_length_source": length_source,
+            "truncated": features.truncated,
+            "num_texts": features.num_texts,
+        },
     }
-    roc = None
-    labelled = [i for i, label in enumerate(features.labels) if label]
-    classes = sorted({features.labels[i] for i in labelled})
-    if ("zero_shot" in names or "few_shot" in names) and classes:
-        template_set, display = load_templates(templates)
-        prototypes = class_prototypes(model, processor, [display.get(c, c) for c in classes], template_set)
-        labels = np.array([classes.index(features.labels[i]) for i in labelled])
-        metrics["classes"] = classes
-    if "zero_shot" in names and classes:
-        metrics["zero_shot"] = {}
-        for name, embeds in _embeddings(features).items():
-            result = zero_shot(embeds[labelled], labels, prototypes, bootstrap, seed)
-            scores = result.pop("scores")
-            result["per_class_auc"] = {classes[i]: v for i, v in result["per_class_auc"].items()}
-            metrics["zero_shot"][name] = result
-            if name == "region-aware":
-                roc = {"scores": scores, "labels": labels, "classes": classes}
-    if "few_shot" in names and classes:
-        support_rows = _support_rows(load_rows(data_path, support_split), classes, 5 * max(shots), seed)
-        support_key = {**fingerprint, "split": support_split, "rows": support_rows["id"]}
-        support = cached_features(model, processor, support_rows, support_key, cache_dir, batch_size)
-        support_labels = np.array([classes.index(label) for label in support.labels])
-        metrics["few_shot"] = {}
-        for k in shots:
-            try:
-                metrics["few_shot"][f"{k}-shot"] = few_shot(
-                    support.image_embeds,
-                    support_labels,
-                    features.image_embeds[labelled],
-                    labels,
-                    prototypes,
-                    k,
-                    episodes,
-                    seed,
-                )
-            except ValueError as error:  # a class with fewer than k support images: reported, not fatal
-                metrics["few_shot"][f"{k}-shot"] = {"skipped": str(error)}
-    if "retrieval" in names:
-        targets = torch.arange(len(features.image_embeds))
-        metrics["retrieval"] = {
-            name: {
-                "image_to_text": recall_at_k(retrieval_ranks(embeds, features.report_embeds, targets)),
-                "text_to_image": recall_at_k(retrieval_ranks(features.report_embeds, embeds, targets)),
-            }
-            for name, embeds in _embeddings(features).items()
-        }
-    if "region" in names and len(features.region_embeds):
-        metrics["region"] = region_metrics(features)
-    if "grounding" in names and len(features.region_embeds):
-        from .grounding import pointing_from_features
-
-        metrics["grounding"] = pointing_from_features(features)
-    if "vqa" in names:
-        metrics["vqa"] = _vqa(model, processor, data_path, vqa_rad, slake, seed)
-    write_outputs(metrics, out_dir, roc)
+    if {"zero_shot", "few_shot"} & set(names) and ctx.classes is not None:
+        metrics["classes"] = ctx.classes["names"]
+    for name in names:
+        section = TASKS[name](ctx)
+        if section is not None:
+            metrics[name] = section
+    write_outputs(metrics, out_dir, ctx.roc)
     return metrics
-
-
-def _vqa(model, processor, data_path, vqa_rad, slake, seed: int) -> dict:
-    from .vqa import evaluate_vqa, load_slake, load_synth_vqa, load_vqa_rad
-
-    sets = {}
-    folder = Path(data_path)
-    if folder.is_dir() and (folder / "vqa").is_dir():
-        sets["MedRegion-synth"] = load_synth_vqa(folder)
-    if vqa_rad is not None:
-        sets["VQA-RAD"] = load_vqa_rad(*vqa_rad)
-    if slake is not None:
-        sets["SLAKE"] = load_slake(slake)
-    return {name: evaluate_vqa(model, processor, examples, seed=seed) for name, examples in sets.items()}

@@ -4,17 +4,49 @@ import numpy as np
 import torch
 
 
-def retrieval_ranks(queries: torch.Tensor, gallery: torch.Tensor, targets: torch.Tensor, chunk: int = 1024):
+def ranks_from_scores(
+    scores: torch.Tensor, targets: torch.Tensor, gallery_groups: torch.Tensor
+) -> torch.Tensor:
+    """0-based rank of each query's best-scoring correct item in `scores` `(Q, G)`: how many gallery items of
+    another group score at least as high. A gallery item is correct for query q when its group is `targets[q]`;
+    ties with a wrong item count against the query (pessimistic)."""
+    correct = gallery_groups[None, :] == targets[:, None]
+    if not correct.any(1).all():
+        missing = int((~correct.any(1)).nonzero()[0, 0])
+        raise ValueError(f"query {missing}: its target group {int(targets[missing])} has no gallery item")
+    best = scores.masked_fill(~correct, float("-inf")).amax(1, keepdim=True)
+    return ((scores >= best) & ~correct).sum(1)
+
+
+def retrieval_ranks(
+    queries: torch.Tensor,
+    gallery: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int = 1024,
+    gallery_groups: torch.Tensor | None = None,
+):
     """0-based rank of each query's target in the gallery, by cosine similarity, computed `chunk` queries at a time
-    so memory stays at `chunk × len(gallery)` whatever the sizes. Ties count against the query (pessimistic)."""
+    so memory stays at `chunk × len(gallery)` whatever the sizes. Ties with a wrong item count against the query
+    (pessimistic).
+
+    `gallery_groups` `(G,)` makes several gallery items one target: `targets` are then group ids, and any item of
+    the query's group is a hit (e.g. two images with the same report text). By default every item is its own
+    group, so `targets` are gallery indices.
+    """
     queries = torch.nn.functional.normalize(queries.float(), dim=-1)
     gallery = torch.nn.functional.normalize(gallery.float(), dim=-1)
+    groups = torch.arange(len(gallery)) if gallery_groups is None else torch.as_tensor(gallery_groups)
     ranks = []
     for start in range(0, len(queries), chunk):
         scores = queries[start : start + chunk] @ gallery.t()
-        target_scores = scores.gather(1, targets[start : start + chunk, None])
-        ranks.append((scores >= target_scores).sum(1) - 1)
-    return torch.cat(ranks)
+        ranks.append(ranks_from_scores(scores, targets[start : start + chunk], groups))
+    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
+
+
+def text_groups(texts: list[str]) -> torch.Tensor:
+    """One group id per text, equal for identical texts (ids in order of first appearance)."""
+    index: dict[str, int] = {}
+    return torch.tensor([index.setdefault(text, len(index)) for text in texts], dtype=torch.long)
 
 
 def recall_at_k(ranks: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
@@ -35,11 +67,18 @@ def hard_negative_accuracy(
     regions = torch.nn.functional.normalize(regions.float(), dim=-1)
     positive = (regions * torch.nn.functional.normalize(positives.float(), dim=-1)).sum(-1)
     negative = torch.einsum("np,nmp->nm", regions, torch.nn.functional.normalize(negatives.float(), dim=-1))
-    negative = negative.masked_fill(~mask.bool(), float("-inf"))
-    scored = mask.bool().any(-1)
+    return hard_negative_accuracy_from_scores(positive, negative, mask)
+
+
+def hard_negative_accuracy_from_scores(positive: torch.Tensor, negative: torch.Tensor, mask) -> float:
+    """[`hard_negative_accuracy`] from any scorer's scores: `positive` `(N,)`, `negative` `(N, M)`, `mask`
+    `(N, M)`. Only regions with at least one real negative count (NaN when none has); a tie is a miss."""
+    mask = torch.as_tensor(mask).bool()
+    scored = mask.any(-1)
     if not scored.any():
         return float("nan")
-    return float((positive > negative.amax(-1))[scored].float().mean())
+    negative = torch.as_tensor(negative).float().masked_fill(~mask, float("-inf"))
+    return float((torch.as_tensor(positive).float() > negative.amax(-1))[scored].float().mean())
 
 
 def macro_auc(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:

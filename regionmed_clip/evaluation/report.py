@@ -57,26 +57,48 @@ def _pct(value) -> str:
     return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{100 * value:.2f}"
 
 
+BOXES_AT_TEST = {"box_free": "none (box-free)", "gt_boxes": "GT boxes at test"}
+BOX_ONLY = "box-only control (nearest training boxes, no image)"
+TEXT_ONLY = "text-only prior (unigram logistic on the training split, no image)"
+
+
+def _embedding_rows(section: dict):
+    """(boxes at test, embedding name, result) for an image-level section, box-free rows first."""
+    for group in ("box_free", "gt_boxes"):
+        for name, result in (section.get(group) or {}).items():
+            yield BOXES_AT_TEST[group], name, result
+
+
 def markdown_tables(metrics: dict) -> str:
     """The paper's tables for whatever tasks ran: zero-shot AUC (Table 1), VQA (Table 2), retrieval (Table 3),
-    1/5-shot AUC (Tables 5–6), region-level figures."""
+    1/5-shot AUC (Tables 5–6), region-level figures. Image-level tables lead with the box-free embeddings; rows
+    that take the data's boxes say "GT boxes at test". Region figures stand next to their measured controls."""
     lines = [
         f"# Evaluation of `{metrics['provenance']['model']}`",
         "",
         f"Data: `{metrics['provenance']['data']}`",
         "",
     ]
+    text = metrics.get("text")
+    if text:
+        cut = ", ".join(
+            f"{name} {count} of {text['num_texts'][name]}" for name, count in text["truncated"].items()
+        )
+        lines += [
+            f"Texts cut at {text['max_length']} tokens (from {text['max_length_source']}); longer: {cut}.",
+            "",
+        ]
     if "zero_shot" in metrics:
         lines += [
             "## Zero-shot classification (AUC %, Table 1 layout)",
             "",
-            "| image embedding | macro AUC | 95 % CI | accuracy |",
-            "|---|---|---|---|",
+            "| boxes at test | image embedding | macro AUC | 95 % CI | accuracy |",
+            "|---|---|---|---|---|",
         ]
-        for name, result in metrics["zero_shot"].items():
+        for boxes, name, result in _embedding_rows(metrics["zero_shot"]):
             low, high = result["macro_auc_ci95"] or (None, None)
             lines.append(
-                f"| {name} | {_pct(result['macro_auc'])} | {_pct(low)}–{_pct(high)} | "
+                f"| {boxes} | {name} | {_pct(result['macro_auc'])} | {_pct(low)}–{_pct(high)} | "
                 f"{_pct(result['accuracy'])} |"
             )
         lines += [""]
@@ -84,30 +106,36 @@ def markdown_tables(metrics: dict) -> str:
         lines += [
             "## Few-shot classification (macro AUC %, Tables 5–6 layout)",
             "",
-            "| shots | prototype rule | logistic probe |",
-            "|---|---|---|",
+            "| boxes at test | image embedding | shots | prototype rule | logistic probe |",
+            "|---|---|---|---|---|",
         ]
-        for shots, result in metrics["few_shot"].items():
-            if "skipped" in result:
-                lines.append(f"| {shots} | skipped: {result['skipped']} | |")
-                continue
-            proto, probe = result["prototype"], result["linear_probe"]
-            lines.append(
-                f"| {shots} | {_pct(proto['mean'])} ± {_pct(proto['std'])} | "
-                f"{_pct(probe['mean'])} ± {_pct(probe['std'])} |"
-            )
+        for boxes, name, per_shots in _embedding_rows(metrics["few_shot"]):
+            for shots, result in per_shots.items():
+                if "skipped" in result:
+                    lines.append(f"| {boxes} | {name} | {shots} | skipped: {result['skipped']} | |")
+                    continue
+                proto, probe = result["prototype"], result["linear_probe"]
+                lines.append(
+                    f"| {boxes} | {name} | {shots} | {_pct(proto['mean'])} ± {_pct(proto['std'])} | "
+                    f"{_pct(probe['mean'])} ± {_pct(probe['std'])} |"
+                )
         lines += [""]
     if "retrieval" in metrics:
         lines += [
             "## Image–text retrieval (%, Table 3 layout)",
             "",
-            "| image embedding | T2I R@1 | T2I R@5 | T2I R@10 | I2T R@1 | I2T R@5 | I2T R@10 |",
-            "|---|---|---|---|---|---|---|",
+            f"Identical report texts are one target ({metrics['retrieval']['num_distinct_reports']} distinct "
+            f"reports for {metrics['num_images']} images).",
+            "",
+            "| boxes at test | image embedding | T2I R@1 | T2I R@5 | T2I R@10 | I2T R@1 | I2T R@5 | I2T R@10 |",
+            "|---|---|---|---|---|---|---|---|",
         ]
-        for name, result in metrics["retrieval"].items():
+        for boxes, name, result in _embedding_rows(metrics["retrieval"]):
             t2i, i2t = result["text_to_image"], result["image_to_text"]
             lines.append(
-                f"| {name} | " + " | ".join(_pct(r[f"R@{k}"]) for r in (t2i, i2t) for k in (1, 5, 10)) + " |"
+                f"| {boxes} | {name} | "
+                + " | ".join(_pct(r[f"R@{k}"]) for r in (t2i, i2t) for k in (1, 5, 10))
+                + " |"
             )
         lines += [""]
     if "vqa" in metrics:
@@ -124,15 +152,52 @@ def markdown_tables(metrics: dict) -> str:
             )
         lines += [""]
     if "region" in metrics:
-        region = metrics["region"]
-        lines += ["## Region level (%)", "", "| metric | value |", "|---|---|"]
-        for k in (1, 5, 10):
-            lines.append(f"| region → caption R@{k} | {_pct(region['region_to_caption'][f'R@{k}'])} |")
-        lines.append(f"| hard-negative accuracy | {_pct(region['hard_negative_accuracy'])} |")
-        if "grounding" in metrics:
-            lines.append(f"| pointing accuracy | {_pct(metrics['grounding']['pointing_accuracy'])} |")
-        lines += [""]
+        lines += _region_table(metrics)
     return "\n".join(lines)
+
+
+def _control(result: dict | None, *path: str) -> str:
+    """A control's figure for a table cell, or why it was not measured."""
+    if not result:
+        return "–"
+    if "skipped" in result:
+        return f"skipped: {result['skipped']}"
+    for key in path:
+        result = result.get(key, {}) if isinstance(result, dict) else None
+    return _pct(result if isinstance(result, float) else None)
+
+
+def _region_table(metrics: dict) -> list[str]:
+    region, embeddings = metrics["region"], metrics.get("embeddings", {})
+    controls = region.get("controls", {})
+    path = {
+        "roi_processor": "the ROI processor",
+        "global_on_crops": "the global path applied to each box's crop (crop → vision tower → projection)",
+    }.get(embeddings.get("region_path"), embeddings.get("region_path"))
+    lines = [
+        "## Region level (GT boxes at test, %)",
+        "",
+        f"{region['num_regions']} of the split's {region['split_regions']} regions scored; regions embedded "
+        f"through {path} ({embeddings.get('roi_branch_reason', '')}).",
+        "",
+        "| metric | value | measured control | control value |",
+        "|---|---|---|---|",
+    ]
+    for k in (1, 5, 10):
+        value = _pct(region["region_to_caption"][f"R@{k}"])
+        control = _control(controls.get("box_only"), "region_to_caption", f"R@{k}")
+        lines.append(f"| region → caption R@{k} | {value} | {BOX_ONLY} | {control} |")
+    control = _control(controls.get("text_only_prior"), "hard_negative_accuracy")
+    lines.append(
+        f"| hard-negative accuracy | {_pct(region['hard_negative_accuracy'])} | {TEXT_ONLY} | {control} |"
+    )
+    if "grounding" in metrics:
+        grounding = metrics["grounding"]
+        control = _control(grounding.get("controls", {}).get("box_only"), "pointing_accuracy")
+        lines.append(
+            f"| pointing accuracy | {_pct(grounding['pointing_accuracy'])} | {BOX_ONLY} | {control} |"
+        )
+    return lines + [""]
 
 
 def roc_plot(scores: np.ndarray, labels: np.ndarray, class_names: list[str], path: Path, title: str) -> Path:
@@ -161,7 +226,7 @@ def roc_plot(scores: np.ndarray, labels: np.ndarray, class_names: list[str], pat
 
 
 def write_outputs(metrics: dict, out_dir: str | Path, roc: dict | None = None) -> list[Path]:
-    """Write metrics.json, metrics.md and, when given (`roc = {"scores", "labels", "classes"}`), roc_curves.png."""
+    """Write metrics.json, metrics.md and, when given (`roc = {"scores", "labels", "classes", "name"}`), roc_curves.png."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "metrics.json", out / "metrics.md"]
@@ -174,7 +239,7 @@ def write_outputs(metrics: dict, out_dir: str | Path, roc: dict | None = None) -
                 roc["labels"],
                 roc["classes"],
                 out / "roc_curves.png",
-                "Zero-shot ROC (region-aware embedding)",
+                f"Zero-shot ROC ({roc.get('name', 'global')} embedding, no boxes)",
             )
         )
     return written
@@ -193,41 +258,53 @@ class CardFigure:
     dataset: str | None = None
 
 
+# The card's names of the image-embedding groups of metrics.json, box-free first (the order figures are listed in).
+BOX_LABELS = {"box_free": "box-free", "gt_boxes": "GT boxes at test"}
+
 # How each task of metrics.json appears in a model-index: (task type, task name) and, per figure, (metric type,
-# metric name, key path inside the task's result). A `{entry}` in a name or path is each key of the task's
-# mapping (the embedding, the shot count, the VQA set); tasks without it hold one result. The retrieval and
-# region task types are not pipeline tags, which the model-index allows (as MTEB's cards do).
+# metric name, key path inside the task's result). A `{placeholder}` in a path takes every key at that level (its
+# value named in the metric name): `{group}` the image-embedding groups of `BOX_LABELS`, shown as their label,
+# `{entry}` the embedding or the VQA set, `{shots}` the shot count. The no-image controls are not the model's
+# figures and are left out. The retrieval and region task types are not pipeline tags, which the model-index
+# allows (as MTEB's cards do).
 MODEL_INDEX_FIGURES: dict[str, tuple[tuple[str, str], tuple[tuple[str, str, tuple[str, ...]], ...]]] = {
     "zero_shot": (
         ("zero-shot-image-classification", "Zero-shot classification"),
         (
-            ("roc_auc", "macro AUC ({entry} embedding)", ("{entry}", "macro_auc")),
-            ("accuracy", "accuracy ({entry} embedding)", ("{entry}", "accuracy")),
+            ("roc_auc", "macro AUC ({entry} embedding, {group})", ("{group}", "{entry}", "macro_auc")),
+            ("accuracy", "accuracy ({entry} embedding, {group})", ("{group}", "{entry}", "accuracy")),
         ),
     ),
     "few_shot": (
         ("image-classification", "Few-shot classification"),
-        (
-            ("roc_auc", "{entry} macro AUC (prototype rule)", ("{entry}", "prototype", "mean")),
-            ("roc_auc", "{entry} macro AUC (logistic probe)", ("{entry}", "linear_probe", "mean")),
+        tuple(
+            (
+                "roc_auc",
+                f"{{shots}} macro AUC ({name}, {{entry}}, {{group}})",
+                ("{group}", "{entry}", "{shots}", rule, "mean"),
+            )
+            for rule, name in (("prototype", "prototype rule"), ("linear_probe", "logistic probe"))
         ),
     ),
     "retrieval": (
         ("image-text-retrieval", "Image–text retrieval"),
         tuple(
-            ("recall", f"{arrow} R@{k} ({{entry}})", ("{entry}", direction, f"R@{k}"))
+            ("recall", f"{arrow} R@{k} ({{entry}}, {{group}})", ("{group}", "{entry}", direction, f"R@{k}"))
             for direction, arrow in (("image_to_text", "image → text"), ("text_to_image", "text → image"))
             for k in (1, 5, 10)
         ),
     ),
     "region": (
         ("region-text-retrieval", "Region–caption retrieval"),
-        tuple(("recall", f"region → caption R@{k}", ("region_to_caption", f"R@{k}")) for k in (1, 5, 10))
-        + (("accuracy", "hard-negative accuracy", ("hard_negative_accuracy",)),),
+        tuple(
+            ("recall", f"region → caption R@{k} (GT boxes at test)", ("region_to_caption", f"R@{k}"))
+            for k in (1, 5, 10)
+        )
+        + (("accuracy", "hard-negative accuracy (GT boxes at test)", ("hard_negative_accuracy",)),),
     ),
     "grounding": (
         ("region-grounding", "Region grounding"),
-        (("accuracy", "pointing accuracy", ("pointing_accuracy",)),),
+        (("accuracy", "pointing accuracy (GT boxes at test)", ("pointing_accuracy",)),),
     ),
     "vqa": (
         ("visual-question-answering", "Visual question answering"),
@@ -238,6 +315,23 @@ MODEL_INDEX_FIGURES: dict[str, tuple[tuple[str, str], tuple[tuple[str, str, tupl
 }
 
 
+def _expand(node, path: tuple[str, ...], bindings: dict):
+    """(bindings, value) for every way the placeholders of `path` match keys of `node`."""
+    if not path:
+        yield bindings, node
+        return
+    key, rest = path[0], path[1:]
+    if not isinstance(node, dict):
+        return
+    if not (key.startswith("{") and key.endswith("}")):
+        yield from _expand(node.get(key), rest, bindings)
+        return
+    name = key[1:-1]
+    keys = [group for group in BOX_LABELS if group in node] if name == "group" else list(node)
+    for value in keys:
+        yield from _expand(node[value], rest, {**bindings, name: value})
+
+
 def _measured(value) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
@@ -245,29 +339,31 @@ def _measured(value) -> float | None:
 
 
 def model_index_figures(metrics: dict) -> list[CardFigure]:
-    """The figures of a `metrics.json` (as `write_outputs` writes it) for a model card's `model-index`, in
-    `MODEL_INDEX_FIGURES` order; tasks that did not run, skipped entries and NaN figures are left out."""
+    """The figures of a `metrics.json` (as `write_outputs` writes it) for a model card's `model-index`, task by
+    task in `MODEL_INDEX_FIGURES` order, box-free figures before those with ground-truth boxes; tasks that did not
+    run, skipped entries and NaN figures are left out."""
     figures = []
     for task, ((task_type, task_name), specs) in MODEL_INDEX_FIGURES.items():
         result = metrics.get(task)
         if not isinstance(result, dict):
             continue
-        per_entry = any("{entry}" in spec[2] for spec in specs)
-        for entry in result if per_entry else [None]:
-            for metric_type, name, path in specs:
-                value = result
-                for key in path:
-                    value = value.get(entry if key == "{entry}" else key) if isinstance(value, dict) else None
+        found = []
+        for metric_type, name, path in specs:
+            for bindings, value in _expand(result, path, {}):
                 value = _measured(value)
-                if value is not None:
-                    figures.append(
-                        CardFigure(
-                            task_type,
-                            task_name,
-                            metric_type,
-                            name.format(entry=entry),
-                            value,
-                            dataset=entry if task == "vqa" else None,
-                        )
-                    )
+                if value is None:
+                    continue
+                labels = {**bindings, "group": BOX_LABELS.get(bindings.get("group"), "")}
+                figure = CardFigure(
+                    task_type,
+                    task_name,
+                    metric_type,
+                    name.format(**labels),
+                    value,
+                    dataset=bindings.get("entry") if task == "vqa" else None,
+                )
+                found.append(
+                    (list(BOX_LABELS).index(bindings["group"]) if "group" in bindings else 0, figure)
+                )
+        figures += [figure for _, figure in sorted(found, key=lambda pair: pair[0])]
     return figures
