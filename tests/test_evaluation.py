@@ -470,8 +470,8 @@ def test_roi_branch_status_from_the_training_config_or_the_gate():
     assert roi_branch_status(model, {"stages": [global_stage, frozen_region]})[0] is False
     assert roi_branch_status(model, {"stages": [global_stage, region_stage]})[0] is True
     assert roi_branch_status(model, {"stages": [partly_frozen]})[0] is True
-    with pytest.raises(ValueError, match="stage 'broken' is not a stage"):
-        roi_branch_status(model, {"stages": [{"name": "broken", "loss_weights": {"global_loss": 1.0}}]})
+    with pytest.raises(ValueError, match="stage 0 has no loss_weights mapping"):
+        roi_branch_status(model, {"stages": [{"name": "broken"}]})
     assert roi_branch_status(model, None)[0] is True  # the gate moved from 0 (0.7 in the tiny model)
     with torch.no_grad():
         model.roi_processor.gate.zero_()

@@ -29,6 +29,9 @@ from tqdm.auto import tqdm
 from ..data.collator import MedRegionCollator
 
 REGION_PATHS = ("roi_processor", "global_on_crops")
+TRAINING_CONFIG = "training_config.yaml"  # what the trainer saves beside a model folder
+# The loss terms whose inputs include the ROIs: a stage that weights one of them trains the ROI processor.
+REGION_TERMS = ("roi_loss", "neg_loss", "class_loss")
 
 
 @dataclass
@@ -58,29 +61,25 @@ class SplitFeatures:
 def roi_branch_status(model, training_config: dict | None) -> tuple[bool, str]:
     """Whether the model's ROI branch was trained, and why that was decided.
 
-    With the `training_config.yaml` the trainer saves beside the model, the branch is trained when some stage uses
-    regions (`StageSpec.uses_regions`: a weighted loss term needs ROI inputs) and does not freeze `roi_processor`.
+    With the `training_config.yaml` the trainer saves beside the model, the branch is trained when some stage
+    weights above 0 a loss term that reads ROI inputs (`REGION_TERMS`) and does not freeze `roi_processor`.
     Without it, the gate decides: it is initialised to exactly 0 and any update through the region-aware
     embedding moves it, so a gate of exactly 0 means untrained. (The gate alone is not enough when the config
-    exists: the region losses train the ROI processor's region features without touching the gate.)
+    exists: the region losses train the ROI processor's region features without touching the gate.) The file is
+    read as plain YAML, as the model card reads it: evaluation does not depend on the training package.
     """
-    from ..training.config import StageSpec
-
     if training_config is not None:
-        for stage in training_config.get("stages") or []:
-            try:
-                spec = StageSpec(**{k: v for k, v in stage.items() if k in StageSpec.__dataclass_fields__})
-            except (TypeError, ValueError) as error:
-                raise ValueError(
-                    f"training_config.yaml: stage {stage.get('name')!r} is not a stage: {error}"
-                ) from error
-            if spec.uses_regions and "roi_processor" not in spec.frozen:
-                return True, f"stage {spec.name!r} trained it on regions"
-        return False, "training_config.yaml: no stage trained the ROI processor on regions"
+        for index, stage in enumerate(training_config.get("stages") or []):
+            if not isinstance(stage, dict) or not isinstance(stage.get("loss_weights"), dict):
+                raise ValueError(f"{TRAINING_CONFIG}: stage {index} has no loss_weights mapping")
+            weights, frozen = stage["loss_weights"], stage.get("frozen") or []
+            if any((weights.get(term) or 0) > 0 for term in REGION_TERMS) and "roi_processor" not in frozen:
+                return True, f"stage {stage.get('name')!r} trained it on regions"
+        return False, f"{TRAINING_CONFIG}: no stage trained the ROI processor on regions"
     gate = float(model.roi_processor.gate.detach().float().cpu())
     if gate == 0.0:
-        return False, "no training_config.yaml and the ROI gate is exactly 0 (its initial value)"
-    return True, f"no training_config.yaml; the ROI gate is {gate:.4g}, moved from its initial 0"
+        return False, f"no {TRAINING_CONFIG} and the ROI gate is exactly 0 (its initial value)"
+    return True, f"no {TRAINING_CONFIG}; the ROI gate is {gate:.4g}, moved from its initial 0"
 
 
 def tokenizer_limit(processor, model) -> int:
@@ -251,9 +250,7 @@ def read_training_config(model_path: str | Path) -> dict | None:
     """The `training_config.yaml` saved beside a model folder, or None (a Hub id, or a model from elsewhere)."""
     import yaml
 
-    from ..training.trainer import CONFIG_FILE
-
-    path = Path(model_path) / CONFIG_FILE
+    path = Path(model_path) / TRAINING_CONFIG
     if not path.is_file():
         return None
     return yaml.safe_load(path.read_text(encoding="utf-8")) or {}

@@ -20,6 +20,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -445,7 +446,7 @@ def run_evaluation(
     batch_size: int = 32,
     device: str = "auto",
     max_length: int | None = None,
-    region_path: str = "auto",
+    region_path: Literal["auto", "roi_processor", "global_on_crops"] = "auto",
     vqa_rad: tuple[str, str] | None = None,
     slake: str | None = None,
     cache_dir: str | Path | None = None,
