@@ -6,8 +6,8 @@ Decisions:
   that take the split's ground-truth boxes as input (`region-aware`: z_fused over an image's first `max_regions`
   regions). An embedding the model makes from regions it proposes itself belongs in `box_free`, under its own name.
 - Every region of the split is scored: an image with more regions than the processor's `max_regions` slots is run
-  again with the next slots' worth, as many passes as it needs. Regions are taken in descending `score` (ties in
-  file order), so the first pass is the highest-scoring `max_regions`, the ones the region-aware image embedding
+  again with the next slots' worth, as many passes as it needs (`region_passes`: descending `score`, ties in file
+  order), so the first pass is the highest-scoring `max_regions`, the ones the region-aware image embedding
   uses. The collator gets each pass's region subset explicitly, so no sampling of its own takes part.
 - Regions are embedded through the ROI processor (`region_path="roi_processor"`), or, for a model whose ROI branch
   was never trained, through the global path applied to the region: the box is cropped from the original image,
@@ -18,7 +18,6 @@ Decisions:
 """
 
 import copy
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..data.collator import MedRegionCollator
+from ..data.collator import MedRegionCollator, region_passes
 
 REGION_PATHS = ("roi_processor", "global_on_crops")
 TRAINING_CONFIG = "training_config.yaml"  # what the trainer saves beside a model folder
@@ -105,11 +104,6 @@ def model_inputs(inputs, model) -> dict[str, torch.Tensor]:
     }
 
 
-def ordered_regions(row: dict) -> list[dict]:
-    """A row's regions in the order evaluation takes them: descending `score`, ties in file order."""
-    return sorted(row.get("regions") or [], key=lambda region: -(region.get("score") or 0.0))
-
-
 def _crop_processor(processor):
     """A copy of `processor` whose image processor also returns the ROI crops."""
     processor = copy.copy(processor)
@@ -154,12 +148,12 @@ def extract_features(
     parts: dict[str, list] = defaultdict(list)
     for start in tqdm(range(0, len(rows), batch_size), desc="features", leave=False, disable=not progress):
         batch_rows = [rows[index] for index in range(start, min(start + batch_size, len(rows)))]
-        regions = [ordered_regions(row) for row in batch_rows]
-        passes = max(1, math.ceil(max(len(r) for r in regions) / slots))
-        for number in range(passes):
-            members = [i for i, r in enumerate(regions) if number == 0 or len(r) > number * slots]
-            chosen = [regions[i][number * slots : (number + 1) * slots] for i in members]
-            batch = collator([{**batch_rows[i], "regions": c} for i, c in zip(members, chosen, strict=True)])
+        passes = [region_passes(row, slots) for row in batch_rows]
+        for number in range(max(len(row_passes) for row_passes in passes)):
+            members = [i for i, row_passes in enumerate(passes) if len(row_passes) > number]
+            pass_rows = [passes[i][number] for i in members]
+            chosen = [row.get("regions") or [] for row in pass_rows]
+            batch = collator(pass_rows)
             for unused in ("summary_input_ids", "summary_attention_mask", "labels"):
                 batch.pop(unused, None)
             roi_crops = batch.pop("roi_pixel_values", None) if crops else None

@@ -31,7 +31,6 @@ from .device import resolve_device
 from .features import (
     SplitFeatures,
     extract_features,
-    ordered_regions,
     read_training_config,
     roi_branch_status,
     tokenizer_limit,
@@ -101,12 +100,12 @@ def split_regions(data_path: str | Path, split: str) -> dict:
     of the image, `captions`, `negatives` and `image` (the row index of each region)."""
     from datasets import Image
 
-    from ..data.collator import image_input, load_rows
+    from ..data.collator import image_input, load_rows, region_passes
 
     rows = load_rows(data_path, split).cast_column("image", Image(decode=False))
     boxes, captions, negatives, images = [], [], [], []
     for index, row in enumerate(rows):
-        regions = ordered_regions(row)
+        regions = [region for part in region_passes(row, 1) for region in part["regions"]]
         if not regions:
             continue
         width, height = _image_size(image_input(row["image"]))
