@@ -6,6 +6,7 @@ import math
 from transformers import AutoConfig, PretrainedConfig
 
 ROI_MODES = ("crop", "pool")
+LOSS_OBJECTIVES = ("infonce", "sigmoid")
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Compatibility with transformers 4.57 to 5.x, by feature checks. Configs are plain classes with an `__init__` in 4.x
@@ -128,13 +129,22 @@ class RegionMedCLIPConfig(PretrainedConfig):
             `pool` mode: RoIAlign output grid (S × S bins) that is averaged into one ROI feature.
         roi_sampling_ratio (`int`, *optional*, defaults to 2):
             `pool` mode: bilinear samples per bin along each axis (as torchvision's `sampling_ratio`).
+        loss_objective (`str`, *optional*, defaults to `"infonce"`):
+            Objective of the image ↔ text and ROI ↔ caption terms: `"infonce"` (the paper's symmetric softmax
+            contrastive loss) or `"sigmoid"` (SigLIP's pairwise sigmoid loss, with the learnable `logit_bias`).
+        logit_bias_init_value (`float`, *optional*, defaults to -10.0):
+            Initial value of the learnable `logit_bias` of the sigmoid objective (SigLIP's); unused with `"infonce"`.
         global_loss_weight (`float`, *optional*, defaults to 1.0):
-            Weight of L_global (image ↔ report InfoNCE) in `loss`.
+            Weight of L_global (global image embedding z_global ↔ report) in `loss`. Training writes each stage's
+            weights into these fields, so a saved config records the weights its last stage used.
+        fused_global_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the region-aware image embedding z_fused ↔ report term in `loss` (computed when ROIs are
+            given, beside L_global on z_global).
         summary_loss_weight (`float`, *optional*, defaults to 0.0):
-            Weight of L_summary (image ↔ summary caption InfoNCE) in `loss`; off by default as in the paper's eq. 8,
+            Weight of L_summary (z_global ↔ summary caption) in `loss`; off by default as in the paper's eq. 8,
             the progressive stages switch it on.
         roi_loss_weight (`float`, *optional*, defaults to 1.0):
-            Weight of L_roi (ROI ↔ region caption InfoNCE) in `loss`.
+            Weight of L_roi (ROI ↔ region caption) in `loss`.
         neg_loss_weight (`float`, *optional*, defaults to 1.0):
             Weight of L_neg (sigmoid loss against hard-negative captions) in `loss`.
         neg_logit_scale (`float`, *optional*, defaults to 1.0):
@@ -184,7 +194,10 @@ class RegionMedCLIPConfig(PretrainedConfig):
     max_regions: int = 8
     roi_align_size: int = 7
     roi_sampling_ratio: int = 2
+    loss_objective: str = "infonce"
+    logit_bias_init_value: int | float = -10.0
     global_loss_weight: int | float = 1.0
+    fused_global_loss_weight: int | float = 1.0
     summary_loss_weight: int | float = 0.0
     roi_loss_weight: int | float = 1.0
     neg_loss_weight: int | float = 1.0
@@ -232,6 +245,10 @@ class RegionMedCLIPConfig(PretrainedConfig):
         # `ValueError` (strict wraps validator errors in its own exception type).
         if self.roi_mode not in ROI_MODES:
             raise ValueError(f"roi_mode={self.roi_mode!r} is not supported; use one of {ROI_MODES}.")
+        if self.loss_objective not in LOSS_OBJECTIVES:
+            raise ValueError(
+                f"loss_objective={self.loss_objective!r} is not supported; use one of {LOSS_OBJECTIVES}."
+            )
         positive = {
             "projection_dim": self.projection_dim,
             "temperature": self.temperature,
@@ -244,7 +261,13 @@ class RegionMedCLIPConfig(PretrainedConfig):
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value}.")
-        for name in ("global_loss_weight", "summary_loss_weight", "roi_loss_weight", "neg_loss_weight"):
+        for name in (
+            "global_loss_weight",
+            "fused_global_loss_weight",
+            "summary_loss_weight",
+            "roi_loss_weight",
+            "neg_loss_weight",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(
                     f"{name} must be >= 0, got {getattr(self, name)}; set it to 0 to switch a term off."

@@ -1,6 +1,7 @@
 """PyTorch RegionMed-CLIP model: a dual-encoder CLIP with region-of-interest features and an ROI processor."""
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,8 +28,7 @@ except ImportError:
     from torch.nn import init
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Losses: pure functions of L2-normalised embeddings, local to one process. Distributed training gathers the embeddings
-# (with gradient) before calling them.
+# Losses: pure functions of L2-normalised embeddings, and the loss module that applies them to a batch's features.
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -39,14 +39,35 @@ def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
 
 
-def global_contrastive_loss(
-    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor
-) -> torch.Tensor:
-    """L_global: symmetric InfoNCE between matched image and report embeddings `(N, P)`, mean over the batch.
+def sigmoid_loss(logits: torch.Tensor, ignore: torch.Tensor | None = None) -> torch.Tensor:
+    """SigLIP's pairwise loss of a square logit matrix (`s·cos + b`) whose diagonal holds the positives:
+    −log σ(z_ij · logits_ij) with z = +1 on the diagonal and −1 elsewhere, summed over columns, mean over rows.
 
-    The paper prints the image→text half (its eq. 7); as in CLIP, the text→image half is averaged in.
+    `ignore` `(N, N)` leaves pairs out of the sum (neither positive nor negative).
     """
-    return contrastive_loss(logit_scale * image_embeds @ text_embeds.t())
+    signs = 2 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1
+    loss = -F.logsigmoid(signs * logits)
+    if ignore is not None:
+        loss = loss.masked_fill(ignore, 0.0)
+    return loss.sum() / logits.shape[0]
+
+
+def global_contrastive_loss(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor | None = None,
+    objective: str = "infonce",
+) -> torch.Tensor:
+    """L_global: contrastive loss between matched image and report embeddings `(N, P)`.
+
+    `"infonce"`: symmetric InfoNCE, mean over the batch; the paper prints the image→text half (its eq. 7) and, as
+    in CLIP, the text→image half is averaged in. `"sigmoid"`: SigLIP's [`sigmoid_loss`] on `s·cos + b`.
+    """
+    logits = logit_scale * image_embeds @ text_embeds.t()
+    if objective == "sigmoid":
+        return sigmoid_loss(logits + logit_bias)
+    return contrastive_loss(logits)
 
 
 def region_contrastive_loss(
@@ -54,17 +75,23 @@ def region_contrastive_loss(
     caption_embeds: torch.Tensor,
     logit_scale: torch.Tensor,
     caption_groups: torch.Tensor | None = None,
+    logit_bias: torch.Tensor | None = None,
+    objective: str = "infonce",
 ) -> torch.Tensor:
-    """L_roi: symmetric InfoNCE between ROI embeddings `(N, P)` and their region-caption embeddings `(N, P)`.
+    """L_roi: contrastive loss between ROI embeddings `(N, P)` and their region-caption embeddings `(N, P)`.
 
     `caption_groups` `(N,)` gives equal ids to identical (normalised) captions. Short region captions repeat across
-    images ("round nodule left upper"), so such pairs are removed from each other's denominators instead of being
-    pushed apart as negatives; each row keeps its own positive.
+    images ("round nodule left upper"), so such pairs are left out instead of being pushed apart as negatives:
+    removed from each other's InfoNCE denominators, or from the sigmoid loss's sum; each row keeps its own positive.
     """
     logits = logit_scale * region_embeds @ caption_embeds.t()
+    same = None
     if caption_groups is not None:
         same = caption_groups[:, None] == caption_groups[None, :]
         same.fill_diagonal_(False)
+    if objective == "sigmoid":
+        return sigmoid_loss(logits + logit_bias, same)
+    if same is not None:
         logits = logits.masked_fill(same, float("-inf"))
     return contrastive_loss(logits)
 
@@ -104,40 +131,145 @@ def caption_groups_from_ids(
     return torch.unique(input_ids, dim=0, return_inverse=True)[1]
 
 
-def regionmed_loss_terms(
-    logit_scale: torch.Tensor,
-    image_embeds: torch.Tensor | None = None,
-    text_embeds: torch.Tensor | None = None,
-    summary_embeds: torch.Tensor | None = None,
-    region_embeds: torch.Tensor | None = None,
-    region_text_embeds: torch.Tensor | None = None,
-    caption_groups: torch.Tensor | None = None,
-    negative_text_embeds: torch.Tensor | None = None,
-    negative_mask: torch.Tensor | None = None,
-    neg_scale: float = 1.0,
-    neg_bias: float = 0.0,
-) -> dict[str, torch.Tensor]:
-    """Every loss term whose inputs are given, by name, from L2-normalised embeddings of matched rows.
+def no_gather(tensor: torch.Tensor, with_grad: bool = True) -> torch.Tensor:
+    """The gather of a single process: every row of the batch is already here."""
+    return tensor
 
-    `global_loss` (image ↔ report), `summary_loss` (image ↔ summary caption), `roi_loss` (ROI ↔ region caption,
-    `region_embeds` / `region_text_embeds` `(N, P)` of the real ROIs), `neg_loss` (ROI vs its negatives
-    `(N, M, P)`). The model calls this on its own batch; distributed training on embeddings gathered from every
-    process, which gives the same loss as one process holding the whole batch.
+
+class RegionMedCLIPLoss(nn.Module):
+    r"""
+    The loss of RegionMed-CLIP, in open_clip's `ClipLoss` shape: one module owns the process's rank, the world size
+    and the gather, takes the model's features, gathers them, and returns the named terms; `weighted_sum` applies
+    the weights of the config. The model's `forward(return_loss=True)` calls it with [`no_gather`]; distributed
+    training passes a gather that concatenates a tensor from every process with its gradient, so every process
+    computes the loss of the whole global batch and a run on W processes optimises what one process holding the
+    global batch would.
+
+    Terms (each computed when its inputs are present; their presence is decided on the gathered tensors, so every
+    process computes the same terms and issues the same collectives in the same order):
+
+    - `global_loss`: the global image embedding z_global (the whole image alone, what a user gets without boxes)
+      ↔ the report.
+    - `fused_global_loss`: with ROIs, the region-aware embedding z_fused ↔ the report. Both are kept beside each
+      other in the region stages: were only z_fused aligned once boxes arrive, z_global would drift away from the
+      text while the box-free use of the model (zero-shot classification, retrieval without boxes) still relies on
+      it. Their balance is `global_loss_weight` / `fused_global_loss_weight`.
+    - `summary_loss`: z_global ↔ the summary caption (a whole-image text like the report).
+    - `roi_loss`: ROI ↔ region caption; identical captions of the global batch are not each other's negatives.
+    - `neg_loss`: ROI vs. its hard-negative captions (the paper's sigmoid form, `neg_logit_scale` / `neg_logit_bias`).
+
+    `config.loss_objective` picks the form of the four contrastive terms: `"infonce"` (the paper's) or `"sigmoid"`
+    (SigLIP's pairwise loss with the model's learnable `logit_bias`).
+
+    Args:
+        config ([`RegionMedCLIPConfig`]): Weights and objective.
+        gather (`Callable[[torch.Tensor, bool], torch.Tensor]`, *optional*): `gather(tensor, with_grad)` returns
+            the concatenation along dim 0 of `tensor` from every process in rank order. Tensors may differ in
+            every dimension between processes, including zero rows; a gather pads the other dimensions to the
+            largest. Default: [`no_gather`].
+        rank (`int`, *optional*, defaults to 0): This process's rank.
+        world_size (`int`, *optional*, defaults to 1): Number of processes.
     """
-    terms = {}
-    if image_embeds is not None and text_embeds is not None:
-        terms["global_loss"] = global_contrastive_loss(image_embeds, text_embeds, logit_scale)
-    if image_embeds is not None and summary_embeds is not None:
-        terms["summary_loss"] = global_contrastive_loss(image_embeds, summary_embeds, logit_scale)
-    if region_embeds is not None and region_text_embeds is not None and region_embeds.shape[0] > 0:
-        terms["roi_loss"] = region_contrastive_loss(
-            region_embeds, region_text_embeds, logit_scale, caption_groups
-        )
-    if region_embeds is not None and negative_text_embeds is not None and bool(negative_mask.any()):
-        terms["neg_loss"] = hard_negative_loss(
-            region_embeds, negative_text_embeds, negative_mask, neg_scale, neg_bias
-        )
-    return terms
+
+    #: The inputs of the model each term needs; a training stage feeds exactly those of its weighted terms.
+    term_inputs = {
+        "global_loss": ("pixel_values", "input_ids", "attention_mask"),
+        "fused_global_loss": (
+            "pixel_values",
+            "input_ids",
+            "attention_mask",
+            "roi_boxes",
+            "roi_mask",
+            "roi_pixel_values",
+        ),
+        "summary_loss": ("pixel_values", "summary_input_ids", "summary_attention_mask"),
+        "roi_loss": (
+            "pixel_values",
+            "roi_boxes",
+            "roi_mask",
+            "roi_pixel_values",
+            "region_input_ids",
+            "region_attention_mask",
+        ),
+        "neg_loss": (
+            "pixel_values",
+            "roi_boxes",
+            "roi_mask",
+            "roi_pixel_values",
+            "negative_input_ids",
+            "negative_attention_mask",
+        ),
+    }
+
+    def __init__(self, config: RegionMedCLIPConfig, gather=None, rank: int = 0, world_size: int = 1):
+        super().__init__()
+        if world_size > 1 and gather is None:
+            raise ValueError(f"world_size={world_size} needs a gather across the processes.")
+        self.config = config
+        self.gather = gather if gather is not None else no_gather
+        self.rank = rank
+        self.world_size = world_size
+
+    def weights(self) -> dict[str, float]:
+        """Each term's weight, from the config (`<term>_weight`)."""
+        return {name: float(getattr(self.config, f"{name}_weight")) for name in self.term_inputs}
+
+    def weighted_sum(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        weights = self.weights()
+        return sum(weights[name] * term for name, term in terms.items())
+
+    def forward(
+        self,
+        outputs: "RegionMedCLIPOutput",
+        region_input_ids: torch.Tensor | None = None,
+        region_attention_mask: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The terms of `outputs` (a [`RegionMedCLIPOutput`] of this process's rows) over the global batch.
+
+        `region_input_ids` / `region_attention_mask` identify identical region captions for `roi_loss`.
+        """
+        gather, objective = self.gather, self.config.loss_objective
+        scale, bias = outputs.logit_scale, outputs.logit_bias
+        region_mask = outputs.region_mask
+        terms = {}
+        global_image = image = text = summary = None
+        if outputs.global_image_embeds is not None:
+            global_image = gather(outputs.global_image_embeds, True)
+            # Without ROIs the region-aware embedding is the global one: gathered once.
+            image = gather(outputs.image_embeds, True) if region_mask is not None else None
+        if outputs.text_embeds is not None:
+            text = gather(outputs.text_embeds, True)
+        if outputs.summary_embeds is not None:
+            summary = gather(outputs.summary_embeds, True)
+        if global_image is not None and text is not None:
+            terms["global_loss"] = global_contrastive_loss(global_image, text, scale, bias, objective)
+            if image is not None:
+                terms["fused_global_loss"] = global_contrastive_loss(image, text, scale, bias, objective)
+        if global_image is not None and summary is not None:
+            terms["summary_loss"] = global_contrastive_loss(global_image, summary, scale, bias, objective)
+        regions = None
+        if region_mask is not None and (
+            outputs.region_text_embeds is not None or outputs.negative_text_embeds is not None
+        ):
+            regions = gather(outputs.region_embeds[region_mask], True)
+        if regions is not None and outputs.region_text_embeds is not None:
+            captions = gather(outputs.region_text_embeds[region_mask], True)
+            groups = None
+            if region_input_ids is not None:
+                ids = region_input_ids[region_mask]
+                if region_attention_mask is not None:
+                    ids = ids * region_attention_mask[region_mask]
+                groups = caption_groups_from_ids(gather(ids, False))
+            if regions.shape[0] > 0:
+                terms["roi_loss"] = region_contrastive_loss(regions, captions, scale, groups, bias, objective)
+        if regions is not None and outputs.negative_text_embeds is not None:
+            negatives = gather(outputs.negative_text_embeds[region_mask], True)
+            present = gather(outputs.negative_mask[region_mask].to(torch.uint8), False).bool()
+            if bool(present.any()):
+                terms["neg_loss"] = hard_negative_loss(
+                    regions, negatives, present, self.config.neg_logit_scale, self.config.neg_logit_bias
+                )
+        return terms
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -163,6 +295,9 @@ def roi_align(
         `(B, K, D)` ROI features.
     """
     batch_size, num_boxes = boxes.shape[:2]
+    if num_boxes == 0:
+        # A batch without ROIs has zero slots; grid_sample cannot sample an empty grid.
+        return features.new_zeros((batch_size, 0, features.shape[1]))
     steps = output_size * sampling_ratio
     # Sample centres at (j + 0.5) / steps along each box side, in grid_sample's [-1, 1] frame (align_corners=False).
     fractions = (torch.arange(steps, device=boxes.device, dtype=boxes.dtype) + 0.5) / steps
@@ -218,11 +353,13 @@ class RegionMedCLIPOutput(ModelOutput):
         negative_mask (`torch.BoolTensor` of shape `(image_batch_size, max_rois, num_negatives)`, *optional*):
             True for real negatives of real ROIs.
         loss_terms (`dict[str, torch.FloatTensor]`, *optional*):
-            Unweighted loss terms by name: `global_loss`, `summary_loss`, `roi_loss`, `neg_loss` (those whose
-            inputs were given).
+            Unweighted loss terms by name (see [`RegionMedCLIPLoss`]): `global_loss`, `fused_global_loss`,
+            `summary_loss`, `roi_loss`, `neg_loss` (those whose inputs were given).
         logit_scale (`torch.FloatTensor` of shape `()`):
             The scale 1/τ the logits were multiplied by (returned so that losses computed outside the model, e.g.
             on embeddings gathered across processes, use it through the model's forward).
+        logit_bias (`torch.FloatTensor` of shape `()`, *optional*):
+            The learnable bias b of the sigmoid objective (added to the logits); `None` with InfoNCE.
         text_model_output (`BaseModelOutputWithPooling`):
             Output of the text tower.
         vision_model_output (`BaseModelOutputWithPooling`):
@@ -243,6 +380,7 @@ class RegionMedCLIPOutput(ModelOutput):
     negative_mask: torch.BoolTensor | None = None
     loss_terms: dict[str, torch.FloatTensor] | None = None
     logit_scale: torch.FloatTensor | None = None
+    logit_bias: torch.FloatTensor | None = None
     text_model_output: BaseModelOutputWithPooling | None = None
     vision_model_output: BaseModelOutputWithPooling | None = None
 
@@ -375,6 +513,42 @@ class RegionMedCLIPRoiProcessor(nn.Module):
         return hidden, self.gate * pooled
 
 
+class CaptionEmbeddingCache:
+    """The text tower's pooled outputs of captions, keyed on their attended token ids; least recently used entries
+    are evicted beyond `max_entries`.
+
+    Region captions repeat across images and steps ("round nodule left upper"), and with the text tower frozen
+    their tower outputs never change. The model reads the cache only while that holds (no text-tower parameter
+    requires a gradient and the tower is in eval mode, so dropout is off), and it stores the output *before* the
+    text projection, so a projection that still trains gets its gradient through every cached caption. Clear it
+    whenever the tower's weights change (a checkpoint loaded, a stage that trains the tower).
+    """
+
+    def __init__(self, max_entries: int = 65536):
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, got {max_entries}.")
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: tuple[int, ...]) -> torch.Tensor | None:
+        value = self._entries.get(key)
+        if value is not None:
+            self._entries.move_to_end(key)
+        return value
+
+    def put(self, key: tuple[int, ...], value: torch.Tensor):
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def clear(self):
+        self._entries.clear()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------------------------------
@@ -397,6 +571,8 @@ class RegionMedCLIPPreTrainedModel(PreTrainedModel):
             # Weights of a checkpoint are loaded over this; tensors that are not plain layers must be set here, or
             # `from_pretrained` leaves them as uninitialised memory.
             init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+            if module.logit_bias is not None:
+                init.constant_(module.logit_bias, self.config.logit_bias_init_value)
             init.normal_(module.visual_projection.weight, std=module.vision_embed_dim**-0.5 * factor)
             init.normal_(module.text_projection.weight, std=module.text_embed_dim**-0.5 * factor)
         elif isinstance(module, RegionMedCLIPRoiProcessor):
@@ -485,6 +661,13 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             # A buffer, not a frozen parameter: stage-wise "unfreeze everything" must not start training τ, and the
             # state-dict key stays `logit_scale` as in CLIP / VisionTextDualEncoderModel checkpoints.
             self.register_buffer("logit_scale", logit_scale)
+        # SigLIP's learnable bias exists only for the sigmoid objective, so InfoNCE checkpoints keep their keys.
+        self.logit_bias = (
+            nn.Parameter(torch.tensor(float(config.logit_bias_init_value)))
+            if config.loss_objective == "sigmoid"
+            else None
+        )
+        self.caption_cache: CaptionEmbeddingCache | None = None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -551,13 +734,69 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         )
         return outputs, self.text_projection(self._pooled(outputs))
 
+    def enable_caption_cache(self, max_entries: int = 65536) -> CaptionEmbeddingCache:
+        """Keep the text tower's outputs of captions across calls while the tower is frozen (see
+        [`CaptionEmbeddingCache`]); returns the (new, empty) cache."""
+        self.caption_cache = CaptionEmbeddingCache(max_entries)
+        return self.caption_cache
+
+    def disable_caption_cache(self):
+        self.caption_cache = None
+
+    def _caption_cache_usable(self) -> bool:
+        return (
+            self.caption_cache is not None
+            and not self.text_model.training
+            and not any(parameter.requires_grad for parameter in self.text_model.parameters())
+        )
+
+    def _pooled_captions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The text tower's pooled outputs of distinct captions `(N, L)`, from the cache where it is usable."""
+        if not self._caption_cache_usable():
+            return self._pooled(
+                self.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+            )
+        keys = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(input_ids, attention_mask, strict=True)]
+        rows = [self.caption_cache.get(key) for key in keys]
+        missing = [index for index, row in enumerate(rows) if row is None]
+        if missing:
+            with torch.no_grad():
+                encoded = self._pooled(
+                    self.text_model(
+                        input_ids=input_ids[missing], attention_mask=attention_mask[missing], return_dict=True
+                    )
+                )
+            for index, row in zip(missing, encoded, strict=True):
+                rows[index] = row
+                self.caption_cache.put(keys[index], row)
+        return torch.stack(rows)
+
     def _encode_text_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Projected, normalised embeddings of a `(N, L)` batch of captions (N may be 0)."""
+        """Projected, normalised embeddings of a `(N, L)` batch of captions (N may be 0).
+
+        Identical rows go through the text tower once and share the result (`index_select`, whose backward adds
+        the gradients of every copy): region captions and hard negatives repeat heavily within a batch.
+        """
         if input_ids.shape[0] == 0:
             return input_ids.new_zeros(
                 (0, self.config.projection_dim), dtype=self.text_projection.weight.dtype
             )
-        return F.normalize(self._encode_text(input_ids, attention_mask)[1], dim=-1)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        keys = torch.cat([input_ids * attention_mask, attention_mask], dim=1)
+        distinct, inverse = torch.unique(keys, dim=0, return_inverse=True)
+        positions = torch.arange(len(keys), device=keys.device)
+        first = positions.new_full((len(distinct),), len(keys)).scatter_reduce(0, inverse, positions, "amin")
+        pooled = self._pooled_captions(input_ids[first], attention_mask[first])
+        embeds = F.normalize(self.text_projection(pooled), dim=-1)
+        return embeds.index_select(0, inverse)
+
+    def _encode_captions(self, fields: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """Embeddings of several `(N_i, L_i)` caption batches, all in one deduplicated pass of the text tower, so
+        a caption that is one ROI's region caption and another's hard negative is encoded once."""
+        length = max(ids.shape[1] for ids, _ in fields)
+        ids = torch.cat([F.pad(ids, (0, length - ids.shape[1])) for ids, _ in fields])
+        masks = torch.cat([F.pad(mask, (0, length - mask.shape[1])) for _, mask in fields])
+        return list(self._encode_text_rows(ids, masks).split([len(ids) for ids, _ in fields]))
 
     def _roi_features(
         self,
@@ -803,61 +1042,63 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             logits_per_image = logit_scale * image_embeds @ text_embeds.t()
             logits_per_text = logits_per_image.t()
 
+        if self.logit_bias is not None and logits_per_image is not None:
+            logits_per_image = logits_per_image + self.logit_bias
+            logits_per_text = logits_per_image.t()
+
         summary_embeds = region_text_embeds = negative_text_embeds = negative_mask = None
+        # Every caption field goes through the text tower in one deduplicated pass; `slots` says where each
+        # field's rows go back (None: one row per image).
+        captions, slots = {}, {}
         if summary_input_ids is not None:
-            summary_embeds = self._encode_text_rows(summary_input_ids, summary_attention_mask)
+            captions["summary"] = (
+                summary_input_ids,
+                torch.ones_like(summary_input_ids)
+                if summary_attention_mask is None
+                else summary_attention_mask,
+            )
+            slots["summary"] = None
         if region_input_ids is not None or negative_input_ids is not None:
             if region_embeds is None:
                 raise ValueError("region / negative captions were given without ROIs; pass roi_boxes too.")
             if region_input_ids is not None:
-                region_text_embeds = self._encode_region_captions(
+                captions["region"] = self._region_caption_rows(
                     region_input_ids, region_attention_mask, region_mask
                 )
+                slots["region"] = region_mask
             if negative_input_ids is not None:
-                negative_text_embeds, negative_mask = self._encode_negatives(
+                negative_mask = self._negative_present(
                     negative_input_ids, negative_attention_mask, region_mask
                 )
-
-        loss = loss_terms = None
-        if return_loss:
-            if image_embeds is not None and text_embeds is not None and len(image_embeds) != len(text_embeds):
-                raise ValueError(
-                    f"return_loss=True pairs image i with text i, but got {len(image_embeds)} images and "
-                    f"{len(text_embeds)} texts."
+                attention = (
+                    torch.ones_like(negative_input_ids)
+                    if negative_attention_mask is None
+                    else negative_attention_mask
                 )
-            loss_terms = regionmed_loss_terms(
-                logit_scale,
-                image_embeds,
-                text_embeds,
-                summary_embeds,
-                region_embeds[region_mask] if region_embeds is not None else None,
-                region_text_embeds[region_mask] if region_text_embeds is not None else None,
-                caption_groups_from_ids(
-                    region_input_ids[region_mask],
-                    None if region_attention_mask is None else region_attention_mask[region_mask],
-                )
-                if region_text_embeds is not None
-                else None,
-                negative_text_embeds[region_mask] if negative_text_embeds is not None else None,
-                negative_mask[region_mask] if negative_mask is not None else None,
-                self.config.neg_logit_scale,
-                self.config.neg_logit_bias,
-            )
-            if not loss_terms:
-                raise ValueError(
-                    "return_loss=True found nothing to compare: pass input_ids with pixel_values (image i pairs with "
-                    "text i), or ROIs with region_input_ids / negative_input_ids."
-                )
-            weights = {
-                "global_loss": self.config.global_loss_weight,
-                "summary_loss": self.config.summary_loss_weight,
-                "roi_loss": self.config.roi_loss_weight,
-                "neg_loss": self.config.neg_loss_weight,
+                captions["negative"] = (negative_input_ids[negative_mask], attention[negative_mask])
+                slots["negative"] = negative_mask
+        if captions:
+            encoded = dict(zip(captions, self._encode_captions(list(captions.values())), strict=True))
+            placed = {
+                name: rows if slots[name] is None else _scatter(rows, slots[name])
+                for name, rows in encoded.items()
             }
-            loss = sum(weights[name] * term for name, term in loss_terms.items())
+            summary_embeds = placed.get("summary")
+            region_text_embeds = placed.get("region")
+            negative_text_embeds = placed.get("negative")
 
-        output = RegionMedCLIPOutput(
-            loss=loss,
+        if (
+            return_loss
+            and image_embeds is not None
+            and text_embeds is not None
+            and len(image_embeds) != len(text_embeds)
+        ):
+            raise ValueError(
+                f"return_loss=True pairs image i with text i, but got {len(image_embeds)} images and "
+                f"{len(text_embeds)} texts."
+            )
+
+        fields = dict(
             logits_per_image=logits_per_image,
             logits_per_text=logits_per_text,
             text_embeds=text_embeds,
@@ -869,15 +1110,30 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             region_text_embeds=region_text_embeds,
             negative_text_embeds=negative_text_embeds,
             negative_mask=negative_mask,
-            loss_terms=loss_terms,
             logit_scale=logit_scale,
+            logit_bias=self.logit_bias,
             text_model_output=text_outputs,
             vision_model_output=vision_features,
         )
+        output = RegionMedCLIPOutput(**fields)
+        if return_loss:
+            # The same module distributed training calls, here on this batch alone.
+            criterion = RegionMedCLIPLoss(self.config)
+            loss_terms = criterion(output, region_input_ids, region_attention_mask)
+            if not loss_terms:
+                raise ValueError(
+                    "return_loss=True found nothing to compare: pass input_ids with pixel_values (image i pairs with "
+                    "text i), or ROIs with region_input_ids / negative_input_ids."
+                )
+            output = RegionMedCLIPOutput(
+                loss=criterion.weighted_sum(loss_terms), loss_terms=loss_terms, **fields
+            )
         return output if return_dict else output.to_tuple()
 
-    def _encode_region_captions(self, input_ids, attention_mask, region_mask) -> torch.Tensor:
-        """`(B, K, P)` normalised embeddings of the captions of real ROIs; zeros in padded slots."""
+    def _region_caption_rows(
+        self, input_ids, attention_mask, region_mask
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `(N, L)` captions of the real ROIs, checked: one per slot, none empty."""
         if input_ids.shape[:2] != region_mask.shape:
             raise ValueError(
                 f"region_input_ids has (batch, slots) {tuple(input_ids.shape[:2])}, expected "
@@ -887,24 +1143,17 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         mask = torch.ones_like(ids) if attention_mask is None else attention_mask[region_mask]
         if (mask.sum(-1) == 0).any():
             raise ValueError("A real ROI has an empty region caption; every box needs one.")
-        rows = self._encode_text_rows(ids, mask)
-        embeds = rows.new_zeros((*region_mask.shape, rows.shape[-1]))
-        embeds[region_mask] = rows
-        return embeds
+        return ids, mask
 
-    def _encode_negatives(self, input_ids, attention_mask, region_mask) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(B, K, M, P)` normalised negative-caption embeddings and their `(B, K, M)` mask."""
+    def _negative_present(self, input_ids, attention_mask, region_mask) -> torch.Tensor:
+        """`(B, K, M)`: true for the real negatives of real ROIs."""
         if input_ids.shape[:2] != region_mask.shape:
             raise ValueError(
                 f"negative_input_ids has (batch, slots) {tuple(input_ids.shape[:2])}, expected "
                 f"{tuple(region_mask.shape)}."
             )
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        present = (mask.sum(-1) > 0) & region_mask[..., None]
-        rows = self._encode_text_rows(input_ids[present], mask[present])
-        embeds = rows.new_zeros((*present.shape, rows.shape[-1]))
-        embeds[present] = rows
-        return embeds, present
+        return (mask.sum(-1) > 0) & region_mask[..., None]
 
     # ---- construction from pretrained towers --------------------------------------------------------------------
 
@@ -1108,6 +1357,13 @@ _HUB_KWARGS = (
 _LOAD_KWARGS = (*_HUB_KWARGS, "dtype", "attn_implementation", "device_map")
 
 
+def _scatter(rows: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """`rows` `(N, P)` placed where `where` (any shape, N true entries) is true; zeros elsewhere."""
+    placed = rows.new_zeros((*where.shape, rows.shape[-1]))
+    placed[where] = rows
+    return placed
+
+
 def _hub_kwargs(kwargs: dict) -> dict:
     """The subset of `from_pretrained` kwargs that also apply to loading a config."""
     return {k: v for k, v in kwargs.items() if k in _HUB_KWARGS}
@@ -1117,12 +1373,14 @@ __all__ = [
     "RegionMedCLIPModel",
     "RegionMedCLIPOutput",
     "RegionMedCLIPImageFeatures",
+    "RegionMedCLIPLoss",
     "RegionMedCLIPPreTrainedModel",
     "caption_groups_from_ids",
     "contrastive_loss",
     "global_contrastive_loss",
     "hard_negative_loss",
     "region_contrastive_loss",
-    "regionmed_loss_terms",
+    "no_gather",
+    "sigmoid_loss",
     "roi_align",
 ]

@@ -24,7 +24,13 @@ def test_batches_feed_the_model(synth_folder, tokenizer, roi_mode):
     assert batch["roi_mask"].sum(1).tolist() == [len(rows[i]["regions"]) for i in range(4)]
     assert ("roi_pixel_values" in batch) == (roi_mode == "crop")
     outputs = tiny_model(roi_mode)(**batch, return_loss=True)
-    assert set(outputs.loss_terms) == {"global_loss", "summary_loss", "roi_loss", "neg_loss"}
+    assert set(outputs.loss_terms) == {
+        "global_loss",
+        "fused_global_loss",
+        "summary_loss",
+        "roi_loss",
+        "neg_loss",
+    }
     assert batch["summary_input_ids"].dtype == torch.int64
 
 

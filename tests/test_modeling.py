@@ -50,7 +50,7 @@ def test_output_shapes_with_rois(tokenizer, sample_batch, roi_mode):
     assert outputs.region_embeds.shape == (2, 3, 16)
     assert outputs.region_mask.tolist() == [[True, False, False], [True, True, False]]
     assert outputs.loss.shape == ()
-    assert set(outputs.loss_terms) == {"global_loss", "roi_loss", "neg_loss"}
+    assert set(outputs.loss_terms) == {"global_loss", "fused_global_loss", "roi_loss", "neg_loss"}
     assert all(term.shape == () and torch.isfinite(term) for term in outputs.loss_terms.values())
     torch.testing.assert_close(outputs.loss, sum(outputs.loss_terms.values()))
     assert outputs.vision_model_output.last_hidden_state.shape == (2, 1 + (IMAGE_SIZE // 8) ** 2, 32)
