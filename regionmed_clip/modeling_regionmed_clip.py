@@ -2,6 +2,7 @@
 
 import math
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -223,36 +224,43 @@ class RegionMedCLIPLoss(nn.Module):
         outputs: "RegionMedCLIPOutput",
         region_input_ids: torch.Tensor | None = None,
         region_attention_mask: torch.Tensor | None = None,
+        terms: Iterable[str] | None = None,
     ) -> dict[str, torch.Tensor]:
         """The terms of `outputs` (a [`RegionMedCLIPOutput`] of this process's rows) over the global batch.
 
-        `region_input_ids` / `region_attention_mask` identify identical region captions for `roi_loss`.
+        `region_input_ids` / `region_attention_mask` identify identical region captions for `roi_loss`. `terms`
+        restricts the computation to those names (default: every term whose inputs are present); the others'
+        features are not gathered.
         """
+        wanted = set(self.term_inputs if terms is None else terms)
+        unknown = wanted - set(self.term_inputs)
+        if unknown:
+            raise ValueError(f"unknown loss terms {sorted(unknown)}; known: {list(self.term_inputs)}")
         gather, objective = self.gather, self.config.loss_objective
         scale, bias = outputs.logit_scale, outputs.logit_bias
         region_mask = outputs.region_mask
-        terms = {}
-        global_image = image = text = summary = None
-        if outputs.global_image_embeds is not None:
+        computed = {}
+        global_image = image = text = summary = regions = None
+        if outputs.global_image_embeds is not None and wanted & {"global_loss", "summary_loss"}:
             global_image = gather(outputs.global_image_embeds, True)
-            # Without ROIs the region-aware embedding is the global one: gathered once.
-            image = gather(outputs.image_embeds, True) if region_mask is not None else None
-        if outputs.text_embeds is not None:
+        # Without ROIs the region-aware embedding is the global one and has no term of its own.
+        if region_mask is not None and "fused_global_loss" in wanted:
+            image = gather(outputs.image_embeds, True)
+        if outputs.text_embeds is not None and wanted & {"global_loss", "fused_global_loss"}:
             text = gather(outputs.text_embeds, True)
-        if outputs.summary_embeds is not None:
+        if outputs.summary_embeds is not None and "summary_loss" in wanted:
             summary = gather(outputs.summary_embeds, True)
-        if global_image is not None and text is not None:
-            terms["global_loss"] = global_contrastive_loss(global_image, text, scale, bias, objective)
-            if image is not None:
-                terms["fused_global_loss"] = global_contrastive_loss(image, text, scale, bias, objective)
+        if global_image is not None and text is not None and "global_loss" in wanted:
+            computed["global_loss"] = global_contrastive_loss(global_image, text, scale, bias, objective)
+        if image is not None and text is not None:
+            computed["fused_global_loss"] = global_contrastive_loss(image, text, scale, bias, objective)
         if global_image is not None and summary is not None:
-            terms["summary_loss"] = global_contrastive_loss(global_image, summary, scale, bias, objective)
-        regions = None
-        if region_mask is not None and (
-            outputs.region_text_embeds is not None or outputs.negative_text_embeds is not None
-        ):
+            computed["summary_loss"] = global_contrastive_loss(global_image, summary, scale, bias, objective)
+        with_captions = outputs.region_text_embeds is not None and "roi_loss" in wanted
+        with_negatives = outputs.negative_text_embeds is not None and "neg_loss" in wanted
+        if region_mask is not None and (with_captions or with_negatives):
             regions = gather(outputs.region_embeds[region_mask], True)
-        if regions is not None and outputs.region_text_embeds is not None:
+        if regions is not None and with_captions:
             captions = gather(outputs.region_text_embeds[region_mask], True)
             groups = None
             if region_input_ids is not None:
@@ -261,15 +269,17 @@ class RegionMedCLIPLoss(nn.Module):
                     ids = ids * region_attention_mask[region_mask]
                 groups = caption_groups_from_ids(gather(ids, False))
             if regions.shape[0] > 0:
-                terms["roi_loss"] = region_contrastive_loss(regions, captions, scale, groups, bias, objective)
-        if regions is not None and outputs.negative_text_embeds is not None:
+                computed["roi_loss"] = region_contrastive_loss(
+                    regions, captions, scale, groups, bias, objective
+                )
+        if regions is not None and with_negatives:
             negatives = gather(outputs.negative_text_embeds[region_mask], True)
             present = gather(outputs.negative_mask[region_mask].to(torch.uint8), False).bool()
             if bool(present.any()):
-                terms["neg_loss"] = hard_negative_loss(
+                computed["neg_loss"] = hard_negative_loss(
                     regions, negatives, present, self.config.neg_logit_scale, self.config.neg_logit_bias
                 )
-        return terms
+        return computed
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,38 +1,49 @@
 """Run under `accelerate launch` by test_training.py: the loss and gradients of one ROI-stage step on the first
-global batch, saved by the main process. Usage: python ddp_gradients.py CONFIG OUT.pt"""
+global batch, saved by the main process.
 
-import sys
+Usage: python ddp_gradients.py CONFIG OUT.pt [--no-regions-after N]
+With `--no-regions-after N`, the rows of the first global batch from position N on lose their regions, so with 2
+processes of batch N the second process's micro-batch has no ROI at all."""
+
+import argparse
 
 import torch
 
 from regionmed_clip.data.collator import MedRegionCollator
 from regionmed_clip.training import Trainer, load_config
-from regionmed_clip.training.data import epoch_seed, stage_dataloader
-from regionmed_clip.training.losses import training_loss_terms
+from regionmed_clip.training.data import GlobalBatchSampler, epoch_seed, stage_dataloader
 
 
-def main(config_path: str, out_path: str) -> None:
-    trainer = Trainer(load_config(config_path))
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("config")
+    parser.add_argument("out")
+    parser.add_argument("--no-regions-after", type=int)
+    args = parser.parse_args()
+    trainer = Trainer(load_config(args.config))
     index, stage = 2, trainer.config.stages[2]
-    trainer.optimizer, trainer.scheduler = trainer.callback.on_stage_begin(index, stage, stage.steps)
-    collator = MedRegionCollator(trainer.processor, trainer.config.data.max_length, with_regions=True)
     accelerator = trainer.accelerator
+    seed = epoch_seed(trainer.config.seed, index, 0)
+    if args.no_regions_after is not None:
+        # The global batch as one process of the whole global batch sees it.
+        global_size = stage.batch_size * accelerator.num_processes
+        first = next(iter(GlobalBatchSampler(len(trainer.rows), global_size, 0, 1, seed)))
+        cleared = set(first[args.no_regions_after :])
+        trainer.rows = trainer.rows.map(
+            lambda row, i: {"regions": [] if i in cleared else row["regions"]}, with_indices=True
+        )
+    trainer.begin_stage(index)
+    collator = MedRegionCollator(trainer.processor, trainer.config.data.max_length, with_regions=True)
     loader = stage_dataloader(
-        trainer.rows,
-        collator,
-        stage.batch_size,
-        accelerator.process_index,
-        accelerator.num_processes,
-        epoch_seed(trainer.config.seed, index, 0),
+        trainer.rows, collator, stage.batch_size, accelerator.process_index, accelerator.num_processes, seed
     )
     batch = trainer._stage_batch(next(iter(loader)), stage)
     outputs = trainer.model(**batch)
-    config = trainer.unwrapped.config
-    terms = training_loss_terms(
-        outputs, batch, outputs.logit_scale, config.neg_logit_scale, config.neg_logit_bias
-    )
-    loss = sum(stage.loss_weights[name] * term for name, term in terms.items())
+    weighted = [term for term, weight in stage.loss_weights.items() if weight > 0]
+    terms = trainer.criterion(outputs, batch["region_input_ids"], batch["region_attention_mask"], weighted)
+    loss = trainer.criterion.weighted_sum(terms)
     accelerator.backward(loss)
+    rois = accelerator.gather(batch["roi_mask"].sum().reshape(1)).tolist()  # real ROIs of each process
     if accelerator.is_main_process:
         gradients = {
             n: p.grad.detach().clone() for n, p in trainer.unwrapped.named_parameters() if p.grad is not None
@@ -40,11 +51,12 @@ def main(config_path: str, out_path: str) -> None:
         torch.save(
             {
                 "processes": accelerator.num_processes,
+                "rois": rois,
                 "loss": loss.detach(),
-                "terms": terms,
+                "terms": {name: term.detach() for name, term in terms.items()},
                 "gradients": gradients,
             },
-            out_path,
+            args.out,
         )
     accelerator.wait_for_everyone()
     if torch.distributed.is_initialized():
@@ -52,4 +64,4 @@ def main(config_path: str, out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main()

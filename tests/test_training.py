@@ -28,7 +28,7 @@ def tiny_training_config(
     weights = [
         {"global_loss": 1.0},
         {"global_loss": 1.0, "summary_loss": 0.5},
-        {"global_loss": 1.0, "roi_loss": 1.0, "neg_loss": 1.0},
+        {"global_loss": 0.5, "fused_global_loss": 0.5, "roi_loss": 1.0, "neg_loss": 1.0},
         {"global_loss": 1.0, "summary_loss": 0.5, "roi_loss": 1.0, "neg_loss": 1.0},
     ]
     names = ["warmup", "global", "roi", "joint"]
@@ -156,7 +156,7 @@ def test_stages_freeze_weight_and_rebuild_the_optimizer(tmp_path, synth_folder, 
     expected = [
         {"global_loss"},
         {"global_loss", "summary_loss"},
-        {"global_loss", "roi_loss", "neg_loss"},
+        {"global_loss", "fused_global_loss", "roi_loss", "neg_loss"},
         {"global_loss", "summary_loss", "roi_loss", "neg_loss"},
     ]
     for record in records.values():
@@ -252,7 +252,7 @@ def test_two_process_gradients_equal_one_process_on_the_same_global_batch(tmp_pa
         assert done.returncode == 0, done.stderr[-3000:]
         results[processes] = torch.load(tmp_path / f"{processes}.pt")
     assert (results[1]["processes"], results[2]["processes"]) == (1, 2)
-    assert set(results[2]["terms"]) == {"global_loss", "roi_loss", "neg_loss"}
+    assert set(results[2]["terms"]) == {"global_loss", "fused_global_loss", "roi_loss", "neg_loss"}
     torch.testing.assert_close(results[2]["loss"], results[1]["loss"], atol=1e-6, rtol=1e-6)
     one, two = results[1]["gradients"], results[2]["gradients"]
     assert set(one) == set(two) and any(name.startswith("roi_processor.") for name in one)

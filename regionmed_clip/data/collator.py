@@ -75,8 +75,10 @@ class MedRegionCollator:
     r"""
     Turns a list of MedRegion rows into one batch for [`RegionMedCLIPModel`]: `pixel_values`; the detailed report
     as `input_ids` / `attention_mask`; the summary caption as `summary_input_ids` / `summary_attention_mask`; and,
-    when any row of the batch has regions, `roi_boxes`, `roi_mask`, `roi_pixel_values` (crop mode), region captions
-    and hard negatives as the processor returns them.
+    with `with_regions`, `roi_boxes`, `roi_mask`, `roi_pixel_values` (crop mode), region captions and hard
+    negatives as the processor returns them. A batch in which no row has regions ("No Finding" rows) gets the same
+    fields with zero ROI slots, so that every batch of a stage has the same fields: distributed training gathers
+    region embeddings field by field, and a process whose batch lacked them would leave the others waiting.
 
     Which regions of an image with more than the processor's `max_regions` go into the batch depends on
     `region_sampling`:
@@ -172,7 +174,7 @@ class MedRegionCollator:
         text_kwargs = {"padding": True, "truncation": True, "max_length": self.max_length}
         regions = [self._regions(row) for row in rows] if self.with_regions else [[] for _ in rows]
         region_inputs = {}
-        if any(regions):
+        if self.with_regions:
             region_inputs = {
                 "boxes": [[region["bbox"] for region in image_regions] for image_regions in regions],
                 "region_text": [[region["caption"] for region in image_regions] for image_regions in regions],
@@ -181,6 +183,8 @@ class MedRegionCollator:
                     for image_regions in regions
                 ],
             }
+            if not any(regions):
+                region_inputs["max_regions"] = 0
         texts = self.class_prompts or [row["detailed_report"] for row in rows]
         batch = self.processor(
             text=texts,

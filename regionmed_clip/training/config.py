@@ -13,7 +13,8 @@ from typing import Literal, get_args
 import dacite
 import yaml
 
-LOSS_TERMS = ("global_loss", "summary_loss", "roi_loss", "neg_loss", "class_loss")
+from .losses import LOSS_TERMS, stage_inputs
+
 MixedPrecision = Literal["no", "bf16", "fp16", "auto"]
 MIXED_PRECISION = get_args(MixedPrecision)
 
@@ -92,10 +93,15 @@ class StageSpec:
             raise ValueError(f"stage {self.name}: warmup_ratio must be in [0, 1]")
 
     @property
+    def inputs(self) -> set[str]:
+        """The batch fields the stage's weighted terms need (`losses.TERM_INPUTS`); the collator builds them and
+        the model gets nothing else, so towers a stage does not use do not run."""
+        return stage_inputs(self.loss_weights)
+
+    @property
     def uses_regions(self) -> bool:
-        """Whether the stage needs ROI inputs at all (otherwise the batch is global-only and cheaper); the class
-        loss scores the region-aware image embedding of rows that have regions."""
-        return any(self.loss_weights.get(term, 0.0) > 0 for term in ("roi_loss", "neg_loss", "class_loss"))
+        """Whether the stage needs ROI inputs at all (otherwise the batch is global-only and cheaper)."""
+        return "roi_boxes" in self.inputs
 
     @property
     def uses_classes(self) -> bool:

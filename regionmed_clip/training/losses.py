@@ -1,16 +1,19 @@
-"""Distributed contrastive losses: every embedding is gathered from all processes WITH its gradient.
+"""What distributed training adds to the model's loss module (`RegionMedCLIPLoss`): the gather across processes,
+the class loss of classification fine-tuning, and the inputs each loss term needs.
 
 `accelerator.gather` carries no gradient (accelerate#1154) and transformers' CLIP loss sees only the local batch
-(transformers#22252); both would make a multi-GPU run optimise a different objective from a one-GPU run. Here each
-process gathers the image, text, summary, ROI, region-caption and negative embeddings of the whole global batch
-with `torch.distributed.nn.functional.all_gather` (whose backward routes each gradient to the process that owns
-the row) and computes the full loss on them. The all-gather backward sums the identical losses of the W processes
-and DDP averages over W, so parameters receive exactly the gradient of one process holding the whole batch.
-On one process, gathering is a no-op.
+(transformers#22252); both would make a multi-GPU run optimise a different objective from a one-GPU run. The
+trainer builds `RegionMedCLIPLoss` with `gather_padded`, which concatenates each embedding of the whole global
+batch with `torch.distributed.nn.functional.all_gather` (whose backward routes each gradient to the process that
+owns the row). Every process then computes the full loss; the all-gather backward sums the identical losses of the
+W processes and DDP averages over W, so parameters receive exactly the gradient of one process holding the whole
+batch. On one process, gathering is a no-op.
 
-Region tensors differ in size between processes (each holds a different number of real ROIs, negatives, tokens):
-they are padded to the largest shape, gathered, and the padding is dropped again. Identical region captions are
-found on the gathered token ids, so the identity mask spans the global batch.
+Tensors differ in size between processes (each holds a different number of real ROIs, negatives, tokens, and a
+micro-batch without regions holds none): they are padded to the largest shape, gathered, and the padding rows are
+dropped again. Every process issues the same collectives in the same order whatever its batch holds, because the
+trainer feeds each process the same input fields (zero-slot ROI tensors for a batch without regions) and the loss
+module gathers by field.
 
 Gradient accumulation averages the losses of micro-batches: the contrastive batch (the negatives each row sees)
 is one micro-batch times the number of processes, not the accumulated batch.
@@ -20,16 +23,38 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..modeling_regionmed_clip import caption_groups_from_ids, regionmed_loss_terms
+from ..modeling_regionmed_clip import RegionMedCLIPLoss
+
+#: The model inputs each training term needs: the model's terms, and `class_loss` (prompts as the text side; the
+#: image side is region-aware for rows with regions).
+TERM_INPUTS = {
+    **RegionMedCLIPLoss.term_inputs,
+    "class_loss": (
+        "pixel_values",
+        "input_ids",
+        "attention_mask",
+        "roi_boxes",
+        "roi_mask",
+        "roi_pixel_values",
+        "labels",
+    ),
+}
+LOSS_TERMS = tuple(TERM_INPUTS)
+
+
+def stage_inputs(loss_weights: dict[str, float]) -> set[str]:
+    """The batch fields a stage with these weights needs: those of every term weighted above 0."""
+    return {name for term, weight in loss_weights.items() if weight > 0 for name in TERM_INPUTS[term]}
 
 
 def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def gather_padded(tensor: torch.Tensor, with_grad: bool) -> torch.Tensor:
-    """Concatenate `tensor` from every process along dim 0; tensors may differ in every dim (padded with zeros,
-    then dim 0 is cut back to each process's rows; the other dims stay padded to the largest)."""
+def gather_padded(tensor: torch.Tensor, with_grad: bool = True) -> torch.Tensor:
+    """Concatenate `tensor` from every process along dim 0; tensors may differ in every dim, dim 0 may be 0
+    (padded with zeros, then dim 0 is cut back to each process's rows; the other dims stay padded to the largest).
+    Every process must call it, in the same order."""
     world = _world_size()
     if world == 1:
         return tensor
@@ -51,53 +76,17 @@ def gather_padded(tensor: torch.Tensor, with_grad: bool) -> torch.Tensor:
     return torch.cat([part[: int(rows[0])] for part, rows in zip(parts, shapes, strict=True)])
 
 
+def distributed_loss(config, rank: int, world_size: int) -> RegionMedCLIPLoss:
+    """The model's loss module gathering across the `world_size` processes of this run."""
+    return RegionMedCLIPLoss(config, gather=gather_padded, rank=rank, world_size=world_size)
+
+
 def class_loss(
     image_embeds: torch.Tensor, class_embeds: torch.Tensor, labels: torch.Tensor, logit_scale: torch.Tensor
 ) -> torch.Tensor:
-    """Cross-entropy of each image's scaled cosine logits over the `(C, P)` class-prompt embeddings."""
-    return F.cross_entropy(logit_scale * image_embeds @ class_embeds.t(), labels)
+    """Cross-entropy of each image's scaled cosine logits over the `(C, P)` class-prompt embeddings.
 
-
-def training_loss_terms(
-    outputs,
-    batch: dict,
-    logit_scale: torch.Tensor,
-    neg_scale: float,
-    neg_bias: float,
-    labels: torch.Tensor | None = None,
-):
-    """The loss terms of a training step over the global batch (see the module docstring).
-
-    With `labels`, the text side holds one prompt per class rather than one report per image: `class_loss` is
-    then computed on this process's images (every process holds the same prompts; DDP's gradient average over
-    equal local batches gives the global mean) and there is no `global_loss`.
+    Computed on this process's images: every process holds the same prompts, and DDP's gradient average over
+    equal local batches gives the global mean.
     """
-    image = outputs.image_embeds
-    terms = {}
-    if labels is not None:
-        terms["class_loss"] = class_loss(image, outputs.text_embeds, labels, logit_scale)
-    texts = outputs.text_embeds if labels is None else None
-    terms_input = {
-        "image_embeds": gather_padded(image, True) if image is not None else None,
-        "text_embeds": gather_padded(texts, True) if texts is not None else None,
-        "summary_embeds": gather_padded(outputs.summary_embeds, True)
-        if outputs.summary_embeds is not None
-        else None,
-    }
-    if outputs.region_embeds is not None and outputs.region_text_embeds is not None:
-        mask = outputs.region_mask
-        terms_input["region_embeds"] = gather_padded(outputs.region_embeds[mask], True)
-        terms_input["region_text_embeds"] = gather_padded(outputs.region_text_embeds[mask], True)
-        ids = gather_padded(batch["region_input_ids"][mask], False)
-        attention = gather_padded(batch["region_attention_mask"][mask], False)
-        terms_input["caption_groups"] = caption_groups_from_ids(ids, attention)
-    if outputs.region_embeds is not None and outputs.negative_text_embeds is not None:
-        mask = outputs.region_mask
-        if "region_embeds" not in terms_input:
-            terms_input["region_embeds"] = gather_padded(outputs.region_embeds[mask], True)
-        terms_input["negative_text_embeds"] = gather_padded(outputs.negative_text_embeds[mask], True)
-        terms_input["negative_mask"] = gather_padded(
-            outputs.negative_mask[mask].to(torch.uint8), False
-        ).bool()
-    terms.update(regionmed_loss_terms(logit_scale, neg_scale=neg_scale, neg_bias=neg_bias, **terms_input))
-    return terms
+    return F.cross_entropy(logit_scale * image_embeds @ class_embeds.t(), labels)

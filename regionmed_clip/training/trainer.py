@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from .. import RegionMedCLIPImageProcessor, RegionMedCLIPModel, RegionMedCLIPProcessor
@@ -21,8 +21,8 @@ from ..configuration_regionmed_clip import RegionMedCLIPConfig
 from ..data.collator import MedRegionCollator, load_rows
 from .config import TrainConfig, resolve_path
 from .data import epoch_seed, stage_dataloader, stage_total_steps
-from .losses import training_loss_terms
-from .stages import StageCallback, set_trainable
+from .losses import class_loss, distributed_loss
+from .stages import StageCallback, apply_stage_weights, set_train_modes, set_trainable
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -39,22 +39,6 @@ class TrainerState:
     epoch: int = 0  # epoch within `stage`
     batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed
     stage_ends: list[int] = dataclasses.field(default_factory=list)  # global step at the end of each stage
-
-
-class _OptimizerState:
-    """Checkpoint hook: the current stage's optimizer and schedule, which change at every stage boundary."""
-
-    def __init__(self, trainer):
-        self.trainer = trainer
-
-    def state_dict(self) -> dict:
-        return {
-            "optimizer": self.trainer.optimizer.state_dict(),
-            "scheduler": self.trainer.scheduler.state_dict(),
-        }
-
-    def load_state_dict(self, state: dict):
-        self.trainer.pending_optimizer_state = state
 
 
 def cpu_supports_bf16() -> bool:
@@ -126,7 +110,7 @@ class Trainer:
         set_seed(config.seed)
         self.state = TrainerState()
         self.optimizer = self.scheduler = None
-        self.pending_optimizer_state = None
+        self.prepared_stage: int | None = None  # the stage whose optimizer and schedule are prepared
         self.callback = StageCallback(self)
         self.timings: dict[str, float] = {}
 
@@ -151,7 +135,9 @@ class Trainer:
             for parameter in self.model.parameters():
                 parameter.requires_grad_(True)
         self.model = self.accelerator.prepare(self.model)
-        self.accelerator.register_for_checkpointing(_OptimizerState(self))
+        self.criterion = distributed_loss(
+            self.unwrapped.config, self.accelerator.process_index, self.accelerator.num_processes
+        )
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             config.save(self.output_dir / CONFIG_FILE)
@@ -195,13 +181,32 @@ class Trainer:
         return labels
 
     def apply_trainable(self, stage) -> dict[str, int]:
-        """Freeze what `stage` freezes; under LoRA the adapter's trainable set stays as PEFT made it."""
+        """Freeze what `stage` freezes (under LoRA the adapter's trainable set stays as PEFT made it), put the
+        modules that do not learn in this stage in eval mode, and write the stage's loss weights into the model
+        config (see `apply_stage_weights`)."""
+        model = self.unwrapped
         if self.config.lora is None:
-            return set_trainable(self.unwrapped, stage.frozen)
-        from .lora import trainable_summary
+            counts = set_trainable(model, stage.frozen)
+        else:
+            from .lora import trainable_summary
 
-        trainable, total, _ = trainable_summary(self.unwrapped)
-        return {"trainable": trainable, "frozen": total - trainable}
+            trainable, total, _ = trainable_summary(model)
+            counts = {"trainable": trainable, "frozen": total - trainable}
+        set_train_modes(model)
+        apply_stage_weights(model.config, stage)
+        # Cached caption embeddings are valid while the text tower cannot change; a fresh cache per stage. FSDP
+        # needs the tower to run on every process at every step (its forward gathers the shards), so no cache.
+        text_model = getattr(model, "text_model", None)
+        if (
+            text_model is not None
+            and hasattr(model, "enable_caption_cache")
+            and not text_model.training
+            and self.accelerator.distributed_type != DistributedType.FSDP
+        ):
+            model.enable_caption_cache()
+        elif hasattr(model, "disable_caption_cache"):
+            model.disable_caption_cache()
+        return counts
 
     def log(self, metrics: dict):
         if self.config.report_to != "none":
@@ -250,11 +255,12 @@ class Trainer:
         if checkpoint is None:
             self.print("resume: no checkpoint yet, starting from the beginning")
             return False
-        self.accelerator.load_state(str(checkpoint))
         self.state = TrainerState(**json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8")))
-        if self.state.stage_step == 0:
-            # Saved at a stage boundary: the next stage starts with a fresh optimizer, not the finished one's.
-            self.pending_optimizer_state = None
+        if self.state.stage_step > 0:
+            # Saved mid-stage: that stage's optimizer and schedule must be prepared for `load_state` to restore
+            # them. A checkpoint at a stage boundary holds none (the next stage starts afresh).
+            self.begin_stage(self.state.stage)
+        self.accelerator.load_state(str(checkpoint))
         self.print(
             f"resumed from {checkpoint.name}: stage {self.state.stage + 1}, step {self.state.global_step}"
         )
@@ -263,52 +269,81 @@ class Trainer:
     # ---- training ---------------------------------------------------------------------------------------------
 
     def _stage_batch(self, batch: dict, stage) -> dict:
-        """Drop the inputs whose loss term the stage does not use, so their towers do not run."""
-        weights = stage.loss_weights
-        drop = set()
-        if not weights.get("summary_loss"):
-            drop |= {"summary_input_ids", "summary_attention_mask"}
-        if not weights.get("roi_loss"):
-            drop |= {"region_input_ids", "region_attention_mask"}
-        if not weights.get("neg_loss"):
-            drop |= {"negative_input_ids", "negative_attention_mask"}
-        return {key: value.to(self.accelerator.device) for key, value in batch.items() if key not in drop}
+        """The fields of `batch` the stage's terms need, on the device (other towers do not run)."""
+        inputs = stage.inputs
+        optional = {"roi_pixel_values"}  # crop mode only
+        missing = sorted(inputs - set(batch) - optional)
+        if missing:
+            raise ValueError(f"stage {stage.name}: the batch lacks {missing}, which its loss terms need")
+        return {key: value.to(self.accelerator.device) for key, value in batch.items() if key in inputs}
 
     def training_step(self, batch: dict, stage) -> dict:
+        """One micro-batch, in accelerate's `accumulate` shape: the prepared optimizer and schedule step (and zero)
+        only when gradients sync, `clip_grad_norm_` unscales fp16 gradients first, and an fp16 step with inf
+        gradients is skipped together with its schedule step."""
         learning_rate = self.optimizer.param_groups[0]["lr"]
         with self.accelerator.accumulate(self.model):
             labels = batch.pop("labels", None)
             outputs = self.model(**batch)
-            config = self.unwrapped.config
-            terms = training_loss_terms(
-                outputs, batch, outputs.logit_scale, config.neg_logit_scale, config.neg_logit_bias, labels
+            features = outputs if labels is None else dataclasses.replace(outputs, text_embeds=None)
+            terms = self.criterion(
+                features,
+                batch.get("region_input_ids"),
+                batch.get("region_attention_mask"),
+                terms=[
+                    term for term, weight in stage.loss_weights.items() if weight > 0 and term != "class_loss"
+                ],
             )
-            weights = stage.loss_weights
-            loss = sum(weights[name] * term for name, term in terms.items() if weights.get(name, 0.0) > 0)
+            loss = self.criterion.weighted_sum(terms)
+            if labels is not None:
+                terms["class_loss"] = class_loss(
+                    outputs.image_embeds, outputs.text_embeds, labels, outputs.logit_scale
+                )
+                loss = loss + stage.loss_weights["class_loss"] * terms["class_loss"]
             self.accelerator.backward(loss)
-            if self.accelerator.sync_gradients:
-                if self.config.grad_clip:
-                    trainable = [p for p in self.model.parameters() if p.requires_grad]
-                    self.accelerator.clip_grad_norm_(trainable, self.config.grad_clip)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+            if self.accelerator.sync_gradients and self.config.grad_clip:
+                self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
         metrics = {f"loss/{name}": float(term.detach()) for name, term in terms.items()}
         metrics["loss/total"] = float(loss.detach())
         metrics["lr"] = learning_rate
         return metrics
 
+    def stage_total_steps(self, index: int) -> int:
+        size = None if self.config.data.streaming else len(self.rows)
+        return stage_total_steps(
+            self.config.stages[index],
+            size,
+            self.accelerator.num_processes,
+            self.config.gradient_accumulation_steps,
+        )
+
+    def begin_stage(self, index: int):
+        """Apply stage `index` (see `StageCallback.on_stage_begin`) and prepare its optimizer and schedule."""
+        self.optimizer, self.scheduler = self.callback.on_stage_begin(
+            index, self.config.stages[index], self.stage_total_steps(index)
+        )
+        self.prepared_stage = index
+
+    def end_stage(self):
+        """Release the finished stage's optimizer and schedule: the next stage builds fresh ones, its Adam state
+        must not stay in memory, and a checkpoint at the boundary must not carry them (`save_state` saves every
+        prepared optimizer). Accelerate has no public call to release one optimizer; its lists are edited."""
+        accelerator = self.accelerator
+        accelerator._optimizers = [opt for opt in accelerator._optimizers if opt is not self.optimizer]
+        accelerator._schedulers = [sched for sched in accelerator._schedulers if sched is not self.scheduler]
+        self.optimizer = self.scheduler = None
+        self.prepared_stage = None
+
     def run_stage(self, index: int, stage):
         accelerator, state = self.accelerator, self.state
         data = self.config.data
-        size = None if data.streaming else len(self.rows)
         world = accelerator.num_processes
-        total = stage_total_steps(stage, size, world, self.config.gradient_accumulation_steps)
-        self.optimizer, self.scheduler = self.callback.on_stage_begin(index, stage, total)
-        if self.pending_optimizer_state is not None:
-            self.optimizer.load_state_dict(self.pending_optimizer_state["optimizer"])
-            self.scheduler.load_state_dict(self.pending_optimizer_state["scheduler"])
-            self.pending_optimizer_state = None
+        total = self.stage_total_steps(index)
+        if self.prepared_stage != index:
+            self.begin_stage(index)
         classes = self.config.classification if stage.uses_classes else None
         collator = MedRegionCollator(
             self.processor,
@@ -363,6 +398,7 @@ class Trainer:
         self.timings[f"stage {index + 1} {stage.name}"] = time.perf_counter() - start
         state.stage_ends.append(state.global_step)
         state.stage, state.stage_step, state.epoch, state.batch_in_epoch = index + 1, 0, 0, 0
+        self.end_stage()
         self.callback.on_stage_end(index, stage)
 
     def train(self) -> Path:
