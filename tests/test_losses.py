@@ -1,18 +1,25 @@
-"""Oracle tests: every loss and RoIAlign against a naive loop written here, forward and backward."""
+"""Oracle tests: every loss and RoIAlign against a naive loop written here, forward and backward; the loss module
+on a model's features; caption deduplication and the caption cache against the plain computation."""
 
 import math
 
 import pytest
 import torch
 
+from regionmed_clip import RegionMedCLIPModel
 from regionmed_clip.modeling_regionmed_clip import (
+    CaptionEmbeddingCache,
+    RegionMedCLIPLoss,
     caption_groups_from_ids,
     contrastive_loss,
     global_contrastive_loss,
     hard_negative_loss,
     region_contrastive_loss,
     roi_align,
+    sigmoid_loss,
 )
+
+from .conftest import make_processor, random_image, tiny_config, tiny_model
 
 
 def _unit(*shape, seed):
@@ -179,3 +186,252 @@ def test_roi_align_is_differentiable_like_the_reference():
     _, (grad,) = _grads(lambda f: roi_align(f, box, 2, 2).sum(), features)
     _, (expected,) = _grads(lambda f: naive_roi_align(f[0], box[0, 0].tolist(), 2, 2).sum(), features)
     torch.testing.assert_close(grad, expected)
+
+
+def naive_sigmoid(a, b, scale, bias, allowed=None):
+    """SigLIP's loss as the paper writes it: −1/|B| Σ_i Σ_j log 1 / (1 + exp(z_ij (−t x_i·y_j − b))), over the pairs
+    `allowed[i][j]` permits (the diagonal always)."""
+    n = a.shape[0]
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            if i != j and allowed is not None and not allowed[i][j]:
+                continue
+            z = 1.0 if i == j else -1.0
+            total = total - torch.log(1 / (1 + torch.exp(z * (-scale * torch.dot(a[i], b[j]) - bias))))
+    return total / n
+
+
+def test_global_sigmoid_loss_matches_the_siglip_formula():
+    images, texts = _unit(6, 8, seed=8), _unit(6, 8, seed=9)
+    scale = torch.tensor(10.0, dtype=torch.float64)
+    bias = torch.tensor(-3.0, dtype=torch.float64)
+    value, grads = _grads(
+        lambda a, b, c: global_contrastive_loss(a, b, scale, c, objective="sigmoid"), images, texts, bias
+    )
+    expected, expected_grads = _grads(lambda a, b, c: naive_sigmoid(a, b, scale, c), images, texts, bias)
+    torch.testing.assert_close(value, expected)
+    assert len(grads) == 3  # the bias is learned: its gradient is checked too
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad)
+
+
+def test_region_sigmoid_loss_leaves_identical_captions_out_and_matches_naive_loop():
+    regions, captions = _unit(7, 8, seed=10), _unit(7, 8, seed=11)
+    groups = torch.tensor([0, 1, 0, 2, 1, 3, 0])
+    allowed = [[bool(groups[i] != groups[j]) for j in range(7)] for i in range(7)]
+    scale = torch.tensor(10.0, dtype=torch.float64)
+    bias = torch.tensor(-10.0, dtype=torch.float64)
+
+    def ours(a, b, c):
+        return region_contrastive_loss(a, b, scale, groups, c, objective="sigmoid")
+
+    value, grads = _grads(ours, regions, captions, bias)
+    expected, expected_grads = _grads(
+        lambda a, b, c: naive_sigmoid(a, b, scale, c, allowed), regions, captions, bias
+    )
+    torch.testing.assert_close(value, expected)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad)
+    assert not torch.isclose(sigmoid_loss(scale * regions @ captions.t() + bias), value)
+
+
+def test_sigmoid_loss_stays_finite_for_large_logits():
+    logits = torch.tensor([[200.0, -200.0], [300.0, 150.0]])
+    value = sigmoid_loss(logits)
+    # Only the negative pair (1, 0) at logit 300 costs anything: −log σ(−300) = 300, over 2 rows.
+    assert torch.isfinite(value) and value.item() == pytest.approx(300.0 / 2, rel=1e-4)
+
+
+def _region_batch(tokenizer, roi_mode="pool"):
+    """Four images with repeated region captions and negatives (a caption is also another ROI's negative)."""
+    processor = make_processor(tokenizer, roi_mode)
+    captions = ["round nodule left upper", "oval cyst right lower", "round nodule left upper"]
+    return processor(
+        text=["nodule", "cyst", "nodule left", "normal"],
+        images=[random_image(40, 40, seed) for seed in range(4)],
+        boxes=[
+            [(1, 1, 20, 20), (5, 5, 30, 30)],
+            [(0, 0, 39, 39)],
+            [(2, 2, 10, 12), (3, 3, 33, 33), (1, 1, 9, 9)],
+            [],
+        ],
+        region_text=[captions[:2], captions[1:2], captions, []],
+        negative_text=[
+            [["oval cyst right lower", "round cyst"], ["round nodule left upper"]],
+            [["round cyst"]],
+            [["round cyst"], ["round cyst", "oval cyst right lower"], []],
+            [],
+        ],
+        summary_text=["round nodule", "oval cyst", "round nodule", "normal"],
+        return_tensors="pt",
+    )
+
+
+@pytest.mark.parametrize("objective", ["infonce", "sigmoid"])
+def test_loss_module_terms_match_the_functions_on_the_models_features(tokenizer, objective):
+    model = tiny_model(loss_objective=objective, summary_loss_weight=0.5, fused_global_loss_weight=0.25)
+    inputs = _region_batch(tokenizer)
+    outputs = model(**inputs, return_loss=True)
+    scale, bias = outputs.logit_scale, outputs.logit_bias
+    assert (bias is None) == (objective == "infonce")
+    mask = outputs.region_mask
+    groups = caption_groups_from_ids(inputs["region_input_ids"][mask], inputs["region_attention_mask"][mask])
+    expected = {
+        "global_loss": global_contrastive_loss(
+            outputs.global_image_embeds, outputs.text_embeds, scale, bias, objective
+        ),
+        "fused_global_loss": global_contrastive_loss(
+            outputs.image_embeds, outputs.text_embeds, scale, bias, objective
+        ),
+        "summary_loss": global_contrastive_loss(
+            outputs.global_image_embeds, outputs.summary_embeds, scale, bias, objective
+        ),
+        "roi_loss": region_contrastive_loss(
+            outputs.region_embeds[mask], outputs.region_text_embeds[mask], scale, groups, bias, objective
+        ),
+        "neg_loss": hard_negative_loss(
+            outputs.region_embeds[mask], outputs.negative_text_embeds[mask], outputs.negative_mask[mask]
+        ),
+    }
+    assert set(outputs.loss_terms) == set(expected)
+    for name, term in expected.items():
+        torch.testing.assert_close(outputs.loss_terms[name], term, msg=name)
+    # z_global and z_fused differ once the gate is open, so the two image ↔ report terms are distinct.
+    assert not torch.isclose(outputs.loss_terms["global_loss"], outputs.loss_terms["fused_global_loss"])
+    weights = {
+        "global_loss": 1.0,
+        "fused_global_loss": 0.25,
+        "summary_loss": 0.5,
+        "roi_loss": 1.0,
+        "neg_loss": 1.0,
+    }
+    torch.testing.assert_close(outputs.loss, sum(weights[name] * term for name, term in expected.items()))
+    only = RegionMedCLIPLoss(model.config)(outputs, terms=["global_loss"])
+    assert set(only) == {"global_loss"}
+    with pytest.raises(ValueError, match="unknown loss terms"):
+        RegionMedCLIPLoss(model.config)(outputs, terms=["contrast"])
+
+
+def test_logit_bias_is_a_learned_parameter_initialised_from_the_config(tmp_path):
+    model = RegionMedCLIPModel(tiny_config(loss_objective="sigmoid", logit_bias_init_value=-7.0))
+    assert isinstance(model.logit_bias, torch.nn.Parameter) and model.logit_bias.item() == -7.0
+    assert "logit_bias" in dict(model.named_parameters())
+    assert RegionMedCLIPModel(tiny_config()).logit_bias is None
+    # A checkpoint without the bias (trained with InfoNCE) loaded for the sigmoid objective: `_init_weights` sets
+    # it from the config instead of leaving uninitialised memory.
+    RegionMedCLIPModel(tiny_config()).save_pretrained(tmp_path)
+    reloaded = RegionMedCLIPModel.from_pretrained(
+        tmp_path, loss_objective="sigmoid", logit_bias_init_value=-4.0
+    )
+    assert reloaded.logit_bias.item() == -4.0
+    with pytest.raises(ValueError, match="loss_objective"):
+        tiny_config(loss_objective="softmax")
+
+
+def _loss_and_gradients(model, inputs):
+    model.zero_grad(set_to_none=True)
+    outputs = model(**inputs, return_loss=True)
+    outputs.loss.backward()
+    gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return outputs.loss_terms, gradients
+
+
+def _one_row_at_a_time(model, input_ids, attention_mask):
+    """The un-deduplicated computation: every caption row through the text tower on its own."""
+    rows = [
+        torch.nn.functional.normalize(model._encode_text(ids[None], mask[None])[1], dim=-1)
+        for ids, mask in zip(input_ids, attention_mask, strict=True)
+    ]
+    return (
+        torch.cat(rows) if rows else input_ids.new_zeros((0, model.config.projection_dim), dtype=torch.float)
+    )
+
+
+@pytest.mark.parametrize("roi_mode", ["pool", "crop"])
+def test_deduplicated_captions_give_the_losses_and_gradients_of_the_plain_computation(
+    tokenizer, roi_mode, monkeypatch
+):
+    model = tiny_model(roi_mode).train()
+    inputs = _region_batch(tokenizer, roi_mode)
+    calls = []
+    original = model.text_model.forward
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model.text_model, "forward", counting)
+    terms, gradients = _loss_and_gradients(model, inputs)
+    distinct = {
+        tuple(ids[mask.bool()].tolist())
+        for name in ("summary", "region", "negative")
+        for ids, mask in zip(
+            inputs[f"{name}_input_ids"].flatten(0, -2),
+            inputs[f"{name}_attention_mask"].flatten(0, -2),
+            strict=True,
+        )
+        if mask.any()
+    }
+    # One pass for the reports, one for every distinct summary, region caption and negative together.
+    assert calls == [4, len(distinct)] and len(distinct) < 4 + 6 + 7
+
+    monkeypatch.setattr(RegionMedCLIPModel, "_encode_text_rows", _one_row_at_a_time)
+    expected_terms, expected_gradients = _loss_and_gradients(model, inputs)
+    assert len(calls) == 2 + 1 + 4 + 6 + 7  # the reference encoded the reports, then every caption on its own
+    assert (
+        set(terms)
+        == set(expected_terms)
+        == {"global_loss", "fused_global_loss", "summary_loss", "roi_loss", "neg_loss"}
+    )
+    for name in terms:
+        torch.testing.assert_close(terms[name], expected_terms[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert set(gradients) == set(expected_gradients) and any(n.startswith("text_model.") for n in gradients)
+    for name in gradients:
+        torch.testing.assert_close(gradients[name], expected_gradients[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_caption_cache_serves_a_frozen_text_tower_and_keeps_the_projection_trainable(tokenizer, monkeypatch):
+    model = tiny_model().train()
+    model.text_model.requires_grad_(False)
+    model.text_model.eval()
+    inputs = _region_batch(tokenizer)
+    expected_terms, expected_gradients = _loss_and_gradients(model, inputs)
+
+    cache = model.enable_caption_cache()
+    calls = []
+    original = model.text_model.forward
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model.text_model, "forward", counting)
+    for _ in range(2):
+        terms, gradients = _loss_and_gradients(model, inputs)
+        for name in expected_terms:
+            torch.testing.assert_close(terms[name], expected_terms[name], atol=1e-6, rtol=1e-5, msg=name)
+        assert set(gradients) == set(expected_gradients) and "text_projection.weight" in gradients
+        for name in gradients:
+            torch.testing.assert_close(
+                gradients[name], expected_gradients[name], atol=1e-6, rtol=1e-4, msg=name
+            )
+    # The reports pass every time; the captions only on the first call, then come from the cache.
+    assert calls == [4, len(cache), 4]
+    # A tower that trains (or runs with dropout) is never served from the cache.
+    model.text_model.train()
+    _loss_and_gradients(model, inputs)
+    assert calls[-2:] == [4, len(cache)]
+
+
+def test_caption_cache_is_bounded_and_evicts_the_least_recently_used():
+    cache = CaptionEmbeddingCache(max_entries=2)
+    cache.put((1,), torch.zeros(2))
+    cache.put((2,), torch.ones(2))
+    assert cache.get((1,)) is not None  # (2,) is now the least recently used
+    cache.put((3,), torch.ones(2))
+    assert len(cache) == 2 and cache.get((2,)) is None and cache.get((1,)) is not None
+    cache.clear()
+    assert len(cache) == 0
+    with pytest.raises(ValueError, match="max_entries"):
+        CaptionEmbeddingCache(0)
