@@ -230,19 +230,28 @@ def test_two_processes_train_like_one(tmp_path, synth_folder):
         )
 
 
-def test_two_process_gradients_equal_one_process_on_the_same_global_batch(tmp_path, synth_folder):
-    """One ROI-stage step (all four loss terms, gathered across processes): loss to 1e-6 and every parameter's
-    gradient to 1e-5 absolute / 1e-4 relative of the one-process gradient."""
+@pytest.mark.parametrize(
+    ("objective", "empty_rank"),
+    [("infonce", False), ("sigmoid", True)],
+    ids=["infonce-all-regions", "sigmoid-second-rank-without-regions"],
+)
+def test_two_process_gradients_equal_one_process_on_the_same_global_batch(
+    tmp_path, synth_folder, objective, empty_rank
+):
+    """One ROI-stage step (every region-stage loss term, gathered across processes): loss to 1e-6 and every
+    parameter's gradient to 1e-5 absolute / 1e-4 relative of the one-process gradient. In the second case the
+    second process's micro-batch has no ROI at all (zero-slot ROI tensors; its gathers are empty) and the
+    objective is SigLIP's, with its learnable bias."""
     script = str(ROOT / "tests" / "ddp_gradients.py")
     results = {}
     for processes, batch in ((1, 8), (2, 4)):
-        config = write_config(
-            tmp_path / f"{processes}.yaml",
-            tiny_training_config(tmp_path / f"out{processes}", synth_folder, batch),
-        )
+        raw = tiny_training_config(tmp_path / f"out{processes}", synth_folder, batch)
+        raw["model"]["config"]["loss_objective"] = objective
+        config = write_config(tmp_path / f"{processes}.yaml", raw)
         launcher = LAUNCH_TWO if processes == 2 else [sys.executable]
+        extra = ["--no-regions-after", "4"] if empty_rank else []
         done = subprocess.run(
-            launcher + [script, str(config), str(tmp_path / f"{processes}.pt")],
+            launcher + [script, str(config), str(tmp_path / f"{processes}.pt"), *extra],
             capture_output=True,
             text=True,
             env=ENV,
@@ -252,6 +261,10 @@ def test_two_process_gradients_equal_one_process_on_the_same_global_batch(tmp_pa
         assert done.returncode == 0, done.stderr[-3000:]
         results[processes] = torch.load(tmp_path / f"{processes}.pt")
     assert (results[1]["processes"], results[2]["processes"]) == (1, 2)
+    if empty_rank:
+        assert results[2]["rois"][0] > 0 and results[2]["rois"][1] == 0
+        assert results[1]["rois"][0] == results[2]["rois"][0]
+        assert "logit_bias" in results[1]["gradients"]
     assert set(results[2]["terms"]) == {"global_loss", "fused_global_loss", "roi_loss", "neg_loss"}
     torch.testing.assert_close(results[2]["loss"], results[1]["loss"], atol=1e-6, rtol=1e-6)
     one, two = results[1]["gradients"], results[2]["gradients"]
@@ -332,3 +345,82 @@ def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp_
     for name, tensor in resumed.unwrapped.state_dict().items():
         if name in saved:
             torch.testing.assert_close(tensor, saved[name])
+
+
+def test_each_stage_optimizer_is_prepared_and_clipping_sees_unscaled_gradients(
+    tmp_path, synth_folder, monkeypatch
+):
+    """fp16 cannot run on CPU, so the gradient scaler is a real `torch.amp.GradScaler("cpu")` put where
+    Accelerate's fp16 setup puts it. With the loss scaled by 2^10, the gradients `clip_grad_norm_` sees are those
+    of the unscaled run, and the scaled optimizer steps through the scaler."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+    from accelerate.scheduler import AcceleratedScheduler
+
+    clipped = []
+    original_clip = torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(parameters, *args, **kwargs):
+        parameters = list(parameters)
+        clipped.append([p.grad.detach().clone() for p in parameters if p.grad is not None])
+        return original_clip(parameters, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    runs, scaled_grads = {}, []
+    for name in ("plain", "scaled"):
+        config = load_config(
+            write_config(
+                tmp_path / f"{name}.yaml",
+                tiny_training_config(tmp_path / name, synth_folder, steps=(1, 1, 1, 1), grad_clip=1e-3),
+            )
+        )
+        trainer = Trainer(config)
+        if name == "scaled":
+            scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+            trainer.accelerator.scaler, trainer.accelerator.native_amp = scaler, True
+            original_unscale = scaler.unscale_
+
+            def recording_unscale(optimizer, model=trainer.model, original_unscale=original_unscale):
+                scaled_grads.extend(p.grad.detach().clone() for p in model.parameters() if p.grad is not None)
+                return original_unscale(optimizer)
+
+            monkeypatch.setattr(scaler, "unscale_", recording_unscale)
+            monkeypatch.setattr(Accelerator, "mixed_precision", property(lambda self: "fp16"))
+        for index in range(len(config.stages)):
+            trainer.begin_stage(index)
+            assert isinstance(trainer.optimizer, AcceleratedOptimizer)
+            assert isinstance(trainer.scheduler, AcceleratedScheduler)
+            assert trainer.accelerator._optimizers == [trainer.optimizer]  # the previous stage's was released
+            if index < 3:
+                trainer.end_stage()
+        collator_batch = trainer._stage_batch(_first_batch(trainer, 3), config.stages[3])
+        before = [p.detach().clone() for p in trainer.unwrapped.parameters()]
+        trainer.training_step(collator_batch, config.stages[3])
+        moved = [
+            not torch.equal(b, p.detach())
+            for b, p in zip(before, trainer.unwrapped.parameters(), strict=True)
+        ]
+        runs[name] = (clipped.pop(), any(moved), trainer)
+    plain, scaled = runs["plain"][0], runs["scaled"][0]
+    assert len(plain) == len(scaled) > 0
+    for expected, actual in zip(plain, scaled, strict=True):
+        torch.testing.assert_close(actual, expected, atol=1e-7, rtol=1e-5)
+    # The backward really ran on the scaled loss: before unscaling, the gradients were 2^10 times the plain ones.
+    assert len(scaled_grads) == len(plain)
+    for expected, raw in zip(plain, scaled_grads, strict=True):
+        torch.testing.assert_close(raw, expected * 2.0**10, atol=1e-4, rtol=1e-5)
+    assert runs["scaled"][1] and runs["plain"][1]  # the scaled step was taken (finite gradients), not skipped
+    scaler = runs["scaled"][2].accelerator.scaler
+    assert scaler.get_scale() == 2.0**10 and runs["scaled"][2].optimizer.scaler is scaler
+
+
+def _first_batch(trainer, index):
+    from regionmed_clip.data.collator import MedRegionCollator
+    from regionmed_clip.training.data import epoch_seed, stage_dataloader
+
+    stage = trainer.config.stages[index]
+    collator = MedRegionCollator(
+        trainer.processor, trainer.config.data.max_length, with_regions=stage.uses_regions
+    )
+    loader = stage_dataloader(trainer.rows, collator, stage.batch_size, 0, 1, epoch_seed(0, index, 0))
+    return next(iter(loader))
