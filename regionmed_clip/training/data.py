@@ -60,7 +60,9 @@ def stage_dataloader(
         return DataLoader(rows, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers)
     from datasets.distributed import split_dataset_by_node
 
-    shard = split_dataset_by_node(rows.shuffle(seed=seed, buffer_size=1000), rank=rank, world_size=world)
+    from ..data.collator import shuffled_stream
+
+    shard = split_dataset_by_node(shuffled_stream(rows, seed), rank=rank, world_size=world)
     if skip:
         shard = shard.skip(skip * batch_size)
     return DataLoader(
