@@ -172,6 +172,15 @@ def test_stages_freeze_weight_and_rebuild_the_optimizer(tmp_path, synth_folder, 
     assert all(p.ndim < 2 for p in seen[3][3].param_groups[1]["params"])
     assert (folder / "model.safetensors").is_file() and (folder / "training_config.yaml").is_file()
     assert (tmp_path / "out" / "loss_curves.png").is_file()
+    # The model config is the one source of the loss weights: the saved model records its last stage's.
+    saved = json.loads((folder / "config.json").read_text())
+    assert {name: saved[f"{name}_weight"] for name in expected[3] | {"fused_global_loss"}} == {
+        "global_loss": 1.0,
+        "fused_global_loss": 0.0,
+        "summary_loss": 0.5,
+        "roi_loss": 1.0,
+        "neg_loss": 1.0,
+    }
     assert isinstance(load_config(folder / "training_config.yaml"), TrainConfig)
     assert load_config(folder / "training_config.yaml").stages == config.stages
 

@@ -311,7 +311,7 @@ class Trainer:
         metrics["lr"] = learning_rate
         return metrics
 
-    def stage_total_steps(self, index: int) -> int:
+    def total_steps(self, index: int) -> int:
         size = None if self.config.data.streaming else len(self.rows)
         return stage_total_steps(
             self.config.stages[index],
@@ -323,7 +323,7 @@ class Trainer:
     def begin_stage(self, index: int):
         """Apply stage `index` (see `StageCallback.on_stage_begin`) and prepare its optimizer and schedule."""
         self.optimizer, self.scheduler = self.callback.on_stage_begin(
-            index, self.config.stages[index], self.stage_total_steps(index)
+            index, self.config.stages[index], self.total_steps(index)
         )
         self.prepared_stage = index
 
@@ -341,7 +341,7 @@ class Trainer:
         accelerator, state = self.accelerator, self.state
         data = self.config.data
         world = accelerator.num_processes
-        total = self.stage_total_steps(index)
+        total = self.total_steps(index)
         if self.prepared_stage != index:
             self.begin_stage(index)
         classes = self.config.classification if stage.uses_classes else None
