@@ -468,3 +468,33 @@ def _first_batch(trainer, index):
     )
     loader = stage_dataloader(trainer.rows, collator, stage.batch_size, 0, 1, epoch_seed(0, index, 0))
     return next(iter(loader))
+
+
+@pytest.mark.parametrize("roi_mode", ["pool", "crop"])
+def test_a_batch_without_regions_has_zero_roi_slots_and_trains(synth_folder, tokenizer, roi_mode):
+    """Rows without regions ("No Finding") give the same fields with zero ROI slots, which the model and the
+    loss module take: the region terms simply have no rows (and, distributed, gather empty tensors)."""
+    from regionmed_clip.data.collator import MedRegionCollator, load_rows
+    from regionmed_clip.modeling_regionmed_clip import RegionMedCLIPLoss
+
+    from .conftest import make_processor, tiny_model
+
+    rows = [{**row, "regions": []} for row in load_rows(synth_folder, "train").select(range(3))]
+    batch = MedRegionCollator(make_processor(tokenizer, roi_mode), max_length=32, max_negatives=5)(rows)
+    assert batch["roi_boxes"].shape == (3, 0, 4) and batch["roi_mask"].shape == (3, 0)
+    assert batch["region_input_ids"].shape[:2] == (3, 0) and batch["negative_input_ids"].shape[:3] == (
+        3,
+        0,
+        0,
+    )
+    assert ("roi_pixel_values" in batch) == (roi_mode == "crop")
+    model = tiny_model(roi_mode).train()
+    outputs = model(**batch)
+    assert outputs.region_embeds.shape == (3, 0, 16)
+    terms = RegionMedCLIPLoss(model.config)(
+        outputs, batch["region_input_ids"], batch["region_attention_mask"]
+    )
+    # No ROI anywhere in the batch: the region terms have nothing to compare; the image ↔ report terms remain.
+    assert set(terms) == {"global_loss", "fused_global_loss", "summary_loss"}
+    RegionMedCLIPLoss(model.config).weighted_sum(terms).backward()
+    assert model.visual_projection.weight.grad is not None
