@@ -27,3 +27,22 @@ def test_baseline_code_loads_beside_the_current_package():
         return
     pixels = baseline.RegionMedCLIPImageProcessor()(torch.zeros(3, 8, 8), return_tensors="pt")["pixel_values"]
     assert pixels.shape == (1, 3, 224, 224)
+
+
+def test_repeated_caption_batch_repeats_captions_as_real_region_data_does():
+    global_batch, roi_batch = bench.repeated_caption_batch()
+    mask = roi_batch["roi_mask"].bool()
+    assert set(global_batch) < set(roi_batch) and mask.shape == (bench.ROI_IMAGES, bench.ROI_REGIONS)
+    captions = torch.cat(
+        [roi_batch["region_input_ids"][..., None, :], roi_batch["negative_input_ids"]], dim=2
+    )[mask]
+    slots = captions.flatten(0, 1)
+    assert 1_700 <= len(slots) <= 2_100 and len(torch.unique(slots, dim=0)) == bench.DISTINCT_CAPTIONS
+    assert not roi_batch["region_attention_mask"][~mask].any()
+
+
+def test_splice_sections_replaces_a_section_in_place_and_adds_a_new_one(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# R\n\n## A\n\nold\n\n## Scaling\n\nkept\n", encoding="utf-8")
+    bench.splice_sections(results, {"## A": ["new"], "## B": ["added"]})
+    assert results.read_text() == "# R\n\n## A\n\nnew\n\n## B\n\nadded\n\n## Scaling\n\nkept\n"

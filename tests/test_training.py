@@ -396,7 +396,8 @@ def test_each_stage_optimizer_is_prepared_and_clipping_sees_unscaled_gradients(
 ):
     """fp16 cannot run on CPU, so the gradient scaler is a real `torch.amp.GradScaler("cpu")` put where
     Accelerate's fp16 setup puts it. With the loss scaled by 2^10, the gradients `clip_grad_norm_` sees are those
-    of the unscaled run, and the scaled optimizer steps through the scaler."""
+    of the unscaled run, and the scaled optimizer steps through the scaler: a finite step is taken, an inf one is
+    skipped together with its schedule step."""
     from accelerate import Accelerator
     from accelerate.optimizer import AcceleratedOptimizer
     from accelerate.scheduler import AcceleratedScheduler
@@ -456,6 +457,21 @@ def test_each_stage_optimizer_is_prepared_and_clipping_sees_unscaled_gradients(
     assert runs["scaled"][1] and runs["plain"][1]  # the scaled step was taken (finite gradients), not skipped
     scaler = runs["scaled"][2].accelerator.scaler
     assert scaler.get_scale() == 2.0**10 and runs["scaled"][2].optimizer.scaler is scaler
+
+    # An inf gradient: the prepared optimizer skips the step, the schedule does not advance, the scale halves.
+    trainer = runs["scaled"][2]
+    stage = trainer.config.stages[3]
+    parameter = trainer.unwrapped.visual_projection.weight
+    hook = parameter.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    before = [p.detach().clone() for p in trainer.unwrapped.parameters()]
+    schedule_steps = trainer.scheduler.scheduler.last_epoch
+    trainer.training_step(trainer._stage_batch(_first_batch(trainer, 3), stage), stage)
+    hook.remove()
+    assert trainer.optimizer.step_was_skipped and scaler.get_scale() == 2.0**9
+    assert trainer.scheduler.scheduler.last_epoch == schedule_steps
+    assert all(
+        torch.equal(b, p.detach()) for b, p in zip(before, trainer.unwrapped.parameters(), strict=True)
+    )
 
 
 def _first_batch(trainer, index):
