@@ -413,12 +413,9 @@ def test_each_stage_optimizer_is_prepared_and_clipping_sees_unscaled_gradients(
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
     runs, scaled_grads = {}, []
     for name in ("plain", "scaled"):
-        config = load_config(
-            write_config(
-                tmp_path / f"{name}.yaml",
-                tiny_training_config(tmp_path / name, synth_folder, steps=(1, 1, 1, 1), grad_clip=1e-3),
-            )
-        )
+        raw = tiny_training_config(tmp_path / name, synth_folder, steps=(1, 1, 1, 1), grad_clip=1e-3)
+        raw["stages"][3]["frozen"] = ["text_model"]  # the last stage serves captions from the cache
+        config = load_config(write_config(tmp_path / f"{name}.yaml", raw))
         trainer = Trainer(config)
         if name == "scaled":
             scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
@@ -436,6 +433,10 @@ def test_each_stage_optimizer_is_prepared_and_clipping_sees_unscaled_gradients(
             assert isinstance(trainer.optimizer, AcceleratedOptimizer)
             assert isinstance(trainer.scheduler, AcceleratedScheduler)
             assert trainer.accelerator._optimizers == [trainer.optimizer]  # the previous stage's was released
+            # A frozen tower runs in eval mode and its caption outputs are cached; a training one has no cache.
+            frozen_text = index == 3
+            assert trainer.unwrapped.text_model.training != frozen_text
+            assert (trainer.unwrapped.caption_cache is not None) == frozen_text
             if index < 3:
                 trainer.end_stage()
         collator_batch = trainer._stage_batch(_first_batch(trainer, 3), config.stages[3])
@@ -465,8 +466,11 @@ def test_each_stage_optimizer_is_prepared_and_clipping_sees_unscaled_gradients(
     hook = parameter.register_hook(lambda grad: torch.full_like(grad, float("inf")))
     before = [p.detach().clone() for p in trainer.unwrapped.parameters()]
     schedule_steps = trainer.scheduler.scheduler.last_epoch
+    cached = len(trainer.unwrapped.caption_cache)
+    assert cached > 0  # filled by the first step of the stage
     trainer.training_step(trainer._stage_batch(_first_batch(trainer, 3), stage), stage)
     hook.remove()
+    assert len(trainer.unwrapped.caption_cache) == cached  # the same batch: every caption came from the cache
     assert trainer.optimizer.step_was_skipped and scaler.get_scale() == 2.0**9
     assert trainer.scheduler.scheduler.last_epoch == schedule_steps
     assert all(
