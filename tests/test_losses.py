@@ -435,3 +435,43 @@ def test_caption_cache_is_bounded_and_evicts_the_least_recently_used():
     assert len(cache) == 0
     with pytest.raises(ValueError, match="max_entries"):
         CaptionEmbeddingCache(0)
+
+
+def test_return_loss_through_remote_code_equals_the_package(tokenizer, tmp_path):
+    """The loss module lives in the remote-code unit: a saved model computes the same loss terms (sigmoid
+    objective, every term) in a process that cannot import the package."""
+    import json
+
+    from .test_hub_integration import _run_isolated
+
+    folder = tmp_path / "model"
+    model = tiny_model(loss_objective="sigmoid", summary_loss_weight=0.5)
+    model.save_pretrained(folder)
+    make_processor(tokenizer).save_pretrained(folder)
+    inputs = _region_batch(tokenizer)
+    torch.save(dict(inputs), tmp_path / "inputs.pt")
+    with torch.no_grad():
+        expected = model(**inputs, return_loss=True)
+    code = f"""
+        import json, torch
+        from transformers import AutoModel
+        try:
+            import regionmed_clip
+            raise SystemExit("the package should not be importable here")
+        except ImportError:
+            pass
+        model = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        inputs = torch.load({str(tmp_path / "inputs.pt")!r})
+        with torch.no_grad():
+            outputs = model(**inputs, return_loss=True)
+        print(json.dumps({{"module": type(model).__module__, "loss": float(outputs.loss),
+                           "terms": {{name: float(term) for name, term in outputs.loss_terms.items()}}}}))
+    """
+    result = _run_isolated(code, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["module"].startswith("transformers_modules.")
+    assert set(report["terms"]) == set(expected.loss_terms) == set(RegionMedCLIPLoss.term_inputs)
+    for name, term in expected.loss_terms.items():
+        assert report["terms"][name] == pytest.approx(float(term), abs=1e-6), name
+    assert report["loss"] == pytest.approx(float(expected.loss), abs=1e-6)
