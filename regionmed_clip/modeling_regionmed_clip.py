@@ -804,10 +804,21 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
 
     def _encode_captions(self, fields: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         """Embeddings of several `(N_i, L_i)` caption batches, all in one deduplicated pass of the text tower, so
-        a caption that is one ROI's region caption and another's hard negative is encoded once."""
+        a caption that is one ROI's region caption and another's hard negative is encoded once.
+
+        A batch with no caption at all (no ROI in it) still makes the pass, on one placeholder token whose
+        embedding is cut away: each process then runs the towers the same number of times whatever its batch
+        holds, which a sharded tower (FSDP gathers its weights in every forward and backward) requires, and the
+        empty embeddings stay in the autograd graph.
+        """
         length = max(ids.shape[1] for ids, _ in fields)
         ids = torch.cat([F.pad(ids, (0, length - ids.shape[1])) for ids, _ in fields])
         masks = torch.cat([F.pad(mask, (0, length - mask.shape[1])) for _, mask in fields])
+        if ids.shape[0] == 0:
+            placeholder = ids.new_zeros((1, 1))
+            outputs = self.text_model(input_ids=placeholder, attention_mask=torch.ones_like(placeholder))
+            empty = F.normalize(self.text_projection(self._pooled(outputs)), dim=-1)[:0]
+            return [empty for _ in fields]
         return list(self._encode_text_rows(ids, masks).split([len(ids) for ids, _ in fields]))
 
     def _roi_features(
@@ -838,13 +849,13 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
                 f"roi_pixel_values has {tuple(roi_pixel_values.shape[:2])} (batch, slots) but roi_boxes has "
                 f"{tuple(roi_boxes.shape[:2])}."
             )
-        if not roi_mask.any():
-            return roi_pixel_values.new_zeros((*roi_boxes.shape[:2], self.vision_embed_dim))
-        # Only real crops are encoded, all of the batch in one forward; padded slots stay zero.
-        pooled = self._pooled(self.vision_model(pixel_values=roi_pixel_values[roi_mask], return_dict=True))
-        features = pooled.new_zeros((*roi_boxes.shape[:2], pooled.shape[-1]))
-        features[roi_mask] = pooled
-        return features
+        # Only real crops are encoded, all of the batch in one forward; padded slots stay zero. A batch without
+        # any encodes one blank placeholder crop, cut away again (see `_encode_captions`).
+        crops = roi_pixel_values[roi_mask]
+        if crops.shape[0] == 0:
+            crops = roi_pixel_values.new_zeros((1, *roi_pixel_values.shape[2:]))
+        pooled = self._pooled(self.vision_model(pixel_values=crops, return_dict=True))
+        return _scatter(pooled[: int(roi_mask.sum())], roi_mask)
 
     def _encode_image(
         self,

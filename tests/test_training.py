@@ -509,6 +509,11 @@ def test_a_batch_without_regions_has_zero_roi_slots_and_trains(synth_folder, tok
     )
     assert ("roi_pixel_values" in batch) == (roi_mode == "crop")
     model = tiny_model(roi_mode).train()
+    calls = {"vision": 0, "text": 0}
+    for tower in calls:
+        getattr(model, f"{tower}_model").register_forward_hook(
+            lambda module, args, output, tower=tower: calls.__setitem__(tower, calls[tower] + 1)
+        )
     outputs = model(**batch)
     assert outputs.region_embeds.shape == (3, 0, 16)
     terms = RegionMedCLIPLoss(model.config)(
@@ -518,3 +523,13 @@ def test_a_batch_without_regions_has_zero_roi_slots_and_trains(synth_folder, tok
     assert set(terms) == {"global_loss", "fused_global_loss", "summary_loss"}
     RegionMedCLIPLoss(model.config).weighted_sum(terms).backward()
     assert model.visual_projection.weight.grad is not None
+
+    # As a ROI stage feeds it (no summaries): the towers still run as often as on a batch with regions (reports
+    # and one caption pass; crop mode: images and one crop pass), and the empty caption embeddings stay in the
+    # graph, so a process whose batch has no ROI makes the same tower calls and backward as the others.
+    calls.update(vision=0, text=0)
+    roi_stage = {key: value for key, value in batch.items() if not key.startswith("summary_")}
+    outputs = model(**roi_stage)
+    assert calls == {"vision": 2 if roi_mode == "crop" else 1, "text": 2}
+    assert outputs.region_text_embeds.shape == (3, 0, 16) and outputs.region_text_embeds.requires_grad
+    assert outputs.negative_text_embeds.shape == (3, 0, 0, 16) and outputs.negative_text_embeds.requires_grad
