@@ -88,9 +88,9 @@ def build_optimizer(model, stage: StageSpec, config):
 
 
 class StageCallback:
-    """Applies stages as data: `on_stage_begin` freezes / unfreezes, sets the loss weights, and builds and prepares a
-    fresh optimizer and schedule,
-    `on_step_end` logs and checkpoints every `checkpoint_every` steps, `on_stage_end` checkpoints and plots."""
+    """Applies stages as data: `on_stage_begin` freezes / unfreezes, sets the loss weights, and builds and prepares
+    a fresh optimizer and schedule; `on_step_end` logs and checkpoints every `checkpoint_every` steps;
+    `on_stage_end` checkpoints and plots."""
 
     def __init__(self, trainer):
         self.trainer = trainer
