@@ -762,22 +762,23 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             and not any(parameter.requires_grad for parameter in self.text_model.parameters())
         )
 
+    def _text_tower_pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The text tower's pooled output of `(N, L)` captions (padded to `text_pad_length` as `_encode_text`)."""
+        input_ids, attention_mask, _ = self._pad_text(input_ids, attention_mask, None)
+        return self._pooled(
+            self.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+        )
+
     def _pooled_captions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The text tower's pooled outputs of distinct captions `(N, L)`, from the cache where it is usable."""
         if not self._caption_cache_usable():
-            return self._pooled(
-                self.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
-            )
+            return self._text_tower_pooled(input_ids, attention_mask)
         keys = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(input_ids, attention_mask, strict=True)]
         rows = [self.caption_cache.get(key) for key in keys]
         missing = [index for index, row in enumerate(rows) if row is None]
         if missing:
             with torch.no_grad():
-                encoded = self._pooled(
-                    self.text_model(
-                        input_ids=input_ids[missing], attention_mask=attention_mask[missing], return_dict=True
-                    )
-                )
+                encoded = self._text_tower_pooled(input_ids[missing], attention_mask[missing])
             for index, row in zip(missing, encoded, strict=True):
                 rows[index] = row
                 self.caption_cache.put(keys[index], row)
@@ -812,12 +813,13 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         empty embeddings stay in the autograd graph.
         """
         length = max(ids.shape[1] for ids, _ in fields)
-        ids = torch.cat([F.pad(ids, (0, length - ids.shape[1])) for ids, _ in fields])
+        pad_id = self.config.text_config.pad_token_id or 0
+        ids = torch.cat([F.pad(ids, (0, length - ids.shape[1]), value=pad_id) for ids, _ in fields])
         masks = torch.cat([F.pad(mask, (0, length - mask.shape[1])) for _, mask in fields])
         if ids.shape[0] == 0:
-            placeholder = ids.new_zeros((1, 1))
-            outputs = self.text_model(input_ids=placeholder, attention_mask=torch.ones_like(placeholder))
-            empty = F.normalize(self.text_projection(self._pooled(outputs)), dim=-1)[:0]
+            placeholder = ids.new_full((1, 1), pad_id)
+            pooled = self._text_tower_pooled(placeholder, torch.ones_like(placeholder))
+            empty = F.normalize(self.text_projection(pooled), dim=-1)[:0]
             return [empty for _ in fields]
         return list(self._encode_text_rows(ids, masks).split([len(ids) for ids, _ in fields]))
 
@@ -1293,7 +1295,7 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             if kind == "siglip":
                 for projection in (model.visual_projection, model.text_projection):
                     projection.weight.copy_(torch.eye(*projection.weight.shape))
-                if hasattr(model, "logit_bias"):
+                if model.logit_bias is not None:
                     model.logit_bias.copy_(source.logit_bias.detach().reshape(model.logit_bias.shape))
             else:
                 model.visual_projection.load_state_dict(source.visual_projection.state_dict())
