@@ -371,7 +371,8 @@ class RegionMedCLIPOutput(ModelOutput):
             The scale 1/τ the logits were multiplied by (returned so that losses computed outside the model, e.g.
             on embeddings gathered across processes, use it through the model's forward).
         logit_bias (`torch.FloatTensor` of shape `()`, *optional*):
-            The learnable bias b of the sigmoid objective (added to the logits); `None` with InfoNCE.
+            The learnable bias b of the sigmoid objective, which its loss adds to the scaled cosines (`logits_per_image`
+            stays the scaled cosine, so softmax scores and rankings are the same either way); `None` with InfoNCE.
         text_model_output (`BaseModelOutputWithPooling`):
             Output of the text tower.
         vision_model_output (`BaseModelOutputWithPooling`):
@@ -1065,10 +1066,6 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         logits_per_image = logits_per_text = None
         if image_embeds is not None and text_embeds is not None:
             logits_per_image = logit_scale * image_embeds @ text_embeds.t()
-            logits_per_text = logits_per_image.t()
-
-        if self.logit_bias is not None and logits_per_image is not None:
-            logits_per_image = logits_per_image + self.logit_bias
             logits_per_text = logits_per_image.t()
 
         summary_embeds = region_text_embeds = negative_text_embeds = negative_mask = None
