@@ -1133,7 +1133,9 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             negative_text_embeds=negative_text_embeds,
             negative_mask=negative_mask,
             logit_scale=logit_scale,
-            logit_bias=self.logit_bias,
+            # A computed tensor, as `logit_scale` is: DDP then sees the parameter used by the forward (the loss
+            # adds it outside), instead of marking it unused and then meeting its gradient.
+            logit_bias=self.logit_bias.clone() if self.logit_bias is not None else None,
             text_model_output=text_outputs,
             vision_model_output=vision_features,
         )
