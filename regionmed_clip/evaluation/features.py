@@ -26,11 +26,16 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.collator import MedRegionCollator, region_passes
+from ..modeling_regionmed_clip import RegionMedCLIPLoss
 
 REGION_PATHS = ("roi_processor", "global_on_crops")
 TRAINING_CONFIG = "training_config.yaml"  # what the trainer saves beside a model folder
-# The loss terms whose inputs include the ROIs: a stage that weights one of them trains the ROI processor.
-REGION_TERMS = ("roi_loss", "neg_loss", "class_loss")
+# The loss terms whose inputs include the ROIs (as the loss module declares them; fine-tuning's `class_loss`
+# scores the region-aware embedding too): a stage that weights one of them trains the ROI processor.
+REGION_TERMS = (
+    *(term for term, inputs in RegionMedCLIPLoss.term_inputs.items() if "roi_boxes" in inputs),
+    "class_loss",
+)
 
 
 @dataclass
