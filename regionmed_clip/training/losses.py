@@ -29,15 +29,8 @@ from ..modeling_regionmed_clip import RegionMedCLIPLoss
 #: image side is region-aware for rows with regions).
 TERM_INPUTS = {
     **RegionMedCLIPLoss.term_inputs,
-    "class_loss": (
-        "pixel_values",
-        "input_ids",
-        "attention_mask",
-        "roi_boxes",
-        "roi_mask",
-        "roi_pixel_values",
-        "labels",
-    ),
+    # The report term's inputs, region-aware where rows have regions, with the labels.
+    "class_loss": (*RegionMedCLIPLoss.term_inputs["fused_global_loss"], "labels"),
 }
 LOSS_TERMS = tuple(TERM_INPUTS)
 
