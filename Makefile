@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo ablation bench test lint clean
+.PHONY: install demo learning-check ablation bench test lint clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -18,9 +18,14 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-# MedRegion-synth → 4-stage training → evaluation → outputs/demo/ (model folder, report.md, metrics, plots).
+# MedRegion-synth → 4-stage training → evaluation → outputs/demo/ (model folder, report.md, metrics, plots); one seed.
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) -m regionmed_clip.cli demo --config configs/demo.yaml
+
+# The demo's comparison over three seeds: mean ± std of every figure → outputs/learning-check/ (JSON, Markdown, PNG).
+learning-check: $(STAMP)
+	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) -m regionmed_clip.cli learning-check \
+		--config configs/demo.yaml --seeds 0 1 2 --output-dir outputs/learning-check
 
 # The B / W / W+G / W+G+R / W+G+R+F ablation on the demo's data and step budget (about 15 minutes on 2 cores).
 ablation: $(STAMP)

@@ -7,6 +7,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 ROI_MODES = ("crop", "pool")
 LOSS_OBJECTIVES = ("infonce", "sigmoid")
+GLOBAL_POOLS = ("cls", "cls_proposer")
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Compatibility with transformers 4.57 to 5.x, by feature checks. Configs are plain classes with an `__init__` in 4.x
@@ -147,6 +148,13 @@ class RegionMedCLIPConfig(PretrainedConfig):
             Weight of L_roi (ROI ↔ region caption) in `loss`.
         neg_loss_weight (`float`, *optional*, defaults to 1.0):
             Weight of L_neg (sigmoid loss against hard-negative captions) in `loss`.
+        dense_loss_weight (`float`, *optional*, defaults to 0.0):
+            Weight of L_dense in `loss`: the RoIAlign-pooled patch tokens of the global forward, projected by
+            `visual_projection` with no ROI processor and no box coordinates, ↔ the region caption. It puts region
+            knowledge into the patch tokens that z_global is computed from (see [`dense_region_loss`]).
+        proposal_loss_weight (`float`, *optional*, defaults to 0.0):
+            Weight of L_proposal in `loss`: the region proposer's per-patch objectness and box distances against the
+            ground-truth boxes (see [`region_proposal_loss`]). Training it is what makes `auto_regions` useful.
         neg_logit_scale (`float`, *optional*, defaults to 1.0):
             Scale s in L_neg = −log(1 − σ(s·N + b)); s = 1, b = 0 is exactly the paper's formula.
         neg_logit_bias (`float`, *optional*, defaults to 0.0):
@@ -156,6 +164,18 @@ class RegionMedCLIPConfig(PretrainedConfig):
             mask 0), as a tokenizer called with `padding="max_length"` would. For text towers trained on one fixed
             length whose pooled output reads a fixed position (SigLIP reads the last of 64 tokens): callers that pad
             per batch, such as the zero-shot pipeline, then get the embeddings the tower was trained to give.
+        auto_regions (`int`, *optional*, defaults to 0):
+            Number of regions the model proposes itself when an image comes without boxes. With 0, an image without
+            boxes gets the global embedding z_global (a plain CLIP). With K > 0, the region proposer picks the K
+            best-scoring local maxima of its patch objectness map and their predicted boxes go through the ROI
+            branch, so `pipeline("zero-shot-image-classification")` and `get_image_features` return the region-aware
+            embedding from nothing but an image. Needs a patch-token vision tower (`image_size` and `patch_size`).
+        global_pool (`str`, *optional*, defaults to `"cls"`):
+            What the global image feature is before `visual_projection`. `"cls"`: the vision tower's pooled output
+            (CLS where it has no pooler), as CLIP. `"cls_proposer"`: that plus the patch tokens averaged with the
+            softmax of the region proposer's objectness as weights, so the box-free embedding z_global reads the
+            patches the proposer (trained on ground-truth boxes by L_proposal) marks as findings. Needs a patch-token
+            vision tower.
         layer_norm_eps (`float`, *optional*, defaults to 1e-6):
             Epsilon of the ROI processor's layer norms.
         initializer_factor (`float`, *optional*, defaults to 1.0):
@@ -204,6 +224,10 @@ class RegionMedCLIPConfig(PretrainedConfig):
     neg_logit_scale: int | float = 1.0
     neg_logit_bias: int | float = 0.0
     text_pad_length: int | None = None
+    dense_loss_weight: int | float = 0.0
+    proposal_loss_weight: int | float = 0.0
+    auto_regions: int = 0
+    global_pool: str = "cls"
     layer_norm_eps: int | float = 1e-6
     initializer_factor: int | float = 1.0
 
@@ -267,6 +291,8 @@ class RegionMedCLIPConfig(PretrainedConfig):
             "summary_loss_weight",
             "roi_loss_weight",
             "neg_loss_weight",
+            "dense_loss_weight",
+            "proposal_loss_weight",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(
@@ -289,13 +315,20 @@ class RegionMedCLIPConfig(PretrainedConfig):
                 f"roi_num_heads={self.roi_num_heads} must divide the vision hidden size {vision_hidden}; "
                 f"pick a divisor of {vision_hidden} (the paper uses 8 heads with ViT-B's 768)."
             )
-        if self.roi_mode == "pool":
+        if self.global_pool not in GLOBAL_POOLS:
+            raise ValueError(f"global_pool={self.global_pool!r} is not supported; use one of {GLOBAL_POOLS}.")
+        if self.auto_regions < 0:
+            raise ValueError(
+                f"auto_regions must be >= 0 (0 switches self-proposed regions off), got {self.auto_regions}."
+            )
+        if self.roi_mode == "pool" or self.auto_regions > 0 or self.global_pool != "cls":
             image_size = getattr(self.vision_config, "image_size", None)
             patch_size = getattr(self.vision_config, "patch_size", None)
             if image_size is None or patch_size is None:
                 raise ValueError(
-                    f"roi_mode='pool' needs a patch-token vision tower with `image_size` and `patch_size` in its "
-                    f"config; {self.vision_config.model_type} has none. Use roi_mode='crop' for this tower."
+                    f"roi_mode='pool', auto_regions > 0 and global_pool='cls_proposer' need a patch-token vision "
+                    f"tower with `image_size` and `patch_size` in its config; {self.vision_config.model_type} has none. Use roi_mode='crop', "
+                    "auto_regions=0 and global_pool='cls' for this tower."
                 )
 
 

@@ -4,7 +4,8 @@ Also trains the same model global-only for the same number of steps and compares
 box-free figures first (the global embedding, what a user without boxes gets), then the figures that take the
 split's ground-truth boxes as input, each region figure beside its measured no-image control. The global-only
 model's ROI branch is never trained, so its region figures come from its global path applied to each box's crop.
-One seed: a difference of a few points is within the run-to-run spread.
+One seed (`seed` of the config): a difference of a few points is within the seed-to-seed spread, which
+`make learning-check` (`regionmed-clip learning-check`, the same comparison over three seeds) measures.
 Each training runs in its own process through the real entry point (`train_in_subprocess`).
 The model folder gets its model card (`README.md`, from `model_card.md`) with the evaluation's figures, ready
 for `regionmed-clip publish`.
@@ -35,29 +36,55 @@ def global_only(config, output_dir: Path):
     return dataclasses.replace(config, output_dir=str(output_dir), stages=[warmup, global_stage])
 
 
+#: Sections of an evaluation whose figures are aggregated; within them every numeric leaf is a figure except
+#: counts, per-class breakdowns and confidence intervals (their spread over seeds is not a figure of the model).
+SECTIONS = ("zero_shot", "retrieval", "region", "grounding", "few_shot")
+SKIPPED_KEYS = ("num_", "per_class", "ci95", "scores", "chance", "provenance")
+
+
+def flat_figures(metrics: dict) -> dict[str, float]:
+    """Every figure of a `run_evaluation` result as `section/.../name` → value (NaN kept: it says a class had
+    no positives, and the aggregate then shows it)."""
+    figures: dict[str, float] = {}
+
+    def walk(node, path: str):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if not any(part in str(key) for part in SKIPPED_KEYS):
+                    walk(value, f"{path}/{key}")
+        elif isinstance(node, (int, float)) and not isinstance(node, bool):
+            figures[path.lstrip("/")] = float(node)
+
+    for section in SECTIONS:
+        if section in metrics:
+            walk(metrics[section], section)
+    return figures
+
+
 BOX_FREE = "box-free"
 GT_BOXES = "GT boxes at test"
 
 
+#: The figures the comparison reports, as (label, key of `flat_figures`): box-free first (the
+#: global embedding z_global, what a user without boxes gets), then those that take the split's boxes as input.
+HEADLINE = (
+    (f"image → report R@1 ({BOX_FREE})", "retrieval/box_free/global/image_to_text/R@1"),
+    (f"report → image R@1 ({BOX_FREE})", "retrieval/box_free/global/text_to_image/R@1"),
+    (f"zero-shot macro AUC ({BOX_FREE})", "zero_shot/box_free/global/macro_auc"),
+    (f"image → report R@1 ({GT_BOXES})", "retrieval/gt_boxes/region-aware/image_to_text/R@1"),
+    (f"report → image R@1 ({GT_BOXES})", "retrieval/gt_boxes/region-aware/text_to_image/R@1"),
+    (f"zero-shot macro AUC ({GT_BOXES})", "zero_shot/gt_boxes/region-aware/macro_auc"),
+    (f"region → caption R@1 ({GT_BOXES})", "region/region_to_caption/R@1"),
+    (f"region → caption R@5 ({GT_BOXES})", "region/region_to_caption/R@5"),
+    (f"hard-negative accuracy ({GT_BOXES})", "region/hard_negative_accuracy"),
+    (f"pointing accuracy ({GT_BOXES})", "grounding/pointing_accuracy"),
+)
+
+
 def _headline(metrics: dict) -> dict[str, float]:
-    """The figures the demo compares, from a `run_evaluation` result: box-free ones first."""
-    box_free, gt_boxes = (
-        metrics["retrieval"]["box_free"]["global"],
-        metrics["retrieval"]["gt_boxes"]["region-aware"],
-    )
-    zero_shot = metrics["zero_shot"]
-    return {
-        f"image → report R@1 ({BOX_FREE})": box_free["image_to_text"]["R@1"],
-        f"report → image R@1 ({BOX_FREE})": box_free["text_to_image"]["R@1"],
-        f"zero-shot macro AUC ({BOX_FREE})": zero_shot["box_free"]["global"]["macro_auc"],
-        f"image → report R@1 ({GT_BOXES})": gt_boxes["image_to_text"]["R@1"],
-        f"report → image R@1 ({GT_BOXES})": gt_boxes["text_to_image"]["R@1"],
-        f"zero-shot macro AUC ({GT_BOXES})": zero_shot["gt_boxes"]["region-aware"]["macro_auc"],
-        f"region → caption R@1 ({GT_BOXES})": metrics["region"]["region_to_caption"]["R@1"],
-        f"region → caption R@5 ({GT_BOXES})": metrics["region"]["region_to_caption"]["R@5"],
-        f"hard-negative accuracy ({GT_BOXES})": metrics["region"]["hard_negative_accuracy"],
-        f"pointing accuracy ({GT_BOXES})": metrics["grounding"]["pointing_accuracy"],
-    }
+    """The figures the demo compares, from a `run_evaluation` result (those the evaluation has)."""
+    figures = flat_figures(metrics)
+    return {label: figures[key] for label, key in HEADLINE if key in figures}
 
 
 def _controls(metrics: dict) -> dict[str, dict]:
@@ -112,6 +139,9 @@ def _report(headlines: dict, controls: dict, region_paths: dict, timings: dict, 
         "",
         "Trained on MedRegion-synth (configs/demo.yaml); evaluated on its held-out test split. One seed.",
         "",
+        "One seed: differences of a few points are within the seed-to-seed spread; `make learning-check` gives the",
+        "mean ± std over three seeds.",
+        "",
         "## Learning check: the 4-stage model against the same model trained global-only for the same steps",
         "",
         f"Box-free rows use the global embedding and no boxes; rows marked {GT_BOXES} take the split's",
@@ -141,6 +171,74 @@ def _report(headlines: dict, controls: dict, region_paths: dict, timings: dict, 
     return text
 
 
+@dataclasses.dataclass
+class Comparison:
+    """What one seed of the comparison leaves: each model's folder and full evaluation, and the time per step."""
+
+    folders: dict[str, Path]
+    results: dict[str, dict]
+    timings: dict[str, float]
+
+    @property
+    def headlines(self) -> dict[str, dict[str, float]]:
+        return {name: _headline(metrics) for name, metrics in self.results.items()}
+
+
+def _trained(config) -> Path | None:
+    """The model folder a finished run of exactly `config` left in its output folder, or None."""
+    folder = Path(config.output_dir)
+    if not (folder / "model" / "config.json").is_file() or not (folder / "run_config.yaml").is_file():
+        return None
+    if load_config(folder / "run_config.yaml").to_dict() != config.to_dict():
+        raise ValueError(
+            f"{folder} holds a model trained with another config; remove it or drop the reuse option"
+        )
+    return folder / "model"
+
+
+def train_and_compare(
+    config, tasks: str = "all", bootstrap: int = 1000, reuse_trained: bool = False
+) -> Comparison:
+    """One seed of the comparison (`config.seed`): trains the 4-stage model into `config.output_dir` and the
+    global-only baseline into its `global-only/` folder, each in its own process, and evaluates both on the test
+    split into `eval/4-stage/` and `eval/global-only/`. `make demo` runs it once; `make learning-check` once per
+    seed. With `reuse_trained`, a model a finished run of the same config left there is evaluated again instead of
+    retrained (a changed evaluation on the same trainings)."""
+    out = Path(config.output_dir)
+    baseline_config = global_only(config, out / "global-only")
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    model_folder = (_trained(config) if reuse_trained else None) or train_in_subprocess(config)
+    timings["train 4-stage model (incl. data generation)"] = time.perf_counter() - start
+    timings.update({f"  {k}": v for k, v in json.loads((out / "timings.json").read_text()).items()})
+
+    start = time.perf_counter()
+    baseline_folder = (_trained(baseline_config) if reuse_trained else None) or train_in_subprocess(
+        baseline_config
+    )
+    timings["train global-only baseline"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    from .evaluation.harness import run_evaluation
+
+    folders = {"4-stage (region-aware)": model_folder, "global-only": baseline_folder}
+    baseline_tasks = tasks if tasks != "all" else "zero_shot,retrieval,region,grounding"
+    results = {}
+    for (name, folder), slug, model_tasks in zip(
+        folders.items(), ("4-stage", "global-only"), (tasks, baseline_tasks), strict=True
+    ):
+        results[name] = run_evaluation(
+            folder,
+            config.data.path,
+            out / "eval" / slug,
+            tasks=model_tasks,
+            seed=config.seed,
+            bootstrap=bootstrap,
+        )
+    timings["evaluate both models"] = time.perf_counter() - start
+    return Comparison(folders=folders, results=results, timings=timings)
+
+
 def run_demo(config: str = "configs/demo.yaml", output_dir: str | None = None) -> Path:
     """MedRegion-synth, four-stage training, evaluation and the model card; returns the model folder.
 
@@ -150,37 +248,16 @@ def run_demo(config: str = "configs/demo.yaml", output_dir: str | None = None) -
     """
     config = load_config(config, output_dir=output_dir)
     out = Path(config.output_dir)
-    timings: dict[str, float] = {}
     started = time.perf_counter()
+    comparison = train_and_compare(config)
+    results, headlines, timings = comparison.results, comparison.headlines, comparison.timings
+    model_folder = comparison.folders["4-stage (region-aware)"]
+    controls = _controls(results["4-stage (region-aware)"])
+    region_paths = {name: result["embeddings"]["region_path"] for name, result in results.items()}
 
-    start = time.perf_counter()
-    model_folder = train_in_subprocess(config)
-    timings["train 4-stage model (incl. data generation)"] = time.perf_counter() - start
-    timings.update({f"  {k}": v for k, v in json.loads((out / "timings.json").read_text()).items()})
-
-    start = time.perf_counter()
-    baseline_folder = train_in_subprocess(global_only(config, out / "global-only"))
-    timings["train global-only baseline"] = time.perf_counter() - start
-
-    start = time.perf_counter()
     from transformers import pipeline
 
     from .data.collator import load_rows
-    from .evaluation.harness import run_evaluation
-
-    results, headlines = {}, {}
-    for name, slug, folder, tasks in (
-        ("4-stage (region-aware)", "4-stage", model_folder, "all"),
-        ("global-only", "global-only", baseline_folder, "zero_shot,retrieval,region,grounding"),
-    ):
-        results[name] = run_evaluation(
-            folder, config.data.path, out / "eval" / slug, tasks=tasks, seed=config.seed
-        )
-        headlines[name] = _headline(results[name])
-    controls = _controls(results["4-stage (region-aware)"])
-    region_paths = {name: result["embeddings"]["region_path"] for name, result in results.items()}
-    timings["evaluate both models"] = time.perf_counter() - start
-
     from .hub import render_model_card
 
     card = render_model_card(model_folder, metrics=out / "eval" / "4-stage" / "metrics.json")

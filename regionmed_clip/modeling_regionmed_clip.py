@@ -120,6 +120,148 @@ def hard_negative_loss(
     return (loss * negative_mask).sum() / negative_mask.sum().clamp(min=1)
 
 
+def dense_region_loss(
+    dense_embeds: torch.Tensor,
+    caption_embeds: torch.Tensor,
+    logit_scale: torch.Tensor,
+    caption_groups: torch.Tensor | None = None,
+    logit_bias: torch.Tensor | None = None,
+    objective: str = "infonce",
+) -> torch.Tensor:
+    """L_dense: L_roi's contrastive form ([`region_contrastive_loss`]) on the region features of the patch tokens
+    themselves: RoIAlign over the global forward's patch grid, `visual_projection`, L2 norm `(N, P)`.
+
+    Why (the decision of DESIGN.md, "Progressive training"): L_roi trains the ROI processor's fused feature, which
+    also sees the box coordinates and attends over the whole image, so a region caption's gradient reaches the
+    patch tokens only through that processor and much of it is absorbed there (synth positions are a function of
+    the box alone). L_dense has neither: only the patch tokens at the lesion can make the projected RoIAlign feature
+    match its caption, in the space z_global is projected into. It is computed in both ROI modes (crop mode also
+    runs the global forward), at the cost of one RoIAlign.
+    """
+    return region_contrastive_loss(
+        dense_embeds, caption_embeds, logit_scale, caption_groups, logit_bias, objective
+    )
+
+
+def patch_centres(grid_h: int, grid_w: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """`(H'·W', 2)` x, y centres of the patch cells as fractions of the image, row-major (the token order)."""
+    ys = (torch.arange(grid_h, device=device, dtype=dtype) + 0.5) / grid_h
+    xs = (torch.arange(grid_w, device=device, dtype=dtype) + 0.5) / grid_w
+    return torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(-1, 2)
+
+
+def region_proposal_targets(
+    boxes: torch.Tensor, box_mask: torch.Tensor, grid_h: int, grid_w: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FCOS-style targets of the region proposer on a `grid_h × grid_w` patch grid.
+
+    A patch is positive for a real box when its centre lies strictly inside the box, or when it is the patch that
+    holds the box centre (so a box smaller than a patch still has one positive). A patch positive for several boxes
+    is assigned the smallest of them (FCOS's rule). Its distance targets are centre → left, top, right, bottom edge
+    of that box, as fractions of the image.
+
+    Args:
+        boxes: `(B, K, 4)` normalised x0, y0, x1, y1.
+        box_mask: `(B, K)` true for real boxes.
+
+    Returns:
+        objectness `(B, H'·W')` in {0, 1} and distances `(B, H'·W', 4)` (zeros where the patch is negative).
+    """
+    centres = patch_centres(grid_h, grid_w, boxes.device, boxes.dtype)  # (N, 2)
+    cx, cy = centres[:, 0][None, :, None], centres[:, 1][None, :, None]  # (1, N, 1)
+    x0, y0, x1, y1 = (boxes[..., i][:, None, :] for i in range(4))  # (B, 1, K)
+    inside = (cx > x0) & (cx < x1) & (cy > y0) & (cy < y1)
+    column = (((x0 + x1) / 2) * grid_w).long().clamp(0, grid_w - 1)
+    row = (((y0 + y1) / 2) * grid_h).long().clamp(0, grid_h - 1)
+    index = torch.arange(grid_h * grid_w, device=boxes.device)[None, :, None]
+    assigned = (inside | (index == row * grid_w + column)) & box_mask[:, None, :].bool()  # (B, N, K)
+    area = ((x1 - x0) * (y1 - y0)).expand_as(assigned).masked_fill(~assigned, float("inf"))
+    smallest = area.argmin(-1, keepdim=True)  # (B, N, 1)
+    objectness = assigned.any(-1).to(boxes.dtype)
+    distances = torch.stack((cx - x0, cy - y0, x1 - cx, y1 - cy), dim=-1).expand(*assigned.shape, 4)
+    distances = distances.gather(2, smallest[..., None].expand(-1, -1, 1, 4)).squeeze(2)
+    return objectness, distances * objectness[..., None]
+
+
+def region_proposal_loss(
+    proposal_logits: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tensor
+) -> torch.Tensor:
+    """L_proposal: binary cross-entropy of every patch's objectness (mean over patches) plus the L1 error of the
+    predicted edge distances (mean over positive patches and the 4 edges), FCOS without its centreness branch.
+
+    Only images with at least one real box count: an image without boxes in the data is unannotated, not known to be
+    free of findings.
+
+    Args:
+        proposal_logits: `(B, H', W', 5)`: objectness logit, then the 4 distance logits (σ gives the fraction).
+        boxes: `(B, K, 4)` ground-truth boxes; `box_mask` `(B, K)` true for real ones.
+    """
+    batch_size, grid_h, grid_w = proposal_logits.shape[:3]
+    logits = proposal_logits.reshape(batch_size, grid_h * grid_w, 5)
+    annotated = box_mask.bool().any(-1)
+    if not bool(annotated.any()):
+        return logits.sum() * 0.0
+    objectness, distances = region_proposal_targets(boxes.to(logits.dtype), box_mask, grid_h, grid_w)
+    logits, objectness, distances = logits[annotated], objectness[annotated], distances[annotated]
+    loss = F.binary_cross_entropy_with_logits(logits[..., 0], objectness)
+    positive = objectness.bool()
+    if bool(positive.any()):
+        loss = loss + (logits[..., 1:].sigmoid()[positive] - distances[positive]).abs().mean()
+    return loss
+
+
+def propose_regions(proposal_logits: torch.Tensor, num_regions: int) -> torch.Tensor:
+    """`num_regions` boxes `(B, K, 4)` per image from the proposer's `(B, H', W', 5)` output, deterministically.
+
+    Patches are ranked by objectness, local maxima (a 3 × 3 neighbourhood) first, so K boxes come from K different
+    peaks while the map has them; ties keep the token order. Each box is the patch centre plus its predicted edge
+    distances, widened to at least one patch and clipped to the image, so every box lies inside [0, 1].
+    """
+    batch_size, grid_h, grid_w = proposal_logits.shape[:3]
+    if num_regions > grid_h * grid_w:
+        raise ValueError(f"auto_regions={num_regions} exceeds the {grid_h}x{grid_w} patch grid.")
+    scores = proposal_logits[..., 0].float()
+    peaks = scores == F.max_pool2d(scores[:, None], 3, stride=1, padding=1)[:, 0]
+    scores, peaks = scores.reshape(batch_size, -1), peaks.reshape(batch_size, -1)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    order = order.gather(1, torch.sort((~peaks).gather(1, order).to(torch.uint8), dim=1, stable=True).indices)
+    chosen = order[:, :num_regions]  # (B, K)
+    centres = patch_centres(grid_h, grid_w, proposal_logits.device)[chosen]  # (B, K, 2)
+    distances = proposal_logits[..., 1:].float().sigmoid().reshape(batch_size, -1, 4)
+    distances = distances.gather(1, chosen[..., None].expand(-1, -1, 4))
+    half = torch.tensor([0.5 / grid_w, 0.5 / grid_h], device=proposal_logits.device)
+    low = (centres - torch.maximum(distances[..., :2], half)).clamp(0.0, 1.0)
+    high = (centres + torch.maximum(distances[..., 2:], half)).clamp(0.0, 1.0)
+    return torch.cat((low, high), dim=-1)
+
+
+def crop_regions(pixel_values: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Bilinear crops `(B, K, C, H, W)` of normalised `boxes` `(B, K, 4)` from `pixel_values`, resized to its size.
+
+    The crop of self-proposed regions in `crop` mode: there is no original image to cut from (the processor crops
+    given boxes from the original), so the crop is taken from the resized input, at its resolution.
+    """
+    batch_size, num_boxes = boxes.shape[:2]
+    height, width = pixel_values.shape[-2:]
+    ys = (torch.arange(height, device=boxes.device, dtype=boxes.dtype) + 0.5) / height
+    xs = (torch.arange(width, device=boxes.device, dtype=boxes.dtype) + 0.5) / width
+    x0, y0, x1, y1 = (boxes[..., i] for i in range(4))
+    grid_x = x0[..., None] + (x1 - x0)[..., None] * xs  # (B, K, W)
+    grid_y = y0[..., None] + (y1 - y0)[..., None] * ys  # (B, K, H)
+    grid = torch.stack(
+        (grid_x[:, :, None, :].expand(-1, -1, height, -1), grid_y[:, :, :, None].expand(-1, -1, -1, width)),
+        -1,
+    )
+    grid = (grid * 2 - 1).reshape(batch_size * num_boxes, height, width, 2).to(pixel_values.dtype)
+    source = (
+        pixel_values[:, None]
+        .expand(-1, num_boxes, -1, -1, -1)
+        .reshape(batch_size * num_boxes, -1, height, width)
+    )
+    crops = F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return crops.reshape(batch_size, num_boxes, -1, height, width)
+
+
 def caption_groups_from_ids(
     input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -160,9 +302,25 @@ class RegionMedCLIPLoss(nn.Module):
     - `summary_loss`: z_global ↔ the summary caption (a whole-image text like the report).
     - `roi_loss`: ROI ↔ region caption; identical captions of the global batch are not each other's negatives.
     - `neg_loss`: ROI vs. its hard-negative captions (the paper's sigmoid form, `neg_logit_scale` / `neg_logit_bias`).
+    - `dense_loss`: RoIAlign-pooled patch tokens (no ROI processor, no box coordinates) ↔ region caption, with
+      `roi_loss`'s caption groups ([`dense_region_loss`]): region knowledge in the features z_global reads.
+    - `proposal_loss`: the region proposer's objectness and boxes against the given boxes
+      ([`region_proposal_loss`]); a per-image term, computed on the gathered rows like the others.
 
-    `config.loss_objective` picks the form of the four contrastive terms: `"infonce"` (the paper's) or `"sigmoid"`
+    `config.loss_objective` picks the form of the contrastive terms: `"infonce"` (the paper's) or `"sigmoid"`
     (SigLIP's pairwise loss with the model's learnable `logit_bias`).
+
+    `dense_loss` and `proposal_loss` default to weight 0 and no shipped recipe weights them, because they were
+    measured not to help the box-free embedding z_global. Measured with pool mode + `dense_loss` + `proposal_loss`
+    at weight 1 (beside `global_loss` and `fused_global_loss` in the region stages, `global_loss` in every stage),
+    before the current evaluation (which now counts identical reports as one target), 3 seeds,
+    `python -m regionmed_clip.learning_check --config <that recipe> --seeds 0 1 2`, 32 min on a 2-core Xeon (AMX,
+    bf16 autocast), MedRegion-synth test split (250 images), no boxes at test, against the global-only baseline:
+    image → report R@1 0.064 ± 0.004 vs 0.079 ± 0.008, report → image R@1 0.072 ± 0.000 vs 0.096 ± 0.014,
+    zero-shot macro AUC 0.726 ± 0.003 vs 0.766 ± 0.006. At half that budget with seed 0, neither that recipe nor
+    its variants (region terms at 0.25, or `global_pool="cls_proposer"`) beat their baseline on all three figures. At the end of training z_global's `global_loss` was 1.62 for the baseline and 1.80 for that recipe,
+    whose shared vision tower also fits four region terms in the same steps. Not measured: crop mode with
+    `global_loss` in every stage, and CLIPSelf-style distillation of crop features into RoIAlign features.
 
     Args:
         config ([`RegionMedCLIPConfig`]): Weights and objective.
@@ -173,6 +331,10 @@ class RegionMedCLIPLoss(nn.Module):
         rank (`int`, *optional*, defaults to 0): This process's rank.
         world_size (`int`, *optional*, defaults to 1): Number of processes.
     """
+
+    #: Terms the model's `forward(return_loss=True)` computes only when the config weights them: their inputs (the
+    #: ROIs) come with every region batch, so "inputs present" would compute them for every user of `roi_loss`.
+    weighted_only = ("dense_loss", "proposal_loss")
 
     #: The inputs of the model each term needs; a training stage feeds exactly those of its weighted terms.
     term_inputs = {
@@ -202,6 +364,15 @@ class RegionMedCLIPLoss(nn.Module):
             "negative_input_ids",
             "negative_attention_mask",
         ),
+        "dense_loss": (
+            "pixel_values",
+            "roi_boxes",
+            "roi_mask",
+            "roi_pixel_values",
+            "region_input_ids",
+            "region_attention_mask",
+        ),
+        "proposal_loss": ("pixel_values", "roi_boxes", "roi_mask", "roi_pixel_values"),
     }
 
     def __init__(self, config: RegionMedCLIPConfig, gather=None, rank: int = 0, world_size: int = 1):
@@ -259,21 +430,25 @@ class RegionMedCLIPLoss(nn.Module):
         if global_image is not None and summary is not None:
             computed["summary_loss"] = global_contrastive_loss(global_image, summary, scale, bias, objective)
         with_captions = outputs.region_text_embeds is not None and "roi_loss" in wanted
+        with_dense = (
+            outputs.region_text_embeds is not None
+            and outputs.dense_region_embeds is not None
+            and "dense_loss" in wanted
+        )
+        groups = None
+        if region_mask is not None and (with_captions or with_dense) and region_input_ids is not None:
+            ids = region_input_ids[region_mask]
+            if region_attention_mask is not None:
+                ids = ids * region_attention_mask[region_mask]
+            groups = caption_groups_from_ids(gather(ids, False))
+        captions = None
+        if region_mask is not None and (with_captions or with_dense):
+            captions = gather(outputs.region_text_embeds[region_mask], True)
         with_negatives = outputs.negative_text_embeds is not None and "neg_loss" in wanted
         if region_mask is not None and (with_captions or with_negatives):
             regions = gather(outputs.region_embeds[region_mask], True)
-        if regions is not None and with_captions:
-            captions = gather(outputs.region_text_embeds[region_mask], True)
-            groups = None
-            if region_input_ids is not None:
-                ids = region_input_ids[region_mask]
-                if region_attention_mask is not None:
-                    ids = ids * region_attention_mask[region_mask]
-                groups = caption_groups_from_ids(gather(ids, False))
-            if regions.shape[0] > 0:
-                computed["roi_loss"] = region_contrastive_loss(
-                    regions, captions, scale, groups, bias, objective
-                )
+        if regions is not None and with_captions and regions.shape[0] > 0:
+            computed["roi_loss"] = region_contrastive_loss(regions, captions, scale, groups, bias, objective)
         if regions is not None and with_negatives:
             negatives = gather(outputs.negative_text_embeds[region_mask], True)
             present = gather(outputs.negative_mask[region_mask].to(torch.uint8), False).bool()
@@ -281,6 +456,22 @@ class RegionMedCLIPLoss(nn.Module):
                 computed["neg_loss"] = hard_negative_loss(
                     regions, negatives, present, self.config.neg_logit_scale, self.config.neg_logit_bias
                 )
+        if with_dense:
+            dense = gather(outputs.dense_region_embeds[region_mask], True)
+            if dense.shape[0] > 0:
+                computed["dense_loss"] = dense_region_loss(dense, captions, scale, groups, bias, objective)
+        if (
+            "proposal_loss" in wanted
+            and outputs.proposal_logits is not None
+            and outputs.region_boxes is not None
+            and region_mask is not None
+        ):
+            logits = gather(outputs.proposal_logits, True)
+            boxes = gather(outputs.region_boxes, False)
+            present = gather(region_mask.to(torch.uint8), False).bool()
+            # As the other region terms: no real box in the global batch, no term.
+            if bool(present.any()):
+                computed["proposal_loss"] = region_proposal_loss(logits, boxes, present)
         return computed
 
 
@@ -356,6 +547,14 @@ class RegionMedCLIPOutput(ModelOutput):
             L2-normalised fused region features F_i; zeros in padded slots. `None` without ROIs.
         region_mask (`torch.BoolTensor` of shape `(image_batch_size, max_rois)`, *optional*):
             True for real ROIs, False for padded slots.
+        region_boxes (`torch.FloatTensor` of shape `(image_batch_size, max_rois, 4)`, *optional*):
+            The boxes the ROI branch used: the given `roi_boxes`, or the self-proposed ones (`auto_regions`).
+        dense_region_embeds (`torch.FloatTensor` of shape `(image_batch_size, max_rois, projection_dim)`, *optional*):
+            L2-normalised projected RoIAlign features of the patch tokens (L_dense); zeros in padded slots. `None`
+            without ROIs or for a tower without a patch grid.
+        proposal_logits (`torch.FloatTensor` of shape `(image_batch_size, grid_height, grid_width, 5)`, *optional*):
+            The region proposer's objectness logit and 4 edge-distance logits per patch; computed with ROIs (for
+            L_proposal) and when regions are self-proposed.
         summary_embeds (`torch.FloatTensor` of shape `(image_batch_size, projection_dim)`, *optional*):
             L2-normalised embeddings of the summary captions, when `summary_input_ids` were given.
         region_text_embeds (`torch.FloatTensor` of shape `(image_batch_size, max_rois, projection_dim)`, *optional*):
@@ -366,7 +565,7 @@ class RegionMedCLIPOutput(ModelOutput):
             True for real negatives of real ROIs.
         loss_terms (`dict[str, torch.FloatTensor]`, *optional*):
             Unweighted loss terms by name (see [`RegionMedCLIPLoss`]): `global_loss`, `fused_global_loss`,
-            `summary_loss`, `roi_loss`, `neg_loss` (those whose inputs were given).
+            `summary_loss`, `roi_loss`, `neg_loss`, `dense_loss`, `proposal_loss` (those whose inputs were given).
         logit_scale (`torch.FloatTensor` of shape `()`):
             The scale 1/τ the logits were multiplied by (returned so that losses computed outside the model, e.g.
             on embeddings gathered across processes, use it through the model's forward).
@@ -387,6 +586,9 @@ class RegionMedCLIPOutput(ModelOutput):
     global_image_embeds: torch.FloatTensor | None = None
     region_embeds: torch.FloatTensor | None = None
     region_mask: torch.BoolTensor | None = None
+    region_boxes: torch.FloatTensor | None = None
+    dense_region_embeds: torch.FloatTensor | None = None
+    proposal_logits: torch.FloatTensor | None = None
     summary_embeds: torch.FloatTensor | None = None
     region_text_embeds: torch.FloatTensor | None = None
     negative_text_embeds: torch.FloatTensor | None = None
@@ -420,11 +622,20 @@ class RegionMedCLIPImageFeatures(BaseModelOutputWithPooling):
             Projected fused region features; zeros in padded slots.
         region_mask (`torch.BoolTensor` of shape `(batch_size, max_rois)`, *optional*):
             True for real ROIs.
+        region_boxes (`torch.FloatTensor` of shape `(batch_size, max_rois, 4)`, *optional*):
+            The boxes used: the given ones, or those the model proposed itself (`config.auto_regions`).
+        dense_region_embeds (`torch.FloatTensor` of shape `(batch_size, max_rois, projection_dim)`, *optional*):
+            Projected (not normalised) RoIAlign features of the patch tokens, the input of L_dense.
+        proposal_logits (`torch.FloatTensor` of shape `(batch_size, grid_height, grid_width, 5)`, *optional*):
+            The region proposer's per-patch objectness and edge-distance logits.
     """
 
     global_embeds: torch.FloatTensor | None = None
     region_embeds: torch.FloatTensor | None = None
     region_mask: torch.BoolTensor | None = None
+    region_boxes: torch.FloatTensor | None = None
+    dense_region_embeds: torch.FloatTensor | None = None
+    proposal_logits: torch.FloatTensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -472,6 +683,27 @@ class RegionMedCLIPRoiMLP(nn.Module):
         return self.fc2(self.activation_fn(self.fc1(hidden_states)))
 
 
+class RegionMedCLIPRegionProposer(nn.Module):
+    """The region proposer behind `auto_regions`: a layer norm and one linear map on every patch token of the
+    global forward, giving an objectness logit and 4 edge-distance logits (FCOS's head reduced to one level and no
+    centreness). It is trained by L_proposal on the boxes the data already has; [`propose_regions`] turns its map
+    into boxes. One linear map keeps it cheap enough to run on every box-free forward."""
+
+    def __init__(self, config: RegionMedCLIPConfig):
+        super().__init__()
+        hidden_size = config.vision_config.hidden_size
+        self.norm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        # The linear head's weight and bias are the module's own, zero-initialised (see `_init_weights`): an
+        # `nn.Linear` would draw random initial weights at construction and again in `post_init`, shifting the
+        # random stream every other layer of a seeded model is initialised from.
+        self.weight = nn.Parameter(torch.zeros(5, hidden_size))
+        self.bias = nn.Parameter(torch.zeros(5))
+
+    def forward(self, patch_grid: torch.Tensor) -> torch.Tensor:
+        """`(B, D, H', W')` patch grid → `(B, H', W', 5)` logits."""
+        return F.linear(self.norm(patch_grid.permute(0, 2, 3, 1)), self.weight, self.bias)
+
+
 class RegionMedCLIPRoiProcessor(nn.Module):
     """The paper's ROI processor (roles unspecified there; this is the design of DESIGN.md).
 
@@ -496,6 +728,8 @@ class RegionMedCLIPRoiProcessor(nn.Module):
         self.pool_norm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
         self.pool_score = nn.Linear(hidden_size, 1)
         self.gate = nn.Parameter(torch.zeros(()))
+        # Part of the region branch (trained, frozen and saved with it), though it reads the patch grid directly.
+        self.proposer = RegionMedCLIPRegionProposer(config)
 
     def forward(
         self,
@@ -604,6 +838,14 @@ class RegionMedCLIPPreTrainedModel(PreTrainedModel):
             init.normal_(module.pool_score.weight, std=hidden_size**-0.5 * factor)
             init.zeros_(module.pool_score.bias)
             init.zeros_(module.gate)
+        elif isinstance(module, RegionMedCLIPRegionProposer):
+            # Set here for the same reason as the ROI processor's layers (no parameters of its own).
+            # Zero: an untrained proposer scores every patch alike (the proposer-pooled global feature then starts
+            # as the mean patch token); the head is the last layer, so it still learns from the first step.
+            init.ones_(module.norm.weight)
+            init.zeros_(module.norm.bias)
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
 
 
 class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
@@ -612,8 +854,10 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
     the same attribute names, so its checkpoints load here), plus region-level learning: ROI features (crop or pool
     mode), the ROI processor, and the region losses.
 
-    With no ROI inputs the model is exactly a CLIP: `logits_per_image` compares the global image embedding with the
-    text. With ROIs, `image_embeds` is the region-aware embedding and `region_embeds` holds one embedding per ROI.
+    With no ROI inputs (and `config.auto_regions = 0`, the default) the model is exactly a CLIP: `logits_per_image`
+    compares the global image embedding with the text. With `auto_regions = K > 0`, an image without boxes gets K
+    regions from the model's own region proposer and the region-aware embedding, so every box-free entry point
+    (`pipeline`, `get_image_features`) uses the region branch. With ROIs, `image_embeds` is the region-aware embedding and `region_embeds` holds one embedding per ROI.
 
     Args:
         config ([`RegionMedCLIPConfig`]): Model configuration.
@@ -870,6 +1114,21 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
     ) -> RegionMedCLIPImageFeatures:
         vision_outputs = self.vision_model(pixel_values=pixel_values, return_dict=True, **kwargs)
         pooled = self._pooled(vision_outputs)
+        self_proposed = (
+            roi_boxes is None
+            and roi_mask is None
+            and roi_pixel_values is None
+            and self.config.auto_regions > 0
+        )
+        proposer_pool = self.config.global_pool == "cls_proposer"
+        has_grid = getattr(self.config.vision_config, "patch_size", None) is not None
+        grid = proposal_logits = None
+        if has_grid and (roi_boxes is not None or self_proposed or proposer_pool):
+            grid = self._patch_grid(vision_outputs.last_hidden_state, pixel_values)
+            proposal_logits = self.roi_processor.proposer(grid)
+        if proposer_pool:
+            weights = proposal_logits[..., 0].flatten(1).softmax(-1).to(grid.dtype)  # (B, H'·W')
+            pooled = pooled + torch.einsum("bn,bdn->bd", weights, grid.flatten(2))
         global_embeds = self.visual_projection(pooled)
         features = RegionMedCLIPImageFeatures(
             last_hidden_state=vision_outputs.last_hidden_state,
@@ -877,7 +1136,14 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             hidden_states=getattr(vision_outputs, "hidden_states", None),
             attentions=getattr(vision_outputs, "attentions", None),
             global_embeds=global_embeds,
+            proposal_logits=proposal_logits,
         )
+        if self_proposed:
+            # Boxes are a discrete choice: no gradient flows through their coordinates.
+            roi_boxes = propose_regions(features.proposal_logits.detach(), self.config.auto_regions)
+            roi_boxes = roi_boxes.to(pixel_values.dtype)
+            if self.config.roi_mode == "crop":
+                roi_pixel_values = crop_regions(pixel_values, roi_boxes)
         if roi_boxes is None:
             if roi_pixel_values is not None or roi_mask is not None:
                 raise ValueError(
@@ -906,6 +1172,14 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         )
         features.region_embeds = self.visual_projection(fused)
         features.region_mask = roi_mask
+        features.region_boxes = roi_boxes
+        if grid is not None:
+            patch_features = (
+                roi_features
+                if self.config.roi_mode == "pool"
+                else roi_align(grid, roi_boxes, self.config.roi_align_size, self.config.roi_sampling_ratio)
+            )
+            features.dense_region_embeds = self.visual_projection(patch_features.to(context.dtype))
         features.pooler_output = self.visual_projection(pooled + pooled_regions)
         return features
 
@@ -945,7 +1219,8 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
     ) -> RegionMedCLIPImageFeatures:
         r"""
         Image features. `pooler_output` is the projected (not normalised) image feature `(batch, projection_dim)`:
-        region-aware when ROIs are given, global otherwise; `global_embeds` and `region_embeds` are there as well.
+        region-aware when ROIs are given or self-proposed (`config.auto_regions > 0`), global otherwise;
+        `global_embeds`, `region_embeds` and the `region_boxes` used are there as well.
 
         Example:
 
@@ -1036,7 +1311,7 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             raise ValueError("Pass input_ids, pixel_values, or both.")
 
         vision_features = text_outputs = image_embeds = global_image_embeds = text_embeds = None
-        region_embeds = region_mask = None
+        region_embeds = region_mask = region_boxes = dense_region_embeds = proposal_logits = None
         if pixel_values is not None:
             vision_features = self._encode_image(
                 pixel_values,
@@ -1051,6 +1326,12 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             if vision_features.region_embeds is not None:
                 region_mask = vision_features.region_mask
                 region_embeds = F.normalize(vision_features.region_embeds, dim=-1) * region_mask[..., None]
+                region_boxes = vision_features.region_boxes
+                proposal_logits = vision_features.proposal_logits
+                if vision_features.dense_region_embeds is not None:
+                    dense_region_embeds = (
+                        F.normalize(vision_features.dense_region_embeds, dim=-1) * region_mask[..., None]
+                    )
         if input_ids is not None:
             text_outputs, text_embeds = self._encode_text(
                 input_ids,
@@ -1128,6 +1409,9 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             global_image_embeds=global_image_embeds,
             region_embeds=region_embeds,
             region_mask=region_mask,
+            region_boxes=region_boxes,
+            dense_region_embeds=dense_region_embeds,
+            proposal_logits=proposal_logits,
             summary_embeds=summary_embeds,
             region_text_embeds=region_text_embeds,
             negative_text_embeds=negative_text_embeds,
@@ -1143,7 +1427,9 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         if return_loss:
             # The same module distributed training calls, here on this batch alone.
             criterion = RegionMedCLIPLoss(self.config)
-            loss_terms = criterion(output, region_input_ids, region_attention_mask)
+            weights = criterion.weights()
+            terms = [t for t in criterion.term_inputs if t not in criterion.weighted_only or weights[t] > 0]
+            loss_terms = criterion(output, region_input_ids, region_attention_mask, terms=terms)
             if not loss_terms:
                 raise ValueError(
                     "return_loss=True found nothing to compare: pass input_ids with pixel_values (image i pairs with "

@@ -445,7 +445,10 @@ def test_return_loss_through_remote_code_equals_the_package(tokenizer, tmp_path)
     from .test_hub_integration import _run_isolated
 
     folder = tmp_path / "model"
-    model = tiny_model(loss_objective="sigmoid", summary_loss_weight=0.5)
+    # Every term weighted, the two computed only when weighted included.
+    model = tiny_model(
+        loss_objective="sigmoid", summary_loss_weight=0.5, dense_loss_weight=0.5, proposal_loss_weight=0.5
+    )
     model.save_pretrained(folder)
     make_processor(tokenizer).save_pretrained(folder)
     inputs = _region_batch(tokenizer)

@@ -8,7 +8,7 @@ import sys
 
 # One module per command group, each with `register(subparsers)`. They are imported when the parser is built, not
 # here: `python -m regionmed_clip.cli.train` (the training process) must not find itself already imported.
-COMMAND_MODULES = ("data", "train", "evaluate", "annotate", "publish", "convert", "demo")
+COMMAND_MODULES = ("data", "train", "evaluate", "annotate", "publish", "convert", "demo", "learning_check")
 
 
 def build_parser() -> argparse.ArgumentParser:

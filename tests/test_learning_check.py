@@ -1,0 +1,131 @@
+"""`make learning-check`: aggregation against naive references, and the check's figures pinned.
+
+Pins (tests/pins/*.json) are the check's own output (`summary`: mean and std per figure over seeds 0, 1, 2). A new
+run of one or two of those seeds must land within `PIN_STDS` standard deviations of the pinned mean (plus a floor
+of one test item, for figures whose seeds agreed exactly): a change that moves what the recipe learns by more than
+the seed-to-seed spread fails. The pin is of a tiny model trained a few steps, so it runs in the suite.
+"""
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from regionmed_clip.demo import HEADLINE
+from regionmed_clip.learning_check import aggregate, flat_figures, verdict
+
+from .test_training import ENV, tiny_training_config
+
+PINS = Path(__file__).parent / "pins"
+PIN_STDS = 3.0
+
+
+def test_flat_figures_keep_figures_and_drop_counts_breakdowns_and_intervals():
+    metrics = {
+        "provenance": {"seed": 0},
+        "num_images": 8,
+        "zero_shot": {
+            "box_free": {
+                "global": {"macro_auc": 0.7, "macro_auc_ci95": [0.6, 0.8], "per_class_auc": {"a": 0.5}}
+            }
+        },
+        "retrieval": {
+            "box_free": {"global": {"image_to_text": {"R@1": 0.25, "R@5": 1}}},
+            "num_distinct_reports": 8,
+        },
+        "region": {"hard_negative_accuracy": 0.5, "region_to_caption": {"R@1": 0.125, "num_regions": 9}},
+        "vqa": {"MedRegion-synth": {"overall": 0.9}},
+    }
+    assert flat_figures(metrics) == {
+        "zero_shot/box_free/global/macro_auc": 0.7,
+        "retrieval/box_free/global/image_to_text/R@1": 0.25,
+        "retrieval/box_free/global/image_to_text/R@5": 1.0,
+        "region/hard_negative_accuracy": 0.5,
+        "region/region_to_caption/R@1": 0.125,
+    }
+
+
+def test_aggregate_and_verdict_match_naive_statistics():
+    values = [0.1, 0.25, 0.19]
+    entry = aggregate(values)
+    assert entry["mean"] == pytest.approx(statistics.fmean(values))
+    assert entry["std"] == pytest.approx(statistics.stdev(values))
+    assert aggregate([0.3])["std"] == 0.0
+    label, key = HEADLINE[0]
+    summary = {
+        "4-stage (region-aware)": {key: {"mean": 0.30, "std": 0.01}},
+        "global-only": {key: {"mean": 0.25, "std": 0.02}},
+    }
+    check = verdict(summary)[label]
+    assert check["margin"] == pytest.approx(0.05) and check["bar"] == pytest.approx(0.04) and check["beats"]
+    summary["global-only"][key]["std"] = 0.03  # bar 0.06 > margin 0.05
+    assert not verdict(summary)[label]["beats"]
+
+
+def tiny_check_config(tmp_path: Path) -> Path:
+    """The fast pin's config: the tests' tiny model, a small MedRegion-synth and a few steps per stage."""
+    config = tiny_training_config(tmp_path / "unused", tmp_path / "synth", steps=(3, 3, 6, 4))
+    config["data"]["synth"] = {"train": 32, "validation": 4, "test": 16, "image_size": 64, "seed": 0}
+    path = tmp_path / "tiny-check.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def run_check(config: Path, out: Path, seeds: list[int], cwd: Path, *options: str) -> dict:
+    command = [
+        sys.executable,
+        "-m",
+        "regionmed_clip.cli",
+        "learning-check",
+        "--config",
+        str(config),
+        *options,
+    ]
+    command += ["--output-dir", str(out), "--bootstrap", "0", "--seeds", *map(str, seeds)]
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=1800, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((out / "learning_check.json").read_text(encoding="utf-8"))
+
+
+def assert_within_pins(result: dict, pin_file: Path, floor: float):
+    pins = json.loads(pin_file.read_text(encoding="utf-8"))["summary"]
+    checked = 0
+    for model, figures in pins.items():
+        for _, key in HEADLINE:
+            if key not in figures or math.isnan(figures[key]["mean"]):
+                continue
+            for seed, run in result["per_seed"].items():
+                value, pin = run[model][key], figures[key]
+                tolerance = PIN_STDS * pin["std"] + floor
+                assert abs(value - pin["mean"]) <= tolerance, (model, key, seed, value, pin)
+                checked += 1
+    assert checked > 0
+
+
+def test_learning_check_on_a_tiny_budget_writes_its_outputs_and_stays_within_the_pins(tmp_path):
+    out = tmp_path / "learning-check"
+    result = run_check(tiny_check_config(tmp_path), out, [0, 1], tmp_path)
+    for name in ("learning_check.json", "learning_check.md", "learning_check.png"):
+        assert (out / name).is_file(), name
+    for model, figures in result["summary"].items():
+        for key, entry in figures.items():
+            values = [result["per_seed"][seed][model][key] for seed in ("0", "1")]
+            assert entry["values"] == values
+            if not any(math.isnan(v) for v in values):
+                assert entry["mean"] == pytest.approx(statistics.fmean(values))
+                assert entry["std"] == pytest.approx(statistics.stdev(values))
+    table = (out / "learning_check.md").read_text(encoding="utf-8")
+    assert table.index("(box-free)") < table.index("(GT boxes at test)")
+    assert_within_pins(result, PINS / "learning_check_tiny.json", floor=1 / 16)
+
+    # --reuse-trained evaluates the finished trainings again: same figures, no training process started.
+    log = out / "seed-1" / "train.log"
+    written = log.stat().st_mtime_ns
+    again = run_check(tiny_check_config(tmp_path), out, [1], tmp_path, "--reuse-trained")
+    assert log.stat().st_mtime_ns == written
+    assert again["per_seed"]["1"] == result["per_seed"]["1"]

@@ -1,0 +1,250 @@
+"""L_dense and L_proposal against naive references (forward and backward), and self-proposed regions
+(`auto_regions`): deterministic, inside the image, used by `get_image_features` and the pipeline."""
+
+import json
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import pipeline
+
+from regionmed_clip.modeling_regionmed_clip import (
+    RegionMedCLIPLoss,
+    caption_groups_from_ids,
+    crop_regions,
+    dense_region_loss,
+    propose_regions,
+    region_proposal_loss,
+    roi_align,
+)
+
+from .conftest import make_processor, random_image, tiny_model
+from .test_hub_integration import LABELS, _run_isolated
+from .test_losses import _grads, _unit, naive_info_nce
+
+
+def test_dense_region_loss_matches_naive_loop_forward_and_backward():
+    dense, captions = _unit(6, 8, seed=4), _unit(6, 8, seed=5)
+    groups = torch.tensor([0, 1, 0, 2, 3, 1])
+    allowed = [[bool(groups[i] != groups[j]) for j in range(6)] for i in range(6)]
+    scale = torch.tensor(1 / 0.07, dtype=torch.float64)
+    value, grads = _grads(lambda a, b: dense_region_loss(a, b, scale, groups), dense, captions)
+    expected, expected_grads = _grads(lambda a, b: naive_info_nce(a, b, scale, allowed), dense, captions)
+    torch.testing.assert_close(value, expected)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad)
+
+
+def _region_batch():
+    boxes = torch.tensor(
+        [[[0.1, 0.1, 0.5, 0.6], [0.5, 0.4, 0.9, 0.9]], [[0.2, 0.3, 0.7, 0.8], [0.0, 0.0, 0.0, 0.0]]]
+    )
+    mask = torch.tensor([[True, True], [True, False]])
+    region_ids = torch.tensor([[[101, 5, 102], [101, 6, 102]], [[101, 5, 102], [0, 0, 0]]])
+    region_attention = (region_ids > 0).long()
+    return boxes, mask, region_ids, region_attention
+
+
+def test_dense_embeddings_are_projected_roi_align_of_the_patch_tokens_in_both_modes():
+    boxes, mask, region_ids, region_attention = _region_batch()
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for mode in ("pool", "crop"):
+        model = tiny_model(mode, dense_loss_weight=1.0)
+        extra = {"roi_pixel_values": crop_regions(pixels, boxes)} if mode == "crop" else {}
+        outputs = model(
+            input_ids=torch.tensor([[101, 7, 102], [101, 8, 102]]),
+            pixel_values=pixels,
+            roi_boxes=boxes,
+            roi_mask=mask,
+            region_input_ids=region_ids,
+            region_attention_mask=region_attention,
+            return_loss=True,
+            **extra,
+        )
+        tokens = outputs.vision_model_output.last_hidden_state[:, 1:]  # ViT: CLS, then the 4 x 4 patches
+        grid = tokens.transpose(1, 2).reshape(2, -1, 4, 4)
+        pooled = roi_align(grid, boxes, model.config.roi_align_size, model.config.roi_sampling_ratio)
+        expected = F.normalize(model.visual_projection(pooled), dim=-1) * mask[..., None]
+        torch.testing.assert_close(outputs.dense_region_embeds, expected)
+        groups = caption_groups_from_ids(region_ids[mask], region_attention[mask])
+        allowed = [[bool(groups[i] != groups[j]) for j in range(3)] for i in range(3)]
+        reference = naive_info_nce(
+            outputs.dense_region_embeds[mask], outputs.region_text_embeds[mask], outputs.logit_scale, allowed
+        )
+        torch.testing.assert_close(outputs.loss_terms["dense_loss"], reference)
+
+
+def naive_proposal_loss(logits, boxes, mask):
+    """Targets patch by patch and box by box, then the BCE mean plus the L1 mean over positives."""
+    batch_size, grid_h, grid_w = logits.shape[:3]
+    bce, l1, positives, patches = 0.0, 0.0, 0, 0
+    for b in range(batch_size):
+        real = [boxes[b, k].tolist() for k in range(boxes.shape[1]) if mask[b, k]]
+        if not real:
+            continue
+        for i in range(grid_h):
+            for j in range(grid_w):
+                cx, cy = (j + 0.5) / grid_w, (i + 0.5) / grid_h
+                hits = []
+                for x0, y0, x1, y1 in real:
+                    centre_cell = (
+                        min(int((x0 + x1) / 2 * grid_w), grid_w - 1) == j
+                        and min(int((y0 + y1) / 2 * grid_h), grid_h - 1) == i
+                    )
+                    if (x0 < cx < x1 and y0 < cy < y1) or centre_cell:
+                        hits.append(((x1 - x0) * (y1 - y0), (x0, y0, x1, y1)))
+                target = 1.0 if hits else 0.0
+                z = logits[b, i, j, 0]
+                bce = bce + torch.clamp(z, min=0) - z * target + torch.log1p(torch.exp(-torch.abs(z)))
+                patches += 1
+                if hits:
+                    x0, y0, x1, y1 = min(hits, key=lambda hit: hit[0])[1]
+                    wanted = torch.tensor([cx - x0, cy - y0, x1 - cx, y1 - cy], dtype=logits.dtype)
+                    l1 = l1 + (torch.sigmoid(logits[b, i, j, 1:]) - wanted).abs().sum()
+                    positives += 1
+    return bce / patches + l1 / (4 * positives)
+
+
+def test_region_proposal_loss_matches_naive_loop_forward_and_backward():
+    logits = torch.randn(3, 4, 5, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    # Overlapping boxes (the smaller one wins), a box smaller than a patch, and an image without boxes.
+    boxes = torch.tensor(
+        [
+            [[0.1, 0.1, 0.9, 0.8], [0.3, 0.2, 0.6, 0.5]],
+            [[0.41, 0.42, 0.44, 0.45], [0.0, 0.0, 0.0, 0.0]],
+            [[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]],
+        ],
+        dtype=torch.float64,
+    )
+    mask = torch.tensor([[True, True], [True, False], [False, False]])
+    value, (grad,) = _grads(lambda z: region_proposal_loss(z, boxes, mask), logits)
+    expected, (expected_grad,) = _grads(lambda z: naive_proposal_loss(z, boxes, mask), logits)
+    torch.testing.assert_close(value, expected)
+    torch.testing.assert_close(grad, expected_grad)
+    assert torch.all(grad[2] == 0)  # the image without boxes is not taught that it has none
+
+
+def test_proposal_loss_through_the_loss_module_uses_the_given_boxes():
+    boxes, mask, region_ids, region_attention = _region_batch()
+    model = tiny_model("pool")
+    outputs = model(pixel_values=torch.randn(2, 3, 32, 32), roi_boxes=boxes, roi_mask=mask)
+    terms = RegionMedCLIPLoss(model.config)(outputs, terms=["proposal_loss"])
+    torch.testing.assert_close(
+        terms["proposal_loss"], naive_proposal_loss(outputs.proposal_logits, boxes, mask)
+    )
+
+
+def test_proposals_take_distinct_peaks_first_and_are_inside_the_image():
+    logits = torch.full((1, 4, 4, 5), -5.0)
+    logits[0, 1, 1, 0], logits[0, 1, 2, 0], logits[0, 3, 3, 0] = (
+        3.0,
+        2.5,
+        1.0,
+    )  # (1, 2) is no peak: (1, 1) beats it
+    logits[0, ..., 1:] = 10.0  # distances σ(10) ≈ 1: boxes reach the image border and are clipped there
+    boxes = propose_regions(logits, 3)
+    assert boxes.shape == (1, 3, 4)
+    assert torch.all((boxes >= 0) & (boxes <= 1))
+    assert torch.all(boxes[..., 2] > boxes[..., 0]) and torch.all(boxes[..., 3] > boxes[..., 1])
+    torch.testing.assert_close(boxes[0, 0], torch.tensor([0.0, 0.0, 1.0, 1.0]))
+    # Tiny predicted distances: each box is widened to its patch, so the box says which patch was chosen. The
+    # second comes from the peak at (3, 3), not from (1, 2), the runner-up next to the first peak.
+    logits[..., 1:] = -10.0
+    boxes = propose_regions(logits, 3)
+    torch.testing.assert_close(boxes[0, 0], torch.tensor([0.25, 0.25, 0.5, 0.5]))
+    torch.testing.assert_close(boxes[0, 1], torch.tensor([0.75, 0.75, 1.0, 1.0]))
+    assert not torch.allclose(boxes[0, 2], torch.tensor([0.5, 0.25, 0.75, 0.5]))
+    torch.testing.assert_close(propose_regions(logits, 3), boxes, rtol=0, atol=0)
+
+
+def test_self_proposed_regions_are_deterministic_inside_the_image_and_feed_the_embedding():
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    for mode in ("pool", "crop"):
+        model = tiny_model(mode, auto_regions=2)
+        with torch.no_grad():
+            first, second = model.get_image_features(pixels), model.get_image_features(pixels)
+        assert first.region_boxes.shape == (3, 2, 4)
+        torch.testing.assert_close(first.region_boxes, second.region_boxes, rtol=0, atol=0)
+        torch.testing.assert_close(first.pooler_output, second.pooler_output, rtol=0, atol=0)
+        assert torch.all((first.region_boxes >= 0) & (first.region_boxes <= 1))
+        assert torch.all(first.region_boxes[..., 2:] > first.region_boxes[..., :2])
+        # The embedding is the one the ROI branch gives for those boxes, passed explicitly.
+        extra = {"roi_pixel_values": crop_regions(pixels, first.region_boxes)} if mode == "crop" else {}
+        with torch.no_grad():
+            given = model.get_image_features(pixels, roi_boxes=first.region_boxes, **extra)
+        torch.testing.assert_close(first.pooler_output, given.pooler_output)
+        assert not torch.allclose(first.pooler_output, first.global_embeds)
+        model.config.auto_regions = 0
+        with torch.no_grad():
+            plain = model.get_image_features(pixels)
+        assert plain.region_boxes is None
+        torch.testing.assert_close(plain.pooler_output, plain.global_embeds)
+
+
+def test_pipeline_uses_self_proposed_regions_through_remote_code(tokenizer, tmp_path):
+    folder = tmp_path / "auto-regions"
+    model = tiny_model("crop", auto_regions=2)
+    model.save_pretrained(folder)
+    make_processor(tokenizer, "crop").save_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text())["auto_regions"] == 2
+    image = random_image(48, 40, 11)
+    classifier = pipeline("zero-shot-image-classification", model=str(folder))
+    expected = classifier(image, candidate_labels=LABELS, hypothesis_template="{}")
+    plain = pipeline("zero-shot-image-classification", model=str(folder), model_kwargs={"auto_regions": 0})
+    box_free = plain(image, candidate_labels=LABELS, hypothesis_template="{}")
+    assert [s["score"] for s in expected] != [s["score"] for s in box_free]  # the region branch took part
+    code = f"""
+        import json, numpy as np
+        from PIL import Image
+        from transformers import pipeline
+        try:
+            import regionmed_clip
+            raise SystemExit("the package should not be importable here")
+        except ImportError:
+            pass
+        image = Image.fromarray(np.array(json.loads({json.dumps(np.asarray(image).tolist())!r}), dtype=np.uint8))
+        classifier = pipeline("zero-shot-image-classification", model={str(folder)!r}, trust_remote_code=True)
+        assert classifier.model.config.auto_regions == 2
+        print(json.dumps(classifier(image, candidate_labels={LABELS!r}, hypothesis_template="{{}}")))
+    """
+    result = _run_isolated(code, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [s["label"] for s in scores] == [s["label"] for s in expected]
+    np.testing.assert_allclose(
+        [s["score"] for s in scores], [s["score"] for s in expected], rtol=0, atol=1e-6
+    )
+
+
+def test_proposer_pooled_global_embedding_matches_its_definition():
+    model = tiny_model("pool", global_pool="cls_proposer")
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    features = model.get_image_features(pixels)
+    outputs = model.vision_model(pixel_values=pixels)
+    patches = outputs.last_hidden_state[:, 1:]  # (B, 16, D), row-major like the proposer's map
+    weights = features.proposal_logits[..., 0].reshape(2, -1).softmax(-1)
+    expected = model.visual_projection(outputs.pooler_output + (weights[..., None] * patches).sum(1))
+    torch.testing.assert_close(features.global_embeds, expected)
+    torch.testing.assert_close(features.pooler_output, expected)
+    (features.global_embeds.sum()).backward()
+    assert (
+        model.roi_processor.proposer.weight.grad.abs().sum() > 0
+    )  # the global loss alone trains the weights too
+
+
+def test_forward_computes_the_dense_and_proposal_terms_only_when_weighted():
+    boxes, mask, region_ids, region_attention = _region_batch()
+    inputs = {
+        "pixel_values": torch.randn(2, 3, 32, 32),
+        "roi_boxes": boxes,
+        "roi_mask": mask,
+        "region_input_ids": region_ids,
+        "region_attention_mask": region_attention,
+        "return_loss": True,
+    }
+    assert {"dense_loss", "proposal_loss"}.isdisjoint(tiny_model("pool")(**inputs).loss_terms)
+    outputs = tiny_model("pool", proposal_loss_weight=0.5)(**inputs)
+    assert "proposal_loss" in outputs.loss_terms and "dense_loss" not in outputs.loss_terms
+    torch.testing.assert_close(
+        outputs.loss, outputs.loss_terms["roi_loss"] + 0.5 * outputs.loss_terms["proposal_loss"]
+    )
