@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo learning-check ablation bench test lint clean
+.PHONY: install demo learning-check ablation bench test test-slow lint clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,11 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/run_benchmarks.py
 
 test: lint
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+# The pins of `make learning-check` at the demo budget: one seed trained and compared (10 to 25 minutes).
+test-slow: $(STAMP)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -m slow --timeout=3600
 
 lint: $(STAMP)
 	$(PY) -m ruff check regionmed_clip tests eval benchmarks demo train_accelerate.py

@@ -152,6 +152,9 @@ class RegionMedCLIPConfig(PretrainedConfig):
             Weight of L_dense in `loss`: the RoIAlign-pooled patch tokens of the global forward, projected by
             `visual_projection` with no ROI processor and no box coordinates, ↔ the region caption. It puts region
             knowledge into the patch tokens that z_global is computed from (see [`dense_region_loss`]).
+        global_region_loss_weight (`float`, *optional*, defaults to 0.0):
+            Weight of L_global-region in `loss`: z_global, the box-free image embedding, ↔ the region captions of its
+            image, each distinct caption with every image that has it as positives (see [`global_region_loss`]).
         proposal_loss_weight (`float`, *optional*, defaults to 0.0):
             Weight of L_proposal in `loss`: the region proposer's per-patch objectness and box distances against the
             ground-truth boxes (see [`region_proposal_loss`]). Training it is what makes `auto_regions` useful.
@@ -225,6 +228,7 @@ class RegionMedCLIPConfig(PretrainedConfig):
     neg_logit_bias: int | float = 0.0
     text_pad_length: int | None = None
     dense_loss_weight: int | float = 0.0
+    global_region_loss_weight: int | float = 0.0
     proposal_loss_weight: int | float = 0.0
     auto_regions: int = 0
     global_pool: str = "cls"
@@ -292,6 +296,7 @@ class RegionMedCLIPConfig(PretrainedConfig):
             "roi_loss_weight",
             "neg_loss_weight",
             "dense_loss_weight",
+            "global_region_loss_weight",
             "proposal_loss_weight",
         ):
             if getattr(self, name) < 0:

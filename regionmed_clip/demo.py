@@ -66,11 +66,24 @@ GT_BOXES = "GT boxes at test"
 
 
 #: The figures the comparison reports, as (label, key of `flat_figures`): box-free first (the
-#: global embedding z_global, what a user without boxes gets), then those that take the split's boxes as input.
+#: global embedding z_global, what a user without boxes gets; then the region-aware embedding on regions the model
+#: proposes itself, for a model whose proposer was trained), then those that take the split's boxes as input.
 HEADLINE = (
     (f"image → report R@1 ({BOX_FREE})", "retrieval/box_free/global/image_to_text/R@1"),
     (f"report → image R@1 ({BOX_FREE})", "retrieval/box_free/global/text_to_image/R@1"),
     (f"zero-shot macro AUC ({BOX_FREE})", "zero_shot/box_free/global/macro_auc"),
+    (
+        f"image → report R@1 ({BOX_FREE}, self-proposed regions)",
+        "retrieval/box_free/self-proposed/image_to_text/R@1",
+    ),
+    (
+        f"report → image R@1 ({BOX_FREE}, self-proposed regions)",
+        "retrieval/box_free/self-proposed/text_to_image/R@1",
+    ),
+    (
+        f"zero-shot macro AUC ({BOX_FREE}, self-proposed regions)",
+        "zero_shot/box_free/self-proposed/macro_auc",
+    ),
     (f"image → report R@1 ({GT_BOXES})", "retrieval/gt_boxes/region-aware/image_to_text/R@1"),
     (f"report → image R@1 ({GT_BOXES})", "retrieval/gt_boxes/region-aware/text_to_image/R@1"),
     (f"zero-shot macro AUC ({GT_BOXES})", "zero_shot/gt_boxes/region-aware/macro_auc"),
@@ -122,7 +135,12 @@ def _bar_chart(headlines: dict, path: Path) -> None:
     figure, axis = plt.subplots(figsize=(13, 4.5))
     width = 0.38
     for offset, (model, values) in zip((-width / 2, width / 2), headlines.items(), strict=True):
-        axis.bar([i + offset for i in range(len(names))], [values[n] for n in names], width, label=model)
+        axis.bar(
+            [i + offset for i in range(len(names))],
+            [values.get(n, float("nan")) for n in names],
+            width,
+            label=model,
+        )
     axis.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=6)
     axis.set_ylim(0, 1)
     axis.set_title("MedRegion-synth test split")
@@ -156,7 +174,8 @@ def _report(headlines: dict, controls: dict, region_paths: dict, timings: dict, 
     for name in aware:
         control = controls.get(name)
         bound = f"{control['control']}: {control['value']:.3f}" if control else "–"
-        lines.append(f"| {name} | {aware[name]:.3f} | {plain[name]:.3f} | {bound} |")
+        baseline = f"{plain[name]:.3f}" if name in plain else "– (no trained proposer)"
+        lines.append(f"| {name} | {aware[name]:.3f} | {baseline} | {bound} |")
     lines += ["", "## Time per step", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {name} | {seconds:.1f} |" for name, seconds in timings.items()]
     lines += [

@@ -143,6 +143,59 @@ def dense_region_loss(
     )
 
 
+def multi_positive_contrastive_loss(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE of an `(N, M)` logit matrix with any number of positives per row and column (`positives`
+    `(N, M)` bool): per row −log(Σ_pos exp / Σ_all exp), mean over the rows that have a positive; the same over
+    the columns; the mean of both directions. A square matrix with the identity as `positives` is
+    [`contrastive_loss`]."""
+
+    def one_direction(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        rows = mask.any(-1)
+        positive = torch.logsumexp(scores.masked_fill(~mask, float("-inf")), dim=-1)
+        return (torch.logsumexp(scores, dim=-1) - positive)[rows].mean()
+
+    return (one_direction(logits, positives) + one_direction(logits.t(), positives.t())) / 2
+
+
+def global_region_loss(
+    image_embeds: torch.Tensor,
+    caption_embeds: torch.Tensor,
+    caption_images: torch.Tensor,
+    logit_scale: torch.Tensor,
+    caption_groups: torch.Tensor | None = None,
+    logit_bias: torch.Tensor | None = None,
+    objective: str = "infonce",
+) -> torch.Tensor:
+    """L_global-region: the box-free image embedding z_global `(B, P)` ↔ the region captions of its image.
+
+    Every distinct caption of the batch (`caption_groups` `(N,)`, equal for identical captions; default: all
+    distinct) is one column, and its positives are the images that have it (`caption_images` `(N,)`: the image row
+    of each caption). `"infonce"`: [`multi_positive_contrastive_loss`], so an image is pulled towards each of its
+    findings and a finding towards every image that shows it; `"sigmoid"`: SigLIP's pairwise loss with those
+    positives, summed over columns, mean over images.
+
+    Why (the decision of DESIGN.md, "Progressive training"): the region captions are the sharpest text the data
+    has about what an image shows (one finding each, where the report mixes several and is cut at `max_length`),
+    and this is the one region term whose gradient lands on z_global itself, which every box-free use of the model
+    reads. No box or ROI feature enters it, so it cannot lean on box coordinates.
+    """
+    if caption_groups is None:
+        caption_groups = torch.arange(caption_embeds.shape[0], device=caption_embeds.device)
+    num_groups = int(caption_groups.max()) + 1 if caption_groups.numel() else 0
+    order = torch.arange(caption_groups.shape[0], device=caption_groups.device)
+    first = torch.full(
+        (num_groups,), caption_groups.shape[0], device=caption_groups.device, dtype=order.dtype
+    )
+    first = first.scatter_reduce(0, caption_groups, order, reduce="amin")
+    positives = torch.zeros(image_embeds.shape[0], num_groups, dtype=torch.bool, device=image_embeds.device)
+    positives[caption_images, caption_groups] = True
+    logits = logit_scale * image_embeds @ caption_embeds[first].t()
+    if objective == "sigmoid":
+        signs = positives.to(logits.dtype) * 2 - 1
+        return -F.logsigmoid(signs * (logits + logit_bias)).sum() / image_embeds.shape[0]
+    return multi_positive_contrastive_loss(logits, positives)
+
+
 def patch_centres(grid_h: int, grid_w: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """`(H'·W', 2)` x, y centres of the patch cells as fractions of the image, row-major (the token order)."""
     ys = (torch.arange(grid_h, device=device, dtype=dtype) + 0.5) / grid_h
@@ -304,6 +357,8 @@ class RegionMedCLIPLoss(nn.Module):
     - `neg_loss`: ROI vs. its hard-negative captions (the paper's sigmoid form, `neg_logit_scale` / `neg_logit_bias`).
     - `dense_loss`: RoIAlign-pooled patch tokens (no ROI processor, no box coordinates) ↔ region caption, with
       `roi_loss`'s caption groups ([`dense_region_loss`]): region knowledge in the features z_global reads.
+    - `global_region_loss`: z_global ↔ the region captions of its image, multi-positive, with `roi_loss`'s caption
+      groups ([`global_region_loss`]): region captions as direct supervision of the box-free embedding.
     - `proposal_loss`: the region proposer's objectness and boxes against the given boxes
       ([`region_proposal_loss`]); a per-image term, computed on the gathered rows like the others.
 
@@ -334,7 +389,12 @@ class RegionMedCLIPLoss(nn.Module):
 
     #: Terms the model's `forward(return_loss=True)` computes only when the config weights them: their inputs (the
     #: ROIs) come with every region batch, so "inputs present" would compute them for every user of `roi_loss`.
-    weighted_only = ("dense_loss", "proposal_loss")
+    weighted_only = ("dense_loss", "global_region_loss", "proposal_loss")
+
+    #: Terms computed on the ROI processor's output (the fused region features, or the region-aware embedding):
+    #: the ones that train it. `dense_loss`, `global_region_loss` and `proposal_loss` take ROI inputs too but
+    #: read the patch tokens, z_global and the region proposer, never the processor.
+    roi_processor_terms = ("fused_global_loss", "roi_loss", "neg_loss")
 
     #: The inputs of the model each term needs; a training stage feeds exactly those of its weighted terms.
     term_inputs = {
@@ -365,6 +425,14 @@ class RegionMedCLIPLoss(nn.Module):
             "negative_attention_mask",
         ),
         "dense_loss": (
+            "pixel_values",
+            "roi_boxes",
+            "roi_mask",
+            "roi_pixel_values",
+            "region_input_ids",
+            "region_attention_mask",
+        ),
+        "global_region_loss": (
             "pixel_values",
             "roi_boxes",
             "roi_mask",
@@ -414,7 +482,11 @@ class RegionMedCLIPLoss(nn.Module):
         region_mask = outputs.region_mask
         computed = {}
         global_image = image = text = summary = regions = None
-        if outputs.global_image_embeds is not None and wanted & {"global_loss", "summary_loss"}:
+        if outputs.global_image_embeds is not None and wanted & {
+            "global_loss",
+            "summary_loss",
+            "global_region_loss",
+        }:
             global_image = gather(outputs.global_image_embeds, True)
         # Without ROIs the region-aware embedding is the global one and has no term of its own.
         if region_mask is not None and "fused_global_loss" in wanted:
@@ -435,14 +507,20 @@ class RegionMedCLIPLoss(nn.Module):
             and outputs.dense_region_embeds is not None
             and "dense_loss" in wanted
         )
+        with_global_regions = (
+            outputs.region_text_embeds is not None
+            and global_image is not None
+            and "global_region_loss" in wanted
+        )
         groups = None
-        if region_mask is not None and (with_captions or with_dense) and region_input_ids is not None:
+        with_caption_rows = with_captions or with_dense or with_global_regions
+        if region_mask is not None and with_caption_rows and region_input_ids is not None:
             ids = region_input_ids[region_mask]
             if region_attention_mask is not None:
                 ids = ids * region_attention_mask[region_mask]
             groups = caption_groups_from_ids(gather(ids, False))
         captions = None
-        if region_mask is not None and (with_captions or with_dense):
+        if region_mask is not None and with_caption_rows:
             captions = gather(outputs.region_text_embeds[region_mask], True)
         with_negatives = outputs.negative_text_embeds is not None and "neg_loss" in wanted
         if region_mask is not None and (with_captions or with_negatives):
@@ -460,6 +538,13 @@ class RegionMedCLIPLoss(nn.Module):
             dense = gather(outputs.dense_region_embeds[region_mask], True)
             if dense.shape[0] > 0:
                 computed["dense_loss"] = dense_region_loss(dense, captions, scale, groups, bias, objective)
+        if with_global_regions and region_mask is not None and captions.shape[0] > 0:
+            # The image row of each gathered caption: the gathered ROI masks are in the same rank order as the
+            # gathered images, so their true slots enumerate the captions in order.
+            present = gather(region_mask.to(torch.uint8), False).bool()
+            computed["global_region_loss"] = global_region_loss(
+                global_image, captions, present.nonzero()[:, 0], scale, groups, bias, objective
+            )
         if (
             "proposal_loss" in wanted
             and outputs.proposal_logits is not None
@@ -728,8 +813,6 @@ class RegionMedCLIPRoiProcessor(nn.Module):
         self.pool_norm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
         self.pool_score = nn.Linear(hidden_size, 1)
         self.gate = nn.Parameter(torch.zeros(()))
-        # Part of the region branch (trained, frozen and saved with it), though it reads the patch grid directly.
-        self.proposer = RegionMedCLIPRegionProposer(config)
 
     def forward(
         self,
@@ -911,6 +994,9 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         self.visual_projection = nn.Linear(self.vision_embed_dim, config.projection_dim, bias=False)
         self.text_projection = nn.Linear(self.text_embed_dim, config.projection_dim, bias=False)
         self.roi_processor = RegionMedCLIPRoiProcessor(config)
+        # Beside the ROI processor, not inside it: with `global_pool="cls_proposer"` it is part of the box-free
+        # embedding z_global, so a stage that freezes the region branch (or a global-only run) still trains it.
+        self.region_proposer = RegionMedCLIPRegionProposer(config)
         logit_scale = torch.tensor(config.logit_scale_init_value)
         if config.learnable_temperature:
             self.logit_scale = nn.Parameter(logit_scale)
@@ -1125,7 +1211,7 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         grid = proposal_logits = None
         if has_grid and (roi_boxes is not None or self_proposed or proposer_pool):
             grid = self._patch_grid(vision_outputs.last_hidden_state, pixel_values)
-            proposal_logits = self.roi_processor.proposer(grid)
+            proposal_logits = self.region_proposer(grid)
         if proposer_pool:
             weights = proposal_logits[..., 0].flatten(1).softmax(-1).to(grid.dtype)  # (B, H'·W')
             pooled = pooled + torch.einsum("bn,bdn->bd", weights, grid.flatten(2))

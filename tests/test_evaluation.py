@@ -475,6 +475,12 @@ def test_roi_branch_status_from_the_training_config_or_the_gate():
     assert roi_branch_status(model, {"stages": [global_stage, frozen_region]})[0] is False
     assert roi_branch_status(model, {"stages": [global_stage, region_stage]})[0] is True
     assert roi_branch_status(model, {"stages": [partly_frozen]})[0] is True
+    # Terms that take ROI inputs but never read the processor's output do not train it.
+    beside = {
+        **region_stage,
+        "loss_weights": {"dense_loss": 1.0, "global_region_loss": 1.0, "proposal_loss": 1.0},
+    }
+    assert roi_branch_status(model, {"stages": [global_stage, beside]})[0] is False
     with pytest.raises(ValueError, match="stage 0 has no loss_weights mapping"):
         roi_branch_status(model, {"stages": [{"name": "broken"}]})
     assert roi_branch_status(model, None)[0] is True  # the gate moved from 0 (0.7 in the tiny model)
@@ -536,6 +542,55 @@ def test_an_untrained_roi_branch_is_scored_through_the_global_path_on_crops(
     torch.testing.assert_close(
         features.region_embeds[REGIONS_PER_IMAGE + 4], torch.nn.functional.normalize(expected, dim=-1)
     )
+
+
+def test_a_trained_proposer_adds_the_self_proposed_box_free_embedding(tmp_path, synth_folder, tokenizer):
+    import yaml
+
+    from regionmed_clip.data.collator import load_rows
+    from regionmed_clip.evaluation.harness import run_evaluation
+
+    model, processor = tiny_model("pool"), make_processor(tokenizer, max_regions=2)
+    with torch.no_grad():
+        model.region_proposer.weight.normal_()  # a proposer that prefers some patches
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    stage = {"name": "roi", "lr": 1e-4, "batch_size": 2, "steps": 3, "frozen": []}
+    config = tmp_path / "model" / "training_config.yaml"
+    config.write_text(yaml.safe_dump({"stages": [{**stage, "loss_weights": {"roi_loss": 1.0}}]}))
+    run = dict(tasks="zero_shot,retrieval", bootstrap=0, device="cpu")
+    without = run_evaluation(tmp_path / "model", synth_folder, tmp_path / "a", **run)
+    assert without["embeddings"]["self_proposed_regions"] == 0
+    assert list(without["retrieval"]["box_free"]) == ["global"]
+    weights = {"roi_loss": 1.0, "proposal_loss": 1.0}
+    config.write_text(yaml.safe_dump({"stages": [{**stage, "loss_weights": weights}]}))
+    metrics = run_evaluation(tmp_path / "model", synth_folder, tmp_path / "b", **run)
+    regions = model.config.max_regions
+    assert metrics["embeddings"]["self_proposed_regions"] == regions
+    assert list(metrics["retrieval"]["box_free"]) == ["global", "self-proposed"]
+    assert list(metrics["zero_shot"]["box_free"]) == ["global", "self-proposed"]
+    assert metrics["retrieval"]["box_free"]["global"] == without["retrieval"]["box_free"]["global"]
+    # The figure is get_image_features with auto_regions: scored here by hand on the same texts.
+    rows = load_rows(synth_folder, "test")
+    reloaded = type(model).from_pretrained(tmp_path / "model", auto_regions=regions).eval()
+    inputs = processor(
+        images=[row["image"] for row in rows],
+        text=[row["detailed_report"] for row in rows],
+        max_length=metrics["text"]["max_length"],
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        images = torch.nn.functional.normalize(
+            reloaded.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output, dim=-1
+        )
+        texts = torch.nn.functional.normalize(
+            reloaded.get_text_features(inputs["input_ids"], inputs["attention_mask"]).pooler_output, dim=-1
+        )
+    hits = (images @ texts.t()).argmax(-1) == torch.arange(len(rows))
+    reports = [row["detailed_report"] for row in rows]
+    hits |= torch.tensor([reports[j] == reports[i] for i, j in enumerate((images @ texts.t()).argmax(-1))])
+    recall = metrics["retrieval"]["box_free"]["self-proposed"]["image_to_text"]["R@1"]
+    assert recall == pytest.approx(hits.float().mean().item())
 
 
 def test_texts_are_cut_at_the_training_max_length_and_the_cuts_are_counted(tmp_path, synth_folder, tokenizer):

@@ -447,7 +447,11 @@ def test_return_loss_through_remote_code_equals_the_package(tokenizer, tmp_path)
     folder = tmp_path / "model"
     # Every term weighted, the two computed only when weighted included.
     model = tiny_model(
-        loss_objective="sigmoid", summary_loss_weight=0.5, dense_loss_weight=0.5, proposal_loss_weight=0.5
+        loss_objective="sigmoid",
+        summary_loss_weight=0.5,
+        dense_loss_weight=0.5,
+        global_region_loss_weight=0.5,
+        proposal_loss_weight=0.5,
     )
     model.save_pretrained(folder)
     make_processor(tokenizer).save_pretrained(folder)

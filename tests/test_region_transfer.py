@@ -1,4 +1,4 @@
-"""L_dense and L_proposal against naive references (forward and backward), and self-proposed regions
+"""L_dense, L_global-region and L_proposal against naive references (forward and backward), and self-proposed regions
 (`auto_regions`): deterministic, inside the image, used by `get_image_features` and the pipeline."""
 
 import json
@@ -13,6 +13,8 @@ from regionmed_clip.modeling_regionmed_clip import (
     caption_groups_from_ids,
     crop_regions,
     dense_region_loss,
+    global_region_loss,
+    multi_positive_contrastive_loss,
     propose_regions,
     region_proposal_loss,
     roi_align,
@@ -33,6 +35,86 @@ def test_dense_region_loss_matches_naive_loop_forward_and_backward():
     torch.testing.assert_close(value, expected)
     for grad, expected_grad in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(grad, expected_grad)
+
+
+# Image i's region captions, as indices into a table of distinct caption texts (image 3 has none; text 1 is
+# shared by images 0 and 2, and image 0 has it twice, as two lesions with one caption).
+CAPTION_TEXTS = [[0, 1, 1], [2], [1, 3], []]
+
+
+def naive_global_region(images, table, scale, bias=None):
+    """Per image: −log Σ_{its distinct texts} exp / Σ_{all texts} exp; per text: the same over the images that
+    have it; the mean of both (InfoNCE), or with `bias` SigLIP's sum over (image, text) pairs / images."""
+    texts = sorted({t for row in CAPTION_TEXTS for t in row})
+    has = [[t in row for t in texts] for row in CAPTION_TEXTS]
+    sims = [[scale * torch.dot(images[i], table[t]) for t in texts] for i in range(len(CAPTION_TEXTS))]
+    if bias is not None:
+        total = 0.0
+        for i, row in enumerate(sims):
+            for j, value in enumerate(row):
+                total = total - F.logsigmoid((1.0 if has[i][j] else -1.0) * (value + bias))
+        return total / len(sims)
+
+    def direction(scores, positives):
+        losses = [
+            torch.logsumexp(torch.stack(row), 0)
+            - torch.logsumexp(torch.stack([v for v, p in zip(row, pos, strict=True) if p]), 0)
+            for row, pos in zip(scores, positives, strict=True)
+            if any(pos)
+        ]
+        return sum(losses) / len(losses)
+
+    transpose = [list(column) for column in zip(*sims, strict=True)]
+    return (direction(sims, has) + direction(transpose, [list(c) for c in zip(*has, strict=True)])) / 2
+
+
+def _global_region_inputs(table):
+    rows = [t for row in CAPTION_TEXTS for t in row]
+    images = torch.tensor([i for i, row in enumerate(CAPTION_TEXTS) for _ in row])
+    # Group ids as the loss module makes them (`caption_groups_from_ids`): equal exactly for identical texts.
+    return table[rows], images, caption_groups_from_ids(torch.tensor(rows)[:, None])
+
+
+def test_global_region_loss_matches_naive_loop_forward_and_backward():
+    images, table = _unit(4, 8, seed=11), _unit(4, 8, seed=12)
+    scale = torch.tensor(1 / 0.07, dtype=torch.float64)
+
+    def ours(a, b):
+        captions, owners, groups = _global_region_inputs(b)
+        return global_region_loss(a, captions, owners, scale, groups)
+
+    value, grads = _grads(ours, images, table)
+    expected, expected_grads = _grads(lambda a, b: naive_global_region(a, b, scale), images, table)
+    torch.testing.assert_close(value, expected)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad)
+
+
+def test_global_region_sigmoid_loss_matches_naive_loop_forward_and_backward():
+    images, table = _unit(4, 8, seed=13), _unit(4, 8, seed=14)
+    scale = torch.tensor(10.0, dtype=torch.float64)
+    bias = torch.tensor(-2.0, dtype=torch.float64)
+
+    def ours(a, b, c):
+        captions, owners, groups = _global_region_inputs(b)
+        return global_region_loss(a, captions, owners, scale, groups, c, "sigmoid")
+
+    value, grads = _grads(ours, images, table, bias)
+    expected, expected_grads = _grads(
+        lambda a, b, c: naive_global_region(a, b, scale, c), images, table, bias
+    )
+    torch.testing.assert_close(value, expected)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad)
+
+
+def test_multi_positive_loss_with_one_positive_each_is_infonce():
+    a, b = _unit(5, 8, seed=15), _unit(5, 8, seed=16)
+    scale = torch.tensor(1 / 0.07, dtype=torch.float64)
+    logits = scale * a @ b.t()
+    torch.testing.assert_close(
+        multi_positive_contrastive_loss(logits, torch.eye(5, dtype=torch.bool)), naive_info_nce(a, b, scale)
+    )
 
 
 def _region_batch():
@@ -227,9 +309,41 @@ def test_proposer_pooled_global_embedding_matches_its_definition():
     torch.testing.assert_close(features.global_embeds, expected)
     torch.testing.assert_close(features.pooler_output, expected)
     (features.global_embeds.sum()).backward()
+    assert model.region_proposer.weight.grad.abs().sum() > 0  # the global loss alone trains the weights too
+
+
+def test_forward_pairs_each_region_caption_with_its_image_for_the_global_region_term():
+    boxes, mask, region_ids, region_attention = _region_batch()
+    model = tiny_model("pool", global_region_loss_weight=1.0)
+    outputs = model(
+        pixel_values=torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)),
+        roi_boxes=boxes,
+        roi_mask=mask,
+        region_input_ids=region_ids,
+        region_attention_mask=region_attention,
+        return_loss=True,
+    )
+    # Image 0 has captions [5] and [6], image 1 caption [5]: two distinct captions, [5] shared.
+    captions = outputs.region_text_embeds[mask]
+    expected = global_region_loss(
+        outputs.global_image_embeds,
+        captions,
+        torch.tensor([0, 0, 1]),
+        outputs.logit_scale,
+        torch.tensor([0, 1, 0]),
+    )
+    torch.testing.assert_close(outputs.loss_terms["global_region_loss"], expected)
     assert (
-        model.roi_processor.proposer.weight.grad.abs().sum() > 0
-    )  # the global loss alone trains the weights too
+        "global_region_loss"
+        not in tiny_model("pool")(
+            pixel_values=torch.randn(2, 3, 32, 32),
+            roi_boxes=boxes,
+            roi_mask=mask,
+            region_input_ids=region_ids,
+            region_attention_mask=region_attention,
+            return_loss=True,
+        ).loss_terms
+    )
 
 
 def test_forward_computes_the_dense_and_proposal_terms_only_when_weighted():

@@ -282,15 +282,17 @@ def test_two_processes_train_like_one(tmp_path, synth_folder):
 def test_two_process_gradients_equal_one_process_on_the_same_global_batch(
     tmp_path, synth_folder, objective, empty_rank
 ):
-    """One ROI-stage step (every region-stage loss term, gathered across processes): loss to 1e-6 and every
-    parameter's gradient to 1e-5 absolute / 1e-4 relative of the one-process gradient. In the second case the
-    second process's micro-batch has no ROI at all (zero-slot ROI tensors; its gathers are empty) and the
-    objective is SigLIP's, with its learnable bias."""
+    """One ROI-stage step (every region-stage loss term, those of the shipped recipe included, with its
+    proposer-pooled z_global; gathered across processes): loss to 1e-6 and every parameter's gradient to 1e-5
+    absolute / 1e-4 relative of the one-process gradient. In the second case the second process's micro-batch
+    has no ROI at all (zero-slot ROI tensors; its gathers are empty, and L_global-region must still pair each
+    gathered caption with its image) and the objective is SigLIP's, with its learnable bias."""
     script = str(ROOT / "tests" / "ddp_gradients.py")
     results = {}
     for processes, batch in ((1, 8), (2, 4)):
         raw = tiny_training_config(tmp_path / f"out{processes}", synth_folder, batch)
-        raw["model"]["config"]["loss_objective"] = objective
+        raw["model"]["config"].update(loss_objective=objective, global_pool="cls_proposer")
+        raw["stages"][2]["loss_weights"].update(dense_loss=1.0, global_region_loss=1.0, proposal_loss=1.0)
         config = write_config(tmp_path / f"{processes}.yaml", raw)
         launcher = LAUNCH_TWO if processes == 2 else [sys.executable]
         extra = ["--no-regions-after", "4"] if empty_rank else []
@@ -309,10 +311,19 @@ def test_two_process_gradients_equal_one_process_on_the_same_global_batch(
         assert results[2]["rois"][0] > 0 and results[2]["rois"][1] == 0
         assert results[1]["rois"][0] == results[2]["rois"][0]
         assert "logit_bias" in results[1]["gradients"]
-    assert set(results[2]["terms"]) == {"global_loss", "fused_global_loss", "roi_loss", "neg_loss"}
+    assert set(results[2]["terms"]) == {
+        "global_loss",
+        "fused_global_loss",
+        "roi_loss",
+        "neg_loss",
+        "dense_loss",
+        "global_region_loss",
+        "proposal_loss",
+    }
     torch.testing.assert_close(results[2]["loss"], results[1]["loss"], atol=1e-6, rtol=1e-6)
     one, two = results[1]["gradients"], results[2]["gradients"]
     assert set(one) == set(two) and any(name.startswith("roi_processor.") for name in one)
+    assert any(name.startswith("region_proposer.") for name in one)
     for name in one:
         torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=1e-4, msg=name)
 

@@ -30,12 +30,9 @@ from ..modeling_regionmed_clip import RegionMedCLIPLoss
 
 REGION_PATHS = ("roi_processor", "global_on_crops")
 TRAINING_CONFIG = "training_config.yaml"  # what the trainer saves beside a model folder
-# The loss terms whose inputs include the ROIs (as the loss module declares them; fine-tuning's `class_loss`
-# scores the region-aware embedding too): a stage that weights one of them trains the ROI processor.
-REGION_TERMS = (
-    *(term for term, inputs in RegionMedCLIPLoss.term_inputs.items() if "roi_boxes" in inputs),
-    "class_loss",
-)
+# The loss terms computed on the ROI processor's output (as the loss module declares them; fine-tuning's
+# `class_loss` scores the region-aware embedding too): a stage that weights one of them trains the processor.
+REGION_TERMS = (*RegionMedCLIPLoss.roi_processor_terms, "class_loss")
 
 
 @dataclass
@@ -66,7 +63,7 @@ def roi_branch_status(model, training_config: dict | None) -> tuple[bool, str]:
     """Whether the model's ROI branch was trained, and why that was decided.
 
     With the `training_config.yaml` the trainer saves beside the model, the branch is trained when some stage
-    weights above 0 a loss term that reads ROI inputs (`REGION_TERMS`) and does not freeze `roi_processor`.
+    weights above 0 a loss term computed on the ROI processor's output (`REGION_TERMS`) and does not freeze `roi_processor`.
     Without it, the gate decides: it is initialised to exactly 0 and any update through the region-aware
     embedding moves it, so a gate of exactly 0 means untrained. (The gate alone is not enough when the config
     exists: the region losses train the ROI processor's region features without touching the gate.) The file is
@@ -133,11 +130,14 @@ def extract_features(
     max_length: int | None = None,
     max_negatives: int | None = None,
     region_path: str = "roi_processor",
+    self_proposed: int = 0,
     progress: bool = True,
 ) -> SplitFeatures:
     """Run `model` over `rows` (a `Dataset` or a list) on the device its parameters are on; every region of every
-    row is embedded (see the module's decisions). The model runs in eval mode and is put back in the mode it was
-    in."""
+    row is embedded (see the module's decisions). With `self_proposed = K > 0`, `box_free` also holds
+    `self-proposed`: the region-aware embedding of the image alone with K regions from the model's own proposer
+    (what `get_image_features` returns for `auto_regions=K`). The model runs in eval mode and is put back in the
+    mode it was in."""
     if region_path not in REGION_PATHS:
         raise ValueError(f"region_path must be one of {REGION_PATHS}, got {region_path!r}")
     if len(rows) == 0:
@@ -169,6 +169,8 @@ def extract_features(
             outputs = model(**model_inputs(batch, model))
             if number == 0:
                 parts["global"].append(outputs.global_image_embeds.float().cpu())
+                if self_proposed > 0:
+                    parts["self-proposed"].append(_self_proposed(model, batch["pixel_values"], self_proposed))
                 parts["region-aware"].append(outputs.image_embeds.float().cpu())
                 parts["report_embeds"].append(outputs.text_embeds.float().cpu())
                 parts["reports"].extend(row["detailed_report"] for row in batch_rows)
@@ -208,6 +210,18 @@ def extract_features(
     return _assemble(parts, region_path, max_length, truncated, num_texts)
 
 
+def _self_proposed(model, pixel_values: torch.Tensor, regions: int) -> torch.Tensor:
+    """Normalised box-free region-aware embeddings `(B, P)` with `regions` self-proposed regions per image."""
+    saved = model.config.auto_regions
+    model.config.auto_regions = regions
+    try:
+        pixels = model_inputs({"pixel_values": pixel_values}, model)["pixel_values"]
+        embeds = model.get_image_features(pixel_values=pixels).pooler_output
+    finally:
+        model.config.auto_regions = saved
+    return torch.nn.functional.normalize(embeds.float(), dim=-1).cpu()
+
+
 def _assemble(
     parts: dict, region_path: str, max_length: int, truncated: dict, num_texts: dict
 ) -> SplitFeatures:
@@ -225,7 +239,10 @@ def _assemble(
     region_image = cat(parts["region_image"], torch.zeros(0, dtype=torch.long))
     order = torch.sort(region_image, stable=True).indices
     return SplitFeatures(
-        box_free={"global": torch.cat(parts["global"])},
+        box_free={
+            "global": torch.cat(parts["global"]),
+            **({"self-proposed": torch.cat(parts["self-proposed"])} if parts.get("self-proposed") else {}),
+        },
         gt_boxes={"region-aware": torch.cat(parts["region-aware"])},
         report_embeds=torch.cat(parts["report_embeds"]),
         reports=parts["reports"],

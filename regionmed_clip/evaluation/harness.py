@@ -5,8 +5,9 @@ Each task is one function in `TASKS` that takes the shared [`EvalContext`] and r
 metrics.json. Image-level sections (`zero_shot`, `few_shot`, `retrieval`) are split by what the image embedding
 needs at test time:
 
-- `box_free`: from the image alone, as `get_image_features` without boxes (`global`: z_global). Reported first:
-  it is what a user without boxes gets.
+- `box_free`: from the image alone, as `get_image_features` without boxes (`global`: z_global; `self-proposed`:
+  the region-aware embedding with regions the model proposes itself, for a model whose proposer and ROI branch
+  were trained). Reported first: it is what a user without boxes gets.
 - `gt_boxes`: with the split's ground-truth boxes as input (`region-aware`: z_fused). Labelled "GT boxes at test".
 
 Region-level sections (`region`, `grounding`) need boxes by definition; each carries `controls`, the same metric
@@ -367,6 +368,12 @@ def model_fingerprint(model_path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _trains_proposer(training_config: dict | None) -> bool:
+    """Whether some stage of a saved training config weights `proposal_loss` (the proposer is trained)."""
+    stages = (training_config or {}).get("stages") or []
+    return any((stage.get("loss_weights") or {}).get("proposal_loss", 0) > 0 for stage in stages)
+
+
 def cached_features(
     model,
     processor,
@@ -446,6 +453,7 @@ def run_evaluation(
     device: str = "auto",
     max_length: int | None = None,
     region_path: Literal["auto", "roi_processor", "global_on_crops"] = "auto",
+    self_proposed: int | None = None,
     vqa_rad: tuple[str, str] | None = None,
     slake: str | None = None,
     cache_dir: str | Path | None = None,
@@ -475,6 +483,9 @@ def run_evaluation(
         max_length: Token limit of every text (default: the model's training_config.yaml, else the tokenizer's).
         region_path: How regions are embedded: `auto` (the global path on crops for a model whose ROI branch was
             never trained, else the ROI processor), `roi_processor` or `global_on_crops`.
+        self_proposed: Regions the model proposes itself for the box-free `self-proposed` embedding (0: none).
+            Default: `max_regions` for a model whose training config weights `proposal_loss` and trains the ROI
+            branch, else 0.
         vqa_rad: VQA-RAD's JSON file and image folder.
         slake: SLAKE's folder.
         cache_dir: A folder that keeps the features of each (model, data, split, settings) for later runs.
@@ -493,10 +504,12 @@ def run_evaluation(
     trained, reason = roi_branch_status(model, training_config)
     if region_path == "auto":
         region_path = "roi_processor" if trained else "global_on_crops"
+    if self_proposed is None:
+        self_proposed = model.config.max_regions if trained and _trains_proposer(training_config) else 0
     length, length_source = resolve_max_length(max_length, training_config, processor, model)
     rows = load_rows(data_path, split)
     fingerprint = {"model": model_fingerprint(model_path), "data": dataset_hash(data_path)}
-    settings = {"max_length": length, "region_path": region_path}
+    settings = {"max_length": length, "region_path": region_path, "self_proposed": self_proposed}
     key = {**fingerprint, "format": FEATURES_FORMAT, "split": split}
     features = cached_features(model, processor, rows, key, cache_dir, batch_size, **settings)
     ctx = EvalContext(
@@ -541,6 +554,7 @@ def run_evaluation(
             "box_free": list(features.box_free),
             "gt_boxes": list(features.gt_boxes),
             "region_path": features.region_path,
+            "self_proposed_regions": self_proposed,
             "roi_branch_trained": trained,
             "roi_branch_reason": reason,
         },
