@@ -19,9 +19,14 @@ from pathlib import Path
 from .training.config import load_config
 from .training.run import train_in_subprocess
 
+#: The names of the compared models in every result, table and plot.
+AWARE, PLAIN = "4-stage (region-aware)", "global-only"
+
 
 def global_only(config, output_dir: Path):
-    """The same run with the region stages replaced by global-level training of the same length."""
+    """The same run with the region stages replaced by global-level training of the same length: the same model
+    (with `global_pool="cls_proposer"` its z_global pools the patches by the region proposer, which its own global
+    loss trains here, as no box reaches it), only the ROI processor frozen and unused."""
     warmup, *rest = config.stages
     if any(stage.steps is None for stage in config.stages):
         raise ValueError("the global-only comparison needs stages given in `steps`")
@@ -151,7 +156,7 @@ def _bar_chart(headlines: dict, path: Path) -> None:
 
 
 def _report(headlines: dict, controls: dict, region_paths: dict, timings: dict, out: Path) -> str:
-    aware, plain = headlines["4-stage (region-aware)"], headlines["global-only"]
+    aware, plain = headlines[AWARE], headlines[PLAIN]
     lines = [
         "# RegionMed-CLIP demo",
         "",
@@ -240,7 +245,7 @@ def train_and_compare(
     start = time.perf_counter()
     from .evaluation.harness import run_evaluation
 
-    folders = {"4-stage (region-aware)": model_folder, "global-only": baseline_folder}
+    folders = {AWARE: model_folder, PLAIN: baseline_folder}
     baseline_tasks = tasks if tasks != "all" else "zero_shot,retrieval,region,grounding"
     results = {}
     for (name, folder), slug, model_tasks in zip(
@@ -270,8 +275,8 @@ def run_demo(config: str = "configs/demo.yaml", output_dir: str | None = None) -
     started = time.perf_counter()
     comparison = train_and_compare(config)
     results, headlines, timings = comparison.results, comparison.headlines, comparison.timings
-    model_folder = comparison.folders["4-stage (region-aware)"]
-    controls = _controls(results["4-stage (region-aware)"])
+    model_folder = comparison.folders[AWARE]
+    controls = _controls(results[AWARE])
     region_paths = {name: result["embeddings"]["region_path"] for name, result in results.items()}
 
     from transformers import pipeline
@@ -285,7 +290,7 @@ def run_demo(config: str = "configs/demo.yaml", output_dir: str | None = None) -
     example = load_rows(config.data.path, "test")[0]
     classifier = pipeline("zero-shot-image-classification", model=str(model_folder))
     scores = classifier(
-        example["image"], candidate_labels=results["global-only"]["classes"], hypothesis_template="{}"
+        example["image"], candidate_labels=results[PLAIN]["classes"], hypothesis_template="{}"
     )
     timings["total"] = time.perf_counter() - started
 

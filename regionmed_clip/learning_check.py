@@ -9,18 +9,60 @@ figures first, then every figure) and `learning_check.png` (the headline figures
 
 The verdict on each headline figure: the 4-stage model beats the baseline when its mean exceeds the baseline's by
 more than `margin_std` (2) times the larger of the two standard deviations.
+
+With `shuffled_control`, a third model per seed measures what the region terms give when their labels carry no
+information: the 4-stage recipe trained on a copy of the data whose training split has its region annotations
+(caption, adjective, term, position, hard negatives) permuted across all its regions, boxes, images and reports
+left as they are ([`shuffled_region_copy`]), and evaluated on the real test split. A gain of the 4-stage model
+that this control shares comes from the extra terms or steps, not from what the regions say.
 """
 
 import dataclasses
+import glob
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .demo import HEADLINE, flat_figures, train_and_compare
+from .demo import AWARE, HEADLINE, PLAIN, _trained, flat_figures, train_and_compare
 from .training.config import load_config
+from .training.run import train_in_subprocess
+
+SHUFFLED = "4-stage, shuffled region labels"
+#: The fields of a region that say what it is; the permutation of the control moves them together.
+REGION_ANNOTATIONS = ("caption", "adjective", "term", "position", "negatives")
+
+
+def shuffled_region_copy(source: Path, out: Path, seed: int = 0, split: str = "train") -> dict:
+    """Copy the dataset folder `source` to `out` with the region annotations of `split` permuted (seeded) across all
+    regions of the split; everything else (boxes, scores, images, reports, the other splits) stays. Returns
+    `{"regions": N, "moved": M}`: how many regions the split has and how many got another region's annotations.
+    Written to a temporary folder and renamed, so a half-written copy is never read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = sorted(glob.glob(str(Path(source) / "data" / f"{split}-*.parquet")))
+    if not files:
+        raise ValueError(f"{source}: no data/{split}-*.parquet files to shuffle the regions of")
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(source, partial)
+    tables = [pq.read_table(file) for file in files]
+    rows = [table.to_pylist() for table in tables]
+    regions = [region for part in rows for row in part for region in row["regions"] or []]
+    order = np.random.default_rng(seed).permutation(len(regions))
+    annotations = [{key: regions[i].get(key) for key in REGION_ANNOTATIONS} for i in order]
+    for region, annotation in zip(regions, annotations, strict=True):
+        region.update(annotation)
+    for file, table, part in zip(files, tables, rows, strict=True):
+        target = partial / Path(file).relative_to(source)
+        pq.write_table(pa.Table.from_pylist(part, schema=table.schema), target)
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
+    return {"regions": len(regions), "moved": int((order != np.arange(len(regions))).sum())}
 
 
 def aggregate(values: list[float]) -> dict:
@@ -33,7 +75,7 @@ def aggregate(values: list[float]) -> dict:
 def verdict(summary: dict, margin_std: float = 2.0) -> dict[str, dict]:
     """Per headline figure: the margin of the 4-stage mean over the baseline's, the bar it must clear
     (`margin_std` × the larger std) and whether it does."""
-    aware, plain = summary["4-stage (region-aware)"], summary["global-only"]
+    aware, plain = summary[AWARE], summary[PLAIN]
     result = {}
     for label, key in HEADLINE:
         if key not in aware or key not in plain:
@@ -55,22 +97,59 @@ def scale_steps(config, factor: float):
     return dataclasses.replace(config, stages=stages)
 
 
+TASKS = "zero_shot,retrieval,region,grounding"
+
+
+def _shuffled_control(config, seed_config, data: Path, bootstrap: int, reuse_trained: bool) -> dict:
+    """The control model of one seed: the 4-stage recipe on the shuffled copy `data`, evaluated on the real data."""
+    from .evaluation.harness import run_evaluation
+
+    out = Path(seed_config.output_dir)
+    control = dataclasses.replace(
+        seed_config,
+        output_dir=str(out / "shuffled-regions"),
+        data=dataclasses.replace(config.data, path=str(data), synth=None),
+    )
+    folder = (_trained(control) if reuse_trained else None) or train_in_subprocess(control)
+    return run_evaluation(
+        folder,
+        config.data.path,
+        out / "eval" / "shuffled-regions",
+        tasks=TASKS,
+        seed=seed_config.seed,
+        bootstrap=bootstrap,
+    )
+
+
 def run_learning_check(
-    config, out: Path, seeds: list[int], bootstrap: int = 1000, reuse_trained: bool = False
+    config,
+    out: Path,
+    seeds: list[int],
+    bootstrap: int = 1000,
+    reuse_trained: bool = False,
+    shuffled_control: bool = False,
 ) -> dict:
-    """Train and evaluate both models for every seed (folders `out/seed-N/`), aggregate, and write the outputs."""
+    """Train and evaluate both models (and the shuffled-label control) for every seed (folders `out/seed-N/`),
+    aggregate, and write the outputs."""
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     per_seed: dict[int, dict[str, dict[str, float]]] = {}
+    shuffled = None
     for seed in seeds:
         seed_config = dataclasses.replace(config, seed=seed, output_dir=str(out / f"seed-{seed}"))
         comparison = train_and_compare(
-            seed_config,
-            tasks="zero_shot,retrieval,region,grounding",
-            bootstrap=bootstrap,
-            reuse_trained=reuse_trained,
+            seed_config, tasks=TASKS, bootstrap=bootstrap, reuse_trained=reuse_trained
         )
         per_seed[seed] = {name: flat_figures(metrics) for name, metrics in comparison.results.items()}
+        if shuffled_control:
+            # After the first training, which generates MedRegion-synth when the config asks for it.
+            data = out / "shuffled-regions-data"
+            if shuffled is None:
+                shuffled = shuffled_region_copy(
+                    Path(config.data.path), data, seed=0, split=config.data.train_split
+                )
+            metrics = _shuffled_control(config, seed_config, data, bootstrap, reuse_trained)
+            per_seed[seed][SHUFFLED] = flat_figures(metrics)
     models = list(next(iter(per_seed.values())))
     summary = {}
     for model in models:
@@ -85,6 +164,8 @@ def run_learning_check(
         "verdict": verdict(summary),
         "seconds": time.perf_counter() - started,
     }
+    if shuffled is not None:
+        result["shuffled_regions"] = shuffled
     (out / "learning_check.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     (out / "learning_check.md").write_text(markdown(result), encoding="utf-8")
     plot(result, out / "learning_check.png")
@@ -100,27 +181,46 @@ def _cell(entry: dict | None) -> str:
 
 
 def markdown(result: dict) -> str:
-    aware, plain = result["summary"]["4-stage (region-aware)"], result["summary"]["global-only"]
+    aware, plain = result["summary"][AWARE], result["summary"][PLAIN]
+    control = result["summary"].get(SHUFFLED)
     seeds = ", ".join(str(seed) for seed in result["seeds"])
     lines = [
         "# Learning check",
         "",
         f"4-stage model against the global-only baseline (same steps: {result['steps']}), seeds {seeds}: mean ± std",
         f"(ddof = 1) on the MedRegion-synth test split; {result['seconds'] / 60:.0f} min in all.",
+    ]
+    if control is not None:
+        moved = result["shuffled_regions"]
+        lines += [
+            f"Control: the 4-stage recipe with the training split's region annotations permuted across its regions "
+            f"({moved['moved']} of {moved['regions']} moved; boxes, images and reports unchanged).",
+        ]
+    extra = " | shuffled-label control" if control is not None else ""
+    lines += [
         "",
-        "| figure | 4-stage | global-only | margin | 2 std bar | beats |",
-        "|---|---|---|---|---|---|",
+        f"| figure | 4-stage | global-only | margin | 2 std bar | beats{extra} |",
+        "|---|---|---|---|---|---|" + ("---|" if control is not None else ""),
     ]
     for label, key in HEADLINE:
         if key in aware and key in plain:
             check = result["verdict"][label]
-            lines.append(
+            row = (
                 f"| {label} | {_cell(aware[key])} | {_cell(plain[key])} | {check['margin']:+.3f} | "
                 f"{check['bar']:.3f} | {'yes' if check['beats'] else 'no'} |"
             )
-    lines += ["", "## Every figure", "", "| figure | 4-stage | global-only |", "|---|---|---|"]
-    for key in sorted(set(aware) | set(plain)):
-        lines.append(f"| {key} | {_cell(aware.get(key))} | {_cell(plain.get(key))} |")
+            lines.append(row + (f" {_cell(control.get(key))} |" if control is not None else ""))
+    models = list(result["summary"])
+    lines += [
+        "",
+        "## Every figure",
+        "",
+        "| figure | " + " | ".join(models) + " |",
+        "|---|" + "---|" * len(models),
+    ]
+    for key in sorted(set().union(*(result["summary"][model] for model in models))):
+        cells = " | ".join(_cell(result["summary"][model].get(key)) for model in models)
+        lines.append(f"| {key} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
@@ -130,12 +230,14 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [(label, key) for label, key in HEADLINE if key in result["summary"]["global-only"]]
+    rows = [(label, key) for label, key in HEADLINE if key in result["summary"][PLAIN]]
     figure, axis = plt.subplots(figsize=(10, 4))
-    width = 0.38
-    for offset, (model, figures) in zip((-width / 2, width / 2), result["summary"].items(), strict=True):
-        means = [figures[key]["mean"] for _, key in rows]
-        stds = [figures[key]["std"] for _, key in rows]
+    models = result["summary"]
+    width = 0.8 / len(models)
+    for index, (model, figures) in enumerate(models.items()):
+        offset = (index - (len(models) - 1) / 2) * width
+        means = [figures[key]["mean"] if key in figures else float("nan") for _, key in rows]
+        stds = [figures[key]["std"] if key in figures else 0.0 for _, key in rows]
         axis.bar([i + offset for i in range(len(rows))], means, width, yerr=stds, capsize=3, label=model)
     axis.set_xticks(range(len(rows)), [label for label, _ in rows], fontsize=7, rotation=15)
     axis.set_ylim(0, 1)
@@ -153,6 +255,7 @@ def learning_check(
     bootstrap: int = 1000,
     steps_scale: float = 1.0,
     reuse_trained: bool = False,
+    shuffled_control: bool = False,
 ) -> dict:
     """The demo's comparison over several seeds; writes `learning_check.json`, `.md` and `.png` and returns the
     result.
@@ -165,8 +268,12 @@ def learning_check(
         steps_scale: Multiplies every stage's steps (1: the config's budget; less for a cheaper screening).
         reuse_trained: Evaluate the models a finished run of the same config left in the output folder instead of
             retraining them.
+        shuffled_control: Also train, per seed, the 4-stage recipe on the data with its training split's region
+            annotations permuted across regions, and report it beside both models (one more training per seed).
     """
     run_config = load_config(config)
     if steps_scale != 1.0:
         run_config = scale_steps(run_config, steps_scale)
-    return run_learning_check(run_config, Path(output_dir), list(seeds), bootstrap, reuse_trained)
+    return run_learning_check(
+        run_config, Path(output_dir), list(seeds), bootstrap, reuse_trained, shuffled_control
+    )

@@ -365,17 +365,40 @@ class RegionMedCLIPLoss(nn.Module):
     `config.loss_objective` picks the form of the contrastive terms: `"infonce"` (the paper's) or `"sigmoid"`
     (SigLIP's pairwise loss with the model's learnable `logit_bias`).
 
-    `dense_loss` and `proposal_loss` default to weight 0 and no shipped recipe weights them, because they were
-    measured not to help the box-free embedding z_global. Measured with pool mode + `dense_loss` + `proposal_loss`
-    at weight 1 (beside `global_loss` and `fused_global_loss` in the region stages, `global_loss` in every stage),
-    before the current evaluation (which now counts identical reports as one target), 3 seeds,
-    `python -m regionmed_clip.learning_check --config <that recipe> --seeds 0 1 2`, 32 min on a 2-core Xeon (AMX,
-    bf16 autocast), MedRegion-synth test split (250 images), no boxes at test, against the global-only baseline:
-    image → report R@1 0.064 ± 0.004 vs 0.079 ± 0.008, report → image R@1 0.072 ± 0.000 vs 0.096 ± 0.014,
-    zero-shot macro AUC 0.726 ± 0.003 vs 0.766 ± 0.006. At half that budget with seed 0, neither that recipe nor
-    its variants (region terms at 0.25, or `global_pool="cls_proposer"`) beat their baseline on all three figures. At the end of training z_global's `global_loss` was 1.62 for the baseline and 1.80 for that recipe,
-    whose shared vision tower also fits four region terms in the same steps. Not measured: crop mode with
-    `global_loss` in every stage, and CLIPSelf-style distillation of crop features into RoIAlign features.
+    How region knowledge reaches the box-free embedding (the decision of DESIGN.md, "Progressive training"):
+    `dense_loss`, `global_region_loss` and `proposal_loss` default to weight 0 (a plain config is the paper's
+    loss); the demo recipe (configs/demo.yaml) weights them 2 / 0.25 / 1 in the ROI and joint stages, with
+    `global_pool="cls_proposer"` and `global_loss` kept at 1 (with `summary_loss` 0.5) in every stage. z_global
+    then adds to the CLS feature the patch tokens weighted by the proposer's objectness: `proposal_loss` teaches
+    the proposer where findings are from the ground-truth boxes, `dense_loss` makes those patch tokens match their
+    region captions, and `global_region_loss` pulls z_global itself towards its findings. The baseline is the same
+    model trained global-only for the same steps (its proposer trained by its global loss alone).
+    Chosen by screening variants at the demo budget, `regionmed-clip learning-check --config <configs/demo.yaml
+    with that variant's weights> --seeds N` (2-core Xeon with AMX, bf16 autocast, MedRegion-synth test split,
+    250 images, no boxes at test; box-free image → report R@1 / report → image R@1 / zero-shot macro AUC;
+    seed 0 unless more are given; the rows with the proposer pool ran with it frozen in the first two stages
+    for seeds 0 and 1 of the `dense_loss` 1 recipe and seed 0 of its baseline, before it moved beside the ROI
+    processor):
+
+    | variant | i→r R@1 | r→i R@1 | AUC |
+    |---|---|---|---|
+    | global-only, CLS pool | 0.044 | 0.084 | 0.746 |
+    | the previous recipe with `global_loss` 1 in every stage, joint lr 5e-4 | 0.060 | 0.084 | 0.722 |
+    | + `dense_loss` 1 | 0.068 | 0.116 | 0.757 |
+    | + `global_region_loss` 1 (CLS pool) | 0.088 | 0.096 | 0.808 |
+    | + `dense_loss` 1, `proposal_loss` 1, proposer pool (seeds 0, 1, 2) | 0.127 | 0.156 | 0.801 |
+    | global-only, proposer pool (seeds 0, 1, 2) | 0.076 | 0.099 | 0.776 |
+    | the proposer-pool recipe with `global_region_loss` 1 | 0.096 | 0.080 | 0.804 |
+    | ... with `global_region_loss` 0.25 (seeds 0, 1) | 0.130 | 0.148 | 0.817 |
+    | ... with `dense_loss` 2 (seeds 0, 1) | 0.186 | 0.200 | 0.805 |
+    | ... with `dense_loss` 4 | 0.188 | 0.200 | 0.806 |
+    | ... with `dense_loss` 2 and `global_region_loss` 0.25 (shipped) | 0.180 | 0.204 | 0.816 |
+    | global-only, proposer pool, lr 1e-3 | 0.060 | 0.092 | 0.744 |
+    | the `dense_loss` 1 proposer-pool recipe, region annotations shuffled across training regions | 0.060 | 0.052 | 0.744 |
+
+    The shuffled control (`learning-check --shuffled-control`) loses the whole gain: it comes from what the regions
+    say, not from the extra terms or the proposer pool. Not measured: CLIPSelf-style distillation of crop features into RoIAlign
+    features. The three-seed figures of the shipped recipe are in the README ("Learning check over seeds").
 
     Args:
         config ([`RegionMedCLIPConfig`]): Weights and objective.

@@ -15,11 +15,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from regionmed_clip.demo import HEADLINE
-from regionmed_clip.learning_check import aggregate, flat_figures, verdict
+from regionmed_clip.learning_check import (
+    REGION_ANNOTATIONS,
+    SHUFFLED,
+    aggregate,
+    flat_figures,
+    shuffled_region_copy,
+    verdict,
+)
 
 from .test_training import ENV, tiny_training_config
 
@@ -125,12 +133,51 @@ def test_learning_check_on_a_tiny_budget_writes_its_outputs_and_stays_within_the
     assert table.index("(box-free)") < table.index("(GT boxes at test)")
     assert_within_pins(result, PINS / "learning_check_tiny.json", floor=1 / 16)
 
-    # --reuse-trained evaluates the finished trainings again: same figures, no training process started.
+    # --reuse-trained evaluates the finished trainings again: same figures, no training process started; the
+    # shuffled-label control is trained (on the shuffled copy) and reported beside them.
     log = out / "seed-1" / "train.log"
     written = log.stat().st_mtime_ns
-    again = run_check(tiny_check_config(tmp_path), out, [1], tmp_path, "--reuse-trained")
+    again = run_check(
+        tiny_check_config(tmp_path), out, [1], tmp_path, "--reuse-trained", "--shuffled-control"
+    )
     assert log.stat().st_mtime_ns == written
-    assert again["per_seed"]["1"] == result["per_seed"]["1"]
+    figures = again["per_seed"]["1"]
+    assert {name: figures[name] for name in result["per_seed"]["1"]} == result["per_seed"]["1"]
+    assert set(figures) == {*result["per_seed"]["1"], SHUFFLED}
+    control = yaml.safe_load((out / "seed-1" / "shuffled-regions" / "run_config.yaml").read_text())
+    assert control["data"]["path"] == str(out / "shuffled-regions-data")
+    assert again["shuffled_regions"]["moved"] > 0
+    assert SHUFFLED in (out / "learning_check.md").read_text(encoding="utf-8")
+
+
+def test_shuffled_region_copy_permutes_whole_annotations_and_keeps_everything_else(tmp_path, synth_folder):
+    from regionmed_clip.data.collator import load_rows
+
+    out = tmp_path / "shuffled"
+    counts = shuffled_region_copy(Path(synth_folder), out, seed=3)
+    before, after = load_rows(synth_folder, "train"), load_rows(out, "train")
+    keys = REGION_ANNOTATIONS
+    old = [region for row in before for region in row["regions"]]
+    new = [region for row in after for region in row["regions"]]
+    assert counts == {"regions": len(old), "moved": sum(a != b for a, b in zip(old, new, strict=True))}
+    assert counts["moved"] > 0
+    # The same annotations, each moved whole (a caption keeps its own term and negatives) ...
+    whole = sorted(json.dumps([r[k] for k in keys]) for r in old)
+    assert sorted(json.dumps([r[k] for k in keys]) for r in new) == whole
+    # ... onto the same boxes of the same images and reports.
+    for a, b in zip(before, after, strict=True):
+        assert (a["id"], a["detailed_report"], a["summary_caption"]) == (
+            b["id"],
+            b["detailed_report"],
+            b["summary_caption"],
+        )
+        assert [r["bbox"] for r in a["regions"]] == [r["bbox"] for r in b["regions"]]
+        assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+    for split in ("validation", "test"):
+        for name in (Path(synth_folder) / "data").glob(f"{split}-*.parquet"):
+            assert (out / "data" / name.name).read_bytes() == name.read_bytes()
+    with pytest.raises(ValueError, match="no data/train-"):
+        shuffled_region_copy(tmp_path / "shuffled" / "vqa", tmp_path / "nothing")
 
 
 @pytest.mark.slow
