@@ -26,6 +26,10 @@ def test_global_only_baseline_has_the_same_number_of_steps():
 def test_demo_program_writes_model_report_and_metrics(tmp_path):
     config = tiny_training_config(tmp_path / "demo", tmp_path / "synth", steps=(2, 2, 3, 2))
     config["data"]["synth"] = {"train": 24, "validation": 4, "test": 8, "image_size": 64}
+    # The demo recipe's region-transfer terms and pool, so its self-proposed box-free rows are exercised too.
+    config["model"]["config"]["global_pool"] = "cls_proposer"
+    for stage in config["stages"][2:]:
+        stage["loss_weights"].update(dense_loss=2.0, global_region_loss=0.25, proposal_loss=1.0)
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump(config))
     result = subprocess.run(
@@ -63,6 +67,11 @@ def test_demo_program_writes_model_report_and_metrics(tmp_path):
     ]
     assert all(name.endswith("(GT boxes at test)") for name in figures[3:])
     assert "hard-negative accuracy (GT boxes at test)" in figures
+    # The 4-stage model's proposer was trained: its self-proposed box-free rows follow z_global's.
+    aware = list(metrics["learning_check"]["4-stage (region-aware)"])
+    assert aware[:3] == figures[:3] and aware[6:] == figures[3:]
+    assert all(name.endswith("(box-free, self-proposed regions)") for name in aware[3:6])
+    assert "– (no trained proposer)" in (out / "report.md").read_text(encoding="utf-8")
     evaluation = json.loads((out / "eval" / "4-stage" / "metrics.json").read_text())
     baseline = json.loads((out / "eval" / "global-only" / "metrics.json").read_text())
     # The baseline's ROI branch is never trained: its regions go through its global path on crops.

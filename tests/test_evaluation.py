@@ -564,11 +564,15 @@ def test_a_trained_proposer_adds_the_self_proposed_box_free_embedding(tmp_path, 
     assert list(without["retrieval"]["box_free"]) == ["global"]
     weights = {"roi_loss": 1.0, "proposal_loss": 1.0}
     config.write_text(yaml.safe_dump({"stages": [{**stage, "loss_weights": weights}]}))
-    metrics = run_evaluation(tmp_path / "model", synth_folder, tmp_path / "b", **run)
+    metrics = run_evaluation(
+        tmp_path / "model", synth_folder, tmp_path / "b", **{**run, "tasks": "zero_shot,retrieval,few_shot"}
+    )
     regions = model.config.max_regions
     assert metrics["embeddings"]["self_proposed_regions"] == regions
     assert list(metrics["retrieval"]["box_free"]) == ["global", "self-proposed"]
     assert list(metrics["zero_shot"]["box_free"]) == ["global", "self-proposed"]
+    # The support split's features carry it too (few-shot reads both splits).
+    assert list(metrics["few_shot"]["box_free"]) == ["global", "self-proposed"]
     assert metrics["retrieval"]["box_free"]["global"] == without["retrieval"]["box_free"]["global"]
     # The figure is get_image_features with auto_regions: scored here by hand on the same texts.
     rows = load_rows(synth_folder, "test")

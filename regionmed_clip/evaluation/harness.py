@@ -51,6 +51,7 @@ class EvalContext:
     data_path: str | Path
     rows: object
     features: SplitFeatures
+    feature_settings: dict  # the `extract_features` settings `features` came from; other splits reuse them
     fingerprint: dict
     split: str
     support_split: str
@@ -222,9 +223,8 @@ def task_few_shot(ctx: EvalContext) -> dict | None:
         "split": ctx.support_split,
         "rows": support_rows["id"],
     }
-    settings = {"max_length": ctx.features.max_length, "region_path": ctx.features.region_path}
     support = cached_features(
-        ctx.model, ctx.processor, support_rows, key, ctx.cache_dir, ctx.batch_size, **settings
+        ctx.model, ctx.processor, support_rows, key, ctx.cache_dir, ctx.batch_size, **ctx.feature_settings
     )
     support_labels = np.array([classes["names"].index(label) for label in support.labels])
     support_embeddings = {"box_free": support.box_free, "gt_boxes": support.gt_boxes}
@@ -518,6 +518,7 @@ def run_evaluation(
         data_path,
         rows,
         features,
+        settings,
         fingerprint,
         split,
         support_split,
