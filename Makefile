@@ -22,12 +22,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) -m regionmed_clip.cli demo --config configs/demo.yaml
 
-# The demo's comparison over three seeds: mean ± std of every figure → outputs/learning-check/ (JSON, Markdown, PNG).
+# The demo's comparison over three seeds, with the shuffled-region-label control: mean ± std of every figure →
+# outputs/learning-check/ (JSON, Markdown, PNG).
 learning-check: $(STAMP)
 	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) -m regionmed_clip.cli learning-check \
-		--config configs/demo.yaml --seeds 0 1 2 --output-dir outputs/learning-check
+		--config configs/demo.yaml --seeds 0 1 2 --output-dir outputs/learning-check --shuffled-control
 
-# The B / W / W+G / W+G+R / W+G+R+F ablation on the demo's data and step budget (about 15 minutes on 2 cores).
+# The B / W / W+G / W+G+R / W+G+R+F ablation on the demo's data and step budget (15 to 35 minutes on 2 cores).
 ablation: $(STAMP)
 	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) eval/ablation.py --config configs/demo.yaml --out outputs/ablation
 
