@@ -21,6 +21,8 @@ from .training.run import train_in_subprocess
 
 #: The names of the compared models in every result, table and plot.
 AWARE, PLAIN = "4-stage (region-aware)", "global-only"
+#: The evaluation tasks both models are compared on (the baseline's in `make demo`, both in the learning check).
+COMPARED_TASKS = "zero_shot,retrieval,region,grounding"
 
 
 def global_only(config, output_dir: Path):
@@ -220,6 +222,12 @@ def _trained(config) -> Path | None:
     return folder / "model"
 
 
+def train_or_reuse(config, reuse_trained: bool) -> Path:
+    """`config`'s model folder: trained in its own process, or with `reuse_trained` the folder a finished run of
+    exactly `config` left in its output folder when there is one."""
+    return (_trained(config) if reuse_trained else None) or train_in_subprocess(config)
+
+
 def train_and_compare(
     config, tasks: str = "all", bootstrap: int = 1000, reuse_trained: bool = False
 ) -> Comparison:
@@ -232,21 +240,19 @@ def train_and_compare(
     baseline_config = global_only(config, out / "global-only")
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    model_folder = (_trained(config) if reuse_trained else None) or train_in_subprocess(config)
+    model_folder = train_or_reuse(config, reuse_trained)
     timings["train 4-stage model (incl. data generation)"] = time.perf_counter() - start
     timings.update({f"  {k}": v for k, v in json.loads((out / "timings.json").read_text()).items()})
 
     start = time.perf_counter()
-    baseline_folder = (_trained(baseline_config) if reuse_trained else None) or train_in_subprocess(
-        baseline_config
-    )
+    baseline_folder = train_or_reuse(baseline_config, reuse_trained)
     timings["train global-only baseline"] = time.perf_counter() - start
 
     start = time.perf_counter()
     from .evaluation.harness import run_evaluation
 
     folders = {AWARE: model_folder, PLAIN: baseline_folder}
-    baseline_tasks = tasks if tasks != "all" else "zero_shot,retrieval,region,grounding"
+    baseline_tasks = tasks if tasks != "all" else COMPARED_TASKS
     results = {}
     for (name, folder), slug, model_tasks in zip(
         folders.items(), ("4-stage", "global-only"), (tasks, baseline_tasks), strict=True

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .demo import AWARE, HEADLINE, PLAIN, _trained, flat_figures, train_and_compare
+from .data.collator import local_data_files
+from .demo import AWARE, COMPARED_TASKS, HEADLINE, PLAIN, flat_figures, train_and_compare, train_or_reuse
 from .training.config import load_config
-from .training.run import train_in_subprocess
 
 SHUFFLED = "4-stage, shuffled region labels"
 #: The fields of a region that say what it is; the permutation of the control moves them together.
@@ -44,9 +44,10 @@ def shuffled_region_copy(source: Path, out: Path, seed: int = 0, split: str = "t
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    files = sorted(glob.glob(str(Path(source) / "data" / f"{split}-*.parquet")))
+    pattern = local_data_files(Path(source), "default", split)
+    files = sorted(glob.glob(pattern))
     if not files:
-        raise ValueError(f"{source}: no data/{split}-*.parquet files to shuffle the regions of")
+        raise ValueError(f"{source}: no {split} files ({pattern}) to shuffle the regions of")
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     shutil.copytree(source, partial)
@@ -97,10 +98,7 @@ def scale_steps(config, factor: float):
     return dataclasses.replace(config, stages=stages)
 
 
-TASKS = "zero_shot,retrieval,region,grounding"
-
-
-def _shuffled_control(config, seed_config, data: Path, bootstrap: int, reuse_trained: bool) -> dict:
+def _shuffled_control(seed_config, data: Path, bootstrap: int, reuse_trained: bool) -> dict:
     """The control model of one seed: the 4-stage recipe on the shuffled copy `data`, evaluated on the real data."""
     from .evaluation.harness import run_evaluation
 
@@ -108,14 +106,13 @@ def _shuffled_control(config, seed_config, data: Path, bootstrap: int, reuse_tra
     control = dataclasses.replace(
         seed_config,
         output_dir=str(out / "shuffled-regions"),
-        data=dataclasses.replace(config.data, path=str(data), synth=None),
+        data=dataclasses.replace(seed_config.data, path=str(data), synth=None),
     )
-    folder = (_trained(control) if reuse_trained else None) or train_in_subprocess(control)
     return run_evaluation(
-        folder,
-        config.data.path,
+        train_or_reuse(control, reuse_trained),
+        seed_config.data.path,
         out / "eval" / "shuffled-regions",
-        tasks=TASKS,
+        tasks=COMPARED_TASKS,
         seed=seed_config.seed,
         bootstrap=bootstrap,
     )
@@ -138,7 +135,7 @@ def run_learning_check(
     for seed in seeds:
         seed_config = dataclasses.replace(config, seed=seed, output_dir=str(out / f"seed-{seed}"))
         comparison = train_and_compare(
-            seed_config, tasks=TASKS, bootstrap=bootstrap, reuse_trained=reuse_trained
+            seed_config, tasks=COMPARED_TASKS, bootstrap=bootstrap, reuse_trained=reuse_trained
         )
         per_seed[seed] = {name: flat_figures(metrics) for name, metrics in comparison.results.items()}
         if shuffled_control:
@@ -148,7 +145,7 @@ def run_learning_check(
                 shuffled = shuffled_region_copy(
                     Path(config.data.path), data, seed=0, split=config.data.train_split
                 )
-            metrics = _shuffled_control(config, seed_config, data, bootstrap, reuse_trained)
+            metrics = _shuffled_control(seed_config, data, bootstrap, reuse_trained)
             per_seed[seed][SHUFFLED] = flat_figures(metrics)
     models = list(next(iter(per_seed.values())))
     summary = {}

@@ -394,11 +394,12 @@ class RegionMedCLIPLoss(nn.Module):
     | ... with `dense_loss` 4 | 0.188 | 0.200 | 0.806 |
     | ... with `dense_loss` 2 and `global_region_loss` 0.25 (shipped) | 0.180 | 0.204 | 0.816 |
     | global-only, proposer pool, lr 1e-3 | 0.060 | 0.092 | 0.744 |
-    | the `dense_loss` 1 proposer-pool recipe, region annotations shuffled across training regions | 0.060 | 0.052 | 0.744 |
+    | the `dense_loss` 1 proposer-pool recipe, training region annotations shuffled | 0.060 | 0.052 | 0.744 |
 
     The shuffled control (`learning-check --shuffled-control`) loses the whole gain: it comes from what the regions
-    say, not from the extra terms or the proposer pool. Not measured: CLIPSelf-style distillation of crop features into RoIAlign
-    features. The three-seed figures of the shipped recipe are in the README ("Learning check over seeds").
+    say, not from the extra terms or the proposer pool. Not measured: CLIPSelf-style distillation of crop features
+    into RoIAlign features. The three-seed figures of the shipped recipe are in the README ("Learning check over
+    seeds").
 
     Args:
         config ([`RegionMedCLIPConfig`]): Weights and objective.

@@ -208,7 +208,7 @@ class MedRegionCollator:
         return self.label_index[label]
 
 
-def _local_data_files(folder: Path, config: str, split: str) -> str:
+def local_data_files(folder: Path, config: str, split: str) -> str:
     """The parquet pattern of `split` of `config` in a local dataset folder, from its card's `configs` YAML."""
     card = folder / "README.md"
     directory = "data" if config == "default" else config
@@ -236,7 +236,7 @@ def load_rows(
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     folder = Path(path)
     if folder.is_dir():
-        files = _local_data_files(folder, config, split)
+        files = local_data_files(folder, config, split)
         return load_dataset("parquet", data_files={split: files}, split=split, streaming=streaming)
     return load_dataset(str(path), config, split=split, streaming=streaming)
 

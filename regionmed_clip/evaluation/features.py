@@ -63,7 +63,8 @@ def roi_branch_status(model, training_config: dict | None) -> tuple[bool, str]:
     """Whether the model's ROI branch was trained, and why that was decided.
 
     With the `training_config.yaml` the trainer saves beside the model, the branch is trained when some stage
-    weights above 0 a loss term computed on the ROI processor's output (`REGION_TERMS`) and does not freeze `roi_processor`.
+    weights above 0 a loss term computed on the ROI processor's output (`REGION_TERMS`) and does not freeze
+    `roi_processor`.
     Without it, the gate decides: it is initialised to exactly 0 and any update through the region-aware
     embedding moves it, so a gate of exactly 0 means untrained. (The gate alone is not enough when the config
     exists: the region losses train the ROI processor's region features without touching the gate.) The file is
