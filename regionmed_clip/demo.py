@@ -44,9 +44,10 @@ def global_only(config, output_dir: Path):
 
 
 #: Sections of an evaluation whose figures are aggregated; within them every numeric leaf is a figure except
-#: counts, per-class breakdowns and confidence intervals (their spread over seeds is not a figure of the model).
+#: counts, per-class breakdowns, confidence intervals, chance and ceilings (their spread over seeds is not a figure of
+#: the model).
 SECTIONS = ("zero_shot", "retrieval", "region", "grounding", "few_shot")
-SKIPPED_KEYS = ("num_", "per_class", "ci95", "scores", "chance", "provenance")
+SKIPPED_KEYS = ("num_", "per_class", "ci95", "scores", "chance", "ceiling", "provenance")
 
 
 def flat_figures(metrics: dict) -> dict[str, float]:
@@ -98,6 +99,7 @@ HEADLINE = (
     (f"region → caption R@5 ({GT_BOXES})", "region/region_to_caption/R@5"),
     (f"hard-negative accuracy ({GT_BOXES})", "region/hard_negative_accuracy"),
     (f"pointing accuracy ({GT_BOXES})", "grounding/pointing_accuracy"),
+    (f"pointing accuracy, position words removed ({GT_BOXES})", "grounding/position_free/pointing_accuracy"),
 )
 
 
@@ -111,8 +113,9 @@ def _controls(metrics: dict) -> dict[str, dict]:
     """The measured no-image control of each region figure: `{figure: {"control", "value"}}`. They depend on the
     data only (fitted on the training split), so one evaluation's serve both models."""
     region, grounding = metrics["region"]["controls"], metrics["grounding"].get("controls", {})
+    position_free = metrics["grounding"].get("position_free", {}).get("controls", {}).get("box_only", {})
     box_only = "box-only (nearest training boxes)"
-    return {
+    controls = {
         f"region → caption R@1 ({GT_BOXES})": {
             "control": box_only,
             "value": region["box_only"]["region_to_caption"]["R@1"],
@@ -130,6 +133,12 @@ def _controls(metrics: dict) -> dict[str, dict]:
             "value": grounding["box_only"]["pointing_accuracy"],
         },
     }
+    if "pointing_accuracy" in position_free:
+        controls[f"pointing accuracy, position words removed ({GT_BOXES})"] = {
+            "control": f"{box_only}, position words removed",
+            "value": position_free["pointing_accuracy"],
+        }
+    return controls
 
 
 def _bar_chart(headlines: dict, path: Path) -> None:

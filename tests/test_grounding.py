@@ -11,10 +11,12 @@ from PIL import Image
 
 from regionmed_clip.cli.evaluate import add_explain_command
 from regionmed_clip.data.collator import load_rows
+from regionmed_clip.data.vocabulary import without_position_words
 from regionmed_clip.evaluation.grounding import (
     grounding_metrics,
     patch_text_similarity,
     pointing_accuracy,
+    pointing_ceiling,
     save_heatmap_overlay,
 )
 
@@ -102,6 +104,104 @@ def test_pointing_accuracy_without_an_image_of_two_regions_is_nan():
 def test_pointing_accuracy_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="region_mask"):
         pointing_accuracy(torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.ones(2, 2, dtype=torch.bool))
+
+
+def test_without_position_words_keeps_what_a_region_is():
+    assert without_position_words("round nodule left upper") == "round nodule"
+    assert without_position_words("Left, lower lobe opacity") == "lobe opacity"
+    assert without_position_words("oval cyst center") == "oval cyst"
+    assert without_position_words("left-sided effusion") == "left-sided effusion"
+    assert without_position_words("right middle") == ""
+
+
+def test_pointing_ceiling_misses_exactly_the_captions_shared_within_an_image():
+    rng = np.random.default_rng(0)
+    region_image = torch.tensor(sorted(rng.integers(0, 12, size=40).tolist()))
+    captions = [f"finding {int(rng.integers(3))}" for _ in range(40)]
+    hits = []
+    for image in region_image.unique().tolist():
+        members = [captions[i] for i in (region_image == image).nonzero()[:, 0].tolist()]
+        if len(members) >= 2:
+            hits += [members.count(caption) == 1 for caption in members]
+    assert 0 < np.mean(hits) < 1
+    assert pointing_ceiling(captions, region_image) == pytest.approx(np.mean(hits))
+    assert math.isnan(pointing_ceiling([], torch.zeros(0, dtype=torch.long)))
+
+
+def test_position_free_pointing_matches_a_naive_recomputation(tmp_path, synth_folder, tokenizer):
+    """`grounding.position_free`: the model's ROI embeddings against its embeddings of the captions without their
+    position words, one text at a time, scored by the naive loop; the box-only control fitted on the same
+    position-free training captions."""
+    from regionmed_clip.evaluation.controls import BoxOnlyControl
+    from regionmed_clip.evaluation.features import extract_features
+    from regionmed_clip.evaluation.grounding import region_slots
+    from regionmed_clip.evaluation.harness import run_evaluation, split_regions
+
+    model, processor = tiny_model(), make_processor(tokenizer)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    metrics = run_evaluation(
+        tmp_path / "model", synth_folder, tmp_path / "eval", tasks="grounding", split="train", bootstrap=0
+    )
+    section = metrics["grounding"]["position_free"]
+
+    features = extract_features(model, processor, load_rows(synth_folder, "train"), progress=False)
+    captions = [without_position_words(caption) for caption in features.region_captions]
+    assert all(captions) and captions != features.region_captions
+    with torch.no_grad():
+        texts = torch.cat(
+            [
+                model.get_text_features(
+                    input_ids=t["input_ids"], attention_mask=t["attention_mask"]
+                ).pooler_output
+                for t in (processor(text=[c], return_tensors="pt") for c in captions)
+            ]
+        )
+    (order, slots), mask = region_slots(features.region_image)
+    regions = torch.zeros(*mask.shape, features.region_embeds.shape[-1])
+    caption_slots = torch.zeros(*mask.shape, texts.shape[-1])
+    regions[order, slots], caption_slots[order, slots] = features.region_embeds, texts
+    expected = naive_pointing(regions, caption_slots, mask)
+    assert section["num_regions"] == expected["num_regions"] > 10
+    assert section["pointing_accuracy"] == pytest.approx(expected["pointing_accuracy"])
+    assert section["num_captions_changed"] == len(captions) and section["num_captions_emptied"] == 0
+    assert section["ceiling"] == pointing_ceiling(captions, features.region_image)
+
+    train = split_regions(synth_folder, "train")
+    control = BoxOnlyControl(train["boxes"], [without_position_words(c) for c in train["captions"]])
+    result = control.pointing(features.region_boxes.numpy(), captions, features.region_image)
+    assert section["controls"] == {"box_only": {"pointing_accuracy": result["pointing_accuracy"]}}
+    # The full game keeps the position words: its control reads them off the boxes.
+    assert metrics["grounding"]["controls"]["box_only"]["pointing_accuracy"] > result["pointing_accuracy"]
+    assert (
+        "| pointing accuracy, position words removed (ceiling"
+        in (tmp_path / "eval" / "metrics.md").read_text()
+    )
+
+
+def test_position_free_pointing_is_skipped_when_no_caption_has_a_position_word(
+    tmp_path, synth_folder, tokenizer
+):
+    import shutil
+
+    from regionmed_clip.evaluation.harness import run_evaluation
+
+    from .test_evaluation import write_split
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_folder, data)
+    rows = [
+        {**row, "regions": [{**r, "caption": without_position_words(r["caption"])} for r in row["regions"]]}
+        for row in load_rows(synth_folder, "test")
+    ]
+    write_split(data, "test", rows)
+    tiny_model().save_pretrained(tmp_path / "model")
+    make_processor(tokenizer).save_pretrained(tmp_path / "model")
+    metrics = run_evaluation(tmp_path / "model", data, tmp_path / "eval", tasks="grounding", bootstrap=0)
+    assert metrics["grounding"]["position_free"] == {
+        "skipped": "no region caption of the split has a position word"
+    }
+    assert "position words removed | skipped" in (tmp_path / "eval" / "metrics.md").read_text()
 
 
 CLIP_VISION = tiny_clip_vision_config()

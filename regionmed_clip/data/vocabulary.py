@@ -6,6 +6,8 @@ colour, density) in mutually exclusive ways. Within a group every other word is 
 are the strongest contrasts and are tried first.
 """
 
+import string
+
 ADJECTIVE_GROUPS: dict[str, tuple[str, ...]] = {
     "shape": (
         "round",
@@ -145,3 +147,11 @@ def grid_position(center_x: float, center_y: float) -> str:
     column = HORIZONTAL[min(int(center_x * 3), 2)]
     row = VERTICAL[min(int(center_y * 3), 2)]
     return "center" if (column, row) == ("center", "middle") else f"{column} {row}"
+
+
+def without_position_words(caption: str) -> str:
+    """`caption` with its position words (`POSITION_WORDS`, any case, punctuation around them ignored) taken out:
+    "round nodule left upper" → "round nodule". What is left says what a region is, not where it is."""
+    return " ".join(
+        word for word in caption.split() if word.strip(string.punctuation).lower() not in POSITION_WORDS
+    )

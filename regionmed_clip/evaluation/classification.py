@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import yaml
 
+from .features import text_embeddings
 from .metrics import macro_auc
 
 DEFAULT_TEMPLATES = (
@@ -45,11 +46,8 @@ def class_prototypes(
 ) -> torch.Tensor:
     """`(C, P)` normalised text prototypes: the mean of each class's normalised template embeddings (prompts cut
     at `max_length` tokens, by default the tokenizer's limit)."""
-    device = next(model.parameters()).device
     prompts = [template.format(text) for text in class_texts for template in templates]
-    inputs = processor(text=prompts, max_length=max_length, return_tensors="pt").to(device)
-    features = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-    embeds = torch.nn.functional.normalize(features.pooler_output.float().cpu(), dim=-1)
+    embeds = text_embeddings(model, processor, prompts, max_length, batch_size=max(len(prompts), 1))
     embeds = embeds.view(len(class_texts), len(templates), -1).mean(1)
     return torch.nn.functional.normalize(embeds, dim=-1)
 

@@ -107,6 +107,21 @@ def model_inputs(inputs, model) -> dict[str, torch.Tensor]:
     }
 
 
+@torch.no_grad()
+def text_embeddings(model, processor, texts: list[str], max_length: int | None = None, batch_size: int = 64):
+    """Normalised float32 embeddings `(N, P)` of `texts` on the CPU, `batch_size` at a time, each text cut at
+    `max_length` tokens (by default the tokenizer's limit)."""
+    device = next(model.parameters()).device
+    parts = []
+    for start in range(0, len(texts), batch_size):
+        inputs = processor(text=texts[start : start + batch_size], max_length=max_length, return_tensors="pt")
+        features = model.get_text_features(
+            input_ids=inputs["input_ids"].to(device), attention_mask=inputs["attention_mask"].to(device)
+        ).pooler_output
+        parts.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
+    return torch.cat(parts) if parts else torch.zeros(0, model.config.projection_dim)
+
+
 def _crop_processor(processor):
     """A copy of `processor` whose image processor also returns the ROI crops."""
     processor = copy.copy(processor)

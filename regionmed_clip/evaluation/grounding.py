@@ -107,16 +107,38 @@ def _summary(num_hits: int, num_regions: int, inverse_counts: float, num_images:
 
 @torch.no_grad()
 def pointing_from_features(features) -> dict:
-    """[`pointing_accuracy`] from a split's extracted features: the regions, flat over the split, are put back
-    into per-image `(B, K, P)` slots by their `region_image` index."""
-    if len(features.region_image) == 0:
+    """[`pointing_accuracy`] from a split's extracted features."""
+    return pointing_from_regions(features.region_embeds, features.region_text_embeds, features.region_image)
+
+
+def pointing_from_regions(
+    region_embeds: torch.Tensor, region_text_embeds: torch.Tensor, region_image: torch.Tensor
+) -> dict:
+    """[`pointing_accuracy`] of regions listed flat over a split, `(N, P)` each: they are put back into per-image
+    `(B, K, P)` slots by their `region_image` index (non-decreasing)."""
+    if len(region_image) == 0:
         return _summary(0, 0, 0.0, 0)
-    (order, slots), mask = region_slots(features.region_image)
-    regions = features.region_embeds.new_zeros((*mask.shape, features.region_embeds.shape[-1]))
+    (order, slots), mask = region_slots(region_image)
+    regions = region_embeds.new_zeros((*mask.shape, region_embeds.shape[-1]))
     captions = torch.zeros_like(regions)
-    regions[order, slots] = features.region_embeds
-    captions[order, slots] = features.region_text_embeds
+    regions[order, slots] = region_embeds
+    captions[order, slots] = region_text_embeds
     return pointing_accuracy(regions, captions, mask)
+
+
+def pointing_ceiling(captions: Sequence[str], region_image: torch.Tensor) -> float:
+    """The best pointing accuracy any scorer can reach on these regions: that of an oracle which knows each
+    region's caption. It misses only regions whose caption another region of the same image shares (a tie)."""
+    if len(region_image) == 0:
+        return float("nan")
+    (order, slots), mask = region_slots(region_image)
+    names = [[None] * mask.shape[1] for _ in range(mask.shape[0])]
+    for image, slot, caption in zip(order.tolist(), slots.tolist(), captions, strict=True):
+        names[image][slot] = caption
+    same = torch.tensor(
+        [[[float(a is not None and a == b) for b in row] for a in row] for row in names], dtype=torch.float64
+    )
+    return pointing_accuracy_from_scores(same, mask)["pointing_accuracy"]
 
 
 def region_slots(region_image: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -268,6 +290,8 @@ __all__ = [
     "grounding_metrics",
     "patch_text_similarity",
     "pointing_accuracy",
+    "pointing_ceiling",
+    "pointing_from_regions",
     "projected_patch_grid",
     "save_heatmap_overlay",
 ]

@@ -26,6 +26,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from ..data.vocabulary import without_position_words
 from .classification import class_prototypes, few_shot, load_templates, zero_shot
 from .controls import BoxOnlyControl, TextPrior
 from .device import resolve_device
@@ -34,6 +35,7 @@ from .features import (
     extract_features,
     read_training_config,
     roi_branch_status,
+    text_embeddings,
     tokenizer_limit,
 )
 from .metrics import hard_negative_accuracy, recall_at_k, retrieval_ranks, text_groups
@@ -299,25 +301,77 @@ def task_region(ctx: EvalContext) -> dict | None:
 
 
 def task_grounding(ctx: EvalContext) -> dict | None:
-    """The pointing game over the split's images with 2 or more regions, with the box-only control."""
-    from .grounding import pointing_from_features
+    """The pointing game over the split's images with 2 or more regions, with the box-only control, and again with
+    the position words taken out of every caption (`position_free`).
+
+    The box sees where a region is, so where the captions of one image differ only in their position words the
+    box-only control solves the full game and bounds what it can show of the image. Without those words
+    ("round nodule left upper" → "round nodule") the captions say only what each region is, which the box does not
+    give; the control is fitted and scored on the same position-free captions. Regions whose caption is all
+    position words are left out of that game, and `ceiling` is the best any scorer can reach on it (regions of one
+    image that share their position-free caption tie, and a tie is a miss). The section is skipped when no caption
+    of the split has a position word (the game would be the full one again).
+    """
+    from .grounding import pointing_ceiling, pointing_from_features, pointing_from_regions
 
     features = ctx.features
     if len(features.region_embeds) == 0:
         return None
     section = pointing_from_features(features)
-    train = ctx.training_regions
-    if train["captions"]:
-        box_only = BoxOnlyControl(train["boxes"], train["captions"])
-        result = box_only.pointing(
-            features.region_boxes.numpy(), features.region_captions, features.region_image
+    boxes = features.region_boxes.numpy()
+    section["controls"] = _box_only_pointing(
+        ctx.training_regions["boxes"],
+        ctx.training_regions["captions"],
+        (boxes, features.region_captions, features.region_image),
+        ctx.support_split,
+    )
+    captions = [without_position_words(caption) for caption in features.region_captions]
+    changed = sum(
+        new != " ".join(old.split()) for new, old in zip(captions, features.region_captions, strict=True)
+    )
+    if not changed:
+        section["position_free"] = {"skipped": "no region caption of the split has a position word"}
+        return section
+    keep = torch.tensor([bool(caption) for caption in captions], dtype=torch.bool)
+    kept = [caption for caption in captions if caption]
+    distinct = list(dict.fromkeys(kept))
+    embeds = text_embeddings(ctx.model, ctx.processor, distinct, features.max_length, ctx.batch_size)
+    index = {caption: row for row, caption in enumerate(distinct)}
+    region_image = features.region_image[keep]
+    position_free = pointing_from_regions(
+        features.region_embeds[keep], embeds[[index[caption] for caption in kept]], region_image
+    )
+    position_free["num_captions_changed"] = changed
+    position_free["num_captions_emptied"] = int((~keep).sum())
+    position_free["ceiling"] = pointing_ceiling(kept, region_image)
+    train = [
+        (box, caption)
+        for box, caption in zip(
+            ctx.training_regions["boxes"],
+            map(without_position_words, ctx.training_regions["captions"]),
+            strict=True,
         )
-        section["controls"] = {"box_only": {"pointing_accuracy": result["pointing_accuracy"]}}
-    else:
-        section["controls"] = {
-            "box_only": {"skipped": f"the {ctx.support_split} split has no regions to fit it on"}
-        }
+        if caption
+    ]
+    position_free["controls"] = _box_only_pointing(
+        np.array([box for box, _ in train]).reshape(-1, 4),
+        [caption for _, caption in train],
+        (boxes[keep.numpy()], kept, region_image),
+        ctx.support_split,
+    )
+    section["position_free"] = position_free
     return section
+
+
+def _box_only_pointing(
+    train_boxes: np.ndarray, train_captions: list[str], scored: tuple, support_split: str
+) -> dict:
+    """The box-only control of a pointing game over `scored` (boxes, captions, region_image), fitted on the
+    training regions given."""
+    if not train_captions:
+        return {"box_only": {"skipped": f"the {support_split} split has no regions to fit it on"}}
+    result = BoxOnlyControl(train_boxes, train_captions).pointing(*scored)
+    return {"box_only": {"pointing_accuracy": result["pointing_accuracy"]}}
 
 
 def task_vqa(ctx: EvalContext) -> dict:

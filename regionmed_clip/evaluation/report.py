@@ -151,7 +151,7 @@ def markdown_tables(metrics: dict) -> str:
                 f"{_pct(result['overall'])} | {_pct(result['avg'])} |"
             )
         lines += [""]
-    if "region" in metrics:
+    if "region" in metrics or "grounding" in metrics:
         lines += _region_table(metrics)
     return "\n".join(lines)
 
@@ -168,35 +168,51 @@ def _control(result: dict | None, *path: str) -> str:
 
 
 def _region_table(metrics: dict) -> list[str]:
-    region, embeddings = metrics["region"], metrics.get("embeddings", {})
-    controls = region.get("controls", {})
+    region, embeddings = metrics.get("region"), metrics.get("embeddings", {})
     path = {
         "roi_processor": "the ROI processor",
         "global_on_crops": "the global path applied to each box's crop (crop → vision tower → projection)",
     }.get(embeddings.get("region_path"), embeddings.get("region_path"))
+    scored = (
+        f"{region['num_regions']} of the split's {region['split_regions']} regions scored; regions"
+        if region
+        else "Regions"
+    )
     lines = [
         "## Region level (GT boxes at test, %)",
         "",
-        f"{region['num_regions']} of the split's {region['split_regions']} regions scored; regions embedded "
-        f"through {path} ({embeddings.get('roi_branch_reason', '')}).",
+        f"{scored} embedded through {path} ({embeddings.get('roi_branch_reason', '')}).",
         "",
         "| metric | value | measured control | control value |",
         "|---|---|---|---|",
     ]
-    for k in (1, 5, 10):
-        value = _pct(region["region_to_caption"][f"R@{k}"])
-        control = _control(controls.get("box_only"), "region_to_caption", f"R@{k}")
-        lines.append(f"| region → caption R@{k} | {value} | {BOX_ONLY} | {control} |")
-    control = _control(controls.get("text_only_prior"), "hard_negative_accuracy")
-    lines.append(
-        f"| hard-negative accuracy | {_pct(region['hard_negative_accuracy'])} | {TEXT_ONLY} | {control} |"
-    )
+    if region:
+        controls = region.get("controls", {})
+        for k in (1, 5, 10):
+            value = _pct(region["region_to_caption"][f"R@{k}"])
+            control = _control(controls.get("box_only"), "region_to_caption", f"R@{k}")
+            lines.append(f"| region → caption R@{k} | {value} | {BOX_ONLY} | {control} |")
+        control = _control(controls.get("text_only_prior"), "hard_negative_accuracy")
+        lines.append(
+            f"| hard-negative accuracy | {_pct(region['hard_negative_accuracy'])} | {TEXT_ONLY} | {control} |"
+        )
     if "grounding" in metrics:
         grounding = metrics["grounding"]
         control = _control(grounding.get("controls", {}).get("box_only"), "pointing_accuracy")
         lines.append(
             f"| pointing accuracy | {_pct(grounding['pointing_accuracy'])} | {BOX_ONLY} | {control} |"
         )
+        position_free = grounding.get("position_free") or {}
+        if "skipped" in position_free:
+            lines.append(
+                f"| pointing accuracy, position words removed | skipped: {position_free['skipped']} | | |"
+            )
+        elif position_free:
+            control = _control(position_free.get("controls", {}).get("box_only"), "pointing_accuracy")
+            lines.append(
+                f"| pointing accuracy, position words removed (ceiling {_pct(position_free['ceiling'])}) | "
+                f"{_pct(position_free['pointing_accuracy'])} | {BOX_ONLY} | {control} |"
+            )
     return lines + [""]
 
 
@@ -304,7 +320,14 @@ MODEL_INDEX_FIGURES: dict[str, tuple[tuple[str, str], tuple[tuple[str, str, tupl
     ),
     "grounding": (
         ("region-grounding", "Region grounding"),
-        (("accuracy", "pointing accuracy (GT boxes at test)", ("pointing_accuracy",)),),
+        (
+            ("accuracy", "pointing accuracy (GT boxes at test)", ("pointing_accuracy",)),
+            (
+                "accuracy",
+                "pointing accuracy, position words removed (GT boxes at test)",
+                ("position_free", "pointing_accuracy"),
+            ),
+        ),
     ),
     "vqa": (
         ("visual-question-answering", "Visual question answering"),
