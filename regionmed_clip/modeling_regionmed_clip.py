@@ -1386,7 +1386,8 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             pixel_values (`torch.FloatTensor` of shape `(image_batch_size, num_channels, height, width)`):
                 Whole images, as the image processor returns them.
             roi_boxes (`torch.FloatTensor` of shape `(image_batch_size, max_rois, 4)`, *optional*):
-                ROI boxes as `x0, y0, x1, y1` fractions of the image size. Without them the model is a plain CLIP.
+                ROI boxes as `x0, y0, x1, y1` fractions of the image size. Without them the image embedding is
+                z_global, or with `config.auto_regions` the region-aware one over self-proposed regions.
             roi_mask (`torch.Tensor` of shape `(image_batch_size, max_rois)`, *optional*):
                 1 for real ROIs, 0 for padded slots (default: all real).
             roi_pixel_values (`torch.FloatTensor` of shape `(image_batch_size, max_rois, num_channels, height, width)`, *optional*):

@@ -3,7 +3,9 @@ where in an image does a text match (patch-to-text similarity heatmaps, in the s
 
 The pointing game is the within-image counterpart of `region_to_caption` retrieval: the gallery of an ROI is only
 the captions of the other ROIs of the same image, so it measures whether the model tells apart the regions of one
-image rather than whether it recognises a finding at all.
+image rather than whether it recognises a finding at all. Where the captions of one image differ in their position
+words, the box alone tells them apart; the harness therefore plays the game a second time with those words taken
+out of every caption ([`pointing_ceiling`] bounds that game), where only what a region shows can decide.
 """
 
 import os
