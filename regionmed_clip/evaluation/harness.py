@@ -306,60 +306,60 @@ def task_grounding(ctx: EvalContext) -> dict | None:
 
     The box sees where a region is, so where the captions of one image differ only in their position words the
     box-only control solves the full game and bounds what it can show of the image. Without those words
-    ("round nodule left upper" → "round nodule") the captions say only what each region is, which the box does not
-    give; the control is fitted and scored on the same position-free captions. Regions whose caption is all
+    ("round nodule left upper" → "round nodule") the captions say only what each region is, which the box gives at
+    most through its shape; the control is fitted and scored on the same position-free captions. Regions whose caption is all
     position words are left out of that game, and `ceiling` is the best any scorer can reach on it (regions of one
     image that share their position-free caption tie, and a tie is a miss). The section is skipped when no caption
     of the split has a position word (the game would be the full one again).
     """
-    from .grounding import pointing_ceiling, pointing_from_features, pointing_from_regions
+    from .grounding import pointing_from_features
 
     features = ctx.features
     if len(features.region_embeds) == 0:
         return None
     section = pointing_from_features(features)
-    boxes = features.region_boxes.numpy()
+    train = ctx.training_regions
     section["controls"] = _box_only_pointing(
-        ctx.training_regions["boxes"],
-        ctx.training_regions["captions"],
-        (boxes, features.region_captions, features.region_image),
+        train["boxes"],
+        train["captions"],
+        (features.region_boxes.numpy(), features.region_captions, features.region_image),
         ctx.support_split,
     )
+    section["position_free"] = _position_free_pointing(ctx)
+    return section
+
+
+def _position_free_pointing(ctx: EvalContext) -> dict:
+    """[`task_grounding`]'s `position_free` section: the game on the captions without their position words."""
+    from .grounding import pointing_ceiling, pointing_from_regions
+
+    features = ctx.features
     captions = [without_position_words(caption) for caption in features.region_captions]
     changed = sum(
         new != " ".join(old.split()) for new, old in zip(captions, features.region_captions, strict=True)
     )
     if not changed:
-        section["position_free"] = {"skipped": "no region caption of the split has a position word"}
-        return section
+        return {"skipped": "no region caption of the split has a position word"}
     keep = torch.tensor([bool(caption) for caption in captions], dtype=torch.bool)
     kept = [caption for caption in captions if caption]
     distinct = list(dict.fromkeys(kept))
     embeds = text_embeddings(ctx.model, ctx.processor, distinct, features.max_length, ctx.batch_size)
     index = {caption: row for row, caption in enumerate(distinct)}
     region_image = features.region_image[keep]
-    position_free = pointing_from_regions(
+    section = pointing_from_regions(
         features.region_embeds[keep], embeds[[index[caption] for caption in kept]], region_image
     )
-    position_free["num_captions_changed"] = changed
-    position_free["num_captions_emptied"] = int((~keep).sum())
-    position_free["ceiling"] = pointing_ceiling(kept, region_image)
-    train = [
-        (box, caption)
-        for box, caption in zip(
-            ctx.training_regions["boxes"],
-            map(without_position_words, ctx.training_regions["captions"]),
-            strict=True,
-        )
-        if caption
-    ]
-    position_free["controls"] = _box_only_pointing(
-        np.array([box for box, _ in train]).reshape(-1, 4),
-        [caption for _, caption in train],
-        (boxes[keep.numpy()], kept, region_image),
+    section["num_captions_changed"] = changed
+    section["num_captions_emptied"] = int((~keep).sum())
+    section["ceiling"] = pointing_ceiling(kept, region_image)
+    train_captions = [without_position_words(caption) for caption in ctx.training_regions["captions"]]
+    fitted = np.array([bool(caption) for caption in train_captions], dtype=bool)
+    section["controls"] = _box_only_pointing(
+        ctx.training_regions["boxes"][fitted],
+        [caption for caption in train_captions if caption],
+        (features.region_boxes.numpy()[keep.numpy()], kept, region_image),
         ctx.support_split,
     )
-    section["position_free"] = position_free
     return section
 
 
