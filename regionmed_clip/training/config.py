@@ -156,6 +156,10 @@ class TrainConfig:
     adam_eps: float = 1e-6
     grad_clip: float = 0.5
     mixed_precision: str = "auto"  # "auto": bf16 where the hardware has it, else fp32
+    # Intra-op CPU threads of each training process (None: torch's default, the machine's cores). CPU reductions
+    # split their sums by thread, so the thread count moves a CPU run's figures; fixing it makes them the same on
+    # machines with any number of cores (bf16 autocast still depends on the CPU having it). No effect on GPU math.
+    cpu_threads: int | None = None
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = False
     checkpoint_every: int = 0  # optimizer steps between checkpoints (0: at stage ends only)
@@ -172,6 +176,10 @@ class TrainConfig:
             raise ValueError("at least one stage is needed")
         if self.gradient_accumulation_steps < 1:
             raise ValueError("gradient_accumulation_steps must be >= 1")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(
+                f"cpu_threads must be >= 1 (or null for torch's default), got {self.cpu_threads}"
+            )
         for stage in self.stages:
             if self.lora is not None and stage.frozen:
                 raise ValueError(

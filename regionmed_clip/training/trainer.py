@@ -98,6 +98,8 @@ class Trainer:
 
     def __init__(self, config: TrainConfig):
         self.config = config
+        if config.cpu_threads is not None:
+            torch.set_num_threads(config.cpu_threads)
         self.output_dir = Path(config.output_dir)
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),
