@@ -39,7 +39,7 @@ bench: $(STAMP)
 test: lint
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
-# The pins of `make learning-check` at the demo budget: one seed trained and compared (6 to 25 minutes).
+# The pins of `make learning-check` at the demo budget: one seed trained and compared (8 to 30 minutes).
 test-slow: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -m slow --timeout=3600
 
