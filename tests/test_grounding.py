@@ -204,6 +204,37 @@ def test_position_free_pointing_is_skipped_when_no_caption_has_a_position_word(
     assert "position words removed | skipped" in (tmp_path / "eval" / "metrics.md").read_text()
 
 
+def test_regions_whose_caption_is_all_position_words_are_left_out_and_counted(
+    tmp_path, synth_folder, tokenizer
+):
+    import shutil
+
+    from regionmed_clip.evaluation.harness import run_evaluation
+
+    from .test_evaluation import write_split
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_folder, data)
+    rows = list(load_rows(synth_folder, "train"))
+    emptied = 0
+    for row in rows:
+        if len(row["regions"]) >= 2:
+            row["regions"][0]["caption"] = "left upper"
+            emptied += 1
+    write_split(data, "train", rows)
+    tiny_model().save_pretrained(tmp_path / "model")
+    make_processor(tokenizer).save_pretrained(tmp_path / "model")
+    metrics = run_evaluation(
+        tmp_path / "model", data, tmp_path / "eval", tasks="grounding", split="train", bootstrap=0
+    )
+    section = metrics["grounding"]["position_free"]
+    assert emptied > 0 and section["num_captions_emptied"] == emptied
+    # Each emptied region leaves its image's game; images left with one region drop out.
+    kept = [len(row["regions"]) - (len(row["regions"]) >= 2) for row in rows]
+    assert section["num_regions"] == sum(count for count in kept if count >= 2)
+    assert section["num_images"] == sum(count >= 2 for count in kept)
+
+
 CLIP_VISION = tiny_clip_vision_config()
 
 
