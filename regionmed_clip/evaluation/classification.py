@@ -47,7 +47,7 @@ def class_prototypes(
     """`(C, P)` normalised text prototypes: the mean of each class's normalised template embeddings (prompts cut
     at `max_length` tokens, by default the tokenizer's limit)."""
     prompts = [template.format(text) for text in class_texts for template in templates]
-    embeds = text_embeddings(model, processor, prompts, max_length, batch_size=max(len(prompts), 1))
+    embeds = text_embeddings(model, processor, prompts, max_length, batch_size=len(prompts))
     embeds = embeds.view(len(class_texts), len(templates), -1).mean(1)
     return torch.nn.functional.normalize(embeds, dim=-1)
 

@@ -108,18 +108,40 @@ def model_inputs(inputs, model) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def text_embeddings(model, processor, texts: list[str], max_length: int | None = None, batch_size: int = 64):
+def batched_embeddings(
+    encode, inputs: list, batch_size: int, desc: str, progress: bool = False
+) -> torch.Tensor:
+    """Normalised float32 embeddings of `inputs` on the CPU: `encode` applied `batch_size` inputs at a time."""
+    parts = []
+    for start in tqdm(range(0, len(inputs), batch_size), desc=desc, leave=False, disable=not progress):
+        parts.append(
+            torch.nn.functional.normalize(encode(inputs[start : start + batch_size]).float(), dim=-1)
+        )
+    return torch.cat(parts).cpu()
+
+
+def text_embeddings(
+    model,
+    processor,
+    texts: list[str],
+    max_length: int | None = None,
+    batch_size: int = 64,
+    desc: str = "texts",
+    progress: bool = False,
+) -> torch.Tensor:
     """Normalised float32 embeddings `(N, P)` of `texts` on the CPU, `batch_size` at a time, each text cut at
     `max_length` tokens (by default the tokenizer's limit)."""
+    if not texts:
+        return torch.zeros(0, model.config.projection_dim)
     device = next(model.parameters()).device
-    parts = []
-    for start in range(0, len(texts), batch_size):
-        inputs = processor(text=texts[start : start + batch_size], max_length=max_length, return_tensors="pt")
-        features = model.get_text_features(
+
+    def encode(batch: list[str]) -> torch.Tensor:
+        inputs = processor(text=batch, max_length=max_length, return_tensors="pt")
+        return model.get_text_features(
             input_ids=inputs["input_ids"].to(device), attention_mask=inputs["attention_mask"].to(device)
         ).pooler_output
-        parts.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
-    return torch.cat(parts) if parts else torch.zeros(0, model.config.projection_dim)
+
+    return batched_embeddings(encode, texts, batch_size, desc, progress)
 
 
 def _crop_processor(processor):

@@ -307,10 +307,10 @@ def task_grounding(ctx: EvalContext) -> dict | None:
     The box sees where a region is, so where the captions of one image differ only in their position words the
     box-only control solves the full game and bounds what it can show of the image. Without those words
     ("round nodule left upper" → "round nodule") the captions say only what each region is, which the box gives at
-    most through its shape; the control is fitted and scored on the same position-free captions. Regions whose caption is all
-    position words are left out of that game, and `ceiling` is the best any scorer can reach on it (regions of one
-    image that share their position-free caption tie, and a tie is a miss). The section is skipped when no caption
-    of the split has a position word (the game would be the full one again).
+    most through its shape; the control is fitted and scored on the same position-free captions. Regions whose
+    caption is all position words are left out of that game, and `ceiling` is the best any scorer can reach on it
+    (regions of one image that share their position-free caption tie, and a tie is a miss). The section is skipped
+    when no caption of the split has a position word (the game would be the full one again).
     """
     from .grounding import pointing_from_features
 

@@ -27,6 +27,7 @@ from PIL import Image as PILImage
 from tqdm.auto import tqdm
 
 from ..data.collator import image_input, load_rows
+from .features import batched_embeddings, text_embeddings
 
 ANSWER_TYPES = ("OPEN", "CLOSED")
 VQA_SPLITS = ("train", "test")
@@ -210,17 +211,6 @@ def load_synth_vqa(folder: str | os.PathLike) -> list[VQAExample]:
     return examples
 
 
-@torch.no_grad()
-def _embed(encode, inputs: list, batch_size: int, desc: str, progress: bool) -> torch.Tensor:
-    """Normalised embeddings of `inputs`, `batch_size` at a time, as float32 on the CPU."""
-    parts = []
-    for start in tqdm(range(0, len(inputs), batch_size), desc=desc, leave=False, disable=not progress):
-        parts.append(
-            torch.nn.functional.normalize(encode(inputs[start : start + batch_size]).float(), dim=-1)
-        )
-    return torch.cat(parts).cpu()
-
-
 def _answer_head(in_dim: int, hidden: int, num_answers: int, dropout: float) -> torch.nn.Module:
     return torch.nn.Sequential(
         torch.nn.Linear(in_dim, hidden),
@@ -297,12 +287,6 @@ def evaluate_vqa(
         pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
         return model.get_image_features(pixel_values=pixel_values).pooler_output
 
-    def encode_texts(texts: list[str]) -> torch.Tensor:
-        inputs = processor(text=texts, max_length=max_length, return_tensors="pt").to(device)
-        return model.get_text_features(
-            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
-        ).pooler_output
-
     image_index: dict[str, int] = {}
     images = []
     for example in examples:
@@ -310,8 +294,10 @@ def evaluate_vqa(
             image_index[example.image_id] = len(images)
             images.append(example.image)
     question_index = {question: i for i, question in enumerate(dict.fromkeys(e.question for e in examples))}
-    image_embeds = _embed(encode_images, images, embed_batch_size, "vqa images", progress)
-    question_embeds = _embed(encode_texts, list(question_index), embed_batch_size, "vqa questions", progress)
+    image_embeds = batched_embeddings(encode_images, images, embed_batch_size, "vqa images", progress)
+    question_embeds = text_embeddings(
+        model, processor, list(question_index), max_length, embed_batch_size, "vqa questions", progress
+    )
 
     def fused(split_examples: list[VQAExample]) -> torch.Tensor:
         image = image_embeds[[image_index[example.image_id] for example in split_examples]]
