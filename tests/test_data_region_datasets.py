@@ -16,11 +16,11 @@ from PIL import Image
 
 from regionmed_clip.data import InvalidRowsError, import_annotations, import_coco
 from regionmed_clip.data.collator import MedRegionCollator, load_rows, region_passes, visit_region_indices
-from regionmed_clip.data.folder import card_front_matter
 from regionmed_clip.data.importers import import_detection_csv, import_phrase_grounding, merge_reader_boxes
 from regionmed_clip.data.negatives import NO_FINDING, NegativeStrategy, RegionTriple, normalize_caption
 from regionmed_clip.data.vocabulary import POSITION_WORDS
 from regionmed_clip.evaluation.metrics import hard_negative_accuracy
+from regionmed_clip.hub.card import card_front_matter
 from regionmed_clip.training.data import stage_dataloader
 
 from .conftest import make_processor, random_image, tiny_model

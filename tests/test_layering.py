@@ -33,12 +33,18 @@ def module_name(path: Path, root: Path, package: str) -> str:
 
 
 def imports_of(path: Path, name: str, is_package: bool, modules: set[str] = frozenset()) -> set[str]:
-    """Every module `path` imports, anywhere in the file, as absolute names. `from p import x` is the submodule
-    `p.x` where `modules` has one (as when `x` is a file of the package), else the module `p`."""
+    """Every module `path` imports, anywhere in the file, as absolute names (see `import_targets`)."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    return import_targets(ast.walk(tree), name, is_package, modules)
+
+
+def import_targets(nodes, name: str, is_package: bool, modules: set[str] = frozenset()) -> set[str]:
+    """The modules the import statements among `nodes` of module `name` import, as absolute names. `from p import
+    x` is the submodule `p.x` where `modules` has one (as when `x` is a file of the package), else the module
+    `p`."""
     base = name if is_package else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(tree):
+    for node in nodes:
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):

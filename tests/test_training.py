@@ -1,6 +1,7 @@
 """Training: configs, stages, 2 processes = 1 process, SIGKILL + resume, atomic checkpoints."""
 
 import json
+import math
 import os
 import signal
 import socket
@@ -155,29 +156,30 @@ def test_cpu_threads_make_the_trained_weights_independent_of_the_core_count(tmp_
         assert torch.equal(tensor, weights[1][name]), name
 
 
-def test_stages_freeze_weight_and_rebuild_the_optimizer(tmp_path, synth_folder, monkeypatch):
+def test_stages_freeze_weight_and_restart_the_optimizer(tmp_path, synth_folder, monkeypatch):
     config = load_config(
         write_config(tmp_path / "c.yaml", tiny_training_config(tmp_path / "out", synth_folder))
     )
     seen = []
     original = StageCallback.on_stage_begin
 
-    def recording(self, index, stage, total):
-        optimizer, scheduler = original(self, index, stage, total)
-        model = self.trainer.unwrapped
+    def recording(self, index, stage, total, resumed=False):
+        original(self, index, stage, total, resumed)
+        model, optimizer = self.trainer.unwrapped, self.trainer.optimizer
         frozen = {name.split(".")[0] for name, p in model.named_parameters() if not p.requires_grad}
         seen.append(
             (index, frozen, float(model.roi_processor.gate.detach()), optimizer, len(optimizer.state))
         )
-        return optimizer, scheduler
 
     monkeypatch.setattr(StageCallback, "on_stage_begin", recording)
-    folder = Trainer(config).train()
+    trainer = Trainer(config)
+    folder = trainer.train()
     assert [entry[1] for entry in seen] == [{"roi_processor"}, {"roi_processor"}, set(), set()]
     assert (
         seen[2][2] == 0.0
     )  # the gate is still at its initial 0 when the ROI stage switches the processor on
-    assert len({id(entry[3]) for entry in seen}) == 4 and all(entry[4] == 0 for entry in seen)
+    # One prepared optimizer for the run, with no Adam state left from the previous stage at each stage's start.
+    assert len({id(entry[3]) for entry in seen}) == 1 and all(entry[4] == 0 for entry in seen)
     decayed = {id(p) for p in seen[3][3].param_groups[0]["params"]}
     records = losses_by_step(tmp_path / "out")
     expected = [
@@ -194,6 +196,9 @@ def test_stages_freeze_weight_and_rebuild_the_optimizer(tmp_path, synth_folder, 
         assert all(record[f"loss/{term}"] > 0 for term in terms)
     assert decayed and all(p.ndim >= 2 for p in seen[3][3].param_groups[0]["params"])
     assert all(p.ndim < 2 for p in seen[3][3].param_groups[1]["params"])
+    # Built before the first stage froze anything, it holds the parameters later stages unfreeze as well.
+    held = {id(p) for group in seen[0][3].param_groups for p in group["params"]}
+    assert held == {id(p) for p in trainer.unwrapped.parameters()}
     assert (folder / "model.safetensors").is_file() and (folder / "training_config.yaml").is_file()
     assert (tmp_path / "out" / "loss_curves.png").is_file()
     # The model config is the one source of the loss weights: the saved model records its last stage's.
@@ -420,97 +425,115 @@ def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp_
     resumed = Trainer(load_config(tmp_path / "c.yaml", resume=True))
     assert resumed.resume()
     assert resumed.state.global_step == 5 and resumed.state.stage == 4
+    assert len(resumed.optimizer.state) == 0  # a checkpoint at a stage boundary carries no Adam state
     saved = load_file(previous / "model.safetensors")
     for name, tensor in resumed.unwrapped.state_dict().items():
         if name in saved:
             torch.testing.assert_close(tensor, saved[name])
 
 
-def test_each_stage_optimizer_is_prepared_and_clipping_sees_unscaled_gradients(
-    tmp_path, synth_folder, monkeypatch
-):
-    """fp16 cannot run on CPU, so the gradient scaler is a real `torch.amp.GradScaler("cpu")` put where
-    Accelerate's fp16 setup puts it. With the loss scaled by 2^10, the gradients `clip_grad_norm_` sees are those
-    of the unscaled run, and the scaled optimizer steps through the scaler: a finite step is taken, an inf one is
-    skipped together with its schedule step."""
-    from accelerate import Accelerator
-    from accelerate.optimizer import AcceleratedOptimizer
-    from accelerate.scheduler import AcceleratedScheduler
+def test_clipping_sees_unscaled_gradients_and_an_inf_step_is_skipped(tmp_path, synth_folder):
+    """The norm `accelerator.clip_grad_norm_` returns (logged as `grad_norm`) is that of the unscaled gradients:
+    equal for a plain run and for one whose loss is scaled by 2^10, and both take the same step.
 
-    clipped = []
-    original_clip = torch.nn.utils.clip_grad_norm_
-
-    def recording_clip(parameters, *args, **kwargs):
-        parameters = list(parameters)
-        clipped.append([p.grad.detach().clone() for p in parameters if p.grad is not None])
-        return original_clip(parameters, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
-    runs, scaled_grads = {}, []
-    for name in ("plain", "scaled"):
-        raw = tiny_training_config(tmp_path / name, synth_folder, steps=(1, 1, 1, 1), grad_clip=1e-3)
+    fp16 loss scaling exists only on accelerators: on the CPU accelerate builds no gradient scaler even under
+    `mixed_precision: fp16` (`Accelerator.__init__` makes one only off the CPU). So the scaled run puts a real
+    `torch.amp.GradScaler("cpu")` where accelerate's fp16 set-up puts it, in the accelerator's `scaler` and
+    `native_amp` attributes, before the first stage prepares the optimizer. A control run with the scaler but
+    without unscaling shows the backward really ran on the scaled loss. An inf gradient: the step is skipped, the
+    schedule does not advance and the scale halves."""
+    runs = {}
+    for name in ("plain", "scaled", "never_unscaled"):
+        raw = tiny_training_config(
+            tmp_path / name, synth_folder, steps=(1, 1, 1, 4), grad_clip=1e-3, mixed_precision="fp16"
+        )
         raw["stages"][3]["frozen"] = ["text_model"]  # the last stage serves captions from the cache
-        config = load_config(write_config(tmp_path / f"{name}.yaml", raw))
-        trainer = Trainer(config)
-        if name == "scaled":
-            scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-            trainer.accelerator.scaler, trainer.accelerator.native_amp = scaler, True
-            original_unscale = scaler.unscale_
-
-            def recording_unscale(optimizer, model=trainer.model, original_unscale=original_unscale):
-                scaled_grads.extend(p.grad.detach().clone() for p in model.parameters() if p.grad is not None)
-                return original_unscale(optimizer)
-
-            monkeypatch.setattr(scaler, "unscale_", recording_unscale)
-            monkeypatch.setattr(Accelerator, "mixed_precision", property(lambda self: "fp16"))
-        for index in range(len(config.stages)):
+        trainer = Trainer(load_config(write_config(tmp_path / f"{name}.yaml", raw)))
+        if name != "plain":
+            trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+            trainer.accelerator.native_amp = name == "scaled"
+        for index in range(len(trainer.config.stages)):
             trainer.begin_stage(index)
-            assert isinstance(trainer.optimizer, AcceleratedOptimizer)
-            assert isinstance(trainer.scheduler, AcceleratedScheduler)
-            assert trainer.accelerator._optimizers == [trainer.optimizer]  # the previous stage's was released
             # A frozen tower runs in eval mode and its caption outputs are cached; a training one has no cache.
             frozen_text = index == 3
             assert trainer.unwrapped.text_model.training != frozen_text
             assert (trainer.unwrapped.caption_cache is not None) == frozen_text
             if index < 3:
                 trainer.end_stage()
-        collator_batch = trainer._stage_batch(_first_batch(trainer, 3), config.stages[3])
+        stage = trainer.config.stages[3]
         before = [p.detach().clone() for p in trainer.unwrapped.parameters()]
-        trainer.training_step(collator_batch, config.stages[3])
-        moved = [
-            not torch.equal(b, p.detach())
-            for b, p in zip(before, trainer.unwrapped.parameters(), strict=True)
-        ]
-        runs[name] = (clipped.pop(), any(moved), trainer)
-    plain, scaled = runs["plain"][0], runs["scaled"][0]
-    assert len(plain) == len(scaled) > 0
-    for expected, actual in zip(plain, scaled, strict=True):
+        metrics = trainer.training_step(trainer._stage_batch(_first_batch(trainer, 3), stage), stage)
+        assert not trainer.accelerator.optimizer_step_was_skipped
+        after = [p.detach().clone() for p in trainer.unwrapped.parameters()]
+        assert any(not torch.equal(b, a) for b, a in zip(before, after, strict=True))
+        runs[name] = (metrics, after, trainer)
+    plain, scaled, never_unscaled = (runs[name][0] for name in ("plain", "scaled", "never_unscaled"))
+    assert plain["grad_norm"] > 1e-3  # clipping acts
+    assert scaled["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-6)
+    assert never_unscaled["grad_norm"] == pytest.approx(plain["grad_norm"] * 2.0**10, rel=1e-5)
+    assert scaled["loss/total"] == pytest.approx(plain["loss/total"], rel=1e-6)
+    for expected, actual in zip(runs["plain"][1], runs["scaled"][1], strict=True):
         torch.testing.assert_close(actual, expected, atol=1e-7, rtol=1e-5)
-    # The backward really ran on the scaled loss: before unscaling, the gradients were 2^10 times the plain ones.
-    assert len(scaled_grads) == len(plain)
-    for expected, raw in zip(plain, scaled_grads, strict=True):
-        torch.testing.assert_close(raw, expected * 2.0**10, atol=1e-4, rtol=1e-5)
-    assert runs["scaled"][1] and runs["plain"][1]  # the scaled step was taken (finite gradients), not skipped
-    scaler = runs["scaled"][2].accelerator.scaler
-    assert scaler.get_scale() == 2.0**10 and runs["scaled"][2].optimizer.scaler is scaler
 
     # An inf gradient: the prepared optimizer skips the step, the schedule does not advance, the scale halves.
     trainer = runs["scaled"][2]
-    stage = trainer.config.stages[3]
+    scaler = trainer.accelerator.scaler
+    assert scaler.get_scale() == 2.0**10
     parameter = trainer.unwrapped.visual_projection.weight
     hook = parameter.register_hook(lambda grad: torch.full_like(grad, float("inf")))
     before = [p.detach().clone() for p in trainer.unwrapped.parameters()]
-    schedule_steps = trainer.scheduler.scheduler.last_epoch
+    learning_rate = trainer.optimizer.param_groups[0]["lr"]
     cached = len(trainer.unwrapped.caption_cache)
     assert cached > 0  # filled by the first step of the stage
-    trainer.training_step(trainer._stage_batch(_first_batch(trainer, 3), stage), stage)
+    stage = trainer.config.stages[3]
+    metrics = trainer.training_step(trainer._stage_batch(_first_batch(trainer, 3), stage), stage)
     hook.remove()
     assert len(trainer.unwrapped.caption_cache) == cached  # the same batch: every caption came from the cache
-    assert trainer.optimizer.step_was_skipped and scaler.get_scale() == 2.0**9
-    assert trainer.scheduler.scheduler.last_epoch == schedule_steps
+    assert trainer.accelerator.optimizer_step_was_skipped and scaler.get_scale() == 2.0**9
+    assert not math.isfinite(metrics["grad_norm"])
+    assert trainer.optimizer.param_groups[0]["lr"] == learning_rate
     assert all(
         torch.equal(b, p.detach()) for b, p in zip(before, trainer.unwrapped.parameters(), strict=True)
     )
+    # The next finite step is taken and moves the schedule on.
+    trainer.training_step(trainer._stage_batch(_first_batch(trainer, 3), stage), stage)
+    assert not trainer.accelerator.optimizer_step_was_skipped
+    assert trainer.optimizer.param_groups[0]["lr"] != learning_rate
+
+
+def test_stage_schedule_is_transformers_cosine_with_min_lr_restarted_per_stage():
+    """Oracle: the run's one schedule gives, stage after stage, the learning rates of a fresh
+    `get_cosine_with_min_lr_schedule_with_warmup` per stage (laid out over `steps × processes`, as accelerate's
+    prepared scheduler steps once per process)."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    from regionmed_clip.training.config import StageSpec
+    from regionmed_clip.training.stages import StageSchedule
+
+    stages = [
+        StageSpec(name="a", lr=1e-3, batch_size=1, steps=10, warmup_ratio=0.3, min_lr_ratio=0.1),
+        StageSpec(name="b", lr=5e-4, batch_size=1, steps=7, warmup_ratio=0.0, min_lr_ratio=0.0),
+        StageSpec(name="c", lr=2e-4, batch_size=1, steps=5, warmup_ratio=1.0, min_lr_ratio=0.5),
+    ]
+    for processes in (1, 2):
+        schedule = StageSchedule(processes)
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        ours = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        for stage in stages:
+            schedule.begin(stage, stage.steps, ours.last_epoch)
+            reference_optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=stage.lr)
+            reference = get_cosine_with_min_lr_schedule_with_warmup(
+                reference_optimizer,
+                num_warmup_steps=int(round(stage.steps * stage.warmup_ratio)) * processes,
+                num_training_steps=stage.steps * processes,
+                min_lr_rate=stage.min_lr_ratio,
+            )
+            for _ in range(stage.steps * processes):
+                assert schedule(ours.last_epoch) == pytest.approx(
+                    reference.get_last_lr()[0], rel=1e-12, abs=1e-15
+                )
+                for stepped in (optimizer, reference_optimizer, ours, reference):
+                    stepped.step()
 
 
 def _first_batch(trainer, index):

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from datasets import load_dataset
 
-from .folder import card_front_matter
+from ..hub.card import card_front_matter
 from .schema import SPLITS, InvalidRowsError, ValidationReport, validate_rows
 
 logger = logging.getLogger(__name__)

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 from datasets import DatasetInfo, Features, SplitDict, SplitInfo
+from datasets.info import DatasetInfosDict
 
 from .schema import FEATURES
 
@@ -87,15 +88,6 @@ class ShardedParquetWriter:
         return dict(self.counts)
 
 
-def card_front_matter(card: str | os.PathLike) -> dict | None:
-    """The YAML front matter of a card (`README.md`), or `None` when the card has none; bad YAML raises
-    `yaml.YAMLError`."""
-    text = Path(card).read_text(encoding="utf-8")
-    if not text.startswith("---"):
-        return None
-    return yaml.safe_load(text.split("---", 2)[1]) or {}
-
-
 def write_dataset_card(
     out_dir: str | os.PathLike,
     configs: dict[str, tuple[str, Features, dict[str, int]]],
@@ -115,9 +107,8 @@ def write_dataset_card(
         "tags": list(tags),
         **(metadata or {}),
         "configs": [],
-        "dataset_info": [],
     }
-    body = [f"# {pretty_name}", "", description.strip(), ""]
+    infos = DatasetInfosDict()
     for name, (directory, features, counts) in configs.items():
         splits = [split for split in counts if counts[split] > 0]
         entry = {
@@ -127,22 +118,23 @@ def write_dataset_card(
         if name == DEFAULT_CONFIG:
             entry["default"] = True
         card_metadata["configs"].append(entry)
-        info = DatasetInfo(
+        infos[name] = DatasetInfo(
             features=features,
             config_name=name,
             splits=SplitDict({split: SplitInfo(split, num_examples=counts[split]) for split in splits}),
         )
-        card_metadata["dataset_info"].append(info._to_yaml_dict())
+    # `datasets` writes its own `dataset_info` (one mapping for a single config, else a list by config name).
+    infos.to_dataset_card_data(card_metadata)
+    written = card_metadata["dataset_info"]
+    schemas = {
+        info.get("config_name", DEFAULT_CONFIG): info["features"]
+        for info in (written if isinstance(written, list) else [written])
+    }
+    body = [f"# {pretty_name}", "", description.strip(), ""]
+    for name, (_, _, counts) in configs.items():
         body += [f"## Config `{name}`", "", "| split | rows |", "|---|---|"]
-        body += [f"| {split} | {counts[split]} |" for split in splits]
-        body += [
-            "",
-            "Schema:",
-            "",
-            "```yaml",
-            yaml.safe_dump(info._to_yaml_dict()["features"], sort_keys=False),
-        ]
-        body += ["```", ""]
+        body += [f"| {split} | {counts[split]} |" for split in counts if counts[split] > 0]
+        body += ["", "Schema:", "", "```yaml", yaml.safe_dump(schemas[name], sort_keys=False), "```", ""]
     body += [
         "## Loading",
         "",

@@ -29,6 +29,15 @@ TAGS = (
 _PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
 
+def card_front_matter(card: str | os.PathLike) -> dict | None:
+    """The YAML front matter of a card (`README.md`), or `None` when the card has none; bad YAML raises
+    `yaml.YAMLError`."""
+    text = Path(card).read_text(encoding="utf-8")
+    if not text.startswith("---"):
+        return None
+    return yaml.safe_load(text.split("---", 2)[1]) or {}
+
+
 def fill_template(template: str, values: dict[str, str]) -> str:
     """Replace every `{{ name }}` of `template`; a placeholder without a value is an error, never left in."""
     missing = sorted(set(_PLACEHOLDER.findall(template)) - set(values))
@@ -39,8 +48,6 @@ def fill_template(template: str, values: dict[str, str]) -> str:
 
 def _card_dataset_name(folder: Path) -> str | None:
     """`pretty_name` from a dataset folder's card."""
-    from ..data.folder import card_front_matter
-
     try:
         return (card_front_matter(folder / "README.md") or {}).get("pretty_name")
     except (OSError, AttributeError, yaml.YAMLError):

@@ -11,9 +11,10 @@ Decisions:
 - Endpoint and token are huggingface_hub's own: `HF_ENDPOINT`, then `HF_TOKEN` or the token saved by
   `hf auth login` (`huggingface-cli login` in older releases).
 - No call may hang. huggingface_hub 2.4's shared HTTP client has no timeout, and some of its calls pass
-  `timeout=None` explicitly, so while publishing a request hook gives every request without a limit a finite
-  one; an access check (`whoami`) with a short limit runs first, so a wrong endpoint, a missing network or a
-  rejected token fail in seconds with a message naming the cause, before any file is hashed or sent.
+  `timeout=None` explicitly, so while publishing a request hook on that shared client (`get_session`) gives
+  every request without a limit a finite one; an access check (`whoami`) with a short limit runs first, so a
+  wrong endpoint, a missing network or a rejected token fail in seconds with a message naming the cause,
+  before any file is hashed or sent.
 """
 
 import contextlib
@@ -25,12 +26,11 @@ from pathlib import Path
 
 import httpx2
 import yaml
-from huggingface_hub import CommitOperationAdd, HfApi, get_session, get_token, set_client_factory
+from huggingface_hub import CommitOperationAdd, HfApi, get_session, get_token
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-from huggingface_hub.utils import _http as hub_http  # the current client factory is not exposed publicly
 from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, validate_repo_id
 
-from .card import render_model_card
+from .card import card_front_matter, render_model_card
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 ACCESS_CHECK_TIMEOUT_S = 10.0  # the first request: long enough for a slow link, short enough to fail fast
@@ -101,8 +101,6 @@ def dataset_files(dataset_dir: str | os.PathLike) -> list[Path]:
         raise FileNotFoundError(
             f"{folder} has no README.md dataset card; write it with `regionmed-clip data`"
         )
-    from ..data.folder import card_front_matter
-
     try:
         metadata = card_front_matter(card)
     except yaml.YAMLError as error:
@@ -132,9 +130,10 @@ def finite_timeouts(seconds: float) -> Iterator[None]:
 
     huggingface_hub 2.4 builds its shared client with `timeout=None`, and calls like `model_info` pass
     `timeout=None` explicitly, so a client-level default is not enough: a request hook fills in the missing
-    limits. The factory that was set before is wrapped (a user's proxy settings stay) and restored on exit.
+    limits. The hook goes on the shared client itself (`get_session`, public), so whatever factory built it (a
+    user's proxy settings) stays as it is; the client's hooks are restored on exit. A client built anew inside
+    the block (after `close_session` or `set_client_factory`) has no hook.
     """
-    previous = getattr(hub_http, "_GLOBAL_CLIENT_FACTORY", hub_http.default_client_factory)
     limits = {"connect": min(seconds, CONNECT_TIMEOUT_S), "read": seconds, "write": seconds, "pool": seconds}
 
     def fill_limits(request) -> None:
@@ -144,16 +143,14 @@ def finite_timeouts(seconds: float) -> Iterator[None]:
             "timeout": {key: limits[key] if given.get(key) is None else given[key] for key in limits},
         }
 
-    def factory():
-        client = previous()
-        client.event_hooks["request"].append(fill_limits)
-        return client
-
-    set_client_factory(factory)
+    session = get_session()
+    hooks = session.event_hooks
+    previous = {event: list(callbacks) for event, callbacks in hooks.items()}
+    session.event_hooks = {**previous, "request": [*previous.get("request", []), fill_limits]}
     try:
         yield
     finally:
-        set_client_factory(previous)
+        session.event_hooks = previous
 
 
 def _resolve_token(token: str | None) -> str:

@@ -5,13 +5,18 @@ never inherits a freeze by accident. Under DDP the model is wrapped while everyt
 freeze afterwards: a parameter that was frozen at wrap time would never have its gradient synchronised when a
 later stage unfreezes it; one frozen after wrapping is simply unused (`find_unused_parameters=True`).
 
-Each stage's optimizer and schedule go through `accelerator.prepare`, as in accelerate's examples: the prepared
-optimizer steps through the gradient scaler under fp16 (skipping inf steps), `clip_grad_norm_` unscales first,
-and `save_state` / `load_state` cover both.
+One AdamW and one schedule serve the whole run and go through `accelerator.prepare` once, as in accelerate's
+examples: the prepared optimizer steps through the gradient scaler under fp16 (skipping inf steps),
+`clip_grad_norm_` unscales first, and `save_state` / `load_state` cover both. A stage still starts as if with a
+fresh optimizer: its Adam state is cleared at the boundary and its schedule restarts (`StageSchedule`), so no
+optimizer state crosses a stage, and none is left in memory or in the checkpoint at a boundary. Accelerate has no
+public call to release one prepared optimizer (its lists of prepared objects only grow), which is why the run
+keeps one instead of preparing a new one per stage.
 """
 
+import math
+
 import torch
-from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from ..modeling_regionmed_clip import RegionMedCLIPLoss
 from .config import StageSpec
@@ -59,55 +64,74 @@ def apply_stage_weights(config, stage: StageSpec):
         setattr(config, f"{term}_weight", float(stage.loss_weights.get(term, 0.0)))
 
 
-def build_scheduler(optimizer, stage: StageSpec, total_steps: int, num_processes: int):
-    """transformers' cosine schedule with a linear warm-up over `warmup_ratio` of the stage, ending at
-    `lr * min_lr_ratio`.
+class StageSchedule:
+    """The learning rate of the stage in progress as a function of the prepared scheduler's step count: transformers'
+    `get_cosine_with_min_lr_schedule_with_warmup` (linear warm-up over `warmup_ratio` of the stage, cosine decay to
+    `lr * min_lr_ratio`), restarted by `begin` at every stage boundary.
 
-    Accelerate's prepared scheduler steps once per process at every optimizer step (it assumes a schedule laid out
-    for one process's share of the data), so the schedule is laid out over `total_steps × num_processes` steps:
-    the learning rate at each optimizer step is then the same whatever the number of processes.
+    It is the `lr_lambda` of the run's one `LambdaLR`, whose base learning rate is 1, so the value it returns is the
+    learning rate itself. Its fields are plain numbers: `LambdaLR.state_dict` saves a callable object's
+    `__dict__`, so a checkpoint carries the schedule of the stage in progress. Accelerate's prepared scheduler
+    steps once per process at every optimizer step (it assumes a schedule laid out for one process's share of the
+    data), so positions are scheduler steps divided by `num_processes`: the learning rate at each optimizer step is
+    the same whatever the number of processes. Before the first stage begins the rate is 0.
     """
-    warmup = int(round(total_steps * stage.warmup_ratio))
-    return get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer,
-        num_warmup_steps=warmup * num_processes,
-        num_training_steps=total_steps * num_processes,
-        min_lr_rate=stage.min_lr_ratio,
-    )
+
+    def __init__(self, num_processes: int = 1):
+        self.num_processes = num_processes
+        self.lr = 0.0
+        self.warmup_steps = 0
+        self.total_steps = 1
+        self.min_lr_ratio = 0.0
+        self.start = 0  # the scheduler step at which the stage began
+
+    def begin(self, stage: StageSpec, total_steps: int, start: int):
+        """Lay out `stage` over its `total_steps` optimizer steps from scheduler step `start` on."""
+        self.lr = float(stage.lr)
+        self.warmup_steps = int(round(total_steps * stage.warmup_ratio))
+        self.total_steps = int(total_steps)
+        self.min_lr_ratio = float(stage.min_lr_ratio)
+        self.start = int(start)
+
+    def __call__(self, scheduler_step: int) -> float:
+        step = (scheduler_step - self.start) / self.num_processes
+        if step < self.warmup_steps:
+            return self.lr * step / max(1, self.warmup_steps)
+        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.lr * max(0.0, factor * (1.0 - self.min_lr_ratio) + self.min_lr_ratio)
 
 
-def build_optimizer(model, stage: StageSpec, config):
-    """A fresh AdamW and cosine schedule for `stage` (optimizer state never crosses a stage boundary)."""
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, config.weight_decay),
-        lr=stage.lr,
-        betas=config.adam_betas,
-        eps=config.adam_eps,
+def build_optimizer(model: torch.nn.Module, config) -> torch.optim.AdamW:
+    """The run's AdamW over every parameter trainable when it is built: call it before any stage freezes, so that
+    it holds every parameter some stage trains (all of them, or the adapter's under LoRA). A parameter a stage
+    freezes gets no gradient and AdamW leaves it, and its decay, alone. The base learning rate is 1: the schedule
+    (`StageSchedule`) returns the rate itself."""
+    return torch.optim.AdamW(
+        parameter_groups(model, config.weight_decay), lr=1.0, betas=config.adam_betas, eps=config.adam_eps
     )
-    return optimizer
 
 
 class StageCallback:
-    """Applies stages as data: `on_stage_begin` freezes / unfreezes, sets the loss weights, and builds and prepares
-    a fresh optimizer and schedule; `on_step_end` logs and checkpoints every `checkpoint_every` steps;
-    `on_stage_end` checkpoints and plots."""
+    """Applies stages as data: `on_stage_begin` freezes / unfreezes, sets the loss weights and restarts the optimizer
+    and schedule for the stage; `on_step_end` logs and checkpoints every `checkpoint_every` steps; `on_stage_end`
+    checkpoints and plots."""
 
     def __init__(self, trainer):
         self.trainer = trainer
 
-    def on_stage_begin(self, index: int, stage: StageSpec, total_steps: int):
+    def on_stage_begin(self, index: int, stage: StageSpec, total_steps: int, resumed: bool = False):
+        """Apply `stage`. A stage resumed mid-way keeps the Adam state and schedule its checkpoint restored."""
         trainer = self.trainer
         counts = trainer.apply_trainable(stage)
-        accelerator = trainer.accelerator
-        optimizer = build_optimizer(trainer.unwrapped, stage, trainer.config)
-        scheduler = build_scheduler(optimizer, stage, total_steps, accelerator.num_processes)
-        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+        if not resumed:
+            trainer.restart_optimizer(stage, total_steps)
         trainer.print(
             f"stage {index + 1}/{len(trainer.config.stages)} '{stage.name}': {total_steps} steps, lr {stage.lr:g}, "
             f"batch {stage.batch_size}x{trainer.accelerator.num_processes}, trainable {counts['trainable']:,} "
             f"params, frozen {counts['frozen']:,}, losses {stage.loss_weights}"
+            + (" (resumed)" if resumed else "")
         )
-        return optimizer, scheduler
 
     def on_step_end(self, metrics: dict):
         trainer = self.trainer

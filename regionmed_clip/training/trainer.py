@@ -22,7 +22,14 @@ from ..data.collator import MedRegionCollator, load_rows
 from .config import TrainConfig, resolve_path
 from .data import epoch_seed, stage_dataloader, stage_total_steps
 from .losses import class_loss, distributed_loss
-from .stages import StageCallback, apply_stage_weights, set_train_modes, set_trainable
+from .stages import (
+    StageCallback,
+    StageSchedule,
+    apply_stage_weights,
+    build_optimizer,
+    set_train_modes,
+    set_trainable,
+)
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -111,8 +118,9 @@ class Trainer:
         )
         set_seed(config.seed)
         self.state = TrainerState()
-        self.optimizer = self.scheduler = None
-        self.prepared_stage: int | None = None  # the stage whose optimizer and schedule are prepared
+        self.optimizer = self.scheduler = None  # prepared once, when the first stage begins (see stages.py)
+        self.schedule: StageSchedule | None = None
+        self.active_stage: int | None = None  # the stage whose settings are applied
         self.callback = StageCallback(self)
         self.timings: dict[str, float] = {}
 
@@ -258,10 +266,9 @@ class Trainer:
             self.print("resume: no checkpoint yet, starting from the beginning")
             return False
         self.state = TrainerState(**json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8")))
-        if self.state.stage_step > 0:
-            # Saved mid-stage: that stage's optimizer and schedule must be prepared for `load_state` to restore
-            # them. A checkpoint at a stage boundary holds none (the next stage starts afresh).
-            self.begin_stage(self.state.stage)
+        # The optimizer and schedule are prepared before `load_state` restores them: mid-stage, the Adam state and
+        # schedule of that stage; at a stage boundary, an empty state (the next stage restarts both).
+        self.prepare_optimizer()
         self.accelerator.load_state(str(checkpoint))
         self.print(
             f"resumed from {checkpoint.name}: stage {self.state.stage + 1}, step {self.state.global_step}"
@@ -282,8 +289,10 @@ class Trainer:
     def training_step(self, batch: dict, stage) -> dict:
         """One micro-batch, in accelerate's `accumulate` shape: the prepared optimizer and schedule step (and zero)
         only when gradients sync, `clip_grad_norm_` unscales fp16 gradients first, and an fp16 step with inf
-        gradients is skipped together with its schedule step."""
+        gradients is skipped together with its schedule step. With clipping on, `grad_norm` is the norm of the
+        unscaled gradients before clipping, as `clip_grad_norm_` returns it."""
         learning_rate = self.optimizer.param_groups[0]["lr"]
+        grad_norm = None
         with self.accelerator.accumulate(self.model):
             labels = batch.pop("labels", None)
             outputs = self.model(**batch)
@@ -304,13 +313,15 @@ class Trainer:
                 loss = loss + stage.loss_weights["class_loss"] * terms["class_loss"]
             self.accelerator.backward(loss)
             if self.accelerator.sync_gradients and self.config.grad_clip:
-                self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+                grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         metrics = {f"loss/{name}": float(term.detach()) for name, term in terms.items()}
         metrics["loss/total"] = float(loss.detach())
         metrics["lr"] = learning_rate
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
         return metrics
 
     def total_steps(self, index: int) -> int:
@@ -322,30 +333,44 @@ class Trainer:
             self.config.gradient_accumulation_steps,
         )
 
-    def begin_stage(self, index: int):
-        """Apply stage `index` (see `StageCallback.on_stage_begin`) and prepare its optimizer and schedule."""
-        self.optimizer, self.scheduler = self.callback.on_stage_begin(
-            index, self.config.stages[index], self.total_steps(index)
-        )
-        self.prepared_stage = index
+    def prepare_optimizer(self):
+        """Build and prepare the run's one AdamW and `LambdaLR` (see stages.py), once: before any stage freezes, so
+        the optimizer holds every parameter some stage trains."""
+        if self.optimizer is not None:
+            return
+        optimizer = build_optimizer(self.unwrapped, self.config)
+        self.schedule = StageSchedule(self.accelerator.num_processes)
+        self.base_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule)
+        self.optimizer, self.scheduler = self.accelerator.prepare(optimizer, self.base_scheduler)
+
+    def restart_optimizer(self, stage, total_steps: int):
+        """Start `stage` as if with a fresh AdamW and schedule: no Adam state, the stage's schedule from its step 0."""
+        self.optimizer.state.clear()
+        start = self.base_scheduler.last_epoch
+        self.schedule.begin(stage, total_steps, start)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.schedule(start)
+
+    def begin_stage(self, index: int, resumed: bool = False):
+        """Apply stage `index` (see `StageCallback.on_stage_begin`); unless `resumed` mid-way, its optimizer state
+        and schedule start afresh."""
+        self.prepare_optimizer()
+        self.callback.on_stage_begin(index, self.config.stages[index], self.total_steps(index), resumed)
+        self.active_stage = index
 
     def end_stage(self):
-        """Release the finished stage's optimizer and schedule: the next stage builds fresh ones, its Adam state
-        must not stay in memory, and a checkpoint at the boundary must not carry them (`save_state` saves every
-        prepared optimizer). Accelerate has no public call to release one optimizer; its lists are edited."""
-        accelerator = self.accelerator
-        accelerator._optimizers = [opt for opt in accelerator._optimizers if opt is not self.optimizer]
-        accelerator._schedulers = [sched for sched in accelerator._schedulers if sched is not self.scheduler]
-        self.optimizer = self.scheduler = None
-        self.prepared_stage = None
+        """Drop the finished stage's Adam state: the next stage starts without it, it does not stay in memory, and
+        the checkpoint at the boundary does not carry it."""
+        self.optimizer.state.clear()
+        self.active_stage = None
 
     def run_stage(self, index: int, stage):
         accelerator, state = self.accelerator, self.state
         data = self.config.data
         world = accelerator.num_processes
         total = self.total_steps(index)
-        if self.prepared_stage != index:
-            self.begin_stage(index)
+        if self.active_stage != index:
+            self.begin_stage(index, resumed=state.stage_step > 0)
         classes = self.config.classification if stage.uses_classes else None
         collator = MedRegionCollator(
             self.processor,
