@@ -362,6 +362,9 @@ class RegionMedCLIPImageProcessor(_ImageProcessorBase):
         return cls(**{**settings, **kwargs})
 
     def _validate_preprocess_kwargs(self, **kwargs):
+        """transformers' validation hook of `preprocess` (the base class calls it with every resolved setting), kept
+        so that `do_center_crop` / `do_pad` / `do_rescale` are refused whichever path resolves them
+        (test_image_processing checks each)."""
         _reject_unsupported(kwargs)
         super()._validate_preprocess_kwargs(**kwargs)
 

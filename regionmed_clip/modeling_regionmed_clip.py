@@ -919,6 +919,10 @@ class RegionMedCLIPPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
 
     def _init_weights(self, module):
+        """`PreTrainedModel._init_weights` is transformers' override point for initialisation (every model of the
+        library defines it; `post_init` and `from_pretrained` call it for weights a checkpoint lacks), so the name
+        is the library's, not a private call into it (tests: the gate, temperature and ROI layers after
+        `from_pretrained` of a dual encoder)."""
         super()._init_weights(module)
         factor = self.config.initializer_factor
         if isinstance(module, RegionMedCLIPModel):
@@ -1008,6 +1012,8 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         )
         self.text_model = text_model if text_model is not None else _tower_from_config(config.text_config)
         # The towers share the composite config's sub-configs, so attention settings and edits reach both.
+        # transformers keeps the attention backend a tower was built with only in `config._attn_implementation`
+        # (no public reader on 4.57-5.x); test_modeling checks that an `eager` choice reaches both towers.
         self.config.vision_config._attn_implementation = self.vision_model.config._attn_implementation
         self.config.text_config._attn_implementation = self.text_model.config._attn_implementation
         self.vision_model.config = self.config.vision_config

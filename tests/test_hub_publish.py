@@ -187,20 +187,51 @@ def published(hub, model_folder, metrics, synth_folder, tmp_path_factory):
     return result, time.perf_counter() - started
 
 
+ONLINE = not huggingface_hub.is_offline_mode()
+ONLINE_CASES: list[str] = []
+
+
+def hub_online(test):
+    """A case that publishes from the test process: it runs in the online child process of
+    `test_online_cases_pass_in_an_online_process`, and is skipped in the offline suite that starts it."""
+    reason = "runs in the online child process of test_online_cases_pass_in_an_online_process"
+    ONLINE_CASES.append(test.__name__)
+    return pytest.mark.hub_online(pytest.mark.skipif(not ONLINE, reason=reason)(test))
+
+
 @pytest.fixture
 def in_process_hub(monkeypatch, tmp_path):
-    """huggingface_hub in this (offline-configured) test process, online, under the guard; returns a function
-    that points it at an endpoint. The guard log is checked when the test ends."""
-    constants = huggingface_hub.constants
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-token"))
+    """huggingface_hub in this process, which must be online (see `test_online_cases_pass_in_an_online_process`),
+    under the guard, with the test's token. The guard log is checked when the test ends."""
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     guard_log = tmp_path / "guard.log"
     install_network_guard(str(guard_log), monkeypatch.setattr)
-    yield lambda endpoint: monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    yield
     assert not guard_log.exists(), guard_log.read_text()
+
+
+@pytest.mark.skipif(ONLINE, reason="this is the online child process")
+def test_online_cases_pass_in_an_online_process(tmp_path):
+    """The cases that publish from the test process itself run in a child pytest whose environment is online:
+    huggingface_hub reads HF_HUB_OFFLINE, HF_TOKEN_PATH and HF_HUB_DISABLE_XET once, when it is imported, and this
+    suite runs offline. Each case names its endpoint through `publish(endpoint=...)`, and no saved token exists
+    in the child's HF_HOME."""
+    env = {key: value for key, value in os.environ.items() if key not in CLEARED_ENV}
+    env.update(
+        HF_HUB_OFFLINE="0",
+        HF_HOME=str(tmp_path / "hf-home"),
+        HF_TOKEN_PATH=str(tmp_path / "hf-home" / "no-saved-token"),
+        HF_HUB_DISABLE_XET="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "hub_online", __file__]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and " skipped" not in result.stdout.splitlines()[-1], result.stdout[
+        -2000:
+    ]
 
 
 def _front_matter(card: str) -> dict:
@@ -309,16 +340,20 @@ def test_published_card_holds_the_real_evaluation_figures(hub, published, metric
     assert "{{" not in card
 
 
+@hub_online
 def test_private_revision_and_an_existing_repo_get_new_commits(hub, model_folder, metrics, in_process_hub):
-    in_process_hub(hub.url)
     repo_id = "loopback-user/private-tiny"
-    [first] = publish(str(model_folder), repo_id, metrics=str(metrics), private=True, revision="v1")
+    [first] = publish(
+        str(model_folder), repo_id, metrics=str(metrics), private=True, revision="v1", endpoint=hub.url
+    )
     repo = hub.repo(repo_id)
     assert first.created and repo.private
     assert set(repo.branches) == {"main", "v1"} and repo.branches["v1"] == first.commit_oid
     assert set(repo.resolve("main").files) == {".gitattributes"}  # nothing went to the default branch
     assert "README.md" in repo.resolve("v1").files
-    [second] = publish(str(model_folder), repo_id, private=True, revision="v1", commit_message="card only")
+    [second] = publish(
+        str(model_folder), repo_id, private=True, revision="v1", commit_message="card only", endpoint=hub.url
+    )
     assert not second.created and second.commit_oid != first.commit_oid
     assert repo.commits[second.commit_oid].parent == first.commit_oid
     assert repo.commits[second.commit_oid].message == "card only"
@@ -336,27 +371,29 @@ def _run_cli(argv: list[str]) -> int:
     return args.run(args)
 
 
+@hub_online
 def test_no_token_fails_at_once_naming_the_login(hub, model_folder, in_process_hub, monkeypatch, capsys):
-    in_process_hub(hub.url)
     monkeypatch.delenv("HF_TOKEN")
     requests = len(hub.requests)
     started = time.perf_counter()
-    assert _run_cli(["--model", str(model_folder), "--repo-id", "loopback-user/never"]) == 1
+    argv = ["--model", str(model_folder), "--repo-id", "loopback-user/never", "--endpoint", hub.url]
+    assert _run_cli(argv) == 1
     assert time.perf_counter() - started < 5
     error = capsys.readouterr().err
     assert "no Hugging Face token" in error and "hf auth login" in error and "HF_TOKEN" in error
     assert len(hub.requests) == requests
 
 
+@hub_online
 def test_an_endpoint_that_never_answers_fails_within_the_timeout(model_folder, in_process_hub):
     with silent_endpoint() as endpoint:
-        in_process_hub(endpoint)
         started = time.perf_counter()
         with pytest.raises(PublishError, match="did not answer within 2 s"):
-            publish(str(model_folder), "loopback-user/never", timeout=2.0)
+            publish(str(model_folder), "loopback-user/never", timeout=2.0, endpoint=endpoint)
         assert time.perf_counter() - started < 8
 
 
+@hub_online
 def test_finite_timeouts_bound_calls_that_pass_timeout_none(in_process_hub):
     with silent_endpoint() as endpoint, finite_timeouts(1.0):
         started = time.perf_counter()
@@ -365,29 +402,32 @@ def test_finite_timeouts_bound_calls_that_pass_timeout_none(in_process_hub):
         assert time.perf_counter() - started < 6
 
 
+@hub_online
 def test_refused_endpoint_and_rejected_token_fail_fast(hub, model_folder, in_process_hub, monkeypatch):
-    in_process_hub(closed_endpoint())
     started = time.perf_counter()
     with pytest.raises(PublishError, match="cannot reach the Hub endpoint"):
-        publish(str(model_folder), "loopback-user/never")
-    in_process_hub(hub.url)
+        publish(str(model_folder), "loopback-user/never", endpoint=closed_endpoint())
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_valid_token")
     with pytest.raises(PublishError, match="rejected the token"):
-        publish(str(model_folder), "loopback-user/never")
+        publish(str(model_folder), "loopback-user/never", endpoint=hub.url)
     assert time.perf_counter() - started < 5
     assert ("model", "loopback-user/never") not in hub.repos
 
 
+@hub_online
 def test_folders_are_checked_before_anything_is_sent(tmp_path, model_folder, hub, in_process_hub):
-    in_process_hub(hub.url)
     requests = len(hub.requests)
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        publish(str(tmp_path), "loopback-user/never")
+        publish(str(tmp_path), "loopback-user/never", endpoint=hub.url)
     with pytest.raises(ValueError, match="go together"):
-        publish(str(model_folder), "loopback-user/never", dataset=str(tmp_path))
+        publish(str(model_folder), "loopback-user/never", dataset=str(tmp_path), endpoint=hub.url)
     with pytest.raises(FileNotFoundError, match="dataset card"):
         publish(
-            str(model_folder), "loopback-user/never", dataset=str(tmp_path), dataset_repo_id="loopback-user/d"
+            str(model_folder),
+            "loopback-user/never",
+            dataset=str(tmp_path),
+            dataset_repo_id="loopback-user/d",
+            endpoint=hub.url,
         )
     assert len(hub.requests) == requests
 

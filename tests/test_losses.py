@@ -355,13 +355,9 @@ def test_deduplicated_captions_give_the_losses_and_gradients_of_the_plain_comput
     model = tiny_model(roi_mode).train()
     inputs = _region_batch(tokenizer, roi_mode)
     calls = []
-    original = model.text_model.forward
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs["input_ids"].shape[0])
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(model.text_model, "forward", counting)
+    model.text_model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
     terms, gradients = _loss_and_gradients(model, inputs)
     distinct = {
         tuple(ids[mask.bool()].tolist())
@@ -391,7 +387,7 @@ def test_deduplicated_captions_give_the_losses_and_gradients_of_the_plain_comput
         torch.testing.assert_close(gradients[name], expected_gradients[name], atol=1e-6, rtol=1e-4, msg=name)
 
 
-def test_caption_cache_serves_a_frozen_text_tower_and_keeps_the_projection_trainable(tokenizer, monkeypatch):
+def test_caption_cache_serves_a_frozen_text_tower_and_keeps_the_projection_trainable(tokenizer):
     model = tiny_model().train()
     model.text_model.requires_grad_(False)
     model.text_model.eval()
@@ -400,13 +396,9 @@ def test_caption_cache_serves_a_frozen_text_tower_and_keeps_the_projection_train
 
     cache = model.enable_caption_cache()
     calls = []
-    original = model.text_model.forward
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs["input_ids"].shape[0])
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(model.text_model, "forward", counting)
+    model.text_model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
     for _ in range(2):
         terms, gradients = _loss_and_gradients(model, inputs)
         for name in expected_terms:

@@ -283,6 +283,7 @@ def publish(
     revision: str | None = None,
     commit_message: str | None = None,
     timeout: float = 60.0,
+    endpoint: str | None = None,
     token: str | None = None,
 ) -> list[PublishResult]:
     """Publish a trained model folder to the Hugging Face Hub, optionally with its dataset.
@@ -291,8 +292,8 @@ def publish(
     the processor files, `training_config.yaml` and a `README.md` rendered from `model_card.md` with the
     figures of `metrics` (the metrics.json of `regionmed-clip eval`; without it, those of a card already in
     the folder). The dataset folder (parquet shards and card) goes to `dataset_repo_id` first, so the model
-    card can name it. The endpoint is `HF_ENDPOINT`; the token comes from HF_TOKEN or `hf auth login`. An
-    existing repository gets a new commit; `revision` names a branch, created when missing.
+    card can name it. The endpoint is `endpoint`, else `HF_ENDPOINT`; the token comes from HF_TOKEN or
+    `hf auth login`. An existing repository gets a new commit; `revision` names a branch, created when missing.
 
     Args:
         model: The saved model folder (weights, config, remote code, processor).
@@ -304,6 +305,7 @@ def publish(
         revision: The branch to push to, created from `main` when missing.
         commit_message: The message of the model repository's commit.
         timeout: Limit of each HTTP request, in seconds.
+        endpoint: The Hub to publish to (default: HF_ENDPOINT, else the Hugging Face Hub).
         token: A Hub token (default: HF_TOKEN or the one saved by `hf auth login`).
     """
     for name in (repo_id, dataset_repo_id):
@@ -318,7 +320,7 @@ def publish(
         dataset_files(dataset)
     card = render_model_card(model, metrics, repo_id=repo_id, dataset_id=dataset_repo_id, dataset_dir=dataset)
     token = _resolve_token(token)
-    api = HfApi(token=token)
+    api = HfApi(endpoint=endpoint, token=token)
     results = []
     with finite_timeouts(timeout):
         check_access(api.endpoint, token, min(timeout, ACCESS_CHECK_TIMEOUT_S))
