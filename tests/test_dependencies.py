@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from .test_layering import PACKAGE_DIR, _files, _in, import_targets, optional_imports
+from .test_layering import PACKAGE_DIR, _files, _in, import_targets, optional_imports, write_package
 
 ROOT = PACKAGE_DIR.parent
 PACKAGE = "regionmed_clip"
@@ -192,16 +192,17 @@ def test_every_import_of_the_package_and_the_app_is_declared_by_its_extra():
 
 
 def test_an_undeclared_import_is_found_at_any_depth(tmp_path):
-    package = tmp_path / "synthetic"
-    (package / "sub").mkdir(parents=True)
-    (package / "__init__.py").write_text("import torch\n")
-    (package / "plain.py").write_text("import numpy\n\n\ndef late():\n    import requests\n")
-    (package / "sub" / "__init__.py").write_text("")
-    (package / "sub" / "trained.py").write_text("from accelerate import Accelerator\n")
-    (package / "user.py").write_text("from .sub import trained\n")
-    (package / "optional.py").write_text(
-        "def read():\n    try:\n        import pydicom\n    except ImportError as error:\n"
-        "        raise ImportError(\"pip install 'regionmed-clip[eval]'\") from error\n"
+    package = write_package(
+        tmp_path / "synthetic",
+        {
+            "__init__.py": "import torch\n",
+            "plain.py": "import numpy\n\n\ndef late():\n    import requests\n",
+            "sub/__init__.py": "",
+            "sub/trained.py": "from accelerate import Accelerator\n",
+            "user.py": "from .sub import trained\n",
+            "optional.py": "def read():\n    try:\n        import pydicom\n    except ImportError as error:\n"
+            "        raise ImportError(\"pip install 'regionmed-clip[eval]'\") from error\n",
+        },
     )
     table = {"synthetic": (), "synthetic.sub": ("train",)}
     problems = undeclared_imports(package, "synthetic", table, DECLARED)

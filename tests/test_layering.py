@@ -167,14 +167,25 @@ def test_the_package_has_no_import_cycles():
     assert find_cycle(import_graph(PACKAGE_DIR, "regionmed_clip")) is None
 
 
+def write_package(root: Path, files: dict[str, str]) -> Path:
+    """A synthetic package under `root`: relative file path → source."""
+    for name, source in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(source)
+    return root
+
+
 def test_a_cycle_through_a_function_level_import_is_found(tmp_path):
-    package = tmp_path / "synthetic"
-    (package / "sub").mkdir(parents=True)
-    (package / "__init__.py").write_text("")
-    (package / "a.py").write_text("from .sub import b\n")
-    (package / "sub" / "__init__.py").write_text("")
-    (package / "sub" / "b.py").write_text("def helper():\n    from ..a import value\n    return value\n")
-    (package / "c.py").write_text("from . import a\n")
+    package = write_package(
+        tmp_path / "synthetic",
+        {
+            "__init__.py": "",
+            "a.py": "from .sub import b\n",
+            "sub/__init__.py": "",
+            "sub/b.py": "def helper():\n    from ..a import value\n    return value\n",
+            "c.py": "from . import a\n",
+        },
+    )
     graph = import_graph(package, "synthetic")
     assert graph["synthetic.c"] == {"synthetic.a"}
     assert find_cycle(graph) == ["synthetic.a", "synthetic.sub.b", "synthetic.a"]
