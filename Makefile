@@ -9,9 +9,9 @@ TORCH_SPEC ?= torch==2.13.0
 LOCK ?= requirements/lock.txt
 CONSTRAINTS := $(if $(LOCK),--constraint $(LOCK))
 STAMP := $(VENV)/.installed
-PIP_TOOLS_SPEC := pip-tools==7.7.0 pip==26.3
+PIP_TOOLS_SPEC := pip-tools==7.7.0 pip==26.3 uv==0.13.9
 
-.PHONY: install lock demo learning-check ablation bench test suite test-slow lint clean
+.PHONY: install lock lowest demo learning-check ablation bench test suite test-slow lint clean
 
 $(STAMP): pyproject.toml Makefile $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,17 @@ lock:
 	CUSTOM_COMPILE_COMMAND="make lock" .venv-lock/bin/pip-compile --quiet --upgrade --extra dev --strip-extras \
 		--no-emit-index-url --no-emit-find-links --unsafe-package torch \
 		--output-file requirements/lock.txt pyproject.toml requirements/lock.in
+
+# The suite at the lower bounds of pyproject.toml: every direct requirement at the lowest release its range allows
+# (uv's lowest-direct resolution), torch excepted (TORCH_SPEC), in .venv-lowest.
+lowest:
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet $(PIP_TOOLS_SPEC)
+	.venv-lock/bin/uv pip compile --quiet --resolution lowest-direct --extra dev --python-version 3.11 \
+		--no-header --no-annotate --output-file .venv-lock/lowest-all.txt pyproject.toml
+	grep -v '^torch==' .venv-lock/lowest-all.txt >.venv-lock/lowest.txt
+	rm -rf .venv-lowest
+	$(MAKE) suite VENV=.venv-lowest LOCK=.venv-lock/lowest.txt
 
 # MedRegion-synth → 4-stage training → evaluation → outputs/demo/ (model folder, report.md, metrics, plots); one seed.
 demo: $(STAMP)
@@ -64,4 +75,4 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check regionmed_clip tests eval benchmarks demo train_accelerate.py
 
 clean:
-	rm -rf $(VENV) .venv-newest .venv-lock .venv-compat .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .venv-newest .venv-lowest .venv-lock .venv-compat .pytest_cache .ruff_cache *.egg-info
