@@ -28,7 +28,7 @@ lock:
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install --quiet $(PIP_TOOLS_SPEC)
 	CUSTOM_COMPILE_COMMAND="make lock" .venv-lock/bin/pip-compile --quiet --upgrade --extra dev --strip-extras \
-		--no-emit-index-url --no-emit-find-links --unsafe-package torch \
+		--no-emit-index-url --no-emit-find-links --unsafe-package torch --unsafe-package regionmed-clip \
 		--output-file requirements/lock.txt pyproject.toml requirements/lock.in
 
 # The suite at the lower bounds of pyproject.toml: every direct requirement at the lowest release its range allows

@@ -227,3 +227,18 @@ def test_extras_fold_in_core_and_the_extras_they_name():
     assert {"accelerate", "peft", "datasets"} <= DECLARED["train"]
     assert DECLARED["train"] <= DECLARED["annotate"]
     assert "evaluate" not in set().union(*DECLARED.values())
+
+
+def test_the_lock_pins_every_declared_requirement_by_version_alone():
+    """requirements/lock.txt holds `name==version` lines only (no path or URL of the machine that resolved it, so
+    it installs from any checkout), and pins every distribution the `dev` extra declares, torch excepted (its
+    build comes from TORCH_SPEC)."""
+    lines = [
+        line.split("#")[0].strip()
+        for line in (ROOT / "requirements" / "lock.txt").read_text(encoding="utf-8").splitlines()
+    ]
+    pins = [line for line in lines if line]
+    assert pins and all(re.fullmatch(r"[A-Za-z0-9_.-]+==[A-Za-z0-9_.+!-]+", pin) for pin in pins), pins
+    locked = {normal(pin.split("==")[0]) for pin in pins}
+    assert DECLARED["dev"] - {"torch"} <= locked, sorted(DECLARED["dev"] - {"torch"} - locked)
+    assert "torch" not in locked and normal(PACKAGE) not in locked
