@@ -22,7 +22,7 @@ from .modeling_regionmed_clip import (
     RegionMedCLIPPreTrainedModel,
 )
 from .pipeline_regionmed_clip import ZeroShotRegionClassificationPipeline
-from .processing_regionmed_clip import RegionMedCLIPProcessor, with_paper_normalizer
+from .processing_regionmed_clip import RegionMedCLIPProcessor, caption_key, with_paper_normalizer
 
 __version__ = "0.1.0"
 
@@ -50,5 +50,6 @@ __all__ = [
     "RegionMedCLIPProcessor",
     "ZeroShotRegionClassificationPipeline",
     "decode_image",
+    "caption_key",
     "with_paper_normalizer",
 ]

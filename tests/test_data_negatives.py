@@ -2,7 +2,8 @@
 
 import pytest
 
-from regionmed_clip.data.negatives import RegionTriple, generate_negatives, normalize_caption
+from regionmed_clip import caption_key
+from regionmed_clip.data.negatives import RegionTriple, generate_negatives
 from regionmed_clip.data.vocabulary import (
     ADJECTIVE_GROUPS,
     ADJECTIVE_TO_GROUP,
@@ -16,8 +17,8 @@ def test_five_distinct_negatives_none_equal_to_the_positive_and_deterministic():
     caption = "round nodule left upper"
     negatives = generate_negatives(caption, "round", seed=7)
     assert len(negatives) == 5
-    assert len({normalize_caption(n) for n in negatives}) == 5
-    assert normalize_caption(caption) not in {normalize_caption(n) for n in negatives}
+    assert len({caption_key(n) for n in negatives}) == 5
+    assert caption_key(caption) not in {caption_key(n) for n in negatives}
     assert negatives == generate_negatives(caption, "round", seed=7)
     generate_negatives("oval mass right lower", "oval", seed=7)  # other work in between changes nothing
     assert negatives == generate_negatives(caption, "round", seed=7)
@@ -82,3 +83,83 @@ def test_grid_position():
     assert grid_position(0.5, 0.5) == "center"
     assert grid_position(0.9, 0.5) == "right middle"
     assert grid_position(1.0, 1.0) == "right lower"
+
+
+@pytest.mark.parametrize(
+    ("caption", "nearest"),
+    [
+        ("acute fracture L4 vertebra", ["acute fracture L3 vertebra", "acute fracture L5 vertebra"]),
+        ("compression fracture of l1", ["compression fracture of t12", "compression fracture of l2"]),
+        ("Fracture C7.", ["Fracture C6.", "Fracture T1."]),
+        ("fracture of rib 5", ["fracture of rib 4", "fracture of rib 6"]),
+        ("caries tooth 18", ["caries tooth 17", "caries tooth 16"]),
+        ("mass BI-RADS 4", ["mass BI-RADS 3", "mass BI-RADS 5"]),
+        ("lesion PI-RADS 5", ["lesion PI-RADS 4", "lesion PI-RADS 3"]),
+        ("lesion liver segment IV", ["lesion liver segment III", "lesion liver segment V"]),
+        ("cyst in segment 8", ["cyst in segment 7", "cyst in segment 6"]),
+        ("atrophy of lobule VI", ["atrophy of lobule V", "atrophy of lobule VII"]),
+        ("carcinoma T2N0M0", ["carcinoma T1N0M0", "carcinoma T3N0M0"]),
+        ("glioma grade 2", ["glioma grade 1", "glioma grade 3"]),
+    ],
+)
+def test_number_swaps_move_a_numbered_name_to_its_neighbours(caption, nearest):
+    from regionmed_clip.data.negatives import NegativeStrategy
+
+    negatives, kinds = NegativeStrategy(kinds=("number",), num=5).make(caption)
+    assert negatives[:2] == nearest and set(kinds) == {"number"}
+    keys = [caption_key(negative) for negative in negatives]
+    assert caption_key(caption) not in keys and len(set(keys)) == len(keys)
+
+
+def test_numbers_outside_a_rule_and_lookalikes_are_not_swapped():
+    from regionmed_clip.data.negatives import NUMBER_RULES, NegativeStrategy
+
+    strategy = NegativeStrategy(kinds=("number",), num=5)
+    for caption in ("nodule 2 cm", "L9 vertebra", "HER2 positive", "rib 13", "tooth 19", "T2N0M0x"):
+        assert strategy.make(caption) == ([], []), caption
+    assert strategy.make("T4 vertebra")[0][:2] == ["T3 vertebra", "T5 vertebra"]  # a vertebra, not a TNM T
+    assert len({rule.name for rule in NUMBER_RULES}) == len(NUMBER_RULES)
+    assert "Numbered names moved to their neighbours: vertebra (C1-S5)" in strategy.describe()
+    assert strategy.card_metadata()["number_rules"][0] == "vertebra (C1-S5)"
+
+
+def test_auto_strategy_makes_number_swaps_first_for_numbered_anatomy():
+    from regionmed_clip.data.negatives import NegativeStrategy
+
+    strategy = NegativeStrategy.from_text("auto", vocabulary=("L4 vertebra", "sacrum"))
+    negatives, kinds = strategy.make("fracture left L4 vertebra", term="L4 vertebra")
+    assert (
+        kinds == ["number"] * 5
+    )  # nearest first: L3, L5, then L2 and S1 (the spine runs on into the sacrum)
+    assert [negative.split()[2] for negative in negatives] == ["L3", "L5", "L2", "S1", "L1"]
+    strategy = NegativeStrategy.from_text("auto", num=3)
+    assert strategy.make("fracture left L5 vertebra")[1] == ["number", "number", "number"]
+    assert strategy.make("fracture left vertebra")[1] == ["position"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("ground glass|opacity|right lower", RegionTriple("ground glass", "opacity", "right lower")),
+        ("well defined|nodule|", RegionTriple("well defined", "nodule", "")),
+        ("acute|fracture|L5 vertebra", RegionTriple("acute", "fracture", "l5 vertebra")),
+        ("圆形|结节|左肺上叶", RegionTriple("圆形", "结节", "左肺上叶")),
+        ("Круглый|узел|справа", RegionTriple("круглый", "узел", "справа")),
+    ],
+)
+def test_region_triples_take_several_words_and_any_script(text, expected):
+    assert RegionTriple.parse(text) == expected
+
+
+def test_a_bare_adjective_of_any_length_or_script_replaces_the_region_adjective():
+    from regionmed_clip.data.negatives import negative_caption
+
+    triple = RegionTriple("well defined", "nodule", "left upper")
+    assert negative_caption("ill defined", triple) == "ill defined nodule left upper"
+    assert negative_caption("Spiculated", triple) == "spiculated nodule left upper"
+    assert negative_caption("irregular nodule left upper", triple) == "irregular nodule left upper"
+    assert (
+        negative_caption("granuloma right upper", triple) == "granuloma right upper"
+    )  # names a position word
+    chinese = RegionTriple("圆形", "结节", "左肺上叶")
+    assert negative_caption("不规则", chinese) == "不规则 结节 左肺上叶"

@@ -14,10 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
+from regionmed_clip import caption_key
 from regionmed_clip.data import InvalidRowsError, import_annotations, import_coco
 from regionmed_clip.data.collator import MedRegionCollator, load_rows, region_passes, visit_region_indices
 from regionmed_clip.data.importers import import_detection_csv, import_phrase_grounding, merge_reader_boxes
-from regionmed_clip.data.negatives import NO_FINDING, NegativeStrategy, RegionTriple, normalize_caption
+from regionmed_clip.data.negatives import NO_FINDING, NegativeStrategy, RegionTriple
 from regionmed_clip.data.vocabulary import POSITION_WORDS
 from regionmed_clip.evaluation.metrics import hard_negative_accuracy
 from regionmed_clip.hub.card import card_front_matter
@@ -63,15 +64,20 @@ def _mri_slices(root: Path, count: int, size: int = 64) -> list[str]:
     return names
 
 
-def coco_anatomy(tmp_path: Path, count: int = 10) -> tuple[Path, Path]:
-    """A COCO file of MRI slices whose categories are anatomical names (no lesion adjective), 8 regions each."""
+# Numbered anatomy, as spine, chest and dental datasets name their regions.
+NUMBERED_ANATOMY = ["L3 vertebra", "L4 vertebra", "L5 vertebra", "S1 vertebra", "rib 5", "rib 6", "tooth 36"]
+
+
+def coco_anatomy(tmp_path: Path, count: int = 10, categories: list[str] = ANATOMY) -> tuple[Path, Path]:
+    """A COCO file of MRI slices whose categories are anatomical names (no lesion adjective), one region per
+    category in each image."""
     images = tmp_path / "mri"
     names = _mri_slices(images, count)
     coco = {"images": [], "annotations": [], "categories": []}
-    coco["categories"] = [{"id": i + 1, "name": name} for i, name in enumerate(ANATOMY)]
+    coco["categories"] = [{"id": i + 1, "name": name} for i, name in enumerate(categories)]
     for index, name in enumerate(names):
         coco["images"].append({"id": index + 1, "file_name": name, "width": 64, "height": 64})
-        for category in range(len(ANATOMY)):
+        for category in range(len(categories)):
             coco["annotations"].append(
                 {
                     "id": 100 * index + category,
@@ -166,7 +172,7 @@ def test_coco_anatomy_imports_every_row_with_position_and_term_negatives(tmp_pat
     assert hippocampus["position"] == "left"
     assert hippocampus["negatives"][0] == "right hippocampus"  # laterality first: no adjective to swap
     assert "left amygdala" in hippocampus["negatives"] and len(hippocampus["negatives"]) == 5
-    assert len(set(map(normalize_caption, hippocampus["negatives"]))) == 5
+    assert len(set(map(caption_key, hippocampus["negatives"]))) == 5
     assert all(region["caption"] not in region["negatives"] for region in regions)
     metadata = card_front_matter(tmp_path / "out" / "README.md")["hard_negatives"]
     assert metadata["kinds"] == ["adjective", "position", "term"] and metadata["made"]["adjective"] == 0
@@ -317,6 +323,79 @@ def test_triples_without_adjective_import_and_only_bad_captions_are_errors(tmp_p
     (tmp_path / "c.json").write_text(json.dumps(coco))
     with pytest.raises(InvalidRowsError, match="1: annotation 5 has no caption"):
         import_coco(tmp_path / "c.json", images, tmp_path / "bad2")
+
+
+NUMBERED_NEGATIVES = [
+    "acute fracture L4 vertebra",
+    "acute fracture L3 vertebra",
+    "acute fracture S1 vertebra",
+    "Acute fracture, T12 vertebra.",
+    "old",
+]
+CHINESE_NEGATIVES = ["不规则", "分叶状", "毛刺状", "椭圆形", "圆形 肿块 左肺上叶"]
+
+
+def test_import_annotations_keeps_negatives_that_differ_by_a_number_and_a_chinese_row(tmp_path):
+    """Through the command line: negatives that differ from the caption only by a vertebra's number, a row in
+    Chinese with multi-character parts and bare adjectives, and a multi-word adjective; no row refused, every
+    negative kept."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(3):
+        random_image(40, 30, seed=index).save(images / f"img{index}.png")
+    records = [
+        {
+            "image": "img0.png",
+            "summary_caption": "Acute fracture of the L5 vertebra.",
+            "detailed_report": "Acute compression fracture of the L5 vertebral body.",
+            "region_extraction": "acute|fracture|L5 vertebra",
+            "negative_variations": NUMBERED_NEGATIVES,
+        },
+        {
+            "image": "img1.png",
+            "summary_caption": "左肺上叶见圆形结节。",
+            "detailed_report": "左肺上叶可见一圆形结节，边界清楚。",
+            "region_extraction": "圆形|结节|左肺上叶",
+            "negative_variations": CHINESE_NEGATIVES,
+        },
+        {
+            "image": "img2.png",
+            "summary_caption": "Ground glass opacity in the right lower lobe.",
+            "detailed_report": "A ground glass opacity in the right lower lobe.",
+            "region_extraction": "ground glass|opacity|right lower",
+        },
+    ]
+    (tmp_path / "a.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    boxes = {name: [[2, 3, 20, 25]] for name in ("img0.png", "img1.png", "img2.png")}
+    (tmp_path / "boxes.json").write_text(json.dumps(boxes))
+    out = tmp_path / "out"
+    imported = _cli(
+        *(
+            "data",
+            "import-annotations",
+            "--annotations",
+            tmp_path / "a.json",
+            "--boxes",
+            tmp_path / "boxes.json",
+        ),
+        *("--image-root", images, "--out-dir", out),
+    )
+    assert "invalid" not in imported.stdout and "skipped" not in imported.stdout
+    rows = {row["id"]: row for row in _rows(out)}
+    assert set(rows) == {"img0", "img1", "img2"}
+    fracture = rows["img0"]["regions"][0]
+    assert fracture["caption"] == "acute fracture l5 vertebra"
+    assert fracture["negatives"] == NUMBERED_NEGATIVES[:4] + ["old fracture l5 vertebra"]
+    nodule = rows["img1"]["regions"][0]
+    assert nodule["caption"] == "圆形 结节 左肺上叶"
+    assert nodule["negatives"] == [f"{adjective} 结节 左肺上叶" for adjective in CHINESE_NEGATIVES[:4]] + [
+        "圆形 肿块 左肺上叶"
+    ]
+    opacity = rows["img2"]["regions"][0]
+    assert opacity["caption"] == "ground glass opacity right lower" and len(opacity["negatives"]) == 5
+    for region in (fracture, nodule, opacity):
+        keys = [caption_key(negative) for negative in region["negatives"]]
+        assert caption_key(region["caption"]) not in keys and len(set(keys)) == len(keys)
 
 
 def test_annotation_reports_use_the_one_triple_parser():
@@ -509,11 +588,11 @@ def _cli(*args, timeout=300) -> subprocess.CompletedProcess:
     return result
 
 
-@pytest.mark.parametrize("layout", ["coco", "detection", "grounding"])
+@pytest.mark.parametrize("layout", ["coco", "numbered", "detection", "grounding"])
 def test_real_layouts_import_with_no_refused_rows_then_train_and_finetune(tmp_path, layout):
     out = tmp_path / "data"
-    if layout == "coco":
-        path, images = coco_anatomy(tmp_path)
+    if layout in ("coco", "numbered"):
+        path, images = coco_anatomy(tmp_path, categories=ANATOMY if layout == "coco" else NUMBERED_ANATOMY)
         imported = _cli(
             "data", "import-coco", "--annotations", path, "--image-root", images, "--out-dir", out
         )
@@ -528,7 +607,8 @@ def test_real_layouts_import_with_no_refused_rows_then_train_and_finetune(tmp_pa
             "data", "import-grounding", "--csv-path", path, "--image-root", images, "--out-dir", out
         )
     assert "skipped" not in imported.stdout and "invalid" not in imported.stdout
-    assert "hard negatives made: given 0, adjective 0, position" in imported.stdout
+    made_by_number = "number 0," if layout != "numbered" else "number 350,"  # 10 images × 7 regions × 5
+    assert f"hard negatives made: given 0, adjective 0, {made_by_number} position" in imported.stdout
     assert all(f"{split} {count}" in imported.stdout for split, count in (("train", 8), ("validation", 1)))
     assert "hard_negatives" in card_front_matter(out / "README.md")
     assert "Hard negatives (5 per region" in (out / "README.md").read_text()

@@ -261,6 +261,15 @@ def test_identical_report_texts_are_one_target_in_both_directions():
     # Counting every image as its own target (the naive reading) misses image 0 → report 0 and report 0 → image 0.
     naive = recall_at_k(retrieval_ranks(images, texts, torch.arange(3)), ks=(1,))
     assert naive["R@1"] < 1.0
+    # Identical as the model sees them (case, punctuation, spacing): one target; a digit or a script tells apart.
+    spelled = [
+        "X-Ray: round nodule.",
+        "xray round  nodule",
+        "XRAY ROUND NODULE",
+        "xray round nodule 2",
+        "рентген",
+    ]
+    assert text_groups(spelled).tolist() == [0, 0, 0, 1, 2]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

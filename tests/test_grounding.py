@@ -125,6 +125,9 @@ def test_pointing_ceiling_misses_exactly_the_captions_shared_within_an_image():
             hits += [members.count(caption) == 1 for caption in members]
     assert 0 < np.mean(hits) < 1
     assert pointing_ceiling(captions, region_image) == pytest.approx(np.mean(hits))
+    # Spelled apart but the same to the model: still a tie.
+    respelled = [caption.upper() + "." if index % 2 else caption for index, caption in enumerate(captions)]
+    assert pointing_ceiling(respelled, region_image) == pytest.approx(np.mean(hits))
     assert math.isnan(pointing_ceiling([], torch.zeros(0, dtype=torch.long)))
 
 

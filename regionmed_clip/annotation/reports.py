@@ -29,14 +29,14 @@ from PIL import Image
 from ..data.negatives import (
     NO_FINDING,
     NUM_NEGATIVES,
-    WORD,
     RegionTriple,
     generate_negatives,
     is_no_finding,
-    normalize_caption,
+    negative_caption,
     region_caption,
 )
 from ..data.vocabulary import POSITION_WORDS, grid_position
+from ..processing_regionmed_clip import caption_key
 
 SUMMARY_WORDS = (10, 15)
 # A sentence end inside the summary: . ! or ? not between digits (3.5 cm is fine).
@@ -288,8 +288,7 @@ def _negative_lists(value, regions: int, problems: list[str]) -> list:
 def _region_negatives(
     given, triple: RegionTriple, number: int, seed: int, problems: list[str]
 ) -> tuple[list[str], bool] | None:
-    adjective, term, position = triple.adjective, triple.term, triple.position
-    caption = triple.caption
+    adjective, caption = triple.adjective, triple.caption
     if given is None:
         try:
             return generate_negatives(caption, adjective, seed=seed), True
@@ -305,12 +304,9 @@ def _region_negatives(
         problems.append(f"{where} must be {NUM_NEGATIVES} non-empty strings, got {given!r}")
         return None
     # A bare adjective replaces the region's adjective (the paper's "five alternative adjectives").
-    negatives = [
-        region_caption(item.strip().lower(), term, position) if len(WORD.findall(item)) == 1 else item.strip()
-        for item in given
-    ]
-    keys = [normalize_caption(negative) for negative in negatives]
-    if normalize_caption(caption) in keys:
+    negatives = [negative_caption(item, triple) for item in given]
+    keys = [caption_key(negative) for negative in negatives]
+    if caption_key(caption) in keys:
         problems.append(f"{where} repeats the region's own description {caption!r}")
         return None
     if len(set(keys)) != len(keys):

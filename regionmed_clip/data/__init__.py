@@ -13,7 +13,7 @@ from .importers import (
     import_phrase_grounding,
     read_box_file,
 )
-from .negatives import NO_FINDING, NegativeStrategy, RegionTriple, generate_negatives, normalize_caption
+from .negatives import NO_FINDING, NegativeStrategy, RegionTriple, generate_negatives, negative_caption
 from .schema import (
     FEATURES,
     VQA_FEATURES,
@@ -43,7 +43,7 @@ __all__ = [
     "import_phrase_grounding",
     "make_region",
     "make_row",
-    "normalize_caption",
+    "negative_caption",
     "read_box_file",
     "row_problems",
     "validate_rows",

@@ -10,7 +10,7 @@
 
 A region's caption is free text (a class name, a phrase, a triple's words); its adjective / term / position are
 read from it with the vocabulary where present and left empty otherwise. Hard negatives come from a
-`NegativeStrategy` (`negatives="adjective,position"`, default `"auto"`: given, adjective, position, term) whose
+`NegativeStrategy` (`negatives="adjective,position"`, default `"auto"`: given, adjective, number, position, term) whose
 term vocabulary is the dataset's own region names or classes; the dataset card records the strategy and what each
 kind made. Images may be PNG, JPEG, TIFF (16-bit too) or DICOM (stored as the decoded PNG; see
 `schema.stored_image`).
@@ -27,8 +27,9 @@ Args (the parameters every importer shares; each importer's docstring adds its o
     seed: Seed of the split and of the generated hard negatives.
     skip_invalid: Leave invalid rows out and count them, instead of stopping with the list of them.
     negatives: The hard-negative strategy: a comma list of `given` (negatives in the file, used as they are),
-        `adjective` (contrasting adjectives), `position` (laterality / position mirrored), `term` (another region
-        name or class of the same file), tried in that order; `auto` is all four.
+        `adjective` (contrasting adjectives), `number` (a numbered name moved to its neighbours: L4 → L3 / L5),
+        `position` (laterality / position mirrored), `term` (another region name or class of the same file), tried
+        in that order; `auto` is all five.
     num_negatives: Hard negatives per region; a region for which the strategy finds fewer keeps those.
 """
 
@@ -50,7 +51,7 @@ from .negatives import (
     NegativeStrategy,
     RegionTriple,
     is_no_finding,
-    region_caption,
+    negative_caption,
 )
 from .schema import (
     FEATURES,
@@ -275,7 +276,7 @@ def _given_negatives(record: dict, triples: list[RegionTriple], row_id: str) -> 
     """Per region, the negative captions the record gives (`negative_variations`; empty lists where none).
 
     `negative_variations` may be full captions, or bare adjectives (the paper's "five alternative adjectives"),
-    which replace the region's adjective; a list of lists gives one list per region.
+    which replace the region's adjective (`negative_caption`); a list of lists gives one list per region.
     """
     given = record.get("negative_variations")
     if given and all(isinstance(item, list) for item in given):
@@ -285,12 +286,7 @@ def _given_negatives(record: dict, triples: list[RegionTriple], row_id: str) -> 
     else:
         per_region = [given or []] * len(triples)
     return [
-        [
-            region_caption(str(v).strip().lower(), triple.term, triple.position)
-            if len(WORD.findall(str(v))) == 1
-            else str(v).strip()
-            for v in variations
-        ]
+        [negative_caption(variation, triple) for variation in variations]
         for triple, variations in zip(triples, per_region, strict=True)
     ]
 

@@ -4,13 +4,18 @@ The paper makes five negatives per region by replacing the shape / appearance ad
 (appendix B): `generate_negatives` does that (the adjective's strongest contrasts first, then the rest of its
 vocabulary group in a seeded order; with `swap_position=True` the first negative instead mirrors the position).
 
-Anatomy and detection data have no lesion adjectives, so `NegativeStrategy` chooses, per dataset, among four kinds
-tried in the order given: `given` (negatives read from the file), `adjective` (the paper's swap), `position`
-(laterality / position mirrored: left↔right, upper↔lower, …) and `term` (the region's name replaced by another
-name from the dataset's own vocabulary of region names or classes: "left hippocampus" → "left amygdala"). A
-region for which the kinds find fewer negatives than asked keeps the ones found (the loss masks missing slots).
-The same caption and seed always give the same negatives, whatever else is processed, because each random stream is
-seeded from the caption itself.
+Anatomy and detection data have no lesion adjectives, so `NegativeStrategy` chooses, per dataset, among five kinds
+tried in the order given: `given` (negatives read from the file), `adjective` (the paper's swap), `number` (a
+numbered name moved to its neighbours: "L4" → "L3" / "L5", "rib 5" → "rib 4" / "rib 6", "BI-RADS 4" →
+"BI-RADS 3" / "BI-RADS 5", by the rules of `NUMBER_RULES`), `position` (laterality / position mirrored:
+left↔right, upper↔lower, …) and `term` (the region's name replaced by another name from the dataset's own
+vocabulary of region names or classes: "left hippocampus" → "left amygdala"). A region for which the kinds find
+fewer negatives than asked keeps the ones found (the loss masks missing slots). The same caption and seed always
+give the same negatives, whatever else is processed, because each random stream is seeded from the caption itself.
+
+Two captions are the same when their `caption_key`s are (the tokenizer's view: digits and every script count,
+case and punctuation do not), so "fracture L5" is a negative of "fracture L4", and a caption in any script has
+negatives of its own.
 """
 
 import random
@@ -19,26 +24,27 @@ from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
+from ..processing_regionmed_clip import caption_key
 from .vocabulary import ADJECTIVE_TO_GROUP, OPPOSITES, POSITION_OPPOSITES, contrasts
 
-WORD = re.compile(r"[A-Za-z]+(?:-[A-Za-z]+)*")
+WORD = re.compile(r"[^\W_]+(?:-[^\W_]+)*")  # letters and digits of any script, hyphens inside allowed
 NUM_NEGATIVES = 5
 
 
 NO_FINDING = "No Finding"  # the paper's region_extraction for an image without findings (compared normalised)
-_ADJECTIVE = re.compile(r"^[a-z]+(?:-[a-z]+)*$")
 
 
 def is_no_finding(value) -> bool:
     """Whether a text says "no finding" (any case or punctuation: "No Finding", "No finding", "no-finding")."""
-    return isinstance(value, str) and normalize_caption(value).replace(" ", "") == "nofinding"
+    return isinstance(value, str) and caption_key(value).replace(" ", "") == "nofinding"
 
 
 @dataclass(frozen=True)
 class RegionTriple:
-    """The paper's `region_extraction`: "adjective|term|position". The term is required; the adjective (one word,
-    hyphens allowed) and the position may be empty ("|hippocampus|left"), since anatomy and detection regions have
-    no lesion adjective."""
+    """The paper's `region_extraction`: "adjective|term|position". The term is required; the adjective and the
+    position may be empty ("|hippocampus|left"), since anatomy and detection regions have no lesion adjective.
+    Each part may have several words ("ground glass|opacity|right lower", "acute|fracture|L5 vertebra") in any
+    script ("圆形|结节|左肺上叶"): "|" separates the parts, the one thing the format reserves."""
 
     adjective: str
     term: str
@@ -53,8 +59,7 @@ class RegionTriple:
             position_words: When given, the position may use only these words.
 
         Raises:
-            ValueError: not three parts, an empty term, an adjective of several words, or a position word outside
-                `position_words`.
+            ValueError: not three parts, an empty term, or a position word outside `position_words`.
         """
         parts = [" ".join(part.split()).lower() for part in str(text).split("|")]
         if len(parts) != 3 or not parts[1]:
@@ -63,8 +68,6 @@ class RegionTriple:
                 f"adjective and position may be empty), got {text!r}"
             )
         adjective, term, position = parts
-        if adjective and not _ADJECTIVE.match(adjective):
-            raise ValueError(f"the adjective {adjective!r} of {text!r} must be one word (hyphens allowed)")
         if position_words is not None:
             unknown = [word for word in position.split() if word not in position_words]
             if unknown:
@@ -83,9 +86,18 @@ def region_caption(adjective: str, term: str, position: str) -> str:
     return " ".join(part for part in (adjective, term, position) if part)
 
 
-def normalize_caption(text: str) -> str:
-    """Lower-case words only: how captions compare (the tokenizer drops case and punctuation the same way)."""
-    return " ".join(word.lower() for word in WORD.findall(text.replace("-", "")))
+def negative_caption(variation: str, triple: RegionTriple) -> str:
+    """A negative given for a region, as a caption: a full caption as it is, or a bare adjective (the paper's "five
+    alternative adjectives", of any number of words: "spiculated", "ground glass", "不规则") put in place of the
+    region's adjective. A variation that names a word of the region's term or position ("nodule", "upper",
+    "左肺上叶"; compared as `caption_key`s, a word as a whole) is a full caption; any other is an adjective."""
+    variation = str(variation).strip()
+    words = caption_key(variation).split()
+    for word in WORD.findall(f"{triple.term} {triple.position}"):
+        part = caption_key(word).split()
+        if part and any(words[start : start + len(part)] == part for start in range(len(words))):
+            return variation
+    return region_caption(variation.lower(), triple.term, triple.position)
 
 
 def _spans(caption: str, vocabulary) -> list[re.Match]:
@@ -124,6 +136,75 @@ def _adjective_swaps(caption: str, adjective: str | None, rng: random.Random) ->
     return strong + weak
 
 
+def _numbered(prefix: str, first: int, last: int) -> tuple[str, ...]:
+    return tuple(f"{prefix}{number}" for number in range(first, last + 1))
+
+
+ROMAN = ("I", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX", "X")
+SPINE = _numbered("C", 1, 7) + _numbered("T", 1, 12) + _numbered("L", 1, 5) + _numbered("S", 1, 5)
+_ROMAN_PATTERN = "X|IX|VIII|VII|VI|IV|V|III|II|I"  # longest first, so "VIII" is not read as "V"
+_END = r"(?![^\W_])"  # not followed by a letter or digit
+
+
+@dataclass(frozen=True)
+class NumberRule:
+    """One kind of numbered name: `pattern` finds it (group `n` is the number) and the swaps are the number's
+    neighbours in the `series` holding it, nearest first (L4 → L3, L5, L2, S1, …)."""
+
+    name: str
+    pattern: str
+    series: tuple[tuple[str, ...], ...]
+
+    def swaps(self, caption: str) -> list[str]:
+        candidates = []
+        for match in re.finditer(self.pattern, caption, flags=re.IGNORECASE):
+            value = match.group("n")
+            for series in self.series:
+                upper = [item.upper() for item in series]
+                if value.upper() not in upper:
+                    continue
+                index = upper.index(value.upper())
+                order = sorted(range(len(series)), key=lambda other: (abs(other - index), other))
+                for other in order[1:]:
+                    swap = series[other].lower() if value.islower() else series[other]
+                    candidates.append(caption[: match.start("n")] + swap + caption[match.end("n") :])
+                break
+        return candidates
+
+
+# The number-swap rules, one table: what each numbered name looks like and the series its swaps come from. Liver
+# segments in the "S4" form and TNM categories outside a full "T2N0M0" are left out: both read as vertebrae.
+NUMBER_RULES = (
+    NumberRule("vertebra (C1-S5)", rf"(?<![^\W_])(?P<n>[CTLS](?:1[0-2]|[1-9])){_END}", (SPINE,)),
+    NumberRule("rib (1-12)", rf"\bribs?\s+(?P<n>1[0-2]|[1-9]){_END}", (_numbered("", 1, 12),)),
+    NumberRule(
+        "tooth (FDI 11-48, within its quadrant)",
+        rf"\b(?:tooth|teeth)\s+(?P<n>[1-4][1-8]){_END}",
+        tuple(_numbered(str(quadrant), 1, 8) for quadrant in range(1, 5)),
+    ),
+    NumberRule(
+        "liver segment (1-8 / I-VIII)",
+        rf"\bsegments?\s+(?P<n>{_ROMAN_PATTERN}|[1-8]){_END}",
+        (_numbered("", 1, 8), ROMAN[:8]),
+    ),
+    NumberRule("cerebellar lobule (I-X)", rf"\blobules?\s+(?P<n>{_ROMAN_PATTERN}){_END}", (ROMAN,)),
+    NumberRule("BI-RADS (0-6)", rf"\bBI-?RADS\s*(?P<n>[0-6]){_END}", (_numbered("", 0, 6),)),
+    NumberRule("PI-RADS (1-5)", rf"\bPI-?RADS\s*(?P<n>[1-5]){_END}", (_numbered("", 1, 5),)),
+    NumberRule("TI-RADS (1-5)", rf"\bTI-?RADS\s*(?P<n>[1-5]){_END}", (_numbered("", 1, 5),)),
+    NumberRule("LI-RADS (1-5)", rf"\bLI-?RADS\s*(?P<n>[1-5]){_END}", (_numbered("", 1, 5),)),
+    NumberRule("TNM T category (T0-T4)", r"\b[cpy]?T(?P<n>[0-4])(?=N[0-3X]M[01X]\b)", (_numbered("", 0, 4),)),
+    NumberRule("grade (1-4)", rf"\bgrade\s+(?P<n>[1-4]){_END}", (_numbered("", 1, 4),)),
+    NumberRule(
+        "stage (1-4 / I-IV)", rf"\bstage\s+(?P<n>IV|III|II|I|[1-4]){_END}", (_numbered("", 1, 4), ROMAN[:4])
+    ),
+)
+
+
+def _number_swaps(caption: str) -> list[str]:
+    """The caption with a numbered name moved to its neighbours, rule by rule (`NUMBER_RULES`)."""
+    return [candidate for rule in NUMBER_RULES for candidate in rule.swaps(caption)]
+
+
 def generate_negatives(
     caption: str,
     adjective: str | None = None,
@@ -152,10 +233,10 @@ def generate_negatives(
         candidates.append(mirrored)
     candidates += _adjective_swaps(caption, adjective, rng)
 
-    positive = normalize_caption(caption)
+    positive = caption_key(caption)
     negatives, seen = [], {positive}
     for candidate in candidates:
-        key = normalize_caption(candidate)
+        key = caption_key(candidate)
         if key not in seen:
             seen.add(key)
             negatives.append(candidate)
@@ -171,7 +252,7 @@ def _swap_terms(caption: str, term: str, vocabulary: Sequence[str], rng: random.
     """The caption with its `term` (found case-insensitively) replaced by each other vocabulary term, seeded order."""
     if not term:
         return []
-    found = re.search(rf"(?<![A-Za-z]){re.escape(term)}(?![A-Za-z])", caption, flags=re.IGNORECASE)
+    found = re.search(rf"(?<![^\W_]){re.escape(term)}(?![^\W_])", caption, flags=re.IGNORECASE)
     if found is None:
         return []
     others = sorted({other for other in vocabulary if other and other.lower() != term.lower()})
@@ -193,7 +274,7 @@ def _mirrored_positions(caption: str) -> list[str]:
     return candidates
 
 
-NEGATIVE_KINDS = ("given", "adjective", "position", "term")
+NEGATIVE_KINDS = ("given", "adjective", "number", "position", "term")
 
 
 @dataclass
@@ -202,7 +283,7 @@ class NegativeStrategy:
 
     Args:
         kinds: The kinds tried in order until `num` negatives are found (see the module docstring); `"auto"` in a
-            comma list is all of them in the order `given, adjective, position, term`.
+            comma list is all of them in the order `given, adjective, number, position, term`.
         num: Negatives per region.
         vocabulary: The dataset's region names or classes, for the `term` kind.
         seed: Seed of the choice among equally good candidates.
@@ -238,12 +319,14 @@ class NegativeStrategy:
         negatives as they are, not topped up by generated ones (`row_problems` rejects one equal to the caption,
         naming the row)."""
         rng = random.Random(f"{self.seed}|{caption}")
-        negatives, kinds, seen = [], [], {normalize_caption(caption)}
+        negatives, kinds, seen = [], [], {caption_key(caption)}
         for kind in self.kinds:
             if kind == "given":
                 candidates = [str(item).strip() for item in given]
             elif kind == "adjective":
                 candidates = _adjective_swaps(caption, adjective or None, rng)
+            elif kind == "number":
+                candidates = _number_swaps(caption)
             elif kind == "position":
                 candidates = _mirrored_positions(caption)
             else:
@@ -251,7 +334,7 @@ class NegativeStrategy:
             for candidate in candidates:
                 if len(negatives) == self.num:
                     break
-                key = normalize_caption(candidate)
+                key = caption_key(candidate)
                 if kind == "given" or key not in seen:
                     seen.add(key)
                     negatives.append(candidate)
@@ -277,6 +360,10 @@ class NegativeStrategy:
                 f" {self.short_regions} regions have fewer than {self.num} negatives (the loss masks the missing "
                 "slots)."
             )
+        if "number" in self.kinds:
+            text += (
+                f" Numbered names moved to their neighbours: {', '.join(rule.name for rule in NUMBER_RULES)}."
+            )
         if "term" in self.kinds:
             shown = ", ".join(sorted(self.vocabulary)[:20]) + (" …" if len(self.vocabulary) > 20 else "")
             text += f" Term vocabulary ({len(self.vocabulary)} names): {shown}."
@@ -290,4 +377,5 @@ class NegativeStrategy:
             "seed": self.seed,
             "made": {kind: self.made.get(kind, 0) for kind in self.kinds},
             "regions_with_fewer": self.short_regions,
+            **({"number_rules": [rule.name for rule in NUMBER_RULES]} if "number" in self.kinds else {}),
         }

@@ -21,7 +21,7 @@ from datasets import Features, Image, List, Value
 from PIL import Image as PILImage
 
 from ..image_processing_regionmed_clip import decode_image, is_dicom_file
-from .negatives import normalize_caption
+from ..processing_regionmed_clip import caption_key
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom")
 
@@ -167,13 +167,15 @@ def row_problems(row: dict) -> list[str]:
             elif width is not None and (x0 < 0 or y0 < 0 or x1 > width or y1 > height):
                 problems.append(f"{where}: bbox {list(box)} lies outside the {width}x{height} image")
         caption = str(region.get("caption") or "").strip()
+        positive = caption_key(caption)
         if not caption:
             problems.append(f"{where}: caption is empty")
-        positive = normalize_caption(caption)
+        elif not positive:
+            problems.append(f"{where}: caption {caption!r} has no words once punctuation is removed")
         for negative in region.get("negatives") or []:
             if not str(negative).strip():
                 problems.append(f"{where}: a negative caption is empty")
-            elif normalize_caption(negative) == positive:
+            elif caption_key(negative) == positive:
                 problems.append(f"{where}: negative {negative!r} equals the caption")
     return problems
 

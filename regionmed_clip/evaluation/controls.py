@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ..processing_regionmed_clip import caption_key
 from .grounding import pointing_accuracy_from_scores, region_slots
 from .metrics import hard_negative_accuracy_from_scores, ranks_from_scores, recall_at_k
 
@@ -114,9 +115,16 @@ class BoxOnlyControl:
 
     def region_retrieval(self, boxes: np.ndarray, captions: Sequence[str]) -> dict:
         """Region → caption retrieval among the distinct `captions`, as [`region_metrics`] scores the model."""
-        distinct = sorted(set(captions))
-        targets = torch.tensor([distinct.index(caption) for caption in captions])
-        ranks = ranks_from_scores(self.scores(boxes, distinct), targets, torch.arange(len(distinct)))
+        # Captions the model sees as identical are one target, listed by their first spelling (`region_metrics`).
+        keys = [caption_key(caption) for caption in captions]
+        first: dict[str, str] = {}
+        for key, caption in zip(keys, captions, strict=True):
+            first.setdefault(key, caption)
+        distinct = sorted(first, key=first.get)
+        targets = torch.tensor([distinct.index(key) for key in keys])
+        ranks = ranks_from_scores(
+            self.scores(boxes, [first[key] for key in distinct]), targets, torch.arange(len(distinct))
+        )
         return recall_at_k(ranks)
 
     def pointing(self, boxes: np.ndarray, captions: Sequence[str], region_image: torch.Tensor) -> dict:

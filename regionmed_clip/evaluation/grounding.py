@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..processing_regionmed_clip import caption_key
 from .device import resolve_device
 from .features import extract_features, model_inputs
 
@@ -130,13 +131,14 @@ def pointing_from_regions(
 
 def pointing_ceiling(captions: Sequence[str], region_image: torch.Tensor) -> float:
     """The best pointing accuracy any scorer can reach on these regions: that of an oracle which knows each
-    region's caption. It misses only regions whose caption another region of the same image shares (a tie)."""
+    region's caption. It misses only regions whose caption another region of the same image shares (a tie; captions
+    compare as the model sees them, by `caption_key`)."""
     if len(region_image) == 0:
         return float("nan")
     (order, slots), mask = region_slots(region_image)
     names = [[None] * mask.shape[1] for _ in range(mask.shape[0])]
     for image, slot, caption in zip(order.tolist(), slots.tolist(), captions, strict=True):
-        names[image][slot] = caption
+        names[image][slot] = caption_key(caption)
     same = torch.tensor(
         [[[float(a is not None and a == b) for b in row] for a in row] for row in names], dtype=torch.float64
     )

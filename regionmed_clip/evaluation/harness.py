@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..data.vocabulary import without_position_words
+from ..processing_regionmed_clip import caption_key
 from .classification import class_prototypes, few_shot, load_templates, zero_shot
 from .controls import BoxOnlyControl, TextPrior
 from .device import resolve_device
@@ -147,13 +148,15 @@ def region_metrics(features: SplitFeatures) -> dict:
     """ROI → caption retrieval among the split's distinct captions, and hard-negative accuracy."""
     if len(features.region_embeds) == 0:
         return {}
-    distinct = sorted(set(features.region_captions))
-    index = {caption: i for i, caption in enumerate(distinct)}
+    # Captions the model sees as identical (`caption_key`) are one target, listed by their first spelling.
+    keys = [caption_key(caption) for caption in features.region_captions]
     first = {}
-    for row, caption in enumerate(features.region_captions):
-        first.setdefault(caption, row)
-    gallery = features.region_text_embeds[[first[caption] for caption in distinct]]
-    targets = torch.tensor([index[caption] for caption in features.region_captions])
+    for row, key in enumerate(keys):
+        first.setdefault(key, row)
+    distinct = sorted(first, key=lambda key: features.region_captions[first[key]])
+    index = {key: i for i, key in enumerate(distinct)}
+    gallery = features.region_text_embeds[[first[key] for key in distinct]]
+    targets = torch.tensor([index[key] for key in keys])
     ranks = retrieval_ranks(features.region_embeds, gallery, targets)
     return {
         "region_to_caption": {
@@ -261,7 +264,7 @@ def task_retrieval(ctx: EvalContext) -> dict:
         }
         for group, embeddings in ctx.embeddings().items()
     }
-    section["num_distinct_reports"] = len(set(ctx.features.reports))
+    section["num_distinct_reports"] = len(set(map(caption_key, ctx.features.reports)))
     return section
 
 

@@ -3,6 +3,8 @@
 import numpy as np
 import torch
 
+from ..processing_regionmed_clip import caption_key
+
 
 def ranks_from_scores(
     scores: torch.Tensor, targets: torch.Tensor, gallery_groups: torch.Tensor
@@ -44,9 +46,10 @@ def retrieval_ranks(
 
 
 def text_groups(texts: list[str]) -> torch.Tensor:
-    """One group id per text, equal for identical texts (ids in order of first appearance)."""
+    """One group id per text, equal for texts the model sees as identical (`caption_key`: case, punctuation and
+    spacing aside); ids in order of first appearance."""
     index: dict[str, int] = {}
-    return torch.tensor([index.setdefault(text, len(index)) for text in texts], dtype=torch.long)
+    return torch.tensor([index.setdefault(caption_key(text), len(index)) for text in texts], dtype=torch.long)
 
 
 def recall_at_k(ranks: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
