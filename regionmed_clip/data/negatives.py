@@ -212,7 +212,7 @@ def generate_negatives(
     swap_position: bool = False,
     seed: int = 0,
 ) -> list[str]:
-    """`num` distinct hard negatives of a region caption, none equal to it (compared as normalised text).
+    """`num` distinct hard negatives of a region caption, none equal to it (compared by `caption_key`).
 
     Args:
         caption: The positive region caption; structured ("round nodule left upper") or free text ("A well-defined
@@ -314,7 +314,7 @@ class NegativeStrategy:
     def make(
         self, caption: str, adjective: str = "", term: str = "", given: Sequence[str] = ()
     ) -> tuple[list[str], list[str]]:
-        """Up to `num` distinct negatives of `caption`, none equal to it (compared as normalised text), and the kind
+        """Up to `num` distinct negatives of `caption`, none equal to it (compared by `caption_key`), and the kind
         that made each; fewer when the kinds find fewer. Negatives given for the region (kind `given`) are its
         negatives as they are, not topped up by generated ones (`row_problems` rejects one equal to the caption,
         naming the row)."""
