@@ -199,6 +199,28 @@ def test_csv_import_for_global_only_data(tmp_path):
     assert rows["img0"][1]["label"] is None
 
 
+def test_csv_fields_with_quoted_newlines_and_commas_import_and_later_lines_keep_their_numbers(tmp_path):
+    """A report with line breaks and commas, quoted as any spreadsheet writes it, is one field; the line number
+    named for a bad row after it is the row's own first line in the file; a BOM before the header is ignored."""
+    images = _images(tmp_path / "images", 3)
+    report = "Findings: normal heart size,\nclear lungs.\n\nImpression: no acute disease."
+    csv_path = tmp_path / "list.csv"
+    with open(csv_path, "w", newline="", encoding="utf-8-sig") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "report"])
+        writer.writerow(["img0.png", report])
+        writer.writerow(["img1.png", "Second study."])
+        writer.writerow(["img2.png", ""])
+    summary = import_image_csv(csv_path, images, tmp_path / "out", ratios=(1.0, 0.0, 0.0), skip_invalid=True)
+    assert summary.counts == {"train": 2}
+    assert list(summary.report.invalid) == ["img2"]  # the empty report, on line 7 of the file
+    rows = _all_rows(tmp_path / "out")
+    assert rows["img0"][1]["detailed_report"] == report
+    csv_path.write_bytes(csv_path.read_bytes().replace(b"Second", b"S\xe9cond"))
+    with pytest.raises(InvalidRowsError, match="list.csv line 6: text is not valid UTF-8 \\(byte 0xe9\\)"):
+        import_image_csv(csv_path, images, tmp_path / "out2")
+
+
 def test_split_assignment_is_seeded_and_exact():
     ids = [f"id{i}" for i in range(100)]
     first = split_assignment(ids, seed=3)

@@ -551,21 +551,45 @@ def import_coco(
 # ---- tabular box files: detection (VinDr-CXR) and phrase grounding (MS-CXR) --------------------------------------
 
 
+def _csv_rows(path: Path):
+    """(line number, record) of every non-empty row of a UTF-8 CSV (a leading BOM ignored), read by the `csv`
+    module, so a quoted field may hold commas and newlines; the number is the row's first line. A row holding
+    bytes that are not UTF-8 comes as a `ValueError` instead of a record, for the caller to name with the file
+    and line; a header like that, or an empty file, raises at once."""
+    text = path.read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    if header is None:
+        raise ValueError(f"{path} is empty")
+    if _undecodable(header):
+        raise ValueError(f"{path} line 1 (header): text is not valid UTF-8 ({_undecodable(header)})")
+    start = reader.line_num + 1
+    for values in reader:
+        number, start = start, reader.line_num + 1
+        if not any(value.strip() for value in values):
+            continue
+        if _undecodable(values):
+            yield number, ValueError(f"text is not valid UTF-8 ({_undecodable(values)})")
+        else:
+            yield number, dict(zip(header, values, strict=False))
+
+
+def _undecodable(values: list[str]) -> str:
+    """The first byte of `values` that was not UTF-8 (decoded as a surrogate escape), described; "" when none."""
+    for value in values:
+        for char in value:
+            if "\udc80" <= char <= "\udcff":
+                return f"byte 0x{ord(char) - 0xDC00:02x}"
+    return ""
+
+
 def _table_records(path: Path, image_column: str) -> dict[str, list[tuple[int, dict]]]:
-    """The rows of a CSV grouped by image, each with its line number; an undecodable line or a row without an
+    """The rows of a CSV grouped by image, each with its line number; an undecodable row or a row without an
     image names the file and line."""
     grouped: dict[str, list[tuple[int, dict]]] = {}
-    lines = list(_decoded_lines(path))
-    if not lines:
-        raise ValueError(f"{path} is empty")
-    for number, line in lines:
-        if isinstance(line, Exception):
-            raise ValueError(f"{path} line {number}: text is not valid UTF-8 ({line})")
-    header = next(csv.reader([lines[0][1]]))
-    for number, line in lines[1:]:
-        if not line.strip():
-            continue
-        record = dict(zip(header, next(csv.reader([line])), strict=False))
+    for number, record in _csv_rows(path):
+        if isinstance(record, Exception):
+            raise ValueError(f"{path} line {number}: {record}")
         name = str(record.get(image_column) or "").strip()
         if not name:
             raise ValueError(f"{path} line {number}: no {image_column!r} value")
@@ -827,20 +851,12 @@ def import_phrase_grounding(
 
 
 def _csv_records(path: Path, path_column: str):
-    lines = list(_decoded_lines(path))
-    bad = next(((number, line) for number, line in lines if isinstance(line, Exception)), None)
-    if bad is not None and bad[0] == 1:
-        raise ValueError(f"{path} line 1 (header): text is not valid UTF-8 ({bad[1]})")
-    header = next(csv.reader([lines[0][1]]))
-    for number, line in lines[1:]:
+    for number, record in _csv_rows(path):
         where = f"{path.name} line {number}"
-        if isinstance(line, Exception):
-            yield where, ValueError(f"text is not valid UTF-8 ({line})")
-            continue
-        if not line.strip():
-            continue
-        record = dict(zip(header, next(csv.reader([line])), strict=False))
-        yield (Path(record.get(path_column) or where).stem if record.get(path_column) else where), record
+        if isinstance(record, Exception):
+            yield where, record
+        else:
+            yield (Path(record[path_column]).stem if record.get(path_column) else where), record
 
 
 def import_image_csv(
