@@ -73,8 +73,8 @@ class StageSchedule:
     learning rate itself. Its fields are plain numbers: `LambdaLR.state_dict` saves a callable object's
     `__dict__`, so a checkpoint carries the schedule of the stage in progress. Accelerate's prepared scheduler
     steps once per process at every optimizer step (it assumes a schedule laid out for one process's share of the
-    data), so positions are scheduler steps divided by `num_processes`: the learning rate at each optimizer step is
-    the same whatever the number of processes. Before the first stage begins the rate is 0.
+    data), so the stage is laid out over `total_steps × num_processes` scheduler steps: the learning rate at each
+    optimizer step is the same whatever the number of processes. Before the first stage begins the rate is 0.
     """
 
     def __init__(self, num_processes: int = 1):
@@ -94,10 +94,12 @@ class StageSchedule:
         self.start = int(start)
 
     def __call__(self, scheduler_step: int) -> float:
-        step = (scheduler_step - self.start) / self.num_processes
-        if step < self.warmup_steps:
-            return self.lr * step / max(1, self.warmup_steps)
-        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        # transformers' arithmetic, operation for operation, over `steps × processes`, so the rates are its own.
+        step = scheduler_step - self.start
+        warmup, total = self.warmup_steps * self.num_processes, self.total_steps * self.num_processes
+        if step < warmup:
+            return self.lr * (float(step) / float(max(1, warmup)))
+        progress = float(step - warmup) / float(max(1, total - warmup))
         factor = 0.5 * (1.0 + math.cos(math.pi * progress))
         return self.lr * max(0.0, factor * (1.0 - self.min_lr_ratio) + self.min_lr_ratio)
 
