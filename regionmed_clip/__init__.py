@@ -49,7 +49,7 @@ __all__ = [
     "RegionMedCLIPPreTrainedModel",
     "RegionMedCLIPProcessor",
     "ZeroShotRegionClassificationPipeline",
-    "decode_image",
     "caption_key",
+    "decode_image",
     "with_paper_normalizer",
 ]

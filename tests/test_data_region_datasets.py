@@ -25,6 +25,7 @@ from regionmed_clip.hub.card import card_front_matter
 from regionmed_clip.training.data import stage_dataloader
 
 from .conftest import make_processor, random_image, tiny_model
+from .test_data_importers import _images
 from .test_training import ENV, ROOT, tiny_training_config, write_config
 
 ANATOMY = [
@@ -278,10 +279,7 @@ def test_phrase_grounding_imports_phrases_with_one_or_more_boxes(tmp_path):
 
 
 def test_triples_without_adjective_import_and_only_bad_captions_are_errors(tmp_path):
-    images = tmp_path / "images"
-    images.mkdir()
-    for index in range(3):
-        random_image(40, 30, seed=index).save(images / f"img{index}.png")
+    images = _images(tmp_path / "images", 3)
     records = [
         {
             "image": "img0.png",
@@ -339,10 +337,7 @@ def test_import_annotations_keeps_negatives_that_differ_by_a_number_and_a_chines
     """Through the command line: negatives that differ from the caption only by a vertebra's number, a row in
     Chinese with multi-character parts and bare adjectives, and a multi-word adjective; no row refused, every
     negative kept."""
-    images = tmp_path / "images"
-    images.mkdir()
-    for index in range(3):
-        random_image(40, 30, seed=index).save(images / f"img{index}.png")
+    images = _images(tmp_path / "images", 3)
     records = [
         {
             "image": "img0.png",

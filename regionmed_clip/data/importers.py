@@ -10,9 +10,9 @@
 
 A region's caption is free text (a class name, a phrase, a triple's words); its adjective / term / position are
 read from it with the vocabulary where present and left empty otherwise. Hard negatives come from a
-`NegativeStrategy` (`negatives="adjective,position"`, default `"auto"`: given, adjective, number, position, term) whose
-term vocabulary is the dataset's own region names or classes; the dataset card records the strategy and what each
-kind made. Images may be PNG, JPEG, TIFF (16-bit too) or DICOM (stored as the decoded PNG; see
+`NegativeStrategy` (`negatives="adjective,position"`, default `"auto"`: given, adjective, number, position,
+term) whose term vocabulary is the dataset's own region names or classes; the dataset card records the strategy
+and what each kind made. Images may be PNG, JPEG, TIFF (16-bit too) or DICOM (stored as the decoded PNG; see
 `schema.stored_image`).
 
 Every importer reads its input once to learn the row ids (for the split), then streams the rows through the
@@ -561,15 +561,15 @@ def _csv_rows(path: Path):
     header = next(reader, None)
     if header is None:
         raise ValueError(f"{path} is empty")
-    if _undecodable(header):
-        raise ValueError(f"{path} line 1 (header): text is not valid UTF-8 ({_undecodable(header)})")
+    if bad := _undecodable(header):
+        raise ValueError(f"{path} line 1 (header): text is not valid UTF-8 ({bad})")
     start = reader.line_num + 1
     for values in reader:
         number, start = start, reader.line_num + 1
         if not any(value.strip() for value in values):
             continue
-        if _undecodable(values):
-            yield number, ValueError(f"text is not valid UTF-8 ({_undecodable(values)})")
+        if bad := _undecodable(values):
+            yield number, ValueError(f"text is not valid UTF-8 ({bad})")
         else:
             yield number, dict(zip(header, values, strict=False))
 

@@ -20,9 +20,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..processing_regionmed_clip import caption_key
 from .grounding import pointing_accuracy_from_scores, region_slots
-from .metrics import hard_negative_accuracy_from_scores, ranks_from_scores, recall_at_k
+from .metrics import caption_targets, hard_negative_accuracy_from_scores, ranks_from_scores, recall_at_k
 
 _WORD = re.compile(r"\w+")
 
@@ -115,16 +114,9 @@ class BoxOnlyControl:
 
     def region_retrieval(self, boxes: np.ndarray, captions: Sequence[str]) -> dict:
         """Region → caption retrieval among the distinct `captions`, as [`region_metrics`] scores the model."""
-        # Captions the model sees as identical are one target, listed by their first spelling (`region_metrics`).
-        keys = [caption_key(caption) for caption in captions]
-        first: dict[str, str] = {}
-        for key, caption in zip(keys, captions, strict=True):
-            first.setdefault(key, caption)
-        distinct = sorted(first, key=first.get)
-        targets = torch.tensor([distinct.index(key) for key in keys])
-        ranks = ranks_from_scores(
-            self.scores(boxes, [first[key] for key in distinct]), targets, torch.arange(len(distinct))
-        )
+        rows, targets = caption_targets(list(captions))
+        distinct = [captions[row] for row in rows]
+        ranks = ranks_from_scores(self.scores(boxes, distinct), targets, torch.arange(len(distinct)))
         return recall_at_k(ranks)
 
     def pointing(self, boxes: np.ndarray, captions: Sequence[str], region_image: torch.Tensor) -> dict:

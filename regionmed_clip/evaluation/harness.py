@@ -39,7 +39,7 @@ from .features import (
     text_embeddings,
     tokenizer_limit,
 )
-from .metrics import hard_negative_accuracy, recall_at_k, retrieval_ranks, text_groups
+from .metrics import caption_targets, hard_negative_accuracy, recall_at_k, retrieval_ranks, text_groups
 from .report import dataset_hash, provenance, write_outputs
 
 FEATURES_FORMAT = 2  # bumped whenever SplitFeatures changes, so an old cache is never read as a new one
@@ -148,21 +148,13 @@ def region_metrics(features: SplitFeatures) -> dict:
     """ROI → caption retrieval among the split's distinct captions, and hard-negative accuracy."""
     if len(features.region_embeds) == 0:
         return {}
-    # Captions the model sees as identical (`caption_key`) are one target, listed by their first spelling.
-    keys = [caption_key(caption) for caption in features.region_captions]
-    first = {}
-    for row, key in enumerate(keys):
-        first.setdefault(key, row)
-    distinct = sorted(first, key=lambda key: features.region_captions[first[key]])
-    index = {key: i for i, key in enumerate(distinct)}
-    gallery = features.region_text_embeds[[first[key] for key in distinct]]
-    targets = torch.tensor([index[key] for key in keys])
-    ranks = retrieval_ranks(features.region_embeds, gallery, targets)
+    rows, targets = caption_targets(features.region_captions)
+    ranks = retrieval_ranks(features.region_embeds, features.region_text_embeds[rows], targets)
     return {
         "region_to_caption": {
             **recall_at_k(ranks),
             "num_regions": len(targets),
-            "num_captions": len(distinct),
+            "num_captions": len(rows),
         },
         "hard_negative_accuracy": hard_negative_accuracy(
             features.region_embeds,

@@ -52,6 +52,19 @@ def text_groups(texts: list[str]) -> torch.Tensor:
     return torch.tensor([index.setdefault(caption_key(text), len(index)) for text in texts], dtype=torch.long)
 
 
+def caption_targets(captions: list[str]) -> tuple[list[int], torch.Tensor]:
+    """Captions as retrieval targets: captions the model sees as identical (`caption_key`) are one target. Returns
+    the row of each target's first caption, targets listed by that caption's spelling, and each caption's target
+    index."""
+    first: dict[str, int] = {}
+    keys = [caption_key(caption) for caption in captions]
+    for row, key in enumerate(keys):
+        first.setdefault(key, row)
+    ordered = sorted(first, key=lambda key: captions[first[key]])
+    index = {key: target for target, key in enumerate(ordered)}
+    return [first[key] for key in ordered], torch.tensor([index[key] for key in keys], dtype=torch.long)
+
+
 def recall_at_k(ranks: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
     """Recall@K (as fractions) and the median rank (1-based) from 0-based ranks."""
     metrics = {f"R@{k}": float((ranks < k).float().mean()) for k in ks}

@@ -119,7 +119,10 @@ class Trainer:
         set_seed(config.seed)
         self.state = TrainerState()
         self.optimizer = self.scheduler = None  # prepared once, when the first stage begins (see stages.py)
-        self.schedule: StageSchedule | None = None
+        self.schedule: StageSchedule | None = (
+            None  # the `lr_lambda` of `base_scheduler`, which `scheduler` wraps
+        )
+        self.base_scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.active_stage: int | None = None  # the stage whose settings are applied
         self.callback = StageCallback(self)
         self.timings: dict[str, float] = {}
