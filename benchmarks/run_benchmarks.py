@@ -720,7 +720,7 @@ def bench_repeated_captions(repeats: int) -> list[str]:
     """ROI-stage against global-stage train step with the text tower frozen, as the demo's ROI stage runs it (the
     text projection trains): the trainer's stage setup (frozen tower in eval mode, caption cache) and its loss
     module with the stage's terms."""
-    from regionmed_clip.modeling_regionmed_clip import RegionMedCLIPLoss
+    from regionmed_clip.loss_regionmed_clip import RegionMedCLIPLoss
     from regionmed_clip.training.stages import set_train_modes
 
     torch.manual_seed(0)

@@ -15,6 +15,7 @@ from transformers import (
 
 from .configuration_regionmed_clip import RegionMedCLIPConfig
 from .image_processing_regionmed_clip import RegionMedCLIPImageProcessor, decode_image
+from .loss_regionmed_clip import LOSS_TERMS, RegionMedCLIPLoss
 from .modeling_regionmed_clip import (
     RegionMedCLIPImageFeatures,
     RegionMedCLIPModel,
@@ -41,9 +42,11 @@ RegionMedCLIPImageProcessor.register_for_auto_class("AutoImageProcessor")
 RegionMedCLIPProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
+    "LOSS_TERMS",
     "RegionMedCLIPConfig",
     "RegionMedCLIPImageFeatures",
     "RegionMedCLIPImageProcessor",
+    "RegionMedCLIPLoss",
     "RegionMedCLIPModel",
     "RegionMedCLIPOutput",
     "RegionMedCLIPPreTrainedModel",

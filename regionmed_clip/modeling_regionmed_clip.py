@@ -2,7 +2,6 @@
 
 import math
 from collections import OrderedDict
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +15,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from .configuration_regionmed_clip import RegionMedCLIPConfig
+from .loss_regionmed_clip import RegionMedCLIPLoss, patch_centres
 
 # Imported so that it travels with this file: `save_pretrained` copies a model file's relative imports, which puts the
 # region pipeline (named in the config's `custom_pipelines`) in every saved folder.
@@ -28,239 +28,10 @@ except ImportError:
     # transformers 4 loads checkpoint tensors after `_init_weights`, so torch's own functions are right there.
     from torch.nn import init
 
+
 # ---------------------------------------------------------------------------------------------------------------------
-# Losses: pure functions of L2-normalised embeddings, and the loss module that applies them to a batch's features.
+# Regions without boxes: the proposer's boxes, and crops of them
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE of a square logit matrix whose diagonal holds the positives: the mean of the row-wise and
-    the column-wise cross-entropy, each averaged over the batch."""
-    targets = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
-
-
-def sigmoid_loss(logits: torch.Tensor, ignore: torch.Tensor | None = None) -> torch.Tensor:
-    """SigLIP's pairwise loss of a square logit matrix (`s·cos + b`) whose diagonal holds the positives:
-    −log σ(z_ij · logits_ij) with z = +1 on the diagonal and −1 elsewhere, summed over columns, mean over rows.
-
-    `ignore` `(N, N)` leaves pairs out of the sum (neither positive nor negative).
-    """
-    signs = 2 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1
-    loss = -F.logsigmoid(signs * logits)
-    if ignore is not None:
-        loss = loss.masked_fill(ignore, 0.0)
-    return loss.sum() / logits.shape[0]
-
-
-def global_contrastive_loss(
-    image_embeds: torch.Tensor,
-    text_embeds: torch.Tensor,
-    logit_scale: torch.Tensor,
-    logit_bias: torch.Tensor | None = None,
-    objective: str = "infonce",
-) -> torch.Tensor:
-    """L_global: contrastive loss between matched image and report embeddings `(N, P)`.
-
-    `"infonce"`: symmetric InfoNCE, mean over the batch; the paper prints the image→text half (its eq. 7) and, as
-    in CLIP, the text→image half is averaged in. `"sigmoid"`: SigLIP's [`sigmoid_loss`] on `s·cos + b`.
-    """
-    logits = logit_scale * image_embeds @ text_embeds.t()
-    if objective == "sigmoid":
-        return sigmoid_loss(logits + logit_bias)
-    return contrastive_loss(logits)
-
-
-def region_contrastive_loss(
-    region_embeds: torch.Tensor,
-    caption_embeds: torch.Tensor,
-    logit_scale: torch.Tensor,
-    caption_groups: torch.Tensor | None = None,
-    logit_bias: torch.Tensor | None = None,
-    objective: str = "infonce",
-) -> torch.Tensor:
-    """L_roi: contrastive loss between ROI embeddings `(N, P)` and their region-caption embeddings `(N, P)`.
-
-    `caption_groups` `(N,)` gives equal ids to identical (normalised) captions. Short region captions repeat across
-    images ("round nodule left upper"), so such pairs are left out instead of being pushed apart as negatives:
-    removed from each other's InfoNCE denominators, or from the sigmoid loss's sum; each row keeps its own positive.
-    """
-    logits = logit_scale * region_embeds @ caption_embeds.t()
-    same = None
-    if caption_groups is not None:
-        same = caption_groups[:, None] == caption_groups[None, :]
-        same.fill_diagonal_(False)
-    if objective == "sigmoid":
-        return sigmoid_loss(logits + logit_bias, same)
-    if same is not None:
-        logits = logits.masked_fill(same, float("-inf"))
-    return contrastive_loss(logits)
-
-
-def hard_negative_loss(
-    region_embeds: torch.Tensor,
-    negative_embeds: torch.Tensor,
-    negative_mask: torch.Tensor | None = None,
-    scale: float = 1.0,
-    bias: float = 0.0,
-) -> torch.Tensor:
-    """L_neg: mean over valid (i, k) of −log(1 − σ(s·N_ik + b)), N_ik = F_iᵀ R_neg^(k) (the paper's eq. 6 at s=1, b=0).
-
-    Args:
-        region_embeds: `(N, P)` ROI embeddings.
-        negative_embeds: `(N, M, P)` embeddings of each ROI's negative captions.
-        negative_mask: `(N, M)` true where a negative exists (ROIs may carry different numbers of negatives).
-    """
-    similarity = torch.einsum("np,nmp->nm", region_embeds, negative_embeds)
-    # −log(1 − σ(x)) = softplus(x), which stays finite for large x.
-    loss = F.softplus(scale * similarity + bias)
-    if negative_mask is None:
-        return loss.mean()
-    negative_mask = negative_mask.to(loss.dtype)
-    return (loss * negative_mask).sum() / negative_mask.sum().clamp(min=1)
-
-
-def dense_region_loss(
-    dense_embeds: torch.Tensor,
-    caption_embeds: torch.Tensor,
-    logit_scale: torch.Tensor,
-    caption_groups: torch.Tensor | None = None,
-    logit_bias: torch.Tensor | None = None,
-    objective: str = "infonce",
-) -> torch.Tensor:
-    """L_dense: L_roi's contrastive form ([`region_contrastive_loss`]) on the region features of the patch tokens
-    themselves: RoIAlign over the global forward's patch grid, `visual_projection`, L2 norm `(N, P)`.
-
-    Why (the decision of DESIGN.md, "Progressive training"): L_roi trains the ROI processor's fused feature, which
-    also sees the box coordinates and attends over the whole image, so a region caption's gradient reaches the
-    patch tokens only through that processor and much of it is absorbed there (synth positions are a function of
-    the box alone). L_dense has neither: only the patch tokens at the lesion can make the projected RoIAlign feature
-    match its caption, in the space z_global is projected into. It is computed in both ROI modes (crop mode also
-    runs the global forward), at the cost of one RoIAlign.
-    """
-    return region_contrastive_loss(
-        dense_embeds, caption_embeds, logit_scale, caption_groups, logit_bias, objective
-    )
-
-
-def multi_positive_contrastive_loss(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE of an `(N, M)` logit matrix with any number of positives per row and column (`positives`
-    `(N, M)` bool): per row −log(Σ_pos exp / Σ_all exp), mean over the rows that have a positive; the same over
-    the columns; the mean of both directions. A square matrix with the identity as `positives` is
-    [`contrastive_loss`]."""
-
-    def one_direction(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        rows = mask.any(-1)
-        positive = torch.logsumexp(scores.masked_fill(~mask, float("-inf")), dim=-1)
-        return (torch.logsumexp(scores, dim=-1) - positive)[rows].mean()
-
-    return (one_direction(logits, positives) + one_direction(logits.t(), positives.t())) / 2
-
-
-def global_region_loss(
-    image_embeds: torch.Tensor,
-    caption_embeds: torch.Tensor,
-    caption_images: torch.Tensor,
-    logit_scale: torch.Tensor,
-    caption_groups: torch.Tensor | None = None,
-    logit_bias: torch.Tensor | None = None,
-    objective: str = "infonce",
-) -> torch.Tensor:
-    """L_global-region: the box-free image embedding z_global `(B, P)` ↔ the region captions of its image.
-
-    Every distinct caption of the batch (`caption_groups` `(N,)`, equal for identical captions; default: all
-    distinct) is one column, and its positives are the images that have it (`caption_images` `(N,)`: the image row
-    of each caption). `"infonce"`: [`multi_positive_contrastive_loss`], so an image is pulled towards each of its
-    findings and a finding towards every image that shows it; `"sigmoid"`: SigLIP's pairwise loss with those
-    positives, summed over columns, mean over images.
-
-    Why (the decision of DESIGN.md, "Progressive training"): the region captions are the sharpest text the data
-    has about what an image shows (one finding each, where the report mixes several and is cut at `max_length`),
-    and this is the one region term whose gradient lands on z_global itself, which every box-free use of the model
-    reads. No box or ROI feature enters it, so it cannot lean on box coordinates.
-    """
-    if caption_groups is None:
-        caption_groups = torch.arange(caption_embeds.shape[0], device=caption_embeds.device)
-    num_groups = int(caption_groups.max()) + 1 if caption_groups.numel() else 0
-    order = torch.arange(caption_groups.shape[0], device=caption_groups.device)
-    first = torch.full(
-        (num_groups,), caption_groups.shape[0], device=caption_groups.device, dtype=order.dtype
-    )
-    first = first.scatter_reduce(0, caption_groups, order, reduce="amin")
-    positives = torch.zeros(image_embeds.shape[0], num_groups, dtype=torch.bool, device=image_embeds.device)
-    positives[caption_images, caption_groups] = True
-    logits = logit_scale * image_embeds @ caption_embeds[first].t()
-    if objective == "sigmoid":
-        signs = positives.to(logits.dtype) * 2 - 1
-        return -F.logsigmoid(signs * (logits + logit_bias)).sum() / image_embeds.shape[0]
-    return multi_positive_contrastive_loss(logits, positives)
-
-
-def patch_centres(grid_h: int, grid_w: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """`(H'·W', 2)` x, y centres of the patch cells as fractions of the image, row-major (the token order)."""
-    ys = (torch.arange(grid_h, device=device, dtype=dtype) + 0.5) / grid_h
-    xs = (torch.arange(grid_w, device=device, dtype=dtype) + 0.5) / grid_w
-    return torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(-1, 2)
-
-
-def region_proposal_targets(
-    boxes: torch.Tensor, box_mask: torch.Tensor, grid_h: int, grid_w: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """FCOS-style targets of the region proposer on a `grid_h × grid_w` patch grid.
-
-    A patch is positive for a real box when its centre lies strictly inside the box, or when it is the patch that
-    holds the box centre (so a box smaller than a patch still has one positive). A patch positive for several boxes
-    is assigned the smallest of them (FCOS's rule). Its distance targets are centre → left, top, right, bottom edge
-    of that box, as fractions of the image.
-
-    Args:
-        boxes: `(B, K, 4)` normalised x0, y0, x1, y1.
-        box_mask: `(B, K)` true for real boxes.
-
-    Returns:
-        objectness `(B, H'·W')` in {0, 1} and distances `(B, H'·W', 4)` (zeros where the patch is negative).
-    """
-    centres = patch_centres(grid_h, grid_w, boxes.device, boxes.dtype)  # (N, 2)
-    cx, cy = centres[:, 0][None, :, None], centres[:, 1][None, :, None]  # (1, N, 1)
-    x0, y0, x1, y1 = (boxes[..., i][:, None, :] for i in range(4))  # (B, 1, K)
-    inside = (cx > x0) & (cx < x1) & (cy > y0) & (cy < y1)
-    column = (((x0 + x1) / 2) * grid_w).long().clamp(0, grid_w - 1)
-    row = (((y0 + y1) / 2) * grid_h).long().clamp(0, grid_h - 1)
-    index = torch.arange(grid_h * grid_w, device=boxes.device)[None, :, None]
-    assigned = (inside | (index == row * grid_w + column)) & box_mask[:, None, :].bool()  # (B, N, K)
-    area = ((x1 - x0) * (y1 - y0)).expand_as(assigned).masked_fill(~assigned, float("inf"))
-    smallest = area.argmin(-1, keepdim=True)  # (B, N, 1)
-    objectness = assigned.any(-1).to(boxes.dtype)
-    distances = torch.stack((cx - x0, cy - y0, x1 - cx, y1 - cy), dim=-1).expand(*assigned.shape, 4)
-    distances = distances.gather(2, smallest[..., None].expand(-1, -1, 1, 4)).squeeze(2)
-    return objectness, distances * objectness[..., None]
-
-
-def region_proposal_loss(
-    proposal_logits: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tensor
-) -> torch.Tensor:
-    """L_proposal: binary cross-entropy of every patch's objectness (mean over patches) plus the L1 error of the
-    predicted edge distances (mean over positive patches and the 4 edges), FCOS without its centreness branch.
-
-    Only images with at least one real box count: an image without boxes in the data is unannotated, not known to be
-    free of findings.
-
-    Args:
-        proposal_logits: `(B, H', W', 5)`: objectness logit, then the 4 distance logits (σ gives the fraction).
-        boxes: `(B, K, 4)` ground-truth boxes; `box_mask` `(B, K)` true for real ones.
-    """
-    batch_size, grid_h, grid_w = proposal_logits.shape[:3]
-    logits = proposal_logits.reshape(batch_size, grid_h * grid_w, 5)
-    annotated = box_mask.bool().any(-1)
-    if not bool(annotated.any()):
-        return logits.sum() * 0.0
-    objectness, distances = region_proposal_targets(boxes.to(logits.dtype), box_mask, grid_h, grid_w)
-    logits, objectness, distances = logits[annotated], objectness[annotated], distances[annotated]
-    loss = F.binary_cross_entropy_with_logits(logits[..., 0], objectness)
-    positive = objectness.bool()
-    if bool(positive.any()):
-        loss = loss + (logits[..., 1:].sigmoid()[positive] - distances[positive]).abs().mean()
-    return loss
 
 
 def propose_regions(proposal_logits: torch.Tensor, num_regions: int) -> torch.Tensor:
@@ -313,275 +84,6 @@ def crop_regions(pixel_values: torch.Tensor, boxes: torch.Tensor) -> torch.Tenso
     )
     crops = F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return crops.reshape(batch_size, num_boxes, -1, height, width)
-
-
-def caption_groups_from_ids(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Group ids `(N,)` that are equal exactly where two tokenised captions are identical.
-
-    The tokenizer lower-cases and strips punctuation, so identical ids mean identical normalised text.
-    """
-    if attention_mask is not None:
-        input_ids = input_ids * attention_mask
-    return torch.unique(input_ids, dim=0, return_inverse=True)[1]
-
-
-def no_gather(tensor: torch.Tensor, with_grad: bool = True) -> torch.Tensor:
-    """The gather of a single process: every row of the batch is already here."""
-    return tensor
-
-
-class RegionMedCLIPLoss(nn.Module):
-    r"""
-    The loss of RegionMed-CLIP, in open_clip's `ClipLoss` shape: one module owns the process's rank, the world size
-    and the gather, takes the model's features, gathers them, and returns the named terms; `weighted_sum` applies
-    the weights of the config. The model's `forward(return_loss=True)` calls it with [`no_gather`]; distributed
-    training passes a gather that concatenates a tensor from every process with its gradient, so every process
-    computes the loss of the whole global batch and a run on W processes optimises what one process holding the
-    global batch would.
-
-    Terms (each computed when its inputs are present; their presence is decided on the gathered tensors, so every
-    process computes the same terms and issues the same collectives in the same order):
-
-    - `global_loss`: the global image embedding z_global (the whole image alone, what a user gets without boxes)
-      ↔ the report.
-    - `fused_global_loss`: with ROIs, the region-aware embedding z_fused ↔ the report. Both are kept beside each
-      other in the region stages: were only z_fused aligned once boxes arrive, z_global would drift away from the
-      text while the box-free use of the model (zero-shot classification, retrieval without boxes) still relies on
-      it. Their balance is `global_loss_weight` / `fused_global_loss_weight` (1 / 1 by default); the shipped
-      training recipes split the paper's single report term 0.5 / 0.5 between them in the region stages, which at
-      the start of the ROI stage (ROI gate at 0, so z_fused = z_global) is exactly the paper's loss.
-    - `summary_loss`: z_global ↔ the summary caption (a whole-image text like the report).
-    - `roi_loss`: ROI ↔ region caption; identical captions of the global batch are not each other's negatives.
-    - `neg_loss`: ROI vs. its hard-negative captions (the paper's sigmoid form, `neg_logit_scale` / `neg_logit_bias`).
-    - `dense_loss`: RoIAlign-pooled patch tokens (no ROI processor, no box coordinates) ↔ region caption, with
-      `roi_loss`'s caption groups ([`dense_region_loss`]): region knowledge in the features z_global reads.
-    - `global_region_loss`: z_global ↔ the region captions of its image, multi-positive, with `roi_loss`'s caption
-      groups ([`global_region_loss`]): region captions as direct supervision of the box-free embedding.
-    - `proposal_loss`: the region proposer's objectness and boxes against the given boxes
-      ([`region_proposal_loss`]); a per-image term, computed on the gathered rows like the others.
-
-    `config.loss_objective` picks the form of the contrastive terms: `"infonce"` (the paper's) or `"sigmoid"`
-    (SigLIP's pairwise loss with the model's learnable `logit_bias`).
-
-    How region knowledge reaches the box-free embedding (the decision of DESIGN.md, "Progressive training"):
-    `dense_loss`, `global_region_loss` and `proposal_loss` default to weight 0 (a plain config is the paper's
-    loss); the demo recipe (configs/demo.yaml) weights them 2 / 0.25 / 1 in the ROI and joint stages, with
-    `global_pool="cls_proposer"` and `global_loss` kept at 1 (with `summary_loss` 0.5) in every stage. z_global
-    then adds to the CLS feature the patch tokens weighted by the proposer's objectness: `proposal_loss` teaches
-    the proposer where findings are from the ground-truth boxes, `dense_loss` makes those patch tokens match their
-    region captions, and `global_region_loss` pulls z_global itself towards its findings. The baseline is the same
-    model trained global-only for the same steps (its proposer trained by its global loss alone).
-    Chosen by screening variants at the demo budget, `regionmed-clip learning-check --config <configs/demo.yaml
-    with that variant's weights> --seeds N` (2-core Xeon with AMX, bf16 autocast, MedRegion-synth test split,
-    250 images, no boxes at test; box-free image → report R@1 / report → image R@1 / zero-shot macro AUC;
-    seed 0 unless more are given; the rows with the proposer pool ran with it frozen in the first two stages
-    for seeds 0 and 1 of the `dense_loss` 1 recipe and seed 0 of its baseline, before it moved beside the ROI
-    processor):
-
-    | variant | i→r R@1 | r→i R@1 | AUC |
-    |---|---|---|---|
-    | global-only, CLS pool | 0.044 | 0.084 | 0.746 |
-    | the previous recipe with `global_loss` 1 in every stage, joint lr 5e-4 | 0.060 | 0.084 | 0.722 |
-    | + `dense_loss` 1 | 0.068 | 0.116 | 0.757 |
-    | + `global_region_loss` 1 (CLS pool) | 0.088 | 0.096 | 0.808 |
-    | + `dense_loss` 1, `proposal_loss` 1, proposer pool (seeds 0, 1, 2) | 0.127 | 0.156 | 0.801 |
-    | global-only, proposer pool (seeds 0, 1, 2) | 0.076 | 0.099 | 0.776 |
-    | the proposer-pool recipe with `global_region_loss` 1 | 0.096 | 0.080 | 0.804 |
-    | ... with `global_region_loss` 0.25 (seeds 0, 1) | 0.130 | 0.148 | 0.817 |
-    | ... with `dense_loss` 2 (seeds 0, 1) | 0.186 | 0.200 | 0.805 |
-    | ... with `dense_loss` 4 | 0.188 | 0.200 | 0.806 |
-    | ... with `dense_loss` 2 and `global_region_loss` 0.25 (shipped) | 0.180 | 0.204 | 0.816 |
-    | global-only, proposer pool, lr 1e-3 | 0.060 | 0.092 | 0.744 |
-    | the `dense_loss` 1 proposer-pool recipe, training region annotations shuffled | 0.060 | 0.052 | 0.744 |
-
-    The shuffled control (`learning-check --shuffled-control`) loses the whole gain: it comes from what the regions
-    say, not from the extra terms or the proposer pool. Not measured: CLIPSelf-style distillation of crop features
-    into RoIAlign features. The three-seed figures of the shipped recipe are in the README ("Learning check over
-    seeds").
-
-    Args:
-        config ([`RegionMedCLIPConfig`]): Weights and objective.
-        gather (`Callable[[torch.Tensor, bool], torch.Tensor]`, *optional*): `gather(tensor, with_grad)` returns
-            the concatenation along dim 0 of `tensor` from every process in rank order. Tensors may differ in
-            every dimension between processes, including zero rows; a gather pads the other dimensions to the
-            largest. Default: [`no_gather`].
-        rank (`int`, *optional*, defaults to 0): This process's rank.
-        world_size (`int`, *optional*, defaults to 1): Number of processes.
-    """
-
-    #: Terms the model's `forward(return_loss=True)` computes only when the config weights them: their inputs (the
-    #: ROIs) come with every region batch, so "inputs present" would compute them for every user of `roi_loss`.
-    weighted_only = ("dense_loss", "global_region_loss", "proposal_loss")
-
-    #: Terms computed on the ROI processor's output (the fused region features, or the region-aware embedding):
-    #: the ones that train it. `dense_loss`, `global_region_loss` and `proposal_loss` take ROI inputs too but
-    #: read the patch tokens, z_global and the region proposer, never the processor.
-    roi_processor_terms = ("fused_global_loss", "roi_loss", "neg_loss")
-
-    #: The inputs of the model each term needs; a training stage feeds exactly those of its weighted terms.
-    term_inputs = {
-        "global_loss": ("pixel_values", "input_ids", "attention_mask"),
-        "fused_global_loss": (
-            "pixel_values",
-            "input_ids",
-            "attention_mask",
-            "roi_boxes",
-            "roi_mask",
-            "roi_pixel_values",
-        ),
-        "summary_loss": ("pixel_values", "summary_input_ids", "summary_attention_mask"),
-        "roi_loss": (
-            "pixel_values",
-            "roi_boxes",
-            "roi_mask",
-            "roi_pixel_values",
-            "region_input_ids",
-            "region_attention_mask",
-        ),
-        "neg_loss": (
-            "pixel_values",
-            "roi_boxes",
-            "roi_mask",
-            "roi_pixel_values",
-            "negative_input_ids",
-            "negative_attention_mask",
-        ),
-        "dense_loss": (
-            "pixel_values",
-            "roi_boxes",
-            "roi_mask",
-            "roi_pixel_values",
-            "region_input_ids",
-            "region_attention_mask",
-        ),
-        "global_region_loss": (
-            "pixel_values",
-            "roi_boxes",
-            "roi_mask",
-            "roi_pixel_values",
-            "region_input_ids",
-            "region_attention_mask",
-        ),
-        "proposal_loss": ("pixel_values", "roi_boxes", "roi_mask", "roi_pixel_values"),
-    }
-
-    def __init__(self, config: RegionMedCLIPConfig, gather=None, rank: int = 0, world_size: int = 1):
-        super().__init__()
-        if world_size > 1 and gather is None:
-            raise ValueError(f"world_size={world_size} needs a gather across the processes.")
-        self.config = config
-        self.gather = gather if gather is not None else no_gather
-        self.rank = rank
-        self.world_size = world_size
-
-    def weights(self) -> dict[str, float]:
-        """Each term's weight, from the config (`<term>_weight`)."""
-        return {name: float(getattr(self.config, f"{name}_weight")) for name in self.term_inputs}
-
-    def weighted_sum(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
-        weights = self.weights()
-        return sum(weights[name] * term for name, term in terms.items())
-
-    def forward(
-        self,
-        outputs: "RegionMedCLIPOutput",
-        region_input_ids: torch.Tensor | None = None,
-        region_attention_mask: torch.Tensor | None = None,
-        terms: Iterable[str] | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """The terms of `outputs` (a [`RegionMedCLIPOutput`] of this process's rows) over the global batch.
-
-        `region_input_ids` / `region_attention_mask` identify identical region captions for `roi_loss`. `terms`
-        restricts the computation to those names (default: every term whose inputs are present); the others'
-        features are not gathered.
-        """
-        wanted = set(self.term_inputs if terms is None else terms)
-        unknown = wanted - set(self.term_inputs)
-        if unknown:
-            raise ValueError(f"unknown loss terms {sorted(unknown)}; known: {list(self.term_inputs)}")
-        gather, objective = self.gather, self.config.loss_objective
-        scale, bias = outputs.logit_scale, outputs.logit_bias
-        region_mask = outputs.region_mask
-        computed = {}
-        global_image = image = text = summary = regions = None
-        if outputs.global_image_embeds is not None and wanted & {
-            "global_loss",
-            "summary_loss",
-            "global_region_loss",
-        }:
-            global_image = gather(outputs.global_image_embeds, True)
-        # Without ROIs the region-aware embedding is the global one and has no term of its own.
-        if region_mask is not None and "fused_global_loss" in wanted:
-            image = gather(outputs.image_embeds, True)
-        if outputs.text_embeds is not None and wanted & {"global_loss", "fused_global_loss"}:
-            text = gather(outputs.text_embeds, True)
-        if outputs.summary_embeds is not None and "summary_loss" in wanted:
-            summary = gather(outputs.summary_embeds, True)
-        if global_image is not None and text is not None and "global_loss" in wanted:
-            computed["global_loss"] = global_contrastive_loss(global_image, text, scale, bias, objective)
-        if image is not None and text is not None:
-            computed["fused_global_loss"] = global_contrastive_loss(image, text, scale, bias, objective)
-        if global_image is not None and summary is not None:
-            computed["summary_loss"] = global_contrastive_loss(global_image, summary, scale, bias, objective)
-        with_captions = outputs.region_text_embeds is not None and "roi_loss" in wanted
-        with_dense = (
-            outputs.region_text_embeds is not None
-            and outputs.dense_region_embeds is not None
-            and "dense_loss" in wanted
-        )
-        with_global_regions = (
-            outputs.region_text_embeds is not None
-            and global_image is not None
-            and "global_region_loss" in wanted
-        )
-        groups = None
-        with_caption_rows = with_captions or with_dense or with_global_regions
-        if region_mask is not None and with_caption_rows and region_input_ids is not None:
-            ids = region_input_ids[region_mask]
-            if region_attention_mask is not None:
-                ids = ids * region_attention_mask[region_mask]
-            groups = caption_groups_from_ids(gather(ids, False))
-        captions = None
-        if region_mask is not None and with_caption_rows:
-            captions = gather(outputs.region_text_embeds[region_mask], True)
-        with_negatives = outputs.negative_text_embeds is not None and "neg_loss" in wanted
-        if region_mask is not None and (with_captions or with_negatives):
-            regions = gather(outputs.region_embeds[region_mask], True)
-        if regions is not None and with_captions and regions.shape[0] > 0:
-            computed["roi_loss"] = region_contrastive_loss(regions, captions, scale, groups, bias, objective)
-        if regions is not None and with_negatives:
-            negatives = gather(outputs.negative_text_embeds[region_mask], True)
-            present = gather(outputs.negative_mask[region_mask].to(torch.uint8), False).bool()
-            if bool(present.any()):
-                computed["neg_loss"] = hard_negative_loss(
-                    regions, negatives, present, self.config.neg_logit_scale, self.config.neg_logit_bias
-                )
-        if with_dense:
-            dense = gather(outputs.dense_region_embeds[region_mask], True)
-            if dense.shape[0] > 0:
-                computed["dense_loss"] = dense_region_loss(dense, captions, scale, groups, bias, objective)
-        if with_global_regions and region_mask is not None and captions.shape[0] > 0:
-            # The image row of each gathered caption: the gathered ROI masks are in the same rank order as the
-            # gathered images, so their true slots enumerate the captions in order.
-            present = gather(region_mask.to(torch.uint8), False).bool()
-            computed["global_region_loss"] = global_region_loss(
-                global_image, captions, present.nonzero()[:, 0], scale, groups, bias, objective
-            )
-        if (
-            "proposal_loss" in wanted
-            and outputs.proposal_logits is not None
-            and outputs.region_boxes is not None
-            and region_mask is not None
-        ):
-            logits = gather(outputs.proposal_logits, True)
-            boxes = gather(outputs.region_boxes, False)
-            present = gather(region_mask.to(torch.uint8), False).bool()
-            # As the other region terms: no real box in the global batch, no term.
-            if bool(present.any()):
-                computed["proposal_loss"] = region_proposal_loss(logits, boxes, present)
-        return computed
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1041,6 +543,8 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             else None
         )
         self.caption_cache: CaptionEmbeddingCache | None = None
+        # The pretraining objective `forward(return_loss=True)` computes; it holds no weights.
+        self.objective = RegionMedCLIPLoss(config)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -1060,7 +564,21 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         return pooled.flatten(1)
 
     def _patch_grid(self, last_hidden_state: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The patch tokens of the global forward as a `(B, D, H', W')` grid for RoIAlign."""
+        """The patch tokens of the global forward as a `(B, D, H', W')` grid, after the tower's final layer norm.
+
+        The one source of patch features: RoIAlign in `pool` mode, `dense_loss`'s input, the proposer and its
+        pool, and [`~RegionMedCLIPModel.get_patch_features`] (heatmaps, grounding) all read this grid. CLIP's
+        vision tower returns its tokens before the `post_layernorm` its pooled token passes through, so that norm
+        is applied here: `visual_projection` (of a converted CLIP) has only ever seen normed features. Other towers
+        (ViT, SigLIP, DINOv2) return their tokens after their final norm already.
+        """
+        if self.config.vision_config.model_type in _PRE_NORM_TOKEN_TOWERS:
+            norms = [
+                module
+                for name, module in self.vision_model.named_modules()
+                if name.endswith("post_layernorm")
+            ]
+            last_hidden_state = norms[0](last_hidden_state)
         patch_size = self.config.vision_config.patch_size
         if isinstance(patch_size, (list, tuple)):
             patch_h, patch_w = patch_size
@@ -1106,6 +624,152 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             **kwargs,
         )
         return outputs, self.text_projection(self._pooled(outputs))
+
+    # ---- images: global features, where the boxes come from, region features -----------------------------------
+
+    def _encode_image(
+        self,
+        pixel_values: torch.Tensor,
+        roi_boxes: torch.Tensor | None = None,
+        roi_mask: torch.Tensor | None = None,
+        roi_pixel_values: torch.Tensor | None = None,
+        auto_regions: int | None = None,
+        **kwargs,
+    ) -> RegionMedCLIPImageFeatures:
+        auto_regions = self.config.auto_regions if auto_regions is None else auto_regions
+        self_proposed = (
+            roi_boxes is None and roi_mask is None and roi_pixel_values is None and auto_regions > 0
+        )
+        vision_outputs = self.vision_model(pixel_values=pixel_values, return_dict=True, **kwargs)
+        pooled, grid, proposal_logits = self._global_features(
+            vision_outputs, pixel_values, with_grid=roi_boxes is not None or self_proposed
+        )
+        if self_proposed:
+            roi_boxes, roi_pixel_values = self._proposed_regions(pixel_values, proposal_logits, auto_regions)
+        global_embeds = self.visual_projection(pooled)
+        features = dict(
+            last_hidden_state=vision_outputs.last_hidden_state,
+            hidden_states=getattr(vision_outputs, "hidden_states", None),
+            attentions=getattr(vision_outputs, "attentions", None),
+            pooler_output=global_embeds,
+            global_embeds=global_embeds,
+            proposal_logits=proposal_logits,
+        )
+        if roi_boxes is not None:
+            roi_mask = self._check_regions(pixel_values, roi_boxes, roi_mask)
+            features.update(
+                self._region_features(
+                    vision_outputs, pixel_values, pooled, grid, roi_boxes, roi_mask, roi_pixel_values
+                )
+            )
+        elif roi_pixel_values is not None or roi_mask is not None:
+            raise ValueError("roi_mask / roi_pixel_values were given without roi_boxes; pass the boxes too.")
+        return RegionMedCLIPImageFeatures(**features)
+
+    def _global_features(
+        self, vision_outputs, pixel_values: torch.Tensor, with_grid: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """z_global before the projection, the patch grid and the proposer's output (those two when regions are
+        in play or the proposer pools z_global).
+
+        With `global_pool="cls_proposer"`, z_global adds to the pooled token the patch tokens weighted by the
+        proposer's objectness."""
+        pooled = self._pooled(vision_outputs)
+        proposer_pool = self.config.global_pool == "cls_proposer"
+        if getattr(self.config.vision_config, "patch_size", None) is None or not (with_grid or proposer_pool):
+            return pooled, None, None
+        grid = self._patch_grid(vision_outputs.last_hidden_state, pixel_values)
+        proposal_logits = self.region_proposer(grid)
+        if proposer_pool:
+            weights = proposal_logits[..., 0].flatten(1).softmax(-1).to(grid.dtype)  # (B, H'·W')
+            pooled = pooled + torch.einsum("bn,bdn->bd", weights, grid.flatten(2))
+        return pooled, grid, proposal_logits
+
+    def _proposed_regions(self, pixel_values: torch.Tensor, proposal_logits: torch.Tensor, num_regions: int):
+        """`num_regions` boxes per image from the proposer (every slot real), with their crops in `crop` mode."""
+        # Boxes are a discrete choice: no gradient flows through their coordinates.
+        boxes = propose_regions(proposal_logits.detach(), num_regions).to(pixel_values.dtype)
+        crops = crop_regions(pixel_values, boxes) if self.config.roi_mode == "crop" else None
+        return boxes, crops
+
+    def _check_regions(self, pixel_values: torch.Tensor, roi_boxes: torch.Tensor, roi_mask) -> torch.Tensor:
+        """The boolean ROI mask (default: every slot real), once the boxes' shape is checked."""
+        if roi_boxes.dim() != 3 or roi_boxes.shape[-1] != 4 or roi_boxes.shape[0] != pixel_values.shape[0]:
+            raise ValueError(
+                f"roi_boxes must be (batch={pixel_values.shape[0]}, K, 4) normalised x0,y0,x1,y1; got "
+                f"{tuple(roi_boxes.shape)}."
+            )
+        if roi_mask is None:
+            return torch.ones(roi_boxes.shape[:2], dtype=torch.bool, device=roi_boxes.device)
+        return roi_mask.bool()
+
+    def _region_features(
+        self, vision_outputs, pixel_values, pooled, grid, roi_boxes, roi_mask, roi_pixel_values
+    ) -> dict:
+        """The ROI branch: per-ROI features (RoIAlign on the patch grid, or the crops through the tower), fused
+        with the image's tokens by the ROI processor, projected; the region-aware embedding; and the projected
+        RoIAlign features of the patch grid (`dense_loss`'s input) when the tower has a grid."""
+        context = vision_outputs.last_hidden_state
+        if context.dim() != 3:
+            raise ValueError(
+                f"The ROI processor attends over vision tokens (batch, tokens, hidden); the "
+                f"{self.config.vision_config.model_type} tower returned shape {tuple(context.shape)}."
+            )
+        roi_features = self._roi_features(context, roi_boxes, roi_mask, roi_pixel_values, pixel_values)
+        fused, pooled_regions = self.roi_processor(
+            roi_features.to(context.dtype), roi_boxes, roi_mask, context
+        )
+        features = dict(
+            region_embeds=self.visual_projection(fused), region_mask=roi_mask, region_boxes=roi_boxes
+        )
+        if grid is not None:
+            patch_features = (
+                roi_features
+                if self.config.roi_mode == "pool"
+                else roi_align(grid, roi_boxes, self.config.roi_align_size, self.config.roi_sampling_ratio)
+            )
+            features["dense_region_embeds"] = self.visual_projection(patch_features.to(context.dtype))
+        features["pooler_output"] = self.visual_projection(pooled + pooled_regions)
+        return features
+
+    def _roi_features(
+        self,
+        tokens: torch.Tensor,
+        roi_boxes: torch.Tensor,
+        roi_mask: torch.Tensor,
+        roi_pixel_values: torch.Tensor | None,
+        pixel_values: torch.Tensor,
+    ) -> torch.Tensor:
+        """Per-ROI vision features `(B, K, D)` before the ROI processor: RoIAlign over the patch grid of the
+        global forward's `tokens` in `pool` mode, the crops through the vision tower in `crop` mode."""
+        if self.config.roi_mode == "pool":
+            if roi_pixel_values is not None:
+                raise ValueError(
+                    "roi_pixel_values were given but the model has roi_mode='pool', which pools ROIs from the global "
+                    "forward. Build the processor with roi_mode='pool' or load the model with roi_mode='crop'."
+                )
+            grid = self._patch_grid(tokens, pixel_values)
+            features = roi_align(grid, roi_boxes, self.config.roi_align_size, self.config.roi_sampling_ratio)
+            return features * roi_mask[..., None]
+        if roi_pixel_values is None:
+            raise ValueError(
+                "roi_mode='crop' needs roi_pixel_values (B, K, C, H, W): call the processor with `boxes=`, whose "
+                "image processor crops every box from the original image."
+            )
+        if roi_pixel_values.shape[:2] != roi_boxes.shape[:2]:
+            raise ValueError(
+                f"roi_pixel_values has {tuple(roi_pixel_values.shape[:2])} (batch, slots) but roi_boxes has "
+                f"{tuple(roi_boxes.shape[:2])}."
+            )
+        # Only real crops are encoded, all of the batch in one forward; padded slots stay zero. A batch without
+        # any encodes one blank placeholder crop, cut away again (see `_encode_captions`).
+        crops = roi_pixel_values[roi_mask]
+        if crops.shape[0] == 0:
+            crops = roi_pixel_values.new_zeros((1, *roi_pixel_values.shape[2:]))
+        pooled = self._pooled(self.vision_model(pixel_values=crops, return_dict=True))
+        return _scatter(pooled[: int(roi_mask.sum())], roi_mask)
+
+    # ---- captions: deduplicated, cached while the text tower is frozen --------------------------------------------
 
     def enable_caption_cache(self, max_entries: int = 65536) -> CaptionEmbeddingCache:
         """Keep the text tower's outputs of captions across calls while the tower is frozen (see
@@ -1184,120 +848,79 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             return [empty for _ in fields]
         return list(self._encode_text_rows(ids, masks).split([len(ids) for ids, _ in fields]))
 
-    def _roi_features(
+    def _encode_caption_fields(
         self,
-        vision_outputs,
-        pixel_values: torch.Tensor,
-        roi_boxes: torch.Tensor,
-        roi_mask: torch.Tensor,
-        roi_pixel_values: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Per-ROI vision features `(B, K, D)` before the ROI processor."""
-        if self.config.roi_mode == "pool":
-            if roi_pixel_values is not None:
-                raise ValueError(
-                    "roi_pixel_values were given but the model has roi_mode='pool', which pools ROIs from the global "
-                    "forward. Build the processor with roi_mode='pool' or load the model with roi_mode='crop'."
-                )
-            grid = self._patch_grid(vision_outputs.last_hidden_state, pixel_values)
-            features = roi_align(grid, roi_boxes, self.config.roi_align_size, self.config.roi_sampling_ratio)
-            return features * roi_mask[..., None]
-        if roi_pixel_values is None:
-            raise ValueError(
-                "roi_mode='crop' needs roi_pixel_values (B, K, C, H, W): call the processor with `boxes=`, whose "
-                "image processor crops every box from the original image."
-            )
-        if roi_pixel_values.shape[:2] != roi_boxes.shape[:2]:
-            raise ValueError(
-                f"roi_pixel_values has {tuple(roi_pixel_values.shape[:2])} (batch, slots) but roi_boxes has "
-                f"{tuple(roi_boxes.shape[:2])}."
-            )
-        # Only real crops are encoded, all of the batch in one forward; padded slots stay zero. A batch without
-        # any encodes one blank placeholder crop, cut away again (see `_encode_captions`).
-        crops = roi_pixel_values[roi_mask]
-        if crops.shape[0] == 0:
-            crops = roi_pixel_values.new_zeros((1, *roi_pixel_values.shape[2:]))
-        pooled = self._pooled(self.vision_model(pixel_values=crops, return_dict=True))
-        return _scatter(pooled[: int(roi_mask.sum())], roi_mask)
+        region_mask: torch.Tensor | None,
+        summary_input_ids=None,
+        summary_attention_mask=None,
+        region_input_ids=None,
+        region_attention_mask=None,
+        negative_input_ids=None,
+        negative_attention_mask=None,
+    ) -> dict:
+        """The normalised embeddings of the summary, region and hard-negative captions, each placed where its rows
+        belong (one per image, per ROI slot, per negative slot), from one deduplicated pass of the text tower.
 
-    def _encode_image(
-        self,
-        pixel_values: torch.Tensor,
-        roi_boxes: torch.Tensor | None = None,
-        roi_mask: torch.Tensor | None = None,
-        roi_pixel_values: torch.Tensor | None = None,
-        **kwargs,
-    ) -> RegionMedCLIPImageFeatures:
-        vision_outputs = self.vision_model(pixel_values=pixel_values, return_dict=True, **kwargs)
-        pooled = self._pooled(vision_outputs)
-        self_proposed = (
-            roi_boxes is None
-            and roi_mask is None
-            and roi_pixel_values is None
-            and self.config.auto_regions > 0
+        They are computed in `forward`, not by the loss, so that the text tower runs inside the forward DDP
+        wraps, and distributed training gathers them like the image features."""
+        fields, slots = {}, {}
+        if summary_input_ids is not None:
+            mask = (
+                torch.ones_like(summary_input_ids)
+                if summary_attention_mask is None
+                else summary_attention_mask
+            )
+            fields["summary_embeds"], slots["summary_embeds"] = (summary_input_ids, mask), None
+        if (region_input_ids is not None or negative_input_ids is not None) and region_mask is None:
+            raise ValueError("region / negative captions were given without ROIs; pass roi_boxes too.")
+        if region_input_ids is not None:
+            fields["region_text_embeds"] = self._region_caption_rows(
+                region_input_ids, region_attention_mask, region_mask
+            )
+            slots["region_text_embeds"] = region_mask
+        negative_mask = None
+        if negative_input_ids is not None:
+            negative_mask = self._negative_present(negative_input_ids, negative_attention_mask, region_mask)
+            mask = (
+                torch.ones_like(negative_input_ids)
+                if negative_attention_mask is None
+                else negative_attention_mask
+            )
+            fields["negative_text_embeds"] = (negative_input_ids[negative_mask], mask[negative_mask])
+            slots["negative_text_embeds"] = negative_mask
+        encoded = (
+            dict(zip(fields, self._encode_captions(list(fields.values())), strict=True)) if fields else {}
         )
-        proposer_pool = self.config.global_pool == "cls_proposer"
-        has_grid = getattr(self.config.vision_config, "patch_size", None) is not None
-        grid = proposal_logits = None
-        if has_grid and (roi_boxes is not None or self_proposed or proposer_pool):
-            grid = self._patch_grid(vision_outputs.last_hidden_state, pixel_values)
-            proposal_logits = self.region_proposer(grid)
-        if proposer_pool:
-            weights = proposal_logits[..., 0].flatten(1).softmax(-1).to(grid.dtype)  # (B, H'·W')
-            pooled = pooled + torch.einsum("bn,bdn->bd", weights, grid.flatten(2))
-        global_embeds = self.visual_projection(pooled)
-        features = RegionMedCLIPImageFeatures(
-            last_hidden_state=vision_outputs.last_hidden_state,
-            pooler_output=global_embeds,
-            hidden_states=getattr(vision_outputs, "hidden_states", None),
-            attentions=getattr(vision_outputs, "attentions", None),
-            global_embeds=global_embeds,
-            proposal_logits=proposal_logits,
-        )
-        if self_proposed:
-            # Boxes are a discrete choice: no gradient flows through their coordinates.
-            roi_boxes = propose_regions(features.proposal_logits.detach(), self.config.auto_regions)
-            roi_boxes = roi_boxes.to(pixel_values.dtype)
-            if self.config.roi_mode == "crop":
-                roi_pixel_values = crop_regions(pixel_values, roi_boxes)
-        if roi_boxes is None:
-            if roi_pixel_values is not None or roi_mask is not None:
-                raise ValueError(
-                    "roi_mask / roi_pixel_values were given without roi_boxes; pass the boxes too."
-                )
-            return features
-        if roi_boxes.dim() != 3 or roi_boxes.shape[-1] != 4 or roi_boxes.shape[0] != pixel_values.shape[0]:
+        placed = {
+            name: rows if slots[name] is None else _scatter(rows, slots[name])
+            for name, rows in encoded.items()
+        }
+        return {**placed, "negative_mask": negative_mask}
+
+    def _region_caption_rows(
+        self, input_ids, attention_mask, region_mask
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `(N, L)` captions of the real ROIs, checked: one per slot, none empty."""
+        if input_ids.shape[:2] != region_mask.shape:
             raise ValueError(
-                f"roi_boxes must be (batch={pixel_values.shape[0]}, K, 4) normalised x0,y0,x1,y1; got "
-                f"{tuple(roi_boxes.shape)}."
+                f"region_input_ids has (batch, slots) {tuple(input_ids.shape[:2])}, expected "
+                f"{tuple(region_mask.shape)} (one caption per ROI slot)."
             )
-        roi_mask = (
-            torch.ones(roi_boxes.shape[:2], dtype=torch.bool, device=roi_boxes.device)
-            if roi_mask is None
-            else roi_mask.bool()
-        )
-        roi_features = self._roi_features(vision_outputs, pixel_values, roi_boxes, roi_mask, roi_pixel_values)
-        context = vision_outputs.last_hidden_state
-        if context.dim() != 3:
+        ids = input_ids[region_mask]
+        mask = torch.ones_like(ids) if attention_mask is None else attention_mask[region_mask]
+        if (mask.sum(-1) == 0).any():
+            raise ValueError("A real ROI has an empty region caption; every box needs one.")
+        return ids, mask
+
+    def _negative_present(self, input_ids, attention_mask, region_mask) -> torch.Tensor:
+        """`(B, K, M)`: true for the real negatives of real ROIs."""
+        if input_ids.shape[:2] != region_mask.shape:
             raise ValueError(
-                f"The ROI processor attends over vision tokens (batch, tokens, hidden); the "
-                f"{self.config.vision_config.model_type} tower returned shape {tuple(context.shape)}."
+                f"negative_input_ids has (batch, slots) {tuple(input_ids.shape[:2])}, expected "
+                f"{tuple(region_mask.shape)}."
             )
-        fused, pooled_regions = self.roi_processor(
-            roi_features.to(context.dtype), roi_boxes, roi_mask, context
-        )
-        features.region_embeds = self.visual_projection(fused)
-        features.region_mask = roi_mask
-        features.region_boxes = roi_boxes
-        if grid is not None:
-            patch_features = (
-                roi_features
-                if self.config.roi_mode == "pool"
-                else roi_align(grid, roi_boxes, self.config.roi_align_size, self.config.roi_sampling_ratio)
-            )
-            features.dense_region_embeds = self.visual_projection(patch_features.to(context.dtype))
-        features.pooler_output = self.visual_projection(pooled + pooled_regions)
-        return features
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        return (mask.sum(-1) > 0) & region_mask[..., None]
 
     # ---- public feature API -------------------------------------------------------------------------------------
 
@@ -1331,12 +954,14 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         roi_boxes: torch.Tensor | None = None,
         roi_mask: torch.Tensor | None = None,
         roi_pixel_values: torch.Tensor | None = None,
+        auto_regions: int | None = None,
         **kwargs,
     ) -> RegionMedCLIPImageFeatures:
         r"""
         Image features. `pooler_output` is the projected (not normalised) image feature `(batch, projection_dim)`:
-        region-aware when ROIs are given or self-proposed (`config.auto_regions > 0`), global otherwise;
-        `global_embeds`, `region_embeds` and the `region_boxes` used are there as well.
+        region-aware when ROIs are given or self-proposed, global otherwise; `global_embeds`, `region_embeds` and
+        the `region_boxes` used are there as well. Without boxes, `auto_regions` (default: `config.auto_regions`)
+        self-proposed regions are used when it is above 0; passing it here leaves the config as it is.
 
         Example:
 
@@ -1345,7 +970,7 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         >>> image_features = model.get_image_features(**inputs).pooler_output
         ```
         """
-        return self._encode_image(pixel_values, roi_boxes, roi_mask, roi_pixel_values, **kwargs)
+        return self._encode_image(pixel_values, roi_boxes, roi_mask, roi_pixel_values, auto_regions, **kwargs)
 
     def get_region_features(
         self,
@@ -1358,6 +983,28 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         Projected (not normalised) fused region features `(batch, max_rois, projection_dim)`, zeros in padded slots.
         """
         return self._encode_image(pixel_values, roi_boxes, roi_mask, roi_pixel_values).region_embeds
+
+    def get_patch_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        r"""
+        Projected (not normalised) patch features `(batch, grid_height, grid_width, projection_dim)` of the whole
+        images: the patch tokens the model's RoIAlign, `dense_loss` and region proposer read (after the tower's
+        final layer norm, see `_patch_grid`), through `visual_projection`. Cell `(i, j)` covers the `i`-th of
+        `grid_height` equal rows and the `j`-th of `grid_width` equal columns of the input. RoIAlign of this map
+        over a box is the box's `dense_region_embeds` before normalisation (both maps are linear).
+
+        Example:
+
+        ```python
+        >>> inputs = processor(images=image, return_tensors="pt")
+        >>> patches = torch.nn.functional.normalize(model.get_patch_features(**inputs), dim=-1)
+        >>> heatmap = patches[0] @ text_embeds[0]  # (grid_height, grid_width) cosine similarities
+        ```
+        """
+        if getattr(self.config.vision_config, "patch_size", None) is None:
+            raise ValueError(f"The {self.config.vision_config.model_type} vision tower has no patch grid.")
+        last_hidden_state = self.vision_model(pixel_values=pixel_values, return_dict=True).last_hidden_state
+        grid = self._patch_grid(last_hidden_state, pixel_values)
+        return self.visual_projection(grid.permute(0, 2, 3, 1))
 
     # ---- forward ------------------------------------------------------------------------------------------------
 
@@ -1376,6 +1023,7 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         summary_input_ids: torch.LongTensor | None = None,
         summary_attention_mask: torch.Tensor | None = None,
         return_loss: bool | None = None,
+        auto_regions: int | None = None,
         token_type_ids: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
         output_attentions: bool | None = None,
@@ -1411,7 +1059,10 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             summary_attention_mask (`torch.Tensor` of the same shape, *optional*):
                 Mask of `summary_input_ids`.
             return_loss (`bool`, *optional*):
-                Compute every loss term whose inputs are present, and their weighted sum.
+                Compute every loss term whose inputs are present, and their weighted sum (the model's
+                [`RegionMedCLIPLoss`], see loss_regionmed_clip.py).
+            auto_regions (`int`, *optional*):
+                Self-proposed regions for images without `roi_boxes`; default `config.auto_regions`.
 
         Example:
 
@@ -1426,161 +1077,53 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if input_ids is None and pixel_values is None:
             raise ValueError("Pass input_ids, pixel_values, or both.")
+        tower_kwargs = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
 
-        vision_features = text_outputs = image_embeds = global_image_embeds = text_embeds = None
-        region_embeds = region_mask = region_boxes = dense_region_embeds = proposal_logits = None
+        vision_outputs = text_outputs = text_embeds = None
+        image = {"image_embeds": None}
         if pixel_values is not None:
-            vision_features = self._encode_image(
-                pixel_values,
-                roi_boxes,
-                roi_mask,
-                roi_pixel_values,
-                output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states,
+            vision_outputs = self._encode_image(
+                pixel_values, roi_boxes, roi_mask, roi_pixel_values, auto_regions, **tower_kwargs
             )
-            image_embeds = F.normalize(vision_features.pooler_output, dim=-1)
-            global_image_embeds = F.normalize(vision_features.global_embeds, dim=-1)
-            if vision_features.region_embeds is not None:
-                region_mask = vision_features.region_mask
-                region_embeds = F.normalize(vision_features.region_embeds, dim=-1) * region_mask[..., None]
-                region_boxes = vision_features.region_boxes
-                proposal_logits = vision_features.proposal_logits
-                if vision_features.dense_region_embeds is not None:
-                    dense_region_embeds = (
-                        F.normalize(vision_features.dense_region_embeds, dim=-1) * region_mask[..., None]
-                    )
+            image = _normalized_image_outputs(vision_outputs)
         if input_ids is not None:
             text_outputs, text_embeds = self._encode_text(
-                input_ids,
-                attention_mask,
-                token_type_ids,
-                position_ids,
-                output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states,
+                input_ids, attention_mask, token_type_ids, position_ids, **tower_kwargs
             )
             text_embeds = F.normalize(text_embeds, dim=-1)
 
         logit_scale = self.logit_scale.exp()
         logits_per_image = logits_per_text = None
-        if image_embeds is not None and text_embeds is not None:
-            logits_per_image = logit_scale * image_embeds @ text_embeds.t()
+        if image["image_embeds"] is not None and text_embeds is not None:
+            logits_per_image = logit_scale * image["image_embeds"] @ text_embeds.t()
             logits_per_text = logits_per_image.t()
-
-        summary_embeds = region_text_embeds = negative_text_embeds = negative_mask = None
-        # Every caption field goes through the text tower in one deduplicated pass; `slots` says where each
-        # field's rows go back (None: one row per image).
-        captions, slots = {}, {}
-        if summary_input_ids is not None:
-            captions["summary"] = (
-                summary_input_ids,
-                torch.ones_like(summary_input_ids)
-                if summary_attention_mask is None
-                else summary_attention_mask,
-            )
-            slots["summary"] = None
-        if region_input_ids is not None or negative_input_ids is not None:
-            if region_embeds is None:
-                raise ValueError("region / negative captions were given without ROIs; pass roi_boxes too.")
-            if region_input_ids is not None:
-                captions["region"] = self._region_caption_rows(
-                    region_input_ids, region_attention_mask, region_mask
-                )
-                slots["region"] = region_mask
-            if negative_input_ids is not None:
-                negative_mask = self._negative_present(
-                    negative_input_ids, negative_attention_mask, region_mask
-                )
-                attention = (
-                    torch.ones_like(negative_input_ids)
-                    if negative_attention_mask is None
-                    else negative_attention_mask
-                )
-                captions["negative"] = (negative_input_ids[negative_mask], attention[negative_mask])
-                slots["negative"] = negative_mask
-        if captions:
-            encoded = dict(zip(captions, self._encode_captions(list(captions.values())), strict=True))
-            placed = {
-                name: rows if slots[name] is None else _scatter(rows, slots[name])
-                for name, rows in encoded.items()
-            }
-            summary_embeds = placed.get("summary")
-            region_text_embeds = placed.get("region")
-            negative_text_embeds = placed.get("negative")
-
-        if (
-            return_loss
-            and image_embeds is not None
-            and text_embeds is not None
-            and len(image_embeds) != len(text_embeds)
-        ):
-            raise ValueError(
-                f"return_loss=True pairs image i with text i, but got {len(image_embeds)} images and "
-                f"{len(text_embeds)} texts."
-            )
-
+        captions = self._encode_caption_fields(
+            image.get("region_mask"),
+            summary_input_ids,
+            summary_attention_mask,
+            region_input_ids,
+            region_attention_mask,
+            negative_input_ids,
+            negative_attention_mask,
+        )
         fields = dict(
             logits_per_image=logits_per_image,
             logits_per_text=logits_per_text,
             text_embeds=text_embeds,
-            image_embeds=image_embeds,
-            global_image_embeds=global_image_embeds,
-            region_embeds=region_embeds,
-            region_mask=region_mask,
-            region_boxes=region_boxes,
-            dense_region_embeds=dense_region_embeds,
-            proposal_logits=proposal_logits,
-            summary_embeds=summary_embeds,
-            region_text_embeds=region_text_embeds,
-            negative_text_embeds=negative_text_embeds,
-            negative_mask=negative_mask,
+            **image,
+            **captions,
             logit_scale=logit_scale,
             # A computed tensor, as `logit_scale` is: DDP then sees the parameter used by the forward (the loss
             # adds it outside), instead of marking it unused and then meeting its gradient.
             logit_bias=self.logit_bias.clone() if self.logit_bias is not None else None,
             text_model_output=text_outputs,
-            vision_model_output=vision_features,
+            vision_model_output=vision_outputs,
         )
         output = RegionMedCLIPOutput(**fields)
         if return_loss:
-            # The same module distributed training calls, here on this batch alone.
-            criterion = RegionMedCLIPLoss(self.config)
-            weights = criterion.weights()
-            terms = [t for t in criterion.term_inputs if t not in criterion.weighted_only or weights[t] > 0]
-            loss_terms = criterion(output, region_input_ids, region_attention_mask, terms=terms)
-            if not loss_terms:
-                raise ValueError(
-                    "return_loss=True found nothing to compare: pass input_ids with pixel_values (image i pairs with "
-                    "text i), or ROIs with region_input_ids / negative_input_ids."
-                )
-            output = RegionMedCLIPOutput(
-                loss=criterion.weighted_sum(loss_terms), loss_terms=loss_terms, **fields
-            )
+            loss = self.objective.model_loss(output, region_input_ids, region_attention_mask)
+            output = RegionMedCLIPOutput(**loss, **fields)
         return output if return_dict else output.to_tuple()
-
-    def _region_caption_rows(
-        self, input_ids, attention_mask, region_mask
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The `(N, L)` captions of the real ROIs, checked: one per slot, none empty."""
-        if input_ids.shape[:2] != region_mask.shape:
-            raise ValueError(
-                f"region_input_ids has (batch, slots) {tuple(input_ids.shape[:2])}, expected "
-                f"{tuple(region_mask.shape)} (one caption per ROI slot)."
-            )
-        ids = input_ids[region_mask]
-        mask = torch.ones_like(ids) if attention_mask is None else attention_mask[region_mask]
-        if (mask.sum(-1) == 0).any():
-            raise ValueError("A real ROI has an empty region caption; every box needs one.")
-        return ids, mask
-
-    def _negative_present(self, input_ids, attention_mask, region_mask) -> torch.Tensor:
-        """`(B, K, M)`: true for the real negatives of real ROIs."""
-        if input_ids.shape[:2] != region_mask.shape:
-            raise ValueError(
-                f"negative_input_ids has (batch, slots) {tuple(input_ids.shape[:2])}, expected "
-                f"{tuple(region_mask.shape)}."
-            )
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        return (mask.sum(-1) > 0) & region_mask[..., None]
 
     # ---- construction from pretrained towers --------------------------------------------------------------------
 
@@ -1770,6 +1313,9 @@ def _tower_from_config(config) -> PreTrainedModel:
         return model_class(config)
 
 
+# Vision towers whose `last_hidden_state` precedes the final layer norm their pooled token passes through.
+_PRE_NORM_TOKEN_TOWERS = ("clip_vision_model",)
+
 # `from_pretrained` kwargs that also apply to loading a config.
 _HUB_KWARGS = (
     "cache_dir",
@@ -1782,6 +1328,25 @@ _HUB_KWARGS = (
 )
 # `from_pretrained` kwargs of a whole source checkpoint in `from_dual_encoder_pretrained`; the others are config.
 _LOAD_KWARGS = (*_HUB_KWARGS, "dtype", "attn_implementation", "device_map")
+
+
+def _normalized_image_outputs(features: "RegionMedCLIPImageFeatures") -> dict:
+    """The image fields of [`RegionMedCLIPOutput`]: L2-normalised embeddings (zeros in padded ROI slots), the ROI
+    mask, the boxes used and, with ROIs, the proposer's output."""
+    mask = features.region_mask
+
+    def per_region(embeds: torch.Tensor | None) -> torch.Tensor | None:
+        return None if embeds is None else F.normalize(embeds, dim=-1) * mask[..., None]
+
+    return dict(
+        image_embeds=F.normalize(features.pooler_output, dim=-1),
+        global_image_embeds=F.normalize(features.global_embeds, dim=-1),
+        region_embeds=per_region(features.region_embeds),
+        region_mask=mask,
+        region_boxes=features.region_boxes,
+        dense_region_embeds=per_region(features.dense_region_embeds),
+        proposal_logits=None if mask is None else features.proposal_logits,
+    )
 
 
 def _scatter(rows: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
@@ -1797,17 +1362,11 @@ def _hub_kwargs(kwargs: dict) -> dict:
 
 
 __all__ = [
+    "RegionMedCLIPImageFeatures",
     "RegionMedCLIPModel",
     "RegionMedCLIPOutput",
-    "RegionMedCLIPImageFeatures",
-    "RegionMedCLIPLoss",
     "RegionMedCLIPPreTrainedModel",
-    "caption_groups_from_ids",
-    "contrastive_loss",
-    "global_contrastive_loss",
-    "hard_negative_loss",
-    "region_contrastive_loss",
-    "no_gather",
-    "sigmoid_loss",
+    "crop_regions",
+    "propose_regions",
     "roi_align",
 ]

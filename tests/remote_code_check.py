@@ -4,8 +4,9 @@ transformers, pillow, numpy and pydicom (never this package).
     python tests/remote_code_check.py FOLDER INPUTS.json WORKDIR
 
 Loads FOLDER (saved by the main environment) through the Auto classes with `trust_remote_code=True`, scores the
-inputs of INPUTS.json with the model, the zero-shot pipeline and the region pipeline, saves and reloads the model and
-processor under WORKDIR, and prints one JSON report on the last line of stdout. `tests/test_remote_code_compat.py`
+inputs of INPUTS.json with the model, the zero-shot pipeline and the region pipeline, computes the loss of
+`return_loss=True` (the objective file travels with the model file), saves and reloads the model and processor under
+WORKDIR, and prints one JSON report on the last line of stdout. `tests/test_remote_code_compat.py`
 compares the report with the main environment's own scores.
 """
 
@@ -57,6 +58,13 @@ def main(folder: str, inputs_path: str, workdir: str) -> dict:
         hypothesis_template=template,
     )
 
+    # The pretraining objective ships in the folder too: image i paired with label i, with its boxes.
+    paired = processor(text=labels[: len(images)], images=images, boxes=boxes, return_tensors="pt")
+    with torch.no_grad():
+        loss_terms = {
+            name: term.item() for name, term in model(**paired, return_loss=True).loss_terms.items()
+        }
+
     saved = os.path.join(workdir, "resaved")
     model.save_pretrained(saved)
     processor.save_pretrained(saved)
@@ -73,6 +81,7 @@ def main(folder: str, inputs_path: str, workdir: str) -> dict:
         "resaved_fields": {name: getattr(reloaded_model.config, name) for name in own_fields},
         "classes": [type(config).__module__, type(model).__module__, type(processor).__module__],
         "logits": logits_of(model, processor),
+        "loss_terms": loss_terms,
         "zero_shot": zero_shot,
         "region": region_results,
         "resaved_logits": logits_of(reloaded_model, reloaded_processor),

@@ -31,6 +31,7 @@ from regionmed_clip import RegionMedCLIPModel, RegionMedCLIPProcessor
 from regionmed_clip.cli import main
 from regionmed_clip.convert import UNKNOWN_LICENSE, ConvertConfig, convert
 from regionmed_clip.data.synth import SynthConfig, synth_example
+from regionmed_clip.modeling_regionmed_clip import roi_align
 
 from .conftest import IMAGE_SIZE, PATCH_SIZE
 from .test_hub_integration import _run_isolated
@@ -168,15 +169,46 @@ def test_pooled_and_projected_features_are_the_sources(sources, name):
 
 
 @pytest.mark.parametrize(("name", "prefix"), [("clip", 1), ("siglip", 0)])
-def test_pool_mode_reads_the_patch_grid_with_or_without_a_class_token(sources, name, prefix):
+def test_patch_features_are_the_patch_tokens_after_the_norm_the_pooled_token_gets(sources, name, prefix):
+    """With or without a class token; CLIP returns its tokens before `post_layernorm`, SigLIP after its final norm."""
     model = RegionMedCLIPModel.from_dual_encoder_pretrained(str(sources[name])).eval()
     pixel_values = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE)
     with torch.no_grad():
         tokens = model.vision_model(pixel_values=pixel_values).last_hidden_state
-    grid = model._patch_grid(tokens, pixel_values)
+        if name == "clip":
+            tokens = model.vision_model.post_layernorm(tokens)
+        patches = model.get_patch_features(pixel_values)
+        expected = model.visual_projection(tokens[:, prefix:])
     side = IMAGE_SIZE // PATCH_SIZE
-    assert grid.shape == (1, VISION["hidden_size"], side, side)
-    torch.testing.assert_close(grid.flatten(2).transpose(1, 2), tokens[:, prefix:])
+    assert patches.shape == (1, side, side, model.config.projection_dim)
+    torch.testing.assert_close(patches.flatten(1, 2), expected)
+
+
+@pytest.mark.parametrize("roi_mode", ["pool", "crop"])
+def test_a_converted_clip_pools_the_patch_features_its_heatmaps_show(sources, roi_mode):
+    """RoIAlign of `get_patch_features` (what heatmaps and grounding read) over the boxes the model used is the
+    model's own `dense_region_embeds`, in both ROI modes; `auto_regions` passed per call leaves the config alone and
+    gives what a model saved with it gives."""
+    model = RegionMedCLIPModel.from_dual_encoder_pretrained(str(sources["clip"]), roi_mode=roi_mode).eval()
+    config = model.config
+    pixel_values = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values, auto_regions=2)
+        patches = model.get_patch_features(pixel_values).permute(0, 3, 1, 2)
+        pooled = roi_align(patches, features.region_boxes, config.roi_align_size, config.roi_sampling_ratio)
+    assert features.region_boxes.shape == (2, 2, 4)
+    torch.testing.assert_close(pooled, features.dense_region_embeds)
+    assert config.auto_regions == 0
+
+    saved_with_regions = RegionMedCLIPModel(
+        config.__class__(**{**config.to_dict(), "auto_regions": 2})
+    ).eval()
+    saved_with_regions.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(
+            saved_with_regions.get_image_features(pixel_values).pooler_output, features.pooler_output
+        )
+        assert model.get_image_features(pixel_values).region_boxes is None
 
 
 def test_loading_kwargs_reach_the_source_and_the_new_layers_follow_its_dtype(sources):

@@ -55,6 +55,7 @@ CLEARED_ENV = (
 REMOTE_CODE = {
     "configuration_regionmed_clip.py",
     "modeling_regionmed_clip.py",
+    "loss_regionmed_clip.py",
     "image_processing_regionmed_clip.py",
     "processing_regionmed_clip.py",
 }
@@ -432,16 +433,18 @@ def test_folders_are_checked_before_anything_is_sent(tmp_path, model_folder, hub
     assert len(hub.requests) == requests
 
 
-def test_a_folder_missing_a_file_its_config_names_is_refused(tmp_path, model_folder):
-    """Every module that `auto_map` or `custom_pipelines` names must ship: the region pipeline's file included."""
+@pytest.mark.parametrize("missing", ["pipeline_regionmed_clip.py", "loss_regionmed_clip.py"])
+def test_a_folder_missing_a_file_its_config_names_is_refused(tmp_path, model_folder, missing):
+    """Every module that `auto_map` or `custom_pipelines` names must ship, and every file those import relatively:
+    the region pipeline's file and the model file's objective included."""
     folder = tmp_path / "model"
     folder.mkdir()
     for path in model_folder.iterdir():
         if path.is_file():
             (folder / path.name).write_bytes(path.read_bytes())
     assert REMOTE_CODE | {"pipeline_regionmed_clip.py"} <= {p.name for p in model_files(folder)}
-    (folder / "pipeline_regionmed_clip.py").unlink()
-    with pytest.raises(ValueError, match="pipeline_regionmed_clip.py"):
+    (folder / missing).unlink()
+    with pytest.raises(ValueError, match=missing):
         model_files(folder)
 
 

@@ -7,17 +7,16 @@ import pytest
 import torch
 
 from regionmed_clip import RegionMedCLIPModel
-from regionmed_clip.modeling_regionmed_clip import (
-    CaptionEmbeddingCache,
+from regionmed_clip.loss_regionmed_clip import (
     RegionMedCLIPLoss,
     caption_groups_from_ids,
     contrastive_loss,
     global_contrastive_loss,
     hard_negative_loss,
     region_contrastive_loss,
-    roi_align,
     sigmoid_loss,
 )
+from regionmed_clip.modeling_regionmed_clip import CaptionEmbeddingCache, roi_align
 
 from .conftest import make_processor, random_image, tiny_config, tiny_model
 

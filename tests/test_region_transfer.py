@@ -8,17 +8,15 @@ import torch
 import torch.nn.functional as F
 from transformers import pipeline
 
-from regionmed_clip.modeling_regionmed_clip import (
+from regionmed_clip.loss_regionmed_clip import (
     RegionMedCLIPLoss,
     caption_groups_from_ids,
-    crop_regions,
     dense_region_loss,
     global_region_loss,
     multi_positive_contrastive_loss,
-    propose_regions,
     region_proposal_loss,
-    roi_align,
 )
+from regionmed_clip.modeling_regionmed_clip import crop_regions, propose_regions, roi_align
 
 from .conftest import make_processor, random_image, tiny_model
 from .test_hub_integration import LABELS, _run_isolated

@@ -184,6 +184,9 @@ def _assert_report_matches(report, expected):
     assert report["resaved_fields"] == expected["fields"]
     np.testing.assert_allclose(report["logits"], expected["logits"], rtol=0, atol=1e-5)
     np.testing.assert_allclose(report["resaved_logits"], expected["logits"], rtol=0, atol=1e-5)
+    assert set(report["loss_terms"]) == set(expected["loss_terms"]) == {"global_loss", "fused_global_loss"}
+    for name, value in expected["loss_terms"].items():
+        np.testing.assert_allclose(report["loss_terms"][name], value, rtol=0, atol=1e-5)
     for got, want in zip(report["zero_shot"], expected["zero_shot"], strict=True):
         assert [s["label"] for s in got] == [s["label"] for s in want]
         np.testing.assert_allclose([s["score"] for s in got], [s["score"] for s in want], rtol=0, atol=1e-5)

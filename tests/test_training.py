@@ -551,7 +551,7 @@ def test_a_batch_without_regions_has_zero_roi_slots_and_trains(synth_folder, tok
     """Rows without regions ("No Finding") give the same fields with zero ROI slots, which the model and the
     loss module take: the region terms simply have no rows (and, distributed, gather empty tensors)."""
     from regionmed_clip.data.collator import MedRegionCollator, load_rows
-    from regionmed_clip.modeling_regionmed_clip import RegionMedCLIPLoss
+    from regionmed_clip.loss_regionmed_clip import RegionMedCLIPLoss
 
     from .conftest import make_processor, tiny_model
 

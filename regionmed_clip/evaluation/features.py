@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.collator import MedRegionCollator, region_passes
-from ..modeling_regionmed_clip import RegionMedCLIPLoss
+from ..loss_regionmed_clip import RegionMedCLIPLoss
 
 REGION_PATHS = ("roi_processor", "global_on_crops")
 TRAINING_CONFIG = "training_config.yaml"  # what the trainer saves beside a model folder
@@ -250,13 +250,8 @@ def extract_features(
 
 def _self_proposed(model, pixel_values: torch.Tensor, regions: int) -> torch.Tensor:
     """Normalised box-free region-aware embeddings `(B, P)` with `regions` self-proposed regions per image."""
-    saved = model.config.auto_regions
-    model.config.auto_regions = regions
-    try:
-        pixels = model_inputs({"pixel_values": pixel_values}, model)["pixel_values"]
-        embeds = model.get_image_features(pixel_values=pixels).pooler_output
-    finally:
-        model.config.auto_regions = saved
+    pixels = model_inputs({"pixel_values": pixel_values}, model)["pixel_values"]
+    embeds = model.get_image_features(pixel_values=pixels, auto_regions=regions).pooler_output
     return torch.nn.functional.normalize(embeds.float(), dim=-1).cpu()
 
 

@@ -20,12 +20,6 @@ from ..processing_regionmed_clip import caption_key
 from .device import resolve_device
 from .features import extract_features, model_inputs
 
-# Vision towers whose `last_hidden_state` stops before the final layer norm that their pooled (CLS) output gets.
-# Their patch tokens need that norm too before `visual_projection`, which was only ever trained on normed features.
-# ViT, DeiT and SigLIP apply it to every token already.
-_POST_NORM_TOWERS = ("clip_vision_model",)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Pointing accuracy
 # ---------------------------------------------------------------------------------------------------------------------
@@ -171,19 +165,6 @@ def grounding_metrics(model, processor, rows, batch_size: int = 16) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def projected_patch_grid(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """The patch tokens of the whole images, in the joint space: `(B, H', W', P)`, not normalised.
-
-    Each token gets what the pooled token gets on its way to `image_embeds` except the pooler head: the tower's
-    final layer norm (for CLIP towers, whose `last_hidden_state` precedes it) and `visual_projection`.
-    """
-    hidden = model.vision_model(pixel_values=pixel_values, return_dict=True).last_hidden_state
-    if getattr(model.config.vision_config, "model_type", None) in _POST_NORM_TOWERS:
-        hidden = model.vision_model.post_layernorm(hidden)
-    grid = model._patch_grid(hidden, pixel_values)  # (B, D, H', W'), the layout RoIAlign pools from
-    return model.visual_projection(grid.permute(0, 2, 3, 1))
-
-
 @torch.no_grad()
 def patch_text_similarity(model, processor, image, text: str) -> np.ndarray:
     """Cosine similarity `(H', W')` between each patch token of `image` and the embedding of `text`.
@@ -195,7 +176,7 @@ def patch_text_similarity(model, processor, image, text: str) -> np.ndarray:
     (call `.eval()` first if it is training: dropout would make the map random).
     """
     inputs = model_inputs(processor(text=[text], images=[image], return_tensors="pt"), model)
-    patches = F.normalize(projected_patch_grid(model, inputs["pixel_values"]).float(), dim=-1)[0]
+    patches = F.normalize(model.get_patch_features(inputs["pixel_values"]).float(), dim=-1)[0]
     text_features = model.get_text_features(
         input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
     ).pooler_output
@@ -296,6 +277,5 @@ __all__ = [
     "pointing_accuracy",
     "pointing_ceiling",
     "pointing_from_regions",
-    "projected_patch_grid",
     "save_heatmap_overlay",
 ]

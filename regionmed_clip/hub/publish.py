@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,6 +61,9 @@ class PublishResult:
         )
 
 
+#: A flat relative import of a remote-code file, the rule transformers' `get_relative_imports` applies.
+RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", flags=re.MULTILINE)
+
 # --- files --------------------------------------------------------------------------------------------------
 
 
@@ -72,7 +76,7 @@ def model_files(model_dir: str | os.PathLike) -> list[Path]:
     if not any(p.suffix == ".safetensors" for p in files):
         raise ValueError(f"{folder} has no safetensors weights; save the model with `save_pretrained`")
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    missing = [name for name in remote_code_files(config) if not (folder / name).is_file()]
+    missing = [name for name in remote_code_files(config, folder) if not (folder / name).is_file()]
     if "auto_map" not in config or missing:
         raise ValueError(
             f"{folder} lacks the remote code (auto_map in config.json, "
@@ -84,13 +88,25 @@ def model_files(model_dir: str | os.PathLike) -> list[Path]:
     return [p for p in files if p.suffix not in PICKLE_SUFFIXES and p.name != "README.md"]
 
 
-def remote_code_files(config: dict) -> list[str]:
+def remote_code_files(config: dict, folder: str | os.PathLike | None = None) -> list[str]:
     """The module files a saved `config.json` asks `trust_remote_code` to import: those its `auto_map` and its
-    `custom_pipelines` name (`"module.Class"`). A folder saved before the region pipeline existed names no pipeline
-    and is complete without its file; one that names it must ship it."""
+    `custom_pipelines` name (`"module.Class"`), and with `folder`, every file those import relatively (`from .loss
+    import ...`), followed as transformers follows them. A folder saved before the region pipeline existed names no
+    pipeline and is complete without its file; one that names it must ship it."""
     references = list((config.get("auto_map") or {}).values())
     references += [spec.get("impl", "") for spec in (config.get("custom_pipelines") or {}).values()]
-    return sorted({f"{reference.rsplit('.', 1)[0]}.py" for reference in references if "." in reference})
+    names = {f"{reference.rsplit('.', 1)[0]}.py" for reference in references if "." in reference}
+    pending = sorted(names) if folder is not None else []
+    while pending:
+        path = Path(folder) / pending.pop()
+        if not path.is_file():
+            continue
+        for module in RELATIVE_IMPORT.findall(path.read_text(encoding="utf-8")):
+            name = f"{module}.py"
+            if name not in names:
+                names.add(name)
+                pending.append(name)
+    return sorted(names)
 
 
 def dataset_files(dataset_dir: str | os.PathLike) -> list[Path]:

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..modeling_regionmed_clip import RegionMedCLIPLoss
+from ..loss_regionmed_clip import RegionMedCLIPLoss
 
 #: The model inputs each training term needs: the model's terms, and `class_loss` (prompts as the text side; the
 #: image side is region-aware for rows with regions).

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from ..modeling_regionmed_clip import RegionMedCLIPLoss
+from ..loss_regionmed_clip import RegionMedCLIPLoss
 from .config import StageSpec
 
 
