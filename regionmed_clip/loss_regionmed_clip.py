@@ -287,61 +287,32 @@ class GatheredBatch:
         self.region_input_ids = region_input_ids
         self.region_attention_mask = region_attention_mask
         self.region_mask = outputs.region_mask
-        self.scale, self.bias = outputs.logit_scale, outputs.logit_bias
+        self.contrastive = {"logit_scale": outputs.logit_scale, "logit_bias": outputs.logit_bias}
+        self._gathered = {}
 
-    def _rows(self, tensor: torch.Tensor | None, with_grad: bool = True) -> torch.Tensor | None:
-        return None if tensor is None else self.gather(tensor, with_grad)
+    def rows(self, field: str, with_grad: bool = True) -> torch.Tensor | None:
+        """`outputs.<field>` of every process, concatenated; boolean fields come back boolean, without gradient."""
+        return self._gathered_field(field, with_grad, per_region=False)
 
-    def _region_rows(self, tensor: torch.Tensor | None, with_grad: bool = True) -> torch.Tensor | None:
-        """The rows of the real ROI slots of a `(B, K, ...)` field, gathered."""
-        if tensor is None or self.region_mask is None:
-            return None
-        return self.gather(tensor[self.region_mask], with_grad)
+    def region_rows(self, field: str) -> torch.Tensor | None:
+        """The rows of the real ROI slots of a `(B, K, ...)` field of every process; None without ROIs."""
+        return self._gathered_field(field, True, per_region=True)
 
-    @cached_property
-    def global_image(self) -> torch.Tensor | None:
-        return self._rows(self.outputs.global_image_embeds)
-
-    @cached_property
-    def fused_image(self) -> torch.Tensor | None:
-        # Without ROIs the region-aware embedding is the global one and has no term of its own.
-        return None if self.region_mask is None else self._rows(self.outputs.image_embeds)
-
-    @cached_property
-    def text(self) -> torch.Tensor | None:
-        return self._rows(self.outputs.text_embeds)
-
-    @cached_property
-    def summary(self) -> torch.Tensor | None:
-        return self._rows(self.outputs.summary_embeds)
-
-    @cached_property
-    def regions(self) -> torch.Tensor | None:
-        return self._region_rows(self.outputs.region_embeds)
-
-    @cached_property
-    def captions(self) -> torch.Tensor | None:
-        return self._region_rows(self.outputs.region_text_embeds)
-
-    @cached_property
-    def dense(self) -> torch.Tensor | None:
-        return self._region_rows(self.outputs.dense_region_embeds)
-
-    @cached_property
-    def negatives(self) -> torch.Tensor | None:
-        return self._region_rows(self.outputs.negative_text_embeds)
-
-    @cached_property
-    def negative_present(self) -> torch.Tensor | None:
-        mask = self.outputs.negative_mask
-        return None if mask is None else self._region_rows(mask.to(torch.uint8), False).bool()
-
-    @cached_property
-    def region_present(self) -> torch.Tensor | None:
-        """`(B_global, K_max)`: the gathered ROI masks, in the rank order of the gathered images and captions."""
-        return (
-            None if self.region_mask is None else self.gather(self.region_mask.to(torch.uint8), False).bool()
-        )
+    def _gathered_field(self, field: str, with_grad: bool, per_region: bool) -> torch.Tensor | None:
+        key = (field, per_region)
+        if key not in self._gathered:
+            tensor = getattr(self.outputs, field)
+            if per_region and self.region_mask is None:
+                tensor = None
+            elif per_region and tensor is not None:
+                tensor = tensor[self.region_mask]
+            if tensor is None:
+                self._gathered[key] = None
+            elif tensor.dtype == torch.bool:
+                self._gathered[key] = self.gather(tensor.to(torch.uint8), False).bool()
+            else:
+                self._gathered[key] = self.gather(tensor, with_grad)
+        return self._gathered[key]
 
     @cached_property
     def caption_groups(self) -> torch.Tensor | None:
@@ -353,85 +324,78 @@ class GatheredBatch:
             ids = ids * self.region_attention_mask[self.region_mask]
         return caption_groups_from_ids(self.gather(ids, False))
 
-    def contrastive(self, objective: str) -> dict:
-        """The keyword arguments every contrastive term shares."""
-        return {"logit_scale": self.scale, "logit_bias": self.bias, "objective": objective}
+
+def _image_text_term(image_field: str, text_field: str, needs_regions: bool = False):
+    """A contrastive term between two per-image fields (image i pairs with text i)."""
+
+    def compute(batch: GatheredBatch, config) -> torch.Tensor | None:
+        if needs_regions and batch.region_mask is None:
+            return None
+        image, text = batch.rows(image_field), batch.rows(text_field)
+        if image is None or text is None:
+            return None
+        return global_contrastive_loss(image, text, **batch.contrastive, objective=config.loss_objective)
+
+    return compute
 
 
-def _global_term(batch: GatheredBatch, config) -> torch.Tensor | None:
-    if batch.global_image is None or batch.text is None:
-        return None
-    return global_contrastive_loss(batch.global_image, batch.text, **batch.contrastive(config.loss_objective))
+def _region_caption_term(region_field: str, loss: Callable):
+    """A contrastive term between the real ROIs' rows of `region_field` and their region captions, identical
+    captions of the global batch grouped."""
 
+    def compute(batch: GatheredBatch, config) -> torch.Tensor | None:
+        captions, regions = batch.region_rows("region_text_embeds"), batch.region_rows(region_field)
+        if captions is None or regions is None or regions.shape[0] == 0:
+            return None
+        return loss(
+            regions,
+            captions,
+            caption_groups=batch.caption_groups,
+            **batch.contrastive,
+            objective=config.loss_objective,
+        )
 
-def _fused_global_term(batch: GatheredBatch, config) -> torch.Tensor | None:
-    if batch.fused_image is None or batch.text is None:
-        return None
-    return global_contrastive_loss(batch.fused_image, batch.text, **batch.contrastive(config.loss_objective))
-
-
-def _summary_term(batch: GatheredBatch, config) -> torch.Tensor | None:
-    if batch.global_image is None or batch.summary is None:
-        return None
-    return global_contrastive_loss(
-        batch.global_image, batch.summary, **batch.contrastive(config.loss_objective)
-    )
-
-
-def _roi_term(batch: GatheredBatch, config) -> torch.Tensor | None:
-    if batch.captions is None or batch.regions is None or batch.regions.shape[0] == 0:
-        return None
-    return region_contrastive_loss(
-        batch.regions,
-        batch.captions,
-        caption_groups=batch.caption_groups,
-        **batch.contrastive(config.loss_objective),
-    )
+    return compute
 
 
 def _negative_term(batch: GatheredBatch, config) -> torch.Tensor | None:
-    if batch.negatives is None or batch.regions is None or not bool(batch.negative_present.any()):
+    negatives, regions = batch.region_rows("negative_text_embeds"), batch.region_rows("region_embeds")
+    if negatives is None or regions is None:
         return None
-    return hard_negative_loss(
-        batch.regions, batch.negatives, batch.negative_present, config.neg_logit_scale, config.neg_logit_bias
-    )
-
-
-def _dense_term(batch: GatheredBatch, config) -> torch.Tensor | None:
-    if batch.captions is None or batch.dense is None or batch.dense.shape[0] == 0:
+    present = batch.region_rows("negative_mask")
+    if not bool(present.any()):
         return None
-    return dense_region_loss(
-        batch.dense,
-        batch.captions,
-        caption_groups=batch.caption_groups,
-        **batch.contrastive(config.loss_objective),
-    )
+    return hard_negative_loss(regions, negatives, present, config.neg_logit_scale, config.neg_logit_bias)
 
 
 def _global_region_term(batch: GatheredBatch, config) -> torch.Tensor | None:
-    if batch.captions is None or batch.global_image is None or batch.captions.shape[0] == 0:
+    captions, image = batch.region_rows("region_text_embeds"), batch.rows("global_image_embeds")
+    if captions is None or image is None or captions.shape[0] == 0:
         return None
     # The image row of each gathered caption: the gathered ROI masks are in the rank order of the gathered
     # images, so their true slots enumerate the captions in order.
+    caption_images = batch.rows("region_mask").nonzero()[:, 0]
     return global_region_loss(
-        batch.global_image,
-        batch.captions,
-        batch.region_present.nonzero()[:, 0],
+        image,
+        captions,
+        caption_images,
         caption_groups=batch.caption_groups,
-        **batch.contrastive(config.loss_objective),
+        **batch.contrastive,
+        objective=config.loss_objective,
     )
 
 
 def _proposal_term(batch: GatheredBatch, config) -> torch.Tensor | None:
-    outputs = batch.outputs
-    if outputs.proposal_logits is None or outputs.region_boxes is None or batch.region_mask is None:
+    if batch.region_mask is None or batch.outputs.region_boxes is None:
         return None
-    logits = batch.gather(outputs.proposal_logits, True)
-    boxes = batch.gather(outputs.region_boxes, False)
+    logits = batch.rows("proposal_logits")
+    if logits is None:
+        return None
+    boxes, present = batch.rows("region_boxes", with_grad=False), batch.rows("region_mask")
     # As the other region terms: no real box in the global batch, no term.
-    if not bool(batch.region_present.any()):
+    if not bool(present.any()):
         return None
-    return region_proposal_loss(logits, boxes, batch.region_present)
+    return region_proposal_loss(logits, boxes, present)
 
 
 _ROI_INPUTS = ("pixel_values", "roi_boxes", "roi_mask", "roi_pixel_values")
@@ -460,18 +424,29 @@ class LossTerm:
 #: Every term, in the order the objective computes them.
 LOSS_TERMS: dict[str, LossTerm] = {
     # z_global (the whole image alone, what a user gets without boxes) ↔ the report.
-    "global_loss": LossTerm(("pixel_values", "input_ids", "attention_mask"), _global_term),
+    "global_loss": LossTerm(
+        ("pixel_values", "input_ids", "attention_mask"),
+        _image_text_term("global_image_embeds", "text_embeds"),
+    ),
     # With ROIs, the region-aware embedding z_fused ↔ the report; kept beside `global_loss` in the region stages,
     # or z_global would drift from the text while every box-free use of the model reads it.
     "fused_global_loss": LossTerm(
         ("pixel_values", "input_ids", "attention_mask", *_ROI_INPUTS[1:]),
-        _fused_global_term,
+        # Without ROIs the region-aware embedding is the global one and has no term of its own.
+        _image_text_term("image_embeds", "text_embeds", needs_regions=True),
         trains_roi_processor=True,
     ),
     # z_global ↔ the summary caption (a whole-image text like the report).
-    "summary_loss": LossTerm(("pixel_values", "summary_input_ids", "summary_attention_mask"), _summary_term),
+    "summary_loss": LossTerm(
+        ("pixel_values", "summary_input_ids", "summary_attention_mask"),
+        _image_text_term("global_image_embeds", "summary_embeds"),
+    ),
     # ROI ↔ region caption; identical captions of the global batch are not each other's negatives.
-    "roi_loss": LossTerm((*_ROI_INPUTS, *_REGION_CAPTIONS), _roi_term, trains_roi_processor=True),
+    "roi_loss": LossTerm(
+        (*_ROI_INPUTS, *_REGION_CAPTIONS),
+        _region_caption_term("region_embeds", region_contrastive_loss),
+        trains_roi_processor=True,
+    ),
     # ROI vs. its hard-negative captions (the paper's sigmoid form).
     "neg_loss": LossTerm(
         (*_ROI_INPUTS, "negative_input_ids", "negative_attention_mask"),
@@ -479,7 +454,11 @@ LOSS_TERMS: dict[str, LossTerm] = {
         trains_roi_processor=True,
     ),
     # RoIAlign-pooled patch features (no ROI processor, no box coordinates) ↔ region caption.
-    "dense_loss": LossTerm((*_ROI_INPUTS, *_REGION_CAPTIONS), _dense_term, weighted_only=True),
+    "dense_loss": LossTerm(
+        (*_ROI_INPUTS, *_REGION_CAPTIONS),
+        _region_caption_term("dense_region_embeds", dense_region_loss),
+        weighted_only=True,
+    ),
     # z_global ↔ the region captions of its image, multi-positive.
     "global_region_loss": LossTerm(
         (*_ROI_INPUTS, *_REGION_CAPTIONS), _global_region_term, weighted_only=True

@@ -627,7 +627,7 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
 
     # ---- images: global features, where the boxes come from, region features -----------------------------------
 
-    def _encode_image(
+    def get_image_features(
         self,
         pixel_values: torch.Tensor,
         roi_boxes: torch.Tensor | None = None,
@@ -636,6 +636,19 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         auto_regions: int | None = None,
         **kwargs,
     ) -> RegionMedCLIPImageFeatures:
+        r"""
+        Image features. `pooler_output` is the projected (not normalised) image feature `(batch, projection_dim)`:
+        region-aware when ROIs are given or self-proposed, global otherwise; `global_embeds`, `region_embeds` and
+        the `region_boxes` used are there as well. Without boxes, `auto_regions` (default: `config.auto_regions`)
+        self-proposed regions are used when it is above 0; passing it here leaves the config as it is.
+
+        Example:
+
+        ```python
+        >>> inputs = processor(images=image, boxes=[[(30, 40, 90, 100)]], return_tensors="pt")
+        >>> image_features = model.get_image_features(**inputs).pooler_output
+        ```
+        """
         auto_regions = self.config.auto_regions if auto_regions is None else auto_regions
         self_proposed = (
             roi_boxes is None and roi_mask is None and roi_pixel_values is None and auto_regions > 0
@@ -948,30 +961,6 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         outputs.pooler_output = projected
         return outputs
 
-    def get_image_features(
-        self,
-        pixel_values: torch.Tensor,
-        roi_boxes: torch.Tensor | None = None,
-        roi_mask: torch.Tensor | None = None,
-        roi_pixel_values: torch.Tensor | None = None,
-        auto_regions: int | None = None,
-        **kwargs,
-    ) -> RegionMedCLIPImageFeatures:
-        r"""
-        Image features. `pooler_output` is the projected (not normalised) image feature `(batch, projection_dim)`:
-        region-aware when ROIs are given or self-proposed, global otherwise; `global_embeds`, `region_embeds` and
-        the `region_boxes` used are there as well. Without boxes, `auto_regions` (default: `config.auto_regions`)
-        self-proposed regions are used when it is above 0; passing it here leaves the config as it is.
-
-        Example:
-
-        ```python
-        >>> inputs = processor(images=image, boxes=[[(30, 40, 90, 100)]], return_tensors="pt")
-        >>> image_features = model.get_image_features(**inputs).pooler_output
-        ```
-        """
-        return self._encode_image(pixel_values, roi_boxes, roi_mask, roi_pixel_values, auto_regions, **kwargs)
-
     def get_region_features(
         self,
         pixel_values: torch.Tensor,
@@ -982,7 +971,7 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         r"""
         Projected (not normalised) fused region features `(batch, max_rois, projection_dim)`, zeros in padded slots.
         """
-        return self._encode_image(pixel_values, roi_boxes, roi_mask, roi_pixel_values).region_embeds
+        return self.get_image_features(pixel_values, roi_boxes, roi_mask, roi_pixel_values).region_embeds
 
     def get_patch_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         r"""
@@ -1082,7 +1071,7 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         vision_outputs = text_outputs = text_embeds = None
         image = {"image_embeds": None}
         if pixel_values is not None:
-            vision_outputs = self._encode_image(
+            vision_outputs = self.get_image_features(
                 pixel_values, roi_boxes, roi_mask, roi_pixel_values, auto_regions, **tower_kwargs
             )
             image = _normalized_image_outputs(vision_outputs)
