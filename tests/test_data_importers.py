@@ -6,7 +6,13 @@ import json
 import pytest
 from datasets import load_dataset
 
-from regionmed_clip.data import InvalidRowsError, import_annotations, import_coco, import_image_csv
+from regionmed_clip.data import (
+    ImportOptions,
+    InvalidRowsError,
+    import_annotations,
+    import_coco,
+    import_image_csv,
+)
 from regionmed_clip.data.importers import split_assignment
 
 from .conftest import random_image
@@ -70,7 +76,9 @@ def test_paper_format_round_trip(tmp_path):
     images = _images(tmp_path / "images", 10)
     records = _paper_records(10)
     annotations, box_file = _write_paper_input(tmp_path, records, _paper_boxes(10))
-    summary = import_annotations(annotations, box_file, images, tmp_path / "out", modality="chest radiograph")
+    summary = import_annotations(
+        annotations, box_file, ImportOptions(images, tmp_path / "out", modality="chest radiograph")
+    )
     assert summary.counts == {"train": 8, "validation": 1, "test": 1}
     rows = _all_rows(tmp_path / "out")
     assert len(rows) == 10
@@ -122,7 +130,7 @@ def test_jsonl_with_given_splits_and_box_csv(tmp_path):
         for index in (0, 3):
             writer.writerow([f"img{index}.png", 1, 2, 11, 12, 0.5])
         writer.writerows([["img1.png", 1, 1, 10, 10, ""], ["img1.png", 20, 5, 39, 29, ""]])
-    summary = import_annotations(annotations, box_csv, images, tmp_path / "out")
+    summary = import_annotations(annotations, box_csv, ImportOptions(images, tmp_path / "out"))
     assert summary.counts == {"train": 2, "validation": 1, "test": 1}
     rows = _all_rows(tmp_path / "out")
     assert rows["img1"][0] == "validation" and rows["img2"][0] == "test"
@@ -164,7 +172,7 @@ def test_coco_import(tmp_path):
     }
     path = tmp_path / "coco.json"
     path.write_text(json.dumps(coco))
-    import_coco(path, images, tmp_path / "out", ratios=(1.0, 0.0, 0.0))
+    import_coco(path, ImportOptions(images, tmp_path / "out", ratios=(1.0, 0.0, 0.0)))
     rows = _all_rows(tmp_path / "out")
     first = rows["1"][1]
     assert (
@@ -191,7 +199,7 @@ def test_csv_import_for_global_only_data(tmp_path):
             writer.writerow(
                 [f"img{index}.png", f"Normal study {index}. Nothing else.", "normal" if index else ""]
             )
-    summary = import_image_csv(csv_path, images, tmp_path / "out", ratios=(0.6, 0.2, 0.2))
+    summary = import_image_csv(csv_path, ImportOptions(images, tmp_path / "out", ratios=(0.6, 0.2, 0.2)))
     assert summary.counts == {"train": 3, "validation": 1, "test": 1}
     rows = _all_rows(tmp_path / "out")
     row = rows["img1"][1]
@@ -211,14 +219,16 @@ def test_csv_fields_with_quoted_newlines_and_commas_import_and_later_lines_keep_
         writer.writerow(["img0.png", report])
         writer.writerow(["img1.png", "Second study."])
         writer.writerow(["img2.png", ""])
-    summary = import_image_csv(csv_path, images, tmp_path / "out", ratios=(1.0, 0.0, 0.0), skip_invalid=True)
+    summary = import_image_csv(
+        csv_path, ImportOptions(images, tmp_path / "out", ratios=(1.0, 0.0, 0.0), skip_invalid=True)
+    )
     assert summary.counts == {"train": 2}
     assert list(summary.report.invalid) == ["img2"]  # the empty report, on line 7 of the file
     rows = _all_rows(tmp_path / "out")
     assert rows["img0"][1]["detailed_report"] == report
     csv_path.write_bytes(csv_path.read_bytes().replace(b"Second", b"S\xe9cond"))
     with pytest.raises(InvalidRowsError, match="list.csv line 6: text is not valid UTF-8 \\(byte 0xe9\\)"):
-        import_image_csv(csv_path, images, tmp_path / "out2")
+        import_image_csv(csv_path, ImportOptions(images, tmp_path / "out2"))
 
 
 def test_split_assignment_is_seeded_and_exact():
@@ -261,10 +271,12 @@ def test_invalid_rows_are_named_or_skipped_and_counted(tmp_path, case):
     change(records[4], boxes, images)
     annotations, box_file = _write_paper_input(tmp_path, records, boxes)
     with pytest.raises(InvalidRowsError, match=f"img4: .*{message}") as error:
-        import_annotations(annotations, box_file, images, tmp_path / "out")
+        import_annotations(annotations, box_file, ImportOptions(images, tmp_path / "out"))
     assert list(error.value.report.invalid) == ["img4"]
     assert not list((tmp_path / "out" / "data").glob("*.parquet"))
-    summary = import_annotations(annotations, box_file, images, tmp_path / "out", skip_invalid=True)
+    summary = import_annotations(
+        annotations, box_file, ImportOptions(images, tmp_path / "out", skip_invalid=True)
+    )
     assert sum(summary.counts.values()) == 5 and len(summary.report.invalid) == 1
     assert "skipped 1 invalid rows" in summary.describe()
     assert "img4" not in _all_rows(tmp_path / "out")
@@ -277,17 +289,19 @@ def test_non_utf8_text_names_the_row(tmp_path):
     lines[1] = lines[1].replace(b"Chest", b"Ch\xe9st")
     annotations.write_bytes(b"\n".join(lines))
     with pytest.raises(InvalidRowsError, match="annotations.jsonl line 2: text is not valid UTF-8"):
-        import_annotations(annotations, box_file, images, tmp_path / "out")
-    summary = import_annotations(annotations, box_file, images, tmp_path / "out", skip_invalid=True)
+        import_annotations(annotations, box_file, ImportOptions(images, tmp_path / "out"))
+    summary = import_annotations(
+        annotations, box_file, ImportOptions(images, tmp_path / "out", skip_invalid=True)
+    )
     assert sum(summary.counts.values()) == 3
     single = tmp_path / "single.json"
     single.write_bytes(b'[{"image": "img0.png",\n "summary_caption": "caf\xe9"}]')
     with pytest.raises(ValueError, match="single.json line 2: text is not valid UTF-8"):
-        import_annotations(single, box_file, images, tmp_path / "out2")
+        import_annotations(single, box_file, ImportOptions(images, tmp_path / "out2"))
     csv_path = tmp_path / "list.csv"
     csv_path.write_bytes(b"path,report\nimg0.png,fine report.\nimg1.png,caf\xe9 report.\n")
     with pytest.raises(InvalidRowsError, match="list.csv line 3: text is not valid UTF-8"):
-        import_image_csv(csv_path, images, tmp_path / "out3")
+        import_image_csv(csv_path, ImportOptions(images, tmp_path / "out3"))
 
 
 def test_cli_import_reports_and_skips_invalid_rows(tmp_path):

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from regionmed_clip import caption_key
-from regionmed_clip.data import InvalidRowsError, import_annotations, import_coco
+from regionmed_clip.data import ImportOptions, InvalidRowsError, import_annotations, import_coco
 from regionmed_clip.data.collator import MedRegionCollator, load_rows, region_passes, visit_region_indices
 from regionmed_clip.data.importers import import_detection_csv, import_phrase_grounding, merge_reader_boxes
 from regionmed_clip.data.negatives import NO_FINDING, NegativeStrategy, RegionTriple
@@ -160,7 +160,7 @@ def _rows(folder: Path) -> list[dict]:
 
 def test_coco_anatomy_imports_every_row_with_position_and_term_negatives(tmp_path):
     path, images = coco_anatomy(tmp_path)
-    summary = import_coco(path, images, tmp_path / "out", negatives="adjective,position,term")
+    summary = import_coco(path, ImportOptions(images, tmp_path / "out", negatives="adjective,position,term"))
     assert summary.report.invalid == {} and sum(summary.counts.values()) == 10
     rows = _rows(tmp_path / "out")
     regions = [region for row in rows for region in row["regions"]]
@@ -186,7 +186,9 @@ def test_coco_anatomy_imports_every_row_with_position_and_term_negatives(tmp_pat
 
 def test_fewer_negatives_than_asked_are_kept_and_counted(tmp_path):
     path, images = coco_anatomy(tmp_path, count=4)
-    summary = import_coco(path, images, tmp_path / "out", negatives="position", ratios=(1.0, 0.0, 0.0))
+    summary = import_coco(
+        path, ImportOptions(images, tmp_path / "out", negatives="position", ratios=(1.0, 0.0, 0.0))
+    )
     assert summary.report.invalid == {}
     rows = _rows(tmp_path / "out")
     assert all(len(region["negatives"]) == 1 for row in rows for region in row["regions"])
@@ -223,7 +225,7 @@ def test_negative_strategies_are_seeded_and_each_kind_does_its_part():
 
 def test_detection_csv_merges_readers_and_no_finding_images_have_no_regions(tmp_path):
     path, images = vindr_csv(tmp_path)
-    summary = import_detection_csv(path, images, tmp_path / "merged", ratios=(1.0, 0.0, 0.0))
+    summary = import_detection_csv(path, ImportOptions(images, tmp_path / "merged", ratios=(1.0, 0.0, 0.0)))
     assert summary.report.invalid == {} and summary.counts == {"train": 10}
     rows = {row["id"]: row for row in load_rows(tmp_path / "merged", "train")}
     normal = rows["002a1b2c3"]
@@ -239,7 +241,9 @@ def test_detection_csv_merges_readers_and_no_finding_images_have_no_regions(tmp_
     assert "Cardiomegaly" in aortic["negatives"]  # term swap among the file's classes
     assert first["detailed_report"] == "Findings: Aortic enlargement; Pleural effusion."
 
-    import_detection_csv(path, images, tmp_path / "kept", readers="keep", ratios=(1.0, 0.0, 0.0))
+    import_detection_csv(
+        path, ImportOptions(images, tmp_path / "kept", ratios=(1.0, 0.0, 0.0)), readers="keep"
+    )
     kept = {row["id"]: row for row in load_rows(tmp_path / "kept", "train")}
     assert sorted(region["source"] for region in kept["000a1b2c3"]["regions"]) == ["R1", "R2", "R2"]
 
@@ -260,12 +264,12 @@ def test_detection_csv_row_without_a_box_names_file_and_line(tmp_path):
     with open(path, "a", newline="", encoding="utf-8") as handle:
         csv.writer(handle).writerow(["001a1b2c3", "Cardiomegaly", 3, "R1", "", "", "", ""])
     with pytest.raises(InvalidRowsError, match="train.csv line 13: class 'Cardiomegaly' has no box"):
-        import_detection_csv(path, images, tmp_path / "out")
+        import_detection_csv(path, ImportOptions(images, tmp_path / "out"))
 
 
 def test_phrase_grounding_imports_phrases_with_one_or_more_boxes(tmp_path):
     path, images = grounding_csv(tmp_path)
-    summary = import_phrase_grounding(path, images, tmp_path / "out", ratios=(1.0, 0.0, 0.0))
+    summary = import_phrase_grounding(path, ImportOptions(images, tmp_path / "out", ratios=(1.0, 0.0, 0.0)))
     assert summary.report.invalid == {} and summary.counts == {"train": 10}
     rows = {row["id"]: row for row in load_rows(tmp_path / "out", "train")}
     two = rows["files/p3"]["regions"]
@@ -276,6 +280,45 @@ def test_phrase_grounding_imports_phrases_with_one_or_more_boxes(tmp_path):
     assert effusion["negatives"][0] == "small right pleural effusion"
     assert {"small left pneumonia", "small left cardiomegaly"} <= set(effusion["negatives"])
     assert rows["files/p0"]["summary_caption"] == "small left pleural effusion."
+
+
+def test_a_caption_with_a_quoted_newline_imports_through_the_cli(tmp_path):
+    """A phrase typed over two lines in a spreadsheet (a quoted field holding a newline) is one caption, with its
+    whitespace folded; the rows after it keep their own line numbers, so a bad one is still named by its line."""
+    path, images = grounding_csv(tmp_path, count=4)
+    rows = list(csv.reader(path.read_text(encoding="utf-8").splitlines()))
+    rows[1][2] = "small left\npleural effusion"
+    rows.append(["d9", "Pneumonia", "right lower lobe pneumonia", "files/p1.jpg", "x", 6, 20, 18, 64])
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows(rows)
+    assert '"small left\npleural effusion"' in path.read_text(encoding="utf-8")
+
+    out = tmp_path / "out"
+    result = _cli(
+        "data",
+        "import-grounding",
+        "--csv-path",
+        path,
+        "--image-root",
+        images,
+        "--out-dir",
+        out,
+        "--ratios",
+        "1",
+        "0",
+        "0",
+        "--skip-invalid",
+    )
+    # Header, the two-line phrase (lines 2-3), p1, p2, p3's two boxes: the bad row is on line 8.
+    assert (
+        "skipped 1 invalid rows" in result.stdout
+        and "MS_CXR_Local_Alignment.csv line 8: box" in result.stdout
+    )
+    imported = {row["id"]: row for row in load_rows(out, "train")}
+    assert set(imported) == {"files/p0", "files/p2", "files/p3"}
+    assert [region["caption"] for region in imported["files/p0"]["regions"]] == [
+        "small left pleural effusion"
+    ]
 
 
 def test_triples_without_adjective_import_and_only_bad_captions_are_errors(tmp_path):
@@ -298,7 +341,9 @@ def test_triples_without_adjective_import_and_only_bad_captions_are_errors(tmp_p
     (tmp_path / "boxes.json").write_text(
         json.dumps({"img0.png": [[2, 3, 20, 25]], "img1.png": [[1, 1, 9, 9]]})
     )
-    summary = import_annotations(tmp_path / "a.json", tmp_path / "boxes.json", images, tmp_path / "out")
+    summary = import_annotations(
+        tmp_path / "a.json", tmp_path / "boxes.json", ImportOptions(images, tmp_path / "out")
+    )
     assert summary.report.invalid == {}
     (row,) = [row for row in _rows(tmp_path / "out") if row["id"] == "img0"]
     assert row["regions"][0]["caption"] == "hippocampus left"
@@ -308,7 +353,9 @@ def test_triples_without_adjective_import_and_only_bad_captions_are_errors(tmp_p
     records[1]["negative_variations"] = [["amygdala right", "amygdala left"]]
     (tmp_path / "a.json").write_text(json.dumps(records))
     with pytest.raises(InvalidRowsError) as raised:
-        import_annotations(tmp_path / "a.json", tmp_path / "boxes.json", images, tmp_path / "bad")
+        import_annotations(
+            tmp_path / "a.json", tmp_path / "boxes.json", ImportOptions(images, tmp_path / "bad")
+        )
     assert "of a.json are invalid" in str(
         raised.value
     ) and "img1: region 0: negative 'amygdala right' equals" in str(raised.value)
@@ -320,7 +367,7 @@ def test_triples_without_adjective_import_and_only_bad_captions_are_errors(tmp_p
     }
     (tmp_path / "c.json").write_text(json.dumps(coco))
     with pytest.raises(InvalidRowsError, match="1: annotation 5 has no caption"):
-        import_coco(tmp_path / "c.json", images, tmp_path / "bad2")
+        import_coco(tmp_path / "c.json", ImportOptions(images, tmp_path / "bad2"))
 
 
 NUMBERED_NEGATIVES = [

@@ -52,10 +52,11 @@ def register(subparsers) -> None:
         parser = commands.add_parser(
             name, help=help_text, description=inspect.getdoc(function).split("\n\nArgs:")[0]
         )
-        options = add_options(parser, function, shared_docs=(importers,))
+        shared = add_options(parser, importers.ImportOptions)
+        options = add_options(parser, function, skip=("options",))
 
-        def run_import(args, options=options) -> int:
-            summary = options.build(args)
+        def run_import(args, options=options, shared=shared) -> int:
+            summary = options.build(args, options=shared.build(args))
             print(summary.describe())
             if summary.report.invalid:
                 print(summary.report.describe())

@@ -5,6 +5,7 @@ Needs the `train` extra (`datasets`, `pyarrow`); the model package itself does n
 
 from .folder import ShardedParquetWriter, write_dataset_card
 from .importers import (
+    ImportOptions,
     ImportSummary,
     import_annotations,
     import_coco,
@@ -28,6 +29,7 @@ from .schema import (
 __all__ = [
     "FEATURES",
     "VQA_FEATURES",
+    "ImportOptions",
     "ImportSummary",
     "InvalidRowsError",
     "NO_FINDING",

@@ -15,22 +15,11 @@ term) whose term vocabulary is the dataset's own region names or classes; the da
 and what each kind made. Images may be PNG, JPEG, TIFF (16-bit too) or DICOM (stored as the decoded PNG; see
 `schema.stored_image`).
 
-Every importer reads its input once to learn the row ids (for the split), then streams the rows through the
-validator into parquet shards. A row that cannot be built or fails validation is reported by id; with
-`skip_invalid=True` it is left out and counted instead.
-
-Args (the parameters every importer shares; each importer's docstring adds its own):
-    image_root: Folder the image file names are relative to.
-    out_dir: The dataset folder to write (parquet shards and a dataset card).
-    modality: The `modality` of rows that do not name their own.
-    ratios: Train / validation / test shares of a seeded split, for rows without a `split` field.
-    seed: Seed of the split and of the generated hard negatives.
-    skip_invalid: Leave invalid rows out and count them, instead of stopping with the list of them.
-    negatives: The hard-negative strategy: a comma list of `given` (negatives in the file, used as they are),
-        `adjective` (contrasting adjectives), `number` (a numbered name moved to its neighbours: L4 → L3 / L5),
-        `position` (laterality / position mirrored), `term` (another region name or class of the same file), tried
-        in that order; `auto` is all five.
-    num_negatives: Hard negatives per region; a region for which the strategy finds fewer keeps those.
+Every importer is a function of its input file(s), an [`ImportOptions`] (the options every importer shares:
+where the images are, where to write, the split, the hard-negative strategy) and its format's own options. It
+reads its input once to learn the row ids (for the split), then streams the rows through the validator into
+parquet shards. A row that cannot be built or fails validation is reported by id; with `skip_invalid=True` it is
+left out and counted instead.
 """
 
 import csv
@@ -39,6 +28,7 @@ import json
 import os
 import random
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -98,6 +88,79 @@ class ImportSummary:
         return text
 
 
+@dataclass
+class ImportOptions:
+    """The options every importer shares; the `regionmed-clip data import-*` commands read them from the command
+    line (`--image-root`, `--out-dir`, ...)."""
+
+    image_root: str | os.PathLike = field(metadata={"help": "Folder the image file names are relative to"})
+    out_dir: str | os.PathLike = field(
+        metadata={"help": "The dataset folder to write (parquet shards and a dataset card)"}
+    )
+    modality: str | None = field(
+        default=None,
+        metadata={
+            "help": "The `modality` of rows that do not name their own; None: the format's own default (chest "
+            "radiograph for the detection and phrase-grounding CSVs, else unknown)"
+        },
+    )
+    ratios: tuple[float, float, float] = field(
+        default=(0.8, 0.1, 0.1),
+        metadata={
+            "help": "Train / validation / test shares of a seeded split, for rows without a `split` field"
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the split and of the generated hard negatives"})
+    skip_invalid: bool = field(
+        default=False,
+        metadata={"help": "Leave invalid rows out and count them, instead of stopping with the list of them"},
+    )
+    negatives: str = field(
+        default="auto",
+        metadata={
+            "help": "The hard-negative strategy: a comma list of `given` (negatives in the file, used as they "
+            "are), `adjective` (contrasting adjectives), `number` (a numbered name moved to its neighbours: L4 → "
+            "L3 / L5), `position` (laterality / position mirrored), `term` (another region name or class of the "
+            "same file), tried in that order; `auto` is all five (formats without regions ignore it)"
+        },
+    )
+    num_negatives: int = field(
+        default=NUM_NEGATIVES,
+        metadata={
+            "help": "Hard negatives per region; a region for which the strategy finds fewer keeps those"
+        },
+    )
+
+    def strategy(self, vocabulary: Iterable[str]) -> NegativeStrategy:
+        """The negative strategy, its `term` kind swapping among `vocabulary` (the file's region names or
+        classes)."""
+        names = {str(name).strip().lower(): str(name).strip() for name in vocabulary if str(name).strip()}
+        return NegativeStrategy.from_text(
+            self.negatives, num=self.num_negatives, seed=self.seed, vocabulary=tuple(sorted(names.values()))
+        )
+
+    def image(self, name: str, row_id: str) -> dict:
+        """The stored image of `image_root / name`; a name without a suffix may be any image file of that stem
+        (VinDr `image_id`s name `<id>.dicom` or `<id>.png`)."""
+        root = Path(self.image_root)
+        path = root / name
+        if not path.is_file() and not path.suffix:
+            path = next(
+                (
+                    root / f"{name}{suffix}"
+                    for suffix in IMAGE_SUFFIXES
+                    if (root / f"{name}{suffix}").is_file()
+                ),
+                path,
+            )
+        if not path.is_file():
+            raise RowError(row_id, f"image file {path} does not exist")
+        try:
+            return stored_image(path)
+        except Exception as error:
+            raise RowError(row_id, str(error)) from error
+
+
 def split_assignment(
     ids: list[str], ratios: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 0
 ) -> dict[str, str]:
@@ -123,23 +186,6 @@ def _given_split(value, row_id: str) -> str:
     return split
 
 
-def _image_value(root: Path, name: str, row_id: str) -> dict:
-    """The stored image of `root / name`; a name without a suffix may be any image file of that stem (VinDr
-    `image_id`s name `<id>.dicom` or `<id>.png`)."""
-    path = root / name
-    if not path.is_file() and not path.suffix:
-        path = next(
-            (root / f"{name}{suffix}" for suffix in IMAGE_SUFFIXES if (root / f"{name}{suffix}").is_file()),
-            path,
-        )
-    if not path.is_file():
-        raise RowError(row_id, f"image file {path} does not exist")
-    try:
-        return stored_image(path)
-    except Exception as error:
-        raise RowError(row_id, str(error)) from error
-
-
 def _first_sentence(text: str) -> str:
     text = " ".join(str(text).split())
     end = text.find(". ")
@@ -156,13 +202,23 @@ def _decoded_lines(path: Path):
                 yield number, error
 
 
-def _write_folder(
-    out_dir, records, build, split_of, skip_invalid, description, source, strategy=None
+def write_import(
+    options: ImportOptions,
+    records: Callable[[], Iterable[tuple[str, object]]],
+    build: Callable[[str, object], dict],
+    *,
+    source: str,
+    description: str,
+    strategy: NegativeStrategy | None = None,
 ) -> ImportSummary:
-    """Build, validate and write rows; `records` yields (row_id, record), `build` turns a record into a row. The
-    card records `strategy`, the negative strategy the rows were built with."""
-    out_dir = Path(out_dir)
+    """The steps every importer shares: split the ids of `records()` ((row_id, record) pairs; an unreadable
+    record comes as an exception), build each row with `build(row_id, record)`, validate and write the rows to
+    `options.out_dir` with a dataset card whose text is `description` and which records `strategy`, the negative
+    strategy the rows were built with. `records` is called twice (once for the split), so it reads the input again
+    rather than holding every row."""
+    out_dir = Path(options.out_dir)
     report = ValidationReport(source=source)
+    split_of = _splitter(records(), options.ratios, options.seed)
 
     def built_rows():
         for row_id, record in records():
@@ -179,7 +235,7 @@ def _write_folder(
 
     writer = ShardedParquetWriter(out_dir)
     try:
-        for row in validate_rows(built_rows(), skip_invalid=skip_invalid, report=report):
+        for row in validate_rows(built_rows(), skip_invalid=options.skip_invalid, report=report):
             for kinds in row.pop(_KINDS, []):
                 strategy.tally(kinds)
             writer.add(row.pop("_split"), row)
@@ -346,27 +402,13 @@ def _built_row(built: list[tuple[dict, list[str]]], **fields) -> dict:
     return row
 
 
-def _strategy(negatives: str, seed: int, vocabulary, num: int = NUM_NEGATIVES) -> NegativeStrategy:
-    names = {str(name).strip().lower(): str(name).strip() for name in vocabulary if str(name).strip()}
-    return NegativeStrategy.from_text(negatives, num=num, seed=seed, vocabulary=tuple(sorted(names.values())))
-
-
 def _regions_report(captions: list[str]) -> str:
     """The report of an image that has none of its own: its region captions, or "No Finding."."""
     return "Findings: " + "; ".join(captions) + "." if captions else f"{NO_FINDING}."
 
 
 def import_annotations(
-    annotations: str | os.PathLike,
-    boxes: str | os.PathLike,
-    image_root: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    modality: str = "unknown",
-    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1),
-    seed: int = 0,
-    skip_invalid: bool = False,
-    negatives: str = "auto",
-    num_negatives: int = NUM_NEGATIVES,
+    annotations: str | os.PathLike, boxes: str | os.PathLike, options: ImportOptions
 ) -> ImportSummary:
     """Import the paper's annotation JSON / JSONL and a box file (see `read_box_file`) into a dataset folder.
 
@@ -378,9 +420,8 @@ def import_annotations(
         annotations: The annotation JSON (a list of records) or JSONL file.
         boxes: The box file: pixel boxes per image file name or id (JSON or CSV; see `read_box_file`).
     """
-    annotations, image_root = Path(annotations), Path(image_root)
+    annotations = Path(annotations)
     box_table = read_box_file(boxes)
-    split_of = _splitter(_annotation_records(annotations), ratios, seed)
     terms = []
     for row_id, record in _annotation_records(annotations):
         if isinstance(record, dict):
@@ -388,13 +429,13 @@ def import_annotations(
                 terms += [triple.term for triple in _triples(record, row_id)]
             except RowError:
                 continue  # reported when the row is built
-    strategy = _strategy(negatives, seed, terms, num_negatives)
+    strategy = options.strategy(terms)
 
     def build(row_id: str, record: dict) -> dict:
         name = str(record.get("image") or "")
         if not name:
             raise RowError(row_id, "record has no image file name")
-        image = _image_value(image_root, name, row_id)
+        image = options.image(name, row_id)
         triples = _triples(record, row_id)
         image_boxes = box_table.get(name, box_table.get(row_id, []))
         if len(image_boxes) != len(triples):
@@ -417,22 +458,20 @@ def import_annotations(
             built,
             id=row_id,
             image=image,
-            modality=str(record.get("modality") or modality),
+            modality=str(record.get("modality") or options.modality or "unknown"),
             summary_caption=str(record.get("summary_caption") or ""),
             detailed_report=str(record.get("detailed_report") or ""),
             label=record.get("label"),
         )
 
-    return _write_folder(
-        out_dir,
+    return write_import(
+        options,
         lambda: _annotation_records(annotations),
         build,
-        split_of,
-        skip_invalid,
+        source=annotations.name,
         description=f"Imported from {annotations.name} (RegionMed-CLIP annotation format) with boxes from "
         f"{Path(boxes).name}.",
         strategy=strategy,
-        source=annotations.name,
     )
 
 
@@ -441,16 +480,9 @@ def import_annotations(
 
 def import_coco(
     annotations: str | os.PathLike,
-    image_root: str | os.PathLike,
-    out_dir: str | os.PathLike,
+    options: ImportOptions,
     caption_field: str = "caption",
     report_field: str = "report",
-    modality: str = "unknown",
-    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1),
-    seed: int = 0,
-    skip_invalid: bool = False,
-    negatives: str = "auto",
-    num_negatives: int = NUM_NEGATIVES,
 ) -> ImportSummary:
     """Import a COCO-style detection JSON: one row per image, one region per annotation with a `bbox`.
 
@@ -467,7 +499,7 @@ def import_coco(
         caption_field: The annotation field holding a region's caption (else its category name).
         report_field: The image field holding its report.
     """
-    annotations, image_root = Path(annotations), Path(image_root)
+    annotations = Path(annotations)
     data = json.loads(annotations.read_text(encoding="utf-8"))
     categories = {category["id"]: category["name"] for category in data.get("categories", [])}
     by_image: dict = {}
@@ -475,7 +507,6 @@ def import_coco(
         if annotation.get("bbox") is not None:
             by_image.setdefault(annotation["image_id"], []).append(annotation)
     images = {str(image.get("id")): image for image in data.get("images", [])}
-    split_of = _splitter(images.items(), ratios, seed)
 
     def caption_of(annotation: dict) -> str:
         category = str(categories.get(annotation.get("category_id"), ""))
@@ -494,10 +525,10 @@ def import_coco(
         for annotations_of_image in by_image.values()
         for annotation in annotations_of_image
     ]
-    strategy = _strategy(negatives, seed, vocabulary, num_negatives)
+    strategy = options.strategy(vocabulary)
 
     def build(row_id: str, image: dict) -> dict:
-        value = _image_value(image_root, str(image.get("file_name", "")), row_id)
+        value = options.image(str(image.get("file_name", "")), row_id)
         width, height = float(image.get("width") or 0), float(image.get("height") or 0)
         if width <= 0 or height <= 0:
             raise RowError(row_id, "image entry needs positive width and height")
@@ -530,21 +561,19 @@ def import_coco(
             built,
             id=row_id,
             image=value,
-            modality=str(image.get("modality") or modality),
+            modality=str(image.get("modality") or options.modality or "unknown"),
             summary_caption=str(image.get("summary") or _first_sentence(report)),
             detailed_report=report,
             label=image.get("label"),
         )
 
-    return _write_folder(
-        out_dir,
-        lambda: images.items(),
+    return write_import(
+        options,
+        images.items,
         build,
-        split_of,
-        skip_invalid,
+        source=annotations.name,
         description=f"Imported from the COCO-style file {annotations.name}.",
         strategy=strategy,
-        source=annotations.name,
     )
 
 
@@ -655,19 +684,12 @@ def merge_reader_boxes(
 
 def import_detection_csv(
     csv_path: str | os.PathLike,
-    image_root: str | os.PathLike,
-    out_dir: str | os.PathLike,
+    options: ImportOptions,
     image_column: str = "image_id",
     class_column: str = "class_name",
     reader_column: str = "rad_id",
     readers: Literal["merge", "keep"] = "merge",
     iou_threshold: float = 0.4,
-    modality: str = "chest radiograph",
-    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1),
-    seed: int = 0,
-    skip_invalid: bool = False,
-    negatives: str = "auto",
-    num_negatives: int = NUM_NEGATIVES,
 ) -> ImportSummary:
     """Import a VinDr-CXR-style detection CSV: `image_id, class_name, x_min, y_min, x_max, y_max` (pixels), one
     row per box, `rad_id` naming the reader.
@@ -691,18 +713,15 @@ def import_detection_csv(
     """
     if readers not in ("merge", "keep"):
         raise ValueError(f'readers must be "merge" or "keep", got {readers!r}')
-    csv_path, image_root = Path(csv_path), Path(image_root)
+    csv_path = Path(csv_path)
     columns = ("x_min", "y_min", "x_max", "y_max")
     grouped = _table_records(csv_path, image_column)
     classes = [record.get(class_column) or "" for rows in grouped.values() for _, record in rows]
-    strategy = _strategy(
-        negatives, seed, [name for name in classes if not is_no_finding(name)], num_negatives
-    )
+    strategy = options.strategy(name for name in classes if not is_no_finding(name))
     records = {
         Path(name).stem if Path(name).suffix.lower() in IMAGE_SUFFIXES else name: (name, rows)
         for name, rows in grouped.items()
     }
-    split_of = _splitter(list(records.items()), ratios, seed)
 
     def build(row_id: str, record) -> dict:
         name, rows = record
@@ -748,41 +767,32 @@ def import_detection_csv(
         return _built_row(
             built,
             id=row_id,
-            image=_image_value(image_root, name, row_id),
-            modality=modality,
+            image=options.image(name, row_id),
+            modality=options.modality or "chest radiograph",
             summary_caption=_first_sentence(report),
             detailed_report=report,
             label=min(counts, key=lambda c: (-counts[c], c)) if counts else NO_FINDING,
         )
 
-    return _write_folder(
-        out_dir,
-        lambda: records.items(),
+    return write_import(
+        options,
+        records.items,
         build,
-        split_of,
-        skip_invalid,
+        source=csv_path.name,
         description=f"Imported from the detection CSV {csv_path.name} (readers' boxes: {readers}"
         + (f", IoU ≥ {iou_threshold} merged" if readers == "merge" else "")
         + ").",
         strategy=strategy,
-        source=csv_path.name,
     )
 
 
 def import_phrase_grounding(
     csv_path: str | os.PathLike,
-    image_root: str | os.PathLike,
-    out_dir: str | os.PathLike,
+    options: ImportOptions,
     image_column: str = "path",
     phrase_column: str = "label_text",
     category_column: str = "category_name",
     box_columns: tuple[str, str, str, str] = ("x", "y", "w", "h"),
-    modality: str = "chest radiograph",
-    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1),
-    seed: int = 0,
-    skip_invalid: bool = False,
-    negatives: str = "auto",
-    num_negatives: int = NUM_NEGATIVES,
 ) -> ImportSummary:
     """Import an MS-CXR-style phrase-grounding CSV (`dicom_id, category_name, label_text, path, x, y, w, h, …`):
     one row per box, the boxes of a phrase on consecutive rows.
@@ -800,12 +810,12 @@ def import_phrase_grounding(
         category_column: The column holding the phrase's finding class (the region term; may be absent).
         box_columns: The four columns of a box: x, y, width, height in pixels.
     """
-    csv_path, image_root = Path(csv_path), Path(image_root)
+    csv_path = Path(csv_path)
     grouped = _table_records(csv_path, image_column)
-    categories = [record.get(category_column) or "" for rows in grouped.values() for _, record in rows]
-    strategy = _strategy(negatives, seed, categories, num_negatives)
+    strategy = options.strategy(
+        record.get(category_column) or "" for rows in grouped.values() for _, record in rows
+    )
     records = {Path(name).with_suffix("").as_posix(): (name, rows) for name, rows in grouped.items()}
-    split_of = _splitter(list(records.items()), ratios, seed)
 
     def build(row_id: str, record) -> dict:
         name, rows = record
@@ -828,22 +838,20 @@ def import_phrase_grounding(
         return _built_row(
             built,
             id=row_id,
-            image=_image_value(image_root, name, row_id),
-            modality=modality,
+            image=options.image(name, row_id),
+            modality=options.modality or "chest radiograph",
             summary_caption=phrases[0].rstrip(".") + ".",
             detailed_report=report,
             label=" ".join(str(rows[0][1].get(category_column) or "").split()) or None,
         )
 
-    return _write_folder(
-        out_dir,
-        lambda: records.items(),
+    return write_import(
+        options,
+        records.items,
         build,
-        split_of,
-        skip_invalid,
+        source=csv_path.name,
         description=f"Imported from the phrase-grounding CSV {csv_path.name}.",
         strategy=strategy,
-        source=csv_path.name,
     )
 
 
@@ -861,15 +869,10 @@ def _csv_records(path: Path, path_column: str):
 
 def import_image_csv(
     csv_path: str | os.PathLike,
-    image_root: str | os.PathLike,
-    out_dir: str | os.PathLike,
+    options: ImportOptions,
     path_column: str = "path",
     report_column: str = "report",
     label_column: str = "label",
-    modality: str = "unknown",
-    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1),
-    seed: int = 0,
-    skip_invalid: bool = False,
 ) -> ImportSummary:
     """Import an image folder with a CSV of `path, report[, label][, split][, summary][, modality]` as global-only
     rows (no regions). The summary is the `summary` column, else the report's first sentence.
@@ -880,32 +883,30 @@ def import_image_csv(
         report_column: The column holding each image's report.
         label_column: The column holding each image's class label (optional).
     """
-    csv_path, image_root = Path(csv_path), Path(image_root)
-    split_of = _splitter(_csv_records(csv_path, path_column), ratios, seed)
+    csv_path = Path(csv_path)
 
     def build(row_id: str, record: dict) -> dict:
         report = str(record.get(report_column) or "")
         return make_row(
             id=row_id,
-            image=_image_value(image_root, str(record.get(path_column) or ""), row_id),
-            modality=str(record.get("modality") or modality),
+            image=options.image(str(record.get(path_column) or ""), row_id),
+            modality=str(record.get("modality") or options.modality or "unknown"),
             summary_caption=str(record.get("summary") or _first_sentence(report)),
             detailed_report=report,
             label=record.get(label_column) or None,
         )
 
-    return _write_folder(
-        out_dir,
+    return write_import(
+        options,
         lambda: _csv_records(csv_path, path_column),
         build,
-        split_of,
-        skip_invalid,
-        description=f"Imported from the image list {csv_path.name} (global image–report pairs, no regions).",
         source=csv_path.name,
+        description=f"Imported from the image list {csv_path.name} (global image–report pairs, no regions).",
     )
 
 
 __all__ = [
+    "ImportOptions",
     "ImportSummary",
     "NUM_NEGATIVES",
     "import_annotations",
@@ -917,4 +918,5 @@ __all__ = [
     "read_box_file",
     "region_structure",
     "split_assignment",
+    "write_import",
 ]
