@@ -1,5 +1,6 @@
 """Training: configs, stages, 2 processes = 1 process, SIGKILL + resume, atomic checkpoints."""
 
+import itertools
 import json
 import math
 import os
@@ -589,3 +590,47 @@ def test_a_batch_without_regions_has_zero_roi_slots_and_trains(synth_folder, tok
     assert calls == {"vision": 2 if roi_mode == "crop" else 1, "text": 2}
     assert outputs.region_text_embeds.shape == (3, 0, 16) and outputs.region_text_embeds.requires_grad
     assert outputs.negative_text_embeds.shape == (3, 0, 0, 16) and outputs.negative_text_embeds.requires_grad
+
+
+class _WorkerCollator:
+    """Wraps a collator to report which process collated each batch, and for which epoch."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, rows):
+        batch = self.collator(rows)
+        return {"pid": os.getpid(), "epoch": self.collator.epoch, **batch}
+
+
+def test_one_stage_loader_serves_every_epoch_from_the_same_workers(synth_folder, tokenizer):
+    """The stage loader's two workers collate all three epochs (no worker restarts at an epoch boundary), each batch
+    with its own epoch's region draw, and its batches are those of the per-epoch loaders, also when it starts
+    mid-epoch as a resumed run does."""
+    from regionmed_clip.data.collator import MedRegionCollator, load_rows
+    from regionmed_clip.training.data import batches_per_epoch, epoch_seed, stage_dataloader, stage_loader
+
+    from .conftest import make_processor
+
+    rows = load_rows(synth_folder, "train")
+    per_epoch = batches_per_epoch(len(rows), 4, 1)
+    collator = MedRegionCollator(make_processor(tokenizer, max_regions=1), 32, region_sampling="cycle")
+
+    def seed(epoch):
+        return epoch_seed(0, 2, epoch)
+
+    loader = stage_loader(rows, _WorkerCollator(collator), 4, 0, 1, seed, epoch=0, skip=1, num_workers=2)
+    batches = list(itertools.islice(loader, 3 * per_epoch - 1))
+    assert len({batch["pid"] for batch in batches}) == 2 and os.getpid() not in {
+        batch["pid"] for batch in batches
+    }
+    assert [batch["epoch"] for batch in batches] == [0] * (per_epoch - 1) + [1] * per_epoch + [2] * per_epoch
+
+    expected = []
+    for epoch in range(3):
+        collator.set_epoch(epoch)
+        expected += list(stage_dataloader(rows, collator, 4, 0, 1, seed(epoch), skip=1 if epoch == 0 else 0))
+    assert len(expected) == len(batches)
+    for got, want in zip(batches, expected, strict=True):
+        for key, value in want.items():
+            torch.testing.assert_close(got[key], value)

@@ -72,6 +72,11 @@ def region_passes(row: dict, max_regions: int) -> list[dict]:
     ]
 
 
+#: The row field a loader spanning several epochs adds to each row: the epoch it is drawn for, so loader workers
+#: that live across epochs collate each batch with its own epoch, with no state shared between processes.
+EPOCH_FIELD = "_epoch"
+
+
 class MedRegionCollator:
     r"""
     Turns a list of MedRegion rows into one batch for [`RegionMedCLIPModel`]: `pixel_values`; the detailed report
@@ -142,7 +147,8 @@ class MedRegionCollator:
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch whose visits the next batches are (`"cycle"` sampling); set before building its loader, which
-        copies the collator into its workers."""
+        copies the collator into its workers. Rows that carry their own epoch (`EPOCH_FIELD`, set by a loader that
+        spans epochs) override it."""
         self.epoch = epoch
 
     def kept_regions(self, row: dict) -> list[dict]:
@@ -172,6 +178,11 @@ class MedRegionCollator:
         return kept
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        epochs = {row[EPOCH_FIELD] for row in rows if EPOCH_FIELD in row}
+        if len(epochs) > 1:
+            raise ValueError(f"one batch holds rows of several epochs {sorted(epochs)}")
+        if epochs:
+            self.epoch = epochs.pop()
         text_kwargs = {"padding": True, "truncation": True, "max_length": self.max_length}
         regions = [self._regions(row) for row in rows] if self.with_regions else [[] for _ in rows]
         region_inputs = {}

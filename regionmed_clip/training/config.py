@@ -64,6 +64,7 @@ class DataSpec:
     max_length: int = 128  # token limit for every text
     max_negatives: int | None = None  # hard negatives used per region (None: all)
     num_workers: int = 0
+    prefetch_factor: int = 2  # batches each worker prepares ahead (with num_workers > 0)
     streaming: bool = False  # read parquet shards lazily (corpora larger than memory)
 
 

@@ -20,7 +20,7 @@ from .. import RegionMedCLIPImageProcessor, RegionMedCLIPModel, RegionMedCLIPPro
 from ..configuration_regionmed_clip import RegionMedCLIPConfig
 from ..data.collator import MedRegionCollator, load_rows
 from .config import TrainConfig, resolve_path
-from .data import epoch_seed, stage_dataloader, stage_total_steps
+from .data import batches_per_epoch, epoch_seed, stage_dataloader, stage_loader, stage_total_steps
 from .losses import class_loss, distributed_loss
 from .stages import (
     StageCallback,
@@ -287,7 +287,9 @@ class Trainer:
         missing = sorted(inputs - set(batch) - optional)
         if missing:
             raise ValueError(f"stage {stage.name}: the batch lacks {missing}, which its loss terms need")
-        return {key: value.to(self.accelerator.device) for key, value in batch.items() if key in inputs}
+        # Non-blocking: from pinned memory (a CUDA device) the copy overlaps the previous step's kernels.
+        device = self.accelerator.device
+        return {key: value.to(device, non_blocking=True) for key, value in batch.items() if key in inputs}
 
     def training_step(self, batch: dict, stage) -> dict:
         """One micro-batch, in accelerate's `accumulate` shape: the prepared optimizer and schedule step (and zero)
@@ -396,40 +398,56 @@ class Trainer:
             desc=stage.name,
             disable=not accelerator.is_local_main_process,
         )
-        while state.stage_step < total:
-            collator.set_epoch(state.epoch)
-            loader = stage_dataloader(
-                self.rows,
-                collator,
-                stage.batch_size,
-                accelerator.process_index,
-                world,
-                epoch_seed(self.config.seed, index, state.epoch),
-                skip=state.batch_in_epoch,
-                num_workers=data.num_workers,
-                streaming=data.streaming,
-            )
-            for batch in loader:
-                metrics = self.training_step(self._stage_batch(batch, stage), stage)
-                state.batch_in_epoch += 1
-                if accelerator.sync_gradients:
-                    state.stage_step += 1
-                    state.global_step += 1
-                    progress.update()
-                    progress.set_postfix(loss=f"{metrics['loss/total']:.3f}")
-                    metrics["stage"] = index
-                    self.callback.on_step_end(metrics)
-                    if state.stage_step >= total:
-                        break
-            else:
-                state.epoch += 1
-                state.batch_in_epoch = 0
+        # Streaming rows have no length: their epoch ends when its loader does (in `stage_batches`).
+        per_epoch = None if data.streaming else batches_per_epoch(len(self.rows), stage.batch_size, world)
+        batches = self.stage_batches(index, stage, collator)
+        for batch in batches if state.stage_step < total else ():
+            metrics = self.training_step(self._stage_batch(batch, stage), stage)
+            state.batch_in_epoch += 1
+            if state.batch_in_epoch == per_epoch:
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            if accelerator.sync_gradients:
+                state.stage_step += 1
+                state.global_step += 1
+                progress.update()
+                progress.set_postfix(loss=f"{metrics['loss/total']:.3f}")
+                metrics["stage"] = index
+                self.callback.on_step_end(metrics)
+                if state.stage_step >= total:
+                    break
+        batches.close()
         progress.close()
         self.timings[f"stage {index + 1} {stage.name}"] = time.perf_counter() - start
         state.stage_ends.append(state.global_step)
         state.stage, state.stage_step, state.epoch, state.batch_in_epoch = index + 1, 0, 0, 0
         self.end_stage()
         self.callback.on_stage_end(index, stage)
+
+    def stage_batches(self, index: int, stage, collator):
+        """This process's batches of stage `index` from where `state` stands. Map-style rows come from one
+        [`stage_loader`] for the whole stage (its workers live across epochs); streaming rows from one loader per
+        epoch, each a new shuffle of the stream, with the epoch advanced here when one runs out."""
+        state, data, accelerator = self.state, self.config.data, self.accelerator
+        options = dict(
+            num_workers=data.num_workers,
+            prefetch_factor=data.prefetch_factor,
+            pin_memory=accelerator.device.type == "cuda",
+        )
+        where = (self.rows, collator, stage.batch_size, accelerator.process_index, accelerator.num_processes)
+        if not data.streaming:
+            yield from stage_loader(
+                *where,
+                lambda epoch: epoch_seed(self.config.seed, index, epoch),
+                epoch=state.epoch,
+                skip=state.batch_in_epoch,
+                **options,
+            )
+            return
+        while True:
+            collator.set_epoch(state.epoch)
+            seed = epoch_seed(self.config.seed, index, state.epoch)
+            yield from stage_dataloader(*where, seed, skip=state.batch_in_epoch, streaming=True, **options)
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
 
     def train(self) -> Path:
         if self.config.resume:
