@@ -360,6 +360,26 @@ def test_box_only_control_matches_a_naive_nearest_box_vote_and_reads_positions_o
     assert pointing["pointing_accuracy"] == 1.0 and pointing["num_regions"] == 2
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 2**30])
+def test_box_only_control_in_chunks_keeps_the_nearest_boxes_and_their_ties_in_training_order(chunk_bytes):
+    """Boxes on a coarse grid tie at the k-th distance: the earliest training boxes win, as a stable sort would
+    have it, whether queries are scored one at a time or all at once."""
+    from regionmed_clip.evaluation import BoxOnlyControl
+
+    rng = np.random.default_rng(3)
+    corners = rng.integers(0, 4, (60, 2)) / 10
+    train_boxes = np.concatenate([corners, corners + rng.integers(1, 3, (60, 2)) / 10], axis=1)
+    words = ["round", "oval", "nodule", "cyst", "left", "right"]
+    train_captions = [" ".join(rng.choice(words, size=2)) for _ in range(60)]
+    test_boxes, captions = train_boxes[::7] + 0.05, train_captions[::7]
+    control = BoxOnlyControl(train_boxes, train_captions, k=6, chunk_bytes=chunk_bytes)
+    expected = naive_box_scores(train_boxes, train_captions, test_boxes, captions, k=6)
+    np.testing.assert_allclose(control.scores(test_boxes, captions).numpy(), expected, rtol=1e-12)
+    assert control.nearest(control.geometry[:5] + 0.05).sum(1).tolist() == [6] * 5
+    whole = BoxOnlyControl(train_boxes, train_captions, k=6, chunk_bytes=2**30)
+    assert control.region_retrieval(test_boxes, captions) == whole.region_retrieval(test_boxes, captions)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Feature extraction: every region, the untrained-ROI path, token limits, device
 # ---------------------------------------------------------------------------------------------------------------------

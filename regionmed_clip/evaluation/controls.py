@@ -83,41 +83,76 @@ class TextPrior:
 
 
 class BoxOnlyControl:
-    """Scores a caption for a box from the box alone: its `k` nearest training boxes vote for caption words."""
+    """Scores a caption for a box from the box alone: its `k` nearest training boxes vote for caption words.
 
-    def __init__(self, boxes: np.ndarray, captions: Sequence[str], k: int = 25, smoothing: float = 0.5):
+    Memory stays bounded whatever the splits' sizes: queries are scored `chunk` boxes at a time, with
+    `chunk × training boxes` distances and `chunk × captions` scores alive at once, and the `k` nearest boxes are
+    found by partition, not by sorting every row.
+    """
+
+    def __init__(
+        self,
+        boxes: np.ndarray,
+        captions: Sequence[str],
+        k: int = 25,
+        smoothing: float = 0.5,
+        chunk_bytes: int = 64 * 2**20,
+    ):
         if len(captions) == 0:
             raise ValueError("the box-only control needs training regions")
         self.geometry = box_geometry(boxes)
         self.words = [set(caption_words(caption)) for caption in captions]
         self.k = min(k, len(captions))
         self.smoothing = smoothing
+        self.chunk_bytes = chunk_bytes
 
-    def scores(self, boxes: np.ndarray, captions: Sequence[str]) -> torch.Tensor:
-        """`(len(boxes), len(captions))`: the mean log-probability of each caption's words given each box."""
+    def nearest(self, query: np.ndarray) -> np.ndarray:
+        """`(Q, N_train)` bool: each query box's `k` nearest training boxes by squared distance in geometry, ties
+        broken by training order (so the control is deterministic)."""
+        distances = ((query[:, None, :] - self.geometry[None, :, :]) ** 2).sum(-1)
+        kth = np.partition(distances, self.k - 1, axis=1)[:, self.k - 1 : self.k]
+        nearer = distances < kth
+        tied = distances == kth
+        # Of the boxes tied at the k-th distance, the earliest in training order fill the remaining places.
+        return nearer | (tied & (np.cumsum(tied, axis=1) <= self.k - nearer.sum(1, keepdims=True)))
+
+    def score_chunks(self, boxes: np.ndarray, captions: Sequence[str]):
+        """`(start, scores)` of consecutive chunks of boxes, `scores` `(chunk, len(captions))`: the mean
+        log-probability of each caption's words given each box."""
         vocabulary = sorted(set().union(*self.words, *(caption_words(c) for c in captions)))
         index = {word: i for i, word in enumerate(vocabulary)}
-        train = np.zeros((len(self.words), len(vocabulary)))
+        train = np.zeros((len(self.words), len(vocabulary)), dtype=np.uint8)
         for row, words in enumerate(self.words):
             train[row, [index[word] for word in words]] = 1
-        query = box_geometry(boxes)
-        distances = ((query[:, None, :] - self.geometry[None, :, :]) ** 2).sum(-1)
-        # Stable sort: equal distances resolve by training order, so the control is deterministic.
-        nearest = np.argsort(distances, axis=1, kind="stable")[:, : self.k]
-        counts = train[nearest].sum(1)  # (N, V) neighbours whose caption holds each word
-        log_p = np.log(counts + self.smoothing) - np.log(self.k + 2 * self.smoothing)
         membership = np.zeros((len(captions), len(vocabulary)))
         for row, caption in enumerate(captions):
             words = set(caption_words(caption))
             membership[row, [index[word] for word in words]] = 1 / max(len(words), 1)
-        return torch.from_numpy(log_p @ membership.T)
+        query = box_geometry(boxes)
+        row_bytes = 8 * max(len(self.words) * (query.shape[1] + 2), len(captions), len(vocabulary))
+        chunk = max(1, self.chunk_bytes // row_bytes)
+        for start in range(0, len(query), chunk):
+            nearest = self.nearest(query[start : start + chunk])
+            counts = nearest.astype(np.float64) @ train  # (chunk, V) neighbours whose caption holds each word
+            log_p = np.log(counts + self.smoothing) - np.log(self.k + 2 * self.smoothing)
+            yield start, torch.from_numpy(log_p @ membership.T)
+
+    def scores(self, boxes: np.ndarray, captions: Sequence[str]) -> torch.Tensor:
+        """`(len(boxes), len(captions))`: the mean log-probability of each caption's words given each box."""
+        chunks = [scores for _, scores in self.score_chunks(boxes, captions)]
+        return torch.cat(chunks) if chunks else torch.zeros((0, len(captions)), dtype=torch.float64)
 
     def region_retrieval(self, boxes: np.ndarray, captions: Sequence[str]) -> dict:
-        """Region → caption retrieval among the distinct `captions`, as [`region_metrics`] scores the model."""
+        """Region → caption retrieval among the distinct `captions`, as [`region_metrics`] scores the model; ranked
+        chunk by chunk, so only one chunk's scores exist at a time."""
         rows, targets = caption_targets(list(captions))
         distinct = [captions[row] for row in rows]
-        ranks = ranks_from_scores(self.scores(boxes, distinct), targets, torch.arange(len(distinct)))
-        return recall_at_k(ranks)
+        groups = torch.arange(len(distinct))
+        ranks = [
+            ranks_from_scores(scores, targets[start : start + len(scores)], groups)
+            for start, scores in self.score_chunks(boxes, distinct)
+        ]
+        return recall_at_k(torch.cat(ranks))
 
     def pointing(self, boxes: np.ndarray, captions: Sequence[str], region_image: torch.Tensor) -> dict:
         """The pointing game with the box-only scores: each region against its image's other captions."""
