@@ -85,9 +85,9 @@ class TextPrior:
 class BoxOnlyControl:
     """Scores a caption for a box from the box alone: its `k` nearest training boxes vote for caption words.
 
-    Memory stays bounded whatever the splits' sizes: queries are scored `chunk` boxes at a time, with
-    `chunk × training boxes` distances and `chunk × captions` scores alive at once, and the `k` nearest boxes are
-    found by partition, not by sorting every row.
+    Time and memory grow linearly with the splits: the `k` nearest training boxes of each query come from a k-d tree
+    (scikit-learn's `KDTree` over the box geometry), and queries are scored `chunk` boxes at a time, with
+    `chunk × k × words` votes and `chunk × captions` scores alive at once.
     """
 
     def __init__(
@@ -98,23 +98,30 @@ class BoxOnlyControl:
         smoothing: float = 0.5,
         chunk_bytes: int = 64 * 2**20,
     ):
+        from sklearn.neighbors import KDTree
+
         if len(captions) == 0:
             raise ValueError("the box-only control needs training regions")
         self.geometry = box_geometry(boxes)
+        self.tree = KDTree(self.geometry)
         self.words = [set(caption_words(caption)) for caption in captions]
         self.k = min(k, len(captions))
         self.smoothing = smoothing
         self.chunk_bytes = chunk_bytes
 
     def nearest(self, query: np.ndarray) -> np.ndarray:
-        """`(Q, N_train)` bool: each query box's `k` nearest training boxes by squared distance in geometry, ties
-        broken by training order (so the control is deterministic)."""
-        distances = ((query[:, None, :] - self.geometry[None, :, :]) ** 2).sum(-1)
-        kth = np.partition(distances, self.k - 1, axis=1)[:, self.k - 1 : self.k]
-        nearer = distances < kth
-        tied = distances == kth
-        # Of the boxes tied at the k-th distance, the earliest in training order fill the remaining places.
-        return nearer | (tied & (np.cumsum(tied, axis=1) <= self.k - nearer.sum(1, keepdims=True)))
+        """`(Q, k)` training rows: each query box's `k` nearest training boxes by squared distance in geometry, ties
+        broken by training order (so the control is deterministic), in that order."""
+        kth = self.tree.query(query, k=self.k)[0][:, -1]
+        # The tree finds every box within the k-th distance (with a margin for its rounding); the exact squared
+        # distances then order them, as a stable sort of all training boxes would.
+        candidates = self.tree.query_radius(query, r=kth * (1 + 1e-6) + 1e-12)
+        nearest = np.empty((len(query), self.k), dtype=np.int64)
+        for row, rows in enumerate(candidates):
+            rows = np.sort(rows)
+            distances = ((query[row] - self.geometry[rows]) ** 2).sum(-1)
+            nearest[row] = rows[np.argsort(distances, kind="stable")[: self.k]]
+        return nearest
 
     def score_chunks(self, boxes: np.ndarray, captions: Sequence[str]):
         """`(start, scores)` of consecutive chunks of boxes, `scores` `(chunk, len(captions))`: the mean
@@ -129,11 +136,11 @@ class BoxOnlyControl:
             words = set(caption_words(caption))
             membership[row, [index[word] for word in words]] = 1 / max(len(words), 1)
         query = box_geometry(boxes)
-        row_bytes = 8 * max(len(self.words) * (query.shape[1] + 2), len(captions), len(vocabulary))
+        row_bytes = 8 * max(self.k * len(vocabulary), len(captions))
         chunk = max(1, self.chunk_bytes // row_bytes)
         for start in range(0, len(query), chunk):
-            nearest = self.nearest(query[start : start + chunk])
-            counts = nearest.astype(np.float64) @ train  # (chunk, V) neighbours whose caption holds each word
+            # Neighbours whose caption holds each word, (chunk, V): integer counts, exact in float64.
+            counts = train[self.nearest(query[start : start + chunk])].sum(1, dtype=np.float64)
             log_p = np.log(counts + self.smoothing) - np.log(self.k + 2 * self.smoothing)
             yield start, torch.from_numpy(log_p @ membership.T)
 
