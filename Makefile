@@ -58,7 +58,7 @@ ablation: $(STAMP)
 
 # Speed and memory against VisionTextDualEncoderModel with the same towers; writes benchmarks/RESULTS.md.
 bench: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) benchmarks/run_benchmarks.py
+	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.run_benchmarks
 
 test: lint suite
 
