@@ -40,6 +40,25 @@ TEXT = {
     "intermediate_size": 1536,
     "vocab_size": 30522,
 }
+# Towers small enough that the data path, not the model, sets the pace (the loading and evaluation sections).
+TINY_VISION = {
+    "model_type": "vit",
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "image_size": 64,
+    "patch_size": 16,
+}
+TINY_TEXT = {
+    "model_type": "bert",
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "vocab_size": 30522,
+    "max_position_embeddings": 128,
+}
 BATCH, TEXT_LENGTH = 8, 32
 CAPTION_LENGTH, NEGATIVES = 8, 5  # region captions are a few words; MedRegion rows carry five hard negatives
 

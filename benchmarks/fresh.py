@@ -2,7 +2,8 @@
 
 `run_job("name", **arguments)` runs `benchmarks.jobs.name(probe, **arguments)` through `python -m benchmarks.fresh`
 and returns the probe's figures: `seconds` (from the probe's start, which a job may move past its set-up), `mib`
-(the peak RSS increase over the interpreter with the package imported) and whatever the job put in `marks`.
+(the peak RSS increase over the interpreter with the package imported), `peak_rss_mib` (the process's whole
+peak RSS) and whatever the job put in `marks`.
 """
 
 import json
@@ -56,7 +57,12 @@ class Probe:
         seconds = self.elapsed()
         self.done.set()
         self.thread.join()
-        return {"seconds": seconds, "mib": (self.peak - self.baseline) / 2**20, **self.marks}
+        return {
+            "seconds": seconds,
+            "mib": (self.peak - self.baseline) / 2**20,
+            "peak_rss_mib": self.peak / 2**20,
+            **self.marks,
+        }
 
 
 def run_job(name: str, env: dict | None = None, **arguments) -> dict[str, float]:

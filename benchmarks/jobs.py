@@ -87,3 +87,12 @@ def box_only_control(probe, test: int, train: int):
     probe.reset_peak()
     probe.restart()
     BoxOnlyControl(train_boxes, train_captions).region_retrieval(test_boxes, test_captions)
+
+
+def region_evaluation(probe, model: str, data: str, out: str):
+    """`regionmed-clip eval --tasks region` (what the command runs) of `model` on the test split of `data`, on the
+    CPU: the figures go to `out`."""
+    from regionmed_clip.evaluation import run_evaluation
+
+    probe.restart()
+    run_evaluation(model, data, out, tasks="region", device="cpu")

@@ -29,7 +29,11 @@ def test_interleaved_returns_a_median_per_function():
 
 def test_a_fresh_process_job_reports_its_time_peak_memory_and_marks():
     run = run_job("box_only_control", test=50, train=400)
-    assert set(run) == {"seconds", "mib", "before"} and run["seconds"] > 0 and run["mib"] >= run["before"]
+    assert (
+        set(run) == {"seconds", "mib", "peak_rss_mib", "before"}
+        and run["seconds"] > 0
+        and run["mib"] >= run["before"]
+    )
 
 
 def test_a_failing_job_names_itself():

