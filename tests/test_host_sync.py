@@ -45,6 +45,14 @@ class ScalarReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.fixture(autouse=True)
+def restore_cpu_threads():
+    """The demo recipe's `cpu_threads: 1` sets the process's thread count, which later tests must not inherit."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def demo_recipe_with_tiny_towers(output_dir, data_path, steps, **overrides) -> dict:
     """configs/demo.yaml's stages, losses and model settings, with tiny towers, small batches and `steps`."""
     recipe = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text(encoding="utf-8"))
