@@ -812,7 +812,13 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         """The text tower's pooled outputs of distinct captions `(N, L)`, from the cache where it is usable."""
         if not self._caption_cache_usable():
             return self._text_tower_pooled(input_ids, attention_mask)
-        keys = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(input_ids, attention_mask, strict=True)]
+        # The cache is keyed on the host: every caption's tokens come back in one transfer (one wait for the
+        # device per call, where reading each caption's would be one per caption).
+        ids_rows, mask_rows = torch.stack((input_ids, attention_mask.to(input_ids.dtype))).tolist()
+        keys = [
+            tuple(token for token, kept in zip(ids, mask, strict=True) if kept)
+            for ids, mask in zip(ids_rows, mask_rows, strict=True)
+        ]
         rows = [self.caption_cache.get(key) for key in keys]
         missing = [index for index, row in enumerate(rows) if row is None]
         if missing:
