@@ -138,7 +138,10 @@ def multi_positive_contrastive_loss(logits: torch.Tensor, positives: torch.Tenso
     def one_direction(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         rows = mask.any(-1)
         positive = torch.logsumexp(scores.masked_fill(~mask, float("-inf")), dim=-1)
-        return (torch.logsumexp(scores, dim=-1) - positive)[rows].mean()
+        # A masked mean rather than indexing by `rows`: boolean indexing waits for the device to count the rows.
+        # `where`, not a product: a row without positives holds inf, which must not reach the sum.
+        per_row = torch.where(rows, torch.logsumexp(scores, dim=-1) - positive, 0.0)
+        return per_row.sum() / rows.sum().clamp(min=1)
 
     return (one_direction(logits, positives) + one_direction(logits.t(), positives.t())) / 2
 
@@ -151,6 +154,7 @@ def global_region_loss(
     caption_groups: torch.Tensor | None = None,
     logit_bias: torch.Tensor | None = None,
     objective: str = "infonce",
+    num_groups: int | None = None,
 ) -> torch.Tensor:
     """L_global-region: the box-free image embedding z_global `(B, P)` ↔ the region captions of its image.
 
@@ -164,10 +168,15 @@ def global_region_loss(
     has about what an image shows (one finding each, where the report mixes several and is cut at `max_length`),
     and this is the one region term whose gradient lands on z_global itself, which every box-free use of the model
     reads. No box or ROI feature enters it, so it cannot lean on box coordinates.
+
+    `num_groups` is the number of distinct ids in `caption_groups` (the ids are 0 .. num_groups − 1); when it is
+    not given it is read from the tensor, which waits for the device.
     """
     if caption_groups is None:
         caption_groups = torch.arange(caption_embeds.shape[0], device=caption_embeds.device)
-    num_groups = int(caption_groups.max()) + 1 if caption_groups.numel() else 0
+        num_groups = caption_embeds.shape[0]
+    if num_groups is None:
+        num_groups = int(caption_groups.max()) + 1 if caption_groups.numel() else 0
     order = torch.arange(caption_groups.shape[0], device=caption_groups.device)
     first = torch.full(
         (num_groups,), caption_groups.shape[0], device=caption_groups.device, dtype=order.dtype
@@ -229,7 +238,8 @@ def region_proposal_loss(
     predicted edge distances (mean over positive patches and the 4 edges), FCOS without its centreness branch.
 
     Only images with at least one real box count: an image without boxes in the data is unannotated, not known to be
-    free of findings.
+    free of findings. Without any real box the loss is 0 (still a function of the logits). Both means are masked
+    sums over the whole batch, so no step waits for the device to count the annotated images or positive patches.
 
     Args:
         proposal_logits: `(B, H', W', 5)`: objectness logit, then the 4 distance logits (σ gives the fraction).
@@ -238,27 +248,28 @@ def region_proposal_loss(
     batch_size, grid_h, grid_w = proposal_logits.shape[:3]
     logits = proposal_logits.reshape(batch_size, grid_h * grid_w, 5)
     annotated = box_mask.bool().any(-1)
-    if not bool(annotated.any()):
-        return logits.sum() * 0.0
     objectness, distances = region_proposal_targets(boxes.to(logits.dtype), box_mask, grid_h, grid_w)
-    logits, objectness, distances = logits[annotated], objectness[annotated], distances[annotated]
-    loss = F.binary_cross_entropy_with_logits(logits[..., 0], objectness)
+    cross_entropy = F.binary_cross_entropy_with_logits(logits[..., 0], objectness, reduction="none")
+    cross_entropy = torch.where(annotated[:, None], cross_entropy, 0.0)
+    loss = cross_entropy.sum() / (annotated.sum() * cross_entropy.shape[1]).clamp(min=1)
+    # Only annotated images have positive patches (the targets come from their boxes).
     positive = objectness.bool()
-    if bool(positive.any()):
-        loss = loss + (logits[..., 1:].sigmoid()[positive] - distances[positive]).abs().mean()
-    return loss
+    error = torch.where(positive[..., None], (logits[..., 1:].sigmoid() - distances).abs(), 0.0)
+    return loss + error.sum() / (positive.sum() * 4).clamp(min=1)
 
 
 def caption_groups_from_ids(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Group ids `(N,)` that are equal exactly where two tokenised captions are identical.
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, with_count: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, int]:
+    """Group ids `(N,)` that are equal exactly where two tokenised captions are identical (0 .. G − 1); with
+    `with_count`, also the number of groups G.
 
     The tokenizer lower-cases and strips punctuation, so identical ids mean identical normalised text.
     """
     if attention_mask is not None:
         input_ids = input_ids * attention_mask
-    return torch.unique(input_ids, dim=0, return_inverse=True)[1]
+    distinct, groups = torch.unique(input_ids, dim=0, return_inverse=True)
+    return (groups, distinct.shape[0]) if with_count else groups
 
 
 def no_gather(tensor: torch.Tensor, with_grad: bool = True) -> torch.Tensor:
@@ -276,9 +287,11 @@ class GatheredBatch:
     first use, so a term nobody asks for gathers nothing.
 
     A field's presence is read from this process's output, and every process holds the same fields (the trainer
-    feeds each the same input fields); what depends on the data (how many ROIs, whether any negative exists) is read
-    from gathered tensors. Every process therefore computes the same terms and issues the same collectives in the
-    same order.
+    feeds each the same input fields); what depends on the data (how many ROIs) is read from the shapes of gathered
+    tensors. Every process therefore computes the same terms and issues the same collectives in the same order.
+    No term reads a tensor's values on the host to decide whether it exists (that would wait for the device at
+    every step): a term whose rows exist but whose data leaves nothing to compare (ROIs without any negative, no
+    real box) is a masked mean over nothing, 0.
     """
 
     def __init__(self, outputs, gather, region_input_ids=None, region_attention_mask=None):
@@ -315,14 +328,23 @@ class GatheredBatch:
         return self._gathered[key]
 
     @cached_property
-    def caption_groups(self) -> torch.Tensor | None:
-        """Equal ids for identical region captions of the global batch (None: every caption its own)."""
+    def _caption_grouping(self) -> tuple[torch.Tensor, int] | tuple[None, None]:
         if self.region_input_ids is None or self.region_mask is None:
-            return None
+            return None, None
         ids = self.region_input_ids[self.region_mask]
         if self.region_attention_mask is not None:
             ids = ids * self.region_attention_mask[self.region_mask]
-        return caption_groups_from_ids(self.gather(ids, False))
+        return caption_groups_from_ids(self.gather(ids, False), with_count=True)
+
+    @property
+    def caption_groups(self) -> torch.Tensor | None:
+        """Equal ids for identical region captions of the global batch (None: every caption its own)."""
+        return self._caption_grouping[0]
+
+    @property
+    def num_caption_groups(self) -> int | None:
+        """How many distinct ids `caption_groups` holds (None with it)."""
+        return self._caption_grouping[1]
 
 
 def _image_text_term(image_field: str, text_field: str, needs_regions: bool = False):
@@ -360,11 +382,9 @@ def _region_caption_term(region_field: str, loss: Callable):
 
 def _negative_term(batch: GatheredBatch, config) -> torch.Tensor | None:
     negatives, regions = batch.region_rows("negative_text_embeds"), batch.region_rows("region_embeds")
-    if negatives is None or regions is None:
+    if negatives is None or regions is None or regions.shape[0] == 0 or negatives.shape[1] == 0:
         return None
     present = batch.region_rows("negative_mask")
-    if not bool(present.any()):
-        return None
     return hard_negative_loss(regions, negatives, present, config.neg_logit_scale, config.neg_logit_bias)
 
 
@@ -373,8 +393,12 @@ def _global_region_term(batch: GatheredBatch, config) -> torch.Tensor | None:
     if captions is None or image is None or captions.shape[0] == 0:
         return None
     # The image row of each gathered caption: the gathered ROI masks are in the rank order of the gathered
-    # images, so their true slots enumerate the captions in order.
-    caption_images = batch.rows("region_mask").nonzero()[:, 0]
+    # images, so their true slots enumerate the captions in order, each image's as many as it has true slots.
+    # The caption count is known from the shape, so the expansion needs no read-back (`nonzero` would).
+    present = batch.rows("region_mask")
+    caption_images = torch.arange(present.shape[0], device=present.device).repeat_interleave(
+        present.sum(1), output_size=captions.shape[0]
+    )
     return global_region_loss(
         image,
         captions,
@@ -382,6 +406,7 @@ def _global_region_term(batch: GatheredBatch, config) -> torch.Tensor | None:
         caption_groups=batch.caption_groups,
         **batch.contrastive,
         objective=config.loss_objective,
+        num_groups=batch.num_caption_groups,
     )
 
 
@@ -392,8 +417,8 @@ def _proposal_term(batch: GatheredBatch, config) -> torch.Tensor | None:
     if logits is None:
         return None
     boxes, present = batch.rows("region_boxes", with_grad=False), batch.rows("region_mask")
-    # As the other region terms: no real box in the global batch, no term.
-    if not bool(present.any()):
+    # As the other region terms: no ROI slot in the global batch, no term (slots that are all padding give 0).
+    if present.shape[1] == 0:
         return None
     return region_proposal_loss(logits, boxes, present)
 

@@ -777,10 +777,11 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         # Only real crops are encoded, all of the batch in one forward; padded slots stay zero. A batch without
         # any encodes one blank placeholder crop, cut away again (see `_encode_captions`).
         crops = roi_pixel_values[roi_mask]
-        if crops.shape[0] == 0:
+        real = crops.shape[0]  # the crops' count from their shape: reading `roi_mask.sum()` would wait again
+        if real == 0:
             crops = roi_pixel_values.new_zeros((1, *roi_pixel_values.shape[2:]))
         pooled = self._pooled(self.vision_model(pixel_values=crops, return_dict=True))
-        return _scatter(pooled[: int(roi_mask.sum())], roi_mask)
+        return _scatter(pooled[:real], roi_mask)
 
     # ---- captions: deduplicated, cached while the text tower is frozen --------------------------------------------
 
@@ -811,7 +812,13 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         """The text tower's pooled outputs of distinct captions `(N, L)`, from the cache where it is usable."""
         if not self._caption_cache_usable():
             return self._text_tower_pooled(input_ids, attention_mask)
-        keys = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(input_ids, attention_mask, strict=True)]
+        # The cache is keyed on the host: every caption's tokens come back in one transfer (one wait for the
+        # device per call, where reading each caption's would be one per caption).
+        ids_rows, mask_rows = torch.stack((input_ids, attention_mask.to(input_ids.dtype))).tolist()
+        keys = [
+            tuple(token for token, kept in zip(ids, mask, strict=True) if kept)
+            for ids, mask in zip(ids_rows, mask_rows, strict=True)
+        ]
         rows = [self.caption_cache.get(key) for key in keys]
         missing = [index for index, row in enumerate(rows) if row is None]
         if missing:
@@ -921,8 +928,11 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             )
         ids = input_ids[region_mask]
         mask = torch.ones_like(ids) if attention_mask is None else attention_mask[region_mask]
-        if (mask.sum(-1) == 0).any():
-            raise ValueError("A real ROI has an empty region caption; every box needs one.")
+        # Checked on the device: an `if` on the tensor would make every training step wait for it. On the CPU it
+        # raises here (a RuntimeError); on an accelerator it fails the step asynchronously.
+        torch._assert_async(
+            (mask.sum(-1) > 0).all(), "A real ROI has an empty region caption; every box needs one."
+        )
         return ids, mask
 
     def _negative_present(self, input_ids, attention_mask, region_mask) -> torch.Tensor:

@@ -394,7 +394,7 @@ def test_medsiglip_recipe_runs_its_stages_on_a_tiny_siglip(sources, synth_folder
     recipe = yaml.safe_load((ROOT / "configs" / "medsiglip-region.yaml").read_text(encoding="utf-8"))
     assert recipe["model"]["from_dual_encoder"] == "google/medsiglip-448"
     recipe["model"]["from_dual_encoder"] = str(sources["siglip"])
-    recipe.update(output_dir=str(tmp_path / "run"), report_to="none")
+    recipe.update(output_dir=str(tmp_path / "run"), report_to="none", log_every=1)
     recipe["data"].update(path=str(synth_folder), num_workers=0)
     for stage in recipe["stages"]:
         stage.pop("epochs")

@@ -147,6 +147,11 @@ class ClassificationSpec:
 
 @dataclass
 class TrainConfig:
+    """A training run: where it writes, the model, the data, the stages, and the run-wide settings, each
+    explained beside its field. `log_every` sets how often metrics are read back and logged (metrics.jsonl, the
+    tracker, the progress bar): every `log_every` optimizer steps, at every checkpoint and at the end of each
+    stage, each record the mean of the steps since the previous log; the steps between read nothing on the host."""
+
     output_dir: str
     model: ModelSpec
     data: DataSpec
@@ -164,6 +169,10 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = False
     checkpoint_every: int = 0  # optimizer steps between checkpoints (0: at stage ends only)
+    # Optimizer steps between logs (metrics.jsonl, the tracker, the progress bar). Between logs the metrics stay
+    # on the device, summed; a log records the mean of the steps since the previous one, so no other step waits
+    # for the device to hand its losses to Python. The last step of a stage and a checkpoint's step always log.
+    log_every: int = 10
     keep_checkpoints: int = 2
     report_to: str = "tensorboard"  # an Accelerate tracker name, or "none"
     resume: bool = False
@@ -177,6 +186,8 @@ class TrainConfig:
             raise ValueError("at least one stage is needed")
         if self.gradient_accumulation_steps < 1:
             raise ValueError("gradient_accumulation_steps must be >= 1")
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(
                 f"cpu_threads must be >= 1 (or null for torch's default), got {self.cpu_threads}"

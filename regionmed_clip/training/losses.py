@@ -65,6 +65,8 @@ class PaddedGather:
         shape = torch.tensor(tensor.shape, device=tensor.device, dtype=torch.long)
         shapes = [torch.zeros_like(shape) for _ in range(self.world_size)]
         dist.all_gather(shapes, shape, group=self.group)
+        # The one read-back of a gather (a single process returned above): padding and cutting need the sizes on
+        # the host, and they differ between processes (real ROIs, ROI slots, a streaming epoch's last batch).
         largest = torch.stack(shapes).amax(0).tolist()
         padding = []
         for size, target in zip(reversed(tensor.shape), reversed(largest), strict=True):

@@ -116,8 +116,8 @@ def build_optimizer(model: torch.nn.Module, config) -> torch.optim.AdamW:
 
 class StageCallback:
     """Applies stages as data: `on_stage_begin` freezes / unfreezes, sets the loss weights and restarts the optimizer
-    and schedule for the stage; `on_step_end` logs and checkpoints every `checkpoint_every` steps; `on_stage_end`
-    checkpoints and plots."""
+    and schedule for the stage; `on_step_end` logs (on the steps `Trainer.logs_at` picks) and checkpoints every
+    `checkpoint_every` steps; `on_stage_end` checkpoints and plots."""
 
     def __init__(self, trainer):
         self.trainer = trainer
@@ -135,11 +135,12 @@ class StageCallback:
             + (" (resumed)" if resumed else "")
         )
 
-    def on_step_end(self, metrics: dict):
+    def on_step_end(self, metrics: dict | None):
+        """`metrics`: the record to log (the means since the previous log), or None on a step that does not log."""
         trainer = self.trainer
-        trainer.log(metrics)
-        every = trainer.config.checkpoint_every
-        if every and trainer.state.global_step % every == 0:
+        if metrics is not None:
+            trainer.log(metrics)
+        if trainer.checkpoints_at():
             trainer.save_checkpoint()
 
     def on_stage_end(self, index: int, stage: StageSpec):

@@ -48,6 +48,40 @@ class TrainerState:
     stage_ends: list[int] = dataclasses.field(default_factory=list)  # global step at the end of each stage
 
 
+class MetricSums:
+    """The metrics of the optimizer steps since the last log. Tensors are summed where they are (a step adds its
+    losses without reading them, so it never waits for the device); `means` reads every sum in one transfer and
+    divides each by the number of steps that had it (a term can be absent from a step). Plain numbers (the
+    learning rate) keep the latest step's value."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.latest: dict[str, float] = {}
+        self.names: dict[str, None] = {}  # every name seen, in the order first seen
+
+    def add(self, metrics: dict):
+        for name, value in metrics.items():
+            self.names.setdefault(name)
+            if isinstance(value, torch.Tensor):
+                value = value.detach().float()
+                self.sums[name] = value if name not in self.sums else self.sums[name] + value
+                self.counts[name] = self.counts.get(name, 0) + 1
+            else:
+                self.latest[name] = value
+
+    def means(self) -> dict[str, float]:
+        """The averages, and an empty window for the next steps."""
+        names = list(self.sums)
+        values = torch.stack([self.sums[name] for name in names]).tolist() if names else []
+        sums = dict(zip(names, values, strict=True))
+        record = {
+            name: sums[name] / self.counts[name] if name in sums else self.latest[name] for name in self.names
+        }
+        self.sums, self.counts, self.latest, self.names = {}, {}, {}, {}
+        return record
+
+
 def cpu_supports_bf16() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()
@@ -295,7 +329,10 @@ class Trainer:
         """One micro-batch, in accelerate's `accumulate` shape: the prepared optimizer and schedule step (and zero)
         only when gradients sync, `clip_grad_norm_` unscales fp16 gradients first, and an fp16 step with inf
         gradients is skipped together with its schedule step. With clipping on, `grad_norm` is the norm of the
-        unscaled gradients before clipping, as `clip_grad_norm_` returns it."""
+        unscaled gradients before clipping, as `clip_grad_norm_` returns it.
+
+        Returns the losses and `grad_norm` as detached tensors on the device (read them only when logging: reading
+        one waits for the step's kernels) and `lr`, the learning rate the step used, as a number."""
         learning_rate = self.optimizer.param_groups[0]["lr"]
         grad_norm = None
         with self.accelerator.accumulate(self.model):
@@ -322,12 +359,22 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-        metrics = {f"loss/{name}": float(term.detach()) for name, term in terms.items()}
-        metrics["loss/total"] = float(loss.detach())
+        metrics = {f"loss/{name}": term.detach() for name, term in terms.items()}
+        metrics["loss/total"] = loss.detach()
         metrics["lr"] = learning_rate
         if grad_norm is not None:
-            metrics["grad_norm"] = float(grad_norm)
+            metrics["grad_norm"] = torch.as_tensor(grad_norm, device=loss.device).detach()
         return metrics
+
+    def checkpoints_at(self) -> bool:
+        """Whether the optimizer step just taken saves a checkpoint (besides the one at each stage's end)."""
+        every = self.config.checkpoint_every
+        return bool(every) and self.state.global_step % every == 0
+
+    def logs_at(self, stage_ends: bool) -> bool:
+        """Whether the optimizer step just taken logs: every `log_every` steps, at a checkpoint and at the end of
+        its stage."""
+        return stage_ends or self.checkpoints_at() or self.state.global_step % self.config.log_every == 0
 
     def total_steps(self, index: int) -> int:
         size = None if self.config.data.streaming else len(self.rows)
@@ -401,6 +448,8 @@ class Trainer:
         # Streaming rows have no length: their epoch ends when its loader does (in `stage_batches`).
         per_epoch = None if data.streaming else batches_per_epoch(len(self.rows), stage.batch_size, world)
         batches = self.stage_batches(index, stage, collator)
+        # A window never spans a checkpoint (its step logs), so a resumed run logs the same records.
+        window = MetricSums()
         for batch in batches if state.stage_step < total else ():
             metrics = self.training_step(self._stage_batch(batch, stage), stage)
             state.batch_in_epoch += 1
@@ -410,9 +459,12 @@ class Trainer:
                 state.stage_step += 1
                 state.global_step += 1
                 progress.update()
-                progress.set_postfix(loss=f"{metrics['loss/total']:.3f}")
-                metrics["stage"] = index
-                self.callback.on_step_end(metrics)
+                window.add(metrics)
+                record = None
+                if self.logs_at(state.stage_step >= total):
+                    record = {**window.means(), "stage": index}
+                    progress.set_postfix(loss=f"{record['loss/total']:.3f}")
+                self.callback.on_step_end(record)
                 if state.stage_step >= total:
                     break
         batches.close()
