@@ -233,6 +233,11 @@ def test_tuple_output(tokenizer, sample_batch):
             lambda inputs: [inputs.pop(k) for k in list(inputs) if k not in ("pixel_values",)],
             "found nothing to compare",
         ),
+        (
+            "pool",
+            lambda inputs: inputs["region_attention_mask"].zero_(),
+            "empty region caption",
+        ),
     ],
 )
 def test_bad_model_inputs_raise_clear_errors(tokenizer, sample_batch, roi_mode, change, message):
