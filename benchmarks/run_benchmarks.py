@@ -106,7 +106,7 @@ def main() -> int:
     )
     notes = Path(__file__).with_name("NOTES.md")
     footer = notes.read_text(encoding="utf-8") if notes.is_file() else ""
-    args.out.write_text(header + "\n".join(blocks) + "\n" + footer, encoding="utf-8")
+    args.out.write_text(header + "".join(blocks) + footer, encoding="utf-8")
     print(f"wrote {args.out} in {(time.perf_counter() - started) / 60:.1f} minutes")
     return 0
 
