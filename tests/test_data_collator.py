@@ -41,6 +41,26 @@ def test_global_only_rows_give_no_roi_inputs(synth_folder, tokenizer):
     assert not any(key.startswith(("roi_", "region_", "negative_")) for key in batch)
 
 
+@pytest.mark.parametrize(
+    "terms", [["global_loss"], ["global_loss", "roi_loss"], ["summary_loss", "neg_loss"]]
+)
+def test_a_stage_collator_builds_only_its_inputs_and_those_as_a_full_one_does(synth_folder, tokenizer, terms):
+    from regionmed_clip.training.losses import stage_inputs
+
+    dataset = load_rows(synth_folder, "train")
+    rows = [dataset[index] for index in range(4)]
+    fields = stage_inputs(dict.fromkeys(terms, 1.0))
+    processor = make_processor(tokenizer, "crop")
+    regions = "roi_boxes" in fields
+    full = MedRegionCollator(processor, max_length=48, with_regions=regions)(rows)
+    staged = MedRegionCollator(processor, max_length=48, with_regions=regions, fields=fields)(rows)
+    optional = {"roi_pixel_values"}  # crop mode's crops come with the boxes
+    assert fields - optional <= set(staged) <= fields | optional
+    assert set(staged) < set(full)
+    for key, value in staged.items():
+        assert torch.equal(value, full[key]), key
+
+
 def test_extra_regions_keep_the_highest_scores_and_are_counted(synth_folder, tokenizer):
     row = dict(load_rows(synth_folder, "train")[0])
     base = row["regions"][0]

@@ -158,6 +158,40 @@ def test_cpu_threads_make_the_trained_weights_independent_of_the_core_count(tmp_
         assert torch.equal(tensor, weights[1][name]), name
 
 
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"fused_adamw": True},
+        {"model": {"attn_implementation": "eager"}},
+        # aot_eager traces the towers as inductor does, without generating C++ (minutes on 2 cores).
+        {"compile_backend": "aot_eager"},
+    ],
+    ids=["fused_adamw", "eager_attention", "compiled_towers"],
+)
+def test_throughput_options_train_to_the_same_losses(tmp_path, synth_folder, option):
+    """Each option, off by default, trains the four stages (crop ROIs, captions and negatives) to the losses of the
+    default run, step by step, up to float rounding."""
+    losses = {}
+    for name in ("default", "option"):
+        config = tiny_training_config(tmp_path / name, synth_folder, steps=(2, 2, 2, 2), log_every=1)
+        if name == "option":
+            for key, value in option.items():
+                config[key] = {**config[key], **value} if isinstance(value, dict) else value
+        trainer = Trainer(load_config(write_config(tmp_path / f"{name}.yaml", config)))
+        if (
+            name == "option" and "model" in option
+        ):  # transformers has no public reader of a built tower's attention backend
+            towers = (trainer.unwrapped.vision_model, trainer.unwrapped.text_model)
+            assert all(tower.config._attn_implementation == "eager" for tower in towers)
+        trainer.train()
+        losses[name] = losses_by_step(tmp_path / name)
+    assert sorted(losses["default"]) == sorted(losses["option"]) == list(range(1, 9))
+    for step, record in losses["default"].items():
+        for key, value in record.items():
+            if key.startswith("loss/"):
+                assert losses["option"][step][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (step, key)
+
+
 def test_stages_freeze_weight_and_restart_the_optimizer(tmp_path, synth_folder, monkeypatch):
     config = load_config(
         write_config(tmp_path / "c.yaml", tiny_training_config(tmp_path / "out", synth_folder))

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import random
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -113,6 +114,10 @@ class MedRegionCollator:
         region_sampling (`str`, defaults to `"top"`): `"top"` or `"cycle"` (see above).
         seed (`int`, defaults to 0): Seed of the `"cycle"` sampling.
         stage (`int`, defaults to 0): Training stage index, part of the `"cycle"` sampling key.
+        fields (`Collection[str]`, *optional*): The batch fields to build (default: all). A training stage passes
+            the inputs of its loss terms, so summaries, region captions and negatives a stage does not use are
+            neither built nor tokenised; the fields it does build are the same as without `fields` (each text
+            field is tokenised and padded on its own).
     """
 
     def __init__(
@@ -127,6 +132,7 @@ class MedRegionCollator:
         region_sampling: str = "top",
         seed: int = 0,
         stage: int = 0,
+        fields: Collection[str] | None = None,
     ):
         if (class_prompts is None) != (label_index is None):
             raise ValueError("class_prompts and label_index go together")
@@ -144,6 +150,7 @@ class MedRegionCollator:
         self.label_index = label_index
         self.label_column = label_column
         self.dropped_regions = 0
+        self.fields = None if fields is None else frozenset(fields)
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch whose visits the next batches are (`"cycle"` sampling); set before building its loader, which
@@ -185,31 +192,37 @@ class MedRegionCollator:
             self.epoch = epochs.pop()
         text_kwargs = {"padding": True, "truncation": True, "max_length": self.max_length}
         regions = [self._regions(row) for row in rows] if self.with_regions else [[] for _ in rows]
-        region_inputs = {}
+        inputs = {}
         if self.with_regions:
-            region_inputs = {
-                "boxes": [[region["bbox"] for region in image_regions] for image_regions in regions],
-                "region_text": [[region["caption"] for region in image_regions] for image_regions in regions],
-                "negative_text": [
+            inputs["boxes"] = [[region["bbox"] for region in image_regions] for image_regions in regions]
+            if self._builds("region_input_ids"):
+                inputs["region_text"] = [
+                    [region["caption"] for region in image_regions] for image_regions in regions
+                ]
+            if self._builds("negative_input_ids"):
+                inputs["negative_text"] = [
                     [list(region["negatives"] or [])[: self.max_negatives] for region in image_regions]
                     for image_regions in regions
-                ],
-            }
+                ]
             if not any(regions):
-                region_inputs["max_regions"] = 0
+                inputs["max_regions"] = 0
+        if self._builds("summary_input_ids"):
+            inputs["summary_text"] = [row["summary_caption"] for row in rows]
         texts = self.class_prompts or [row["detailed_report"] for row in rows]
         batch = self.processor(
-            text=texts,
+            text=texts if self._builds("input_ids") else None,
             images=[image_input(row["image"]) for row in rows],
-            summary_text=[row["summary_caption"] for row in rows],
             return_tensors="pt",
-            **region_inputs,
+            **inputs,
             **text_kwargs,
         )
         batch = dict(batch)
         if self.label_index is not None:
             batch["labels"] = torch.tensor([self._label(row) for row in rows])
         return batch
+
+    def _builds(self, field: str) -> bool:
+        return self.fields is None or field in self.fields
 
     def _label(self, row: dict) -> int:
         label = row.get(self.label_column)

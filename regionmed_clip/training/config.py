@@ -38,6 +38,9 @@ class ModelSpec:
     image_processor: dict = field(
         default_factory=dict
     )  # RegionMedCLIPImageProcessor overrides (image_mean, ...)
+    # Both towers' attention: "sdpa" (transformers' default where a tower supports it), "eager",
+    # "flash_attention_2" where flash-attn is installed; None keeps what the towers were built or saved with.
+    attn_implementation: str | None = None
 
     def __post_init__(self):
         if self.pretrained is not None and self.from_dual_encoder is not None:
@@ -168,6 +171,12 @@ class TrainConfig:
     cpu_threads: int | None = None
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = False
+    # A torch.compile backend ("inductor") for both towers, compiled in place (`nn.Module.compile`, so parameter
+    # names and checkpoints do not change); None: eager. The first steps of each new input shape compile.
+    compile_backend: str | None = None
+    fused_adamw: bool = (
+        False  # torch's fused AdamW kernel (CUDA, and CPU in recent torch): same updates, fewer launches
+    )
     checkpoint_every: int = 0  # optimizer steps between checkpoints (0: at stage ends only)
     # Optimizer steps between logs (metrics.jsonl, the tracker, the progress bar). Between logs the metrics stay
     # on the device, summed; a log records the mean of the steps since the previous one, so no other step waits

@@ -110,7 +110,11 @@ def build_optimizer(model: torch.nn.Module, config) -> torch.optim.AdamW:
     freezes gets no gradient and AdamW leaves it, and its decay, alone. The base learning rate is 1: the schedule
     (`StageSchedule`) returns the rate itself."""
     return torch.optim.AdamW(
-        parameter_groups(model, config.weight_decay), lr=1.0, betas=config.adam_betas, eps=config.adam_eps
+        parameter_groups(model, config.weight_decay),
+        lr=1.0,
+        betas=config.adam_betas,
+        eps=config.adam_eps,
+        fused=config.fused_adamw or None,
     )
 
 

@@ -162,8 +162,15 @@ class Trainer:
         self.timings: dict[str, float] = {}
 
         self.model, self.processor = build_model(config.model)
+        if config.model.attn_implementation is not None:
+            # Per tower: the towers are models of their own, which a composite model's setter does not reach.
+            for tower in (self.model.vision_model, self.model.text_model):
+                tower.set_attn_implementation(config.model.attn_implementation)
         if config.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
+        if config.compile_backend is not None:
+            for tower in (self.model.vision_model, self.model.text_model):
+                tower.compile(backend=config.compile_backend)
         with self.accelerator.main_process_first():
             self.rows = self._load_rows()
         self.class_labels = self._class_labels()
@@ -437,6 +444,7 @@ class Trainer:
             region_sampling="cycle",
             seed=self.config.seed,
             stage=index,
+            fields=stage.inputs,
         )
         start = time.perf_counter()
         progress = tqdm(
