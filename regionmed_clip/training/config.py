@@ -174,9 +174,8 @@ class TrainConfig:
     # A torch.compile backend ("inductor") for both towers, compiled in place (`nn.Module.compile`, so parameter
     # names and checkpoints do not change); None: eager. The first steps of each new input shape compile.
     compile_backend: str | None = None
-    fused_adamw: bool = (
-        False  # torch's fused AdamW kernel (CUDA, and CPU in recent torch): same updates, fewer launches
-    )
+    # torch's fused AdamW kernel (CUDA, and CPU in recent torch): the same updates in fewer kernel launches.
+    fused_adamw: bool = False
     checkpoint_every: int = 0  # optimizer steps between checkpoints (0: at stage ends only)
     # Optimizer steps between logs (metrics.jsonl, the tracker, the progress bar). Between logs the metrics stay
     # on the device, summed; a log records the mean of the steps since the previous one, so no other step waits

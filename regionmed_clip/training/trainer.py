@@ -162,14 +162,15 @@ class Trainer:
         self.timings: dict[str, float] = {}
 
         self.model, self.processor = build_model(config.model)
+        towers = (self.model.vision_model, self.model.text_model)
         if config.model.attn_implementation is not None:
             # Per tower: the towers are models of their own, which a composite model's setter does not reach.
-            for tower in (self.model.vision_model, self.model.text_model):
+            for tower in towers:
                 tower.set_attn_implementation(config.model.attn_implementation)
         if config.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         if config.compile_backend is not None:
-            for tower in (self.model.vision_model, self.model.text_model):
+            for tower in towers:
                 tower.compile(backend=config.compile_backend)
         with self.accelerator.main_process_first():
             self.rows = self._load_rows()
