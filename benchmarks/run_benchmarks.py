@@ -19,6 +19,7 @@ from benchmarks.sections import (
     evaluation,
     inference,
     loading,
+    memory,
     processing,
     roofline,
     scaling,
@@ -37,6 +38,7 @@ SECTIONS = {
     "loading": loading,
     "evaluation": evaluation,
     "scaling": scaling,
+    "memory": memory,
 }
 RESULTS = Path(__file__).with_name("RESULTS.md")
 

@@ -141,7 +141,14 @@ def _controls(metrics: dict) -> dict[str, dict]:
     return controls
 
 
-def _bar_chart(headlines: dict, path: Path) -> None:
+def evaluated_on(data) -> str:
+    """What a report calls the data it evaluates on (the test split of the config's `data`): the folder or Hub id,
+    named MedRegion-synth only when the config generates MedRegion-synth there."""
+    source = f"MedRegion-synth ({data.path})" if data.synth is not None else data.path
+    return f"the test split of {source}"
+
+
+def _bar_chart(headlines: dict, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,19 +166,21 @@ def _bar_chart(headlines: dict, path: Path) -> None:
         )
     axis.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=6)
     axis.set_ylim(0, 1)
-    axis.set_title("MedRegion-synth test split")
+    axis.set_title(title)
     axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
-def _report(headlines: dict, controls: dict, region_paths: dict, timings: dict, out: Path) -> str:
+def _report(
+    headlines: dict, controls: dict, region_paths: dict, timings: dict, out: Path, dataset: str
+) -> str:
     aware, plain = headlines[AWARE], headlines[PLAIN]
     lines = [
         "# RegionMed-CLIP demo",
         "",
-        "Trained on MedRegion-synth (configs/demo.yaml); evaluated on its held-out test split. One seed.",
+        f"Trained on the training split of the config's data; evaluated on {dataset}. One seed.",
         "",
         "One seed: differences of a few points are within the seed-to-seed spread; `make learning-check` gives the",
         "mean ± std over three seeds.",
@@ -279,7 +288,8 @@ def train_and_compare(
 
 
 def run_demo(config: str = "configs/demo.yaml", output_dir: str | None = None) -> Path:
-    """MedRegion-synth, four-stage training, evaluation and the model card; returns the model folder.
+    """Data (MedRegion-synth unless the config names another dataset), four-stage training, evaluation and the model
+    card; returns the model folder.
 
     Args:
         config: The training YAML of the four-stage model (its data section makes MedRegion-synth).
@@ -322,8 +332,9 @@ def run_demo(config: str = "configs/demo.yaml", output_dir: str | None = None) -
         ),
         encoding="utf-8",
     )
-    _bar_chart(headlines, out / "comparison.png")
-    print(_report(headlines, controls, region_paths, timings, out))
+    dataset = evaluated_on(config.data)
+    _bar_chart(headlines, out / "comparison.png", dataset[0].upper() + dataset[1:])
+    print(_report(headlines, controls, region_paths, timings, out, dataset))
     print(f"model folder: {model_folder} (AutoModel.from_pretrained / pipeline ready; model card README.md)")
     print(f"pipeline on one test image (label {example['label']!r}): {scores[:3]}")
     return Path(model_folder)

@@ -8,7 +8,9 @@ its mean, sample standard deviation (ddof = 1) and values), `learning_check.md` 
 figures first, then every figure) and `learning_check.png` (the headline figures with ±1 std error bars).
 
 The verdict on each headline figure: the 4-stage model beats the baseline when its mean exceeds the baseline's by
-more than `margin_std` (2) times the larger of the two standard deviations.
+more than `margin_std` (2) times the larger of the two standard deviations. With fewer than `MIN_SEEDS` (3) seeds
+the spread is not known (one seed has none, two give a standard deviation that is mostly noise), so the verdict is
+"spread unknown" instead of a comparison with that bar. Every output names the dataset whose test split it scored.
 
 With `shuffled_control`, a third model per seed measures what the region terms give when their labels carry no
 information: the 4-stage recipe trained on a copy of the data whose training split has its region annotations
@@ -28,10 +30,20 @@ from pathlib import Path
 import numpy as np
 
 from .data.collator import local_data_files
-from .demo import AWARE, COMPARED_TASKS, HEADLINE, PLAIN, flat_figures, train_and_compare, train_or_reuse
+from .demo import (
+    AWARE,
+    COMPARED_TASKS,
+    HEADLINE,
+    PLAIN,
+    evaluated_on,
+    flat_figures,
+    train_and_compare,
+    train_or_reuse,
+)
 from .training.config import load_config
 
 SHUFFLED = "4-stage, shuffled region labels"
+MIN_SEEDS = 3  # the fewest seeds whose standard deviation the verdict compares margins with
 #: The fields of a region that say what it is; the permutation of the control moves them together.
 REGION_ANNOTATIONS = ("caption", "adjective", "term", "position", "negatives")
 
@@ -73,15 +85,19 @@ def aggregate(values: list[float]) -> dict:
     return {"mean": float(array.mean()), "std": std, "values": [float(v) for v in array]}
 
 
-def verdict(summary: dict, margin_std: float = 2.0) -> dict[str, dict]:
+def verdict(summary: dict, seeds: int, margin_std: float = 2.0) -> dict[str, dict]:
     """Per headline figure: the margin of the 4-stage mean over the baseline's, the bar it must clear
-    (`margin_std` × the larger std) and whether it does."""
+    (`margin_std` × the larger std) and whether it does; with fewer than `MIN_SEEDS` seeds the bar and the answer
+    are None (not known)."""
     aware, plain = summary[AWARE], summary[PLAIN]
     result = {}
     for label, key in HEADLINE:
         if key not in aware or key not in plain:
             continue
         margin = aware[key]["mean"] - plain[key]["mean"]
+        if seeds < MIN_SEEDS:
+            result[label] = {"margin": margin, "bar": None, "beats": None}
+            continue
         bar = margin_std * max(aware[key]["std"], plain[key]["std"])
         result[label] = {"margin": margin, "bar": bar, "beats": bool(margin > bar)}
     return result
@@ -156,9 +172,10 @@ def run_learning_check(
         "seeds": list(seeds),
         "steps": {stage.name: stage.steps for stage in config.stages},
         "config": config.to_dict(),
+        "dataset": evaluated_on(config.data),
         "summary": summary,
         "per_seed": {str(seed): figures for seed, figures in per_seed.items()},
-        "verdict": verdict(summary),
+        "verdict": verdict(summary, len(seeds)),
         "seconds": time.perf_counter() - started,
     }
     if shuffled is not None:
@@ -177,6 +194,13 @@ def _cell(entry: dict | None) -> str:
     return f"{entry['mean']:.3f} ± {entry['std']:.3f}"
 
 
+def _bar_cell(check: dict, seeds: int) -> str:
+    """The bar and verdict cells of one headline row."""
+    if check["beats"] is None:
+        return f"– | spread unknown ({seeds} seed{'s' if seeds > 1 else ''}; needs {MIN_SEEDS})"
+    return f"{check['bar']:.3f} | {'yes' if check['beats'] else 'no'}"
+
+
 def markdown(result: dict) -> str:
     aware, plain = result["summary"][AWARE], result["summary"][PLAIN]
     control = result["summary"].get(SHUFFLED)
@@ -185,7 +209,7 @@ def markdown(result: dict) -> str:
         "# Learning check",
         "",
         f"4-stage model against the global-only baseline (same steps: {result['steps']}), seeds {seeds}: mean ± std",
-        f"(ddof = 1) on the MedRegion-synth test split; {result['seconds'] / 60:.0f} min in all.",
+        f"(ddof = 1) on {result['dataset']}; {result['seconds'] / 60:.0f} min in all.",
     ]
     if control is not None:
         moved = result["shuffled_regions"]
@@ -204,7 +228,7 @@ def markdown(result: dict) -> str:
             check = result["verdict"][label]
             row = (
                 f"| {label} | {_cell(aware[key])} | {_cell(plain[key])} | {check['margin']:+.3f} | "
-                f"{check['bar']:.3f} | {'yes' if check['beats'] else 'no'} |"
+                f"{_bar_cell(check, len(result['seeds']))} |"
             )
             lines.append(row + (f" {_cell(control.get(key))} |" if control is not None else ""))
     models = list(result["summary"])
@@ -238,7 +262,7 @@ def plot(result: dict, path: Path) -> None:
         axis.bar([i + offset for i in range(len(rows))], means, width, yerr=stds, capsize=3, label=model)
     axis.set_xticks(range(len(rows)), [label for label, _ in rows], fontsize=7, rotation=15)
     axis.set_ylim(0, 1)
-    axis.set_title(f"MedRegion-synth test split, mean ± std over seeds {result['seeds']}")
+    axis.set_title(f"{result['dataset']}, mean ± std over seeds {result['seeds']}")
     axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)

@@ -769,17 +769,27 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
                 "roi_mode='crop' needs roi_pixel_values (B, K, C, H, W): call the processor with `boxes=`, whose "
                 "image processor crops every box from the original image."
             )
-        if roi_pixel_values.shape[:2] != roi_boxes.shape[:2]:
+        if roi_pixel_values.dim() == 4:
+            # Flat: only the real ROIs' crops, in the order `roi_mask` lists them (what the training collator
+            # sends). Counting the mask reads it back from the device, so training trusts the collator's count.
+            crops = roi_pixel_values
+            if not self.training and crops.shape[0] != int(roi_mask.sum()):
+                raise ValueError(
+                    f"roi_pixel_values holds {crops.shape[0]} flat crops but roi_mask marks {int(roi_mask.sum())} "
+                    "real ROIs; give one crop per real ROI, in roi_mask order."
+                )
+        elif roi_pixel_values.shape[:2] != roi_boxes.shape[:2]:
             raise ValueError(
                 f"roi_pixel_values has {tuple(roi_pixel_values.shape[:2])} (batch, slots) but roi_boxes has "
                 f"{tuple(roi_boxes.shape[:2])}."
             )
+        else:
+            crops = roi_pixel_values[roi_mask]
         # Only real crops are encoded, all of the batch in one forward; padded slots stay zero. A batch without
         # any encodes one blank placeholder crop, cut away again (see `_encode_captions`).
-        crops = roi_pixel_values[roi_mask]
         real = crops.shape[0]  # the crops' count from their shape: reading `roi_mask.sum()` would wait again
         if real == 0:
-            crops = roi_pixel_values.new_zeros((1, *roi_pixel_values.shape[2:]))
+            crops = crops.new_zeros((1, *crops.shape[1:]))
         pooled = self._pooled(self.vision_model(pixel_values=crops, return_dict=True))
         return _scatter(pooled[:real], roi_mask)
 
@@ -1043,7 +1053,9 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             roi_mask (`torch.Tensor` of shape `(image_batch_size, max_rois)`, *optional*):
                 1 for real ROIs, 0 for padded slots (default: all real).
             roi_pixel_values (`torch.FloatTensor` of shape `(image_batch_size, max_rois, num_channels, height, width)`, *optional*):
-                The ROI crops, resized to the input size; required in `crop` mode, rejected in `pool` mode.
+                The ROI crops, resized to the input size; required in `crop` mode, rejected in `pool` mode. Also
+                taken flat, `(num_real_rois, num_channels, height, width)`: the real ROIs' crops in the order
+                `roi_pixel_values[roi_mask]` would list them (no zero crops for padded slots).
             region_input_ids (`torch.LongTensor` of shape `(image_batch_size, max_rois, region_sequence_length)`, *optional*):
                 One region caption per ROI slot (used by L_roi).
             region_attention_mask (`torch.Tensor` of the same shape, *optional*):

@@ -7,8 +7,10 @@ import yaml
 
 from benchmarks import common, run_benchmarks
 from benchmarks.fresh import run_job
-from benchmarks.sections import captions, loading
+from benchmarks.sections import captions, loading, memory
 from regionmed_clip.training.config import load_config
+
+TINY_TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
 
 
 def test_batch_inputs_have_the_model_input_shapes():
@@ -81,3 +83,35 @@ def test_splice_sections_replaces_a_section_in_place_and_adds_a_missing_one_in_o
     assert results.read_text() == (
         f"# R\n\n{first}\n\nnew\n\n{second}\n\nadded\n\n{third}\n\nkept\n\n## Notes\n\nnotes\n"
     )
+
+
+def test_the_memory_fit_is_a_line_through_both_points_and_the_cards_hold_its_batches():
+    fixed, per_image, largest = memory.fits((2, 1_000.0), (4, 1_600.0))
+    assert fixed == pytest.approx(400.0) and per_image == pytest.approx(300.0)
+    for gb, batch in largest.items():
+        card = gb * 1000**3 / 2**20
+        assert fixed + per_image * batch <= card < fixed + per_image * (batch + 1)
+
+
+@pytest.mark.parametrize(
+    ("config", "source"),
+    [
+        ("configs/demo.yaml", None),
+        (
+            "configs/medsiglip-region.yaml",
+            {
+                "vision": {**TINY_TOWER, "image_size": 32, "patch_size": 8},
+                "text": {**TINY_TOWER, "vocab_size": 32000, "max_position_embeddings": 64},
+            },
+        ),
+    ],
+    ids=["demo", "medsiglip-tiny-source"],
+)
+def test_a_shipped_config_trains_its_last_stage_on_full_batches_in_a_fresh_process(config, source):
+    run = run_job("config_train_step", config=config, batch=2, steps=1, caption_length=8, source=source)
+    stage = load_config(config).stages[-1]
+    regions = {"configs/demo.yaml": 3, "configs/medsiglip-region.yaml": 8}[config]
+    negatives = load_config(config).data.max_negatives or common.NEGATIVES
+    assert run["stage"] == stage.name and run["step"] > 0 and run["peak_rss_mib"] > 0
+    # report + summary + a caption and its negatives per region
+    assert run["texts_per_image"] == 2 + regions * (1 + negatives)

@@ -8,7 +8,7 @@ import psutil
 import pytest
 import torch
 
-from regionmed_clip.data.collator import MedRegionCollator, load_rows, make_dataloader
+from regionmed_clip.data.collator import MedRegionCollator, image_input, load_rows, make_dataloader
 
 from .conftest import make_processor, tiny_model
 
@@ -24,6 +24,17 @@ def test_batches_feed_the_model(synth_folder, tokenizer, roi_mode):
     assert batch["summary_input_ids"].shape[0] == 4 and batch["input_ids"].shape[1] <= 48
     assert batch["roi_mask"].sum(1).tolist() == [len(rows[i]["regions"]) for i in range(4)]
     assert ("roi_pixel_values" in batch) == (roi_mode == "crop")
+    if roi_mode == "crop":
+        # Flat: the real ROIs' crops only, those the processor pads into the slots, in roi_mask order.
+        padded = collator.processor(
+            images=[image_input(rows[i]["image"]) for i in range(4)],
+            boxes=[[region["bbox"] for region in collator.kept_regions(rows[i])] for i in range(4)],
+            return_tensors="pt",
+        )
+        torch.testing.assert_close(
+            batch["roi_pixel_values"], padded["roi_pixel_values"][padded["roi_mask"].bool()]
+        )
+        assert batch["roi_pixel_values"].shape[0] == int(batch["roi_mask"].sum())
     outputs = tiny_model(roi_mode)(**batch, return_loss=True)
     assert set(outputs.loss_terms) == {
         "global_loss",

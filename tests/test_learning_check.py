@@ -19,15 +19,17 @@ import numpy as np
 import pytest
 import yaml
 
-from regionmed_clip.demo import HEADLINE
+from regionmed_clip.demo import HEADLINE, evaluated_on
 from regionmed_clip.learning_check import (
     REGION_ANNOTATIONS,
     SHUFFLED,
     aggregate,
     flat_figures,
+    markdown,
     shuffled_region_copy,
     verdict,
 )
+from regionmed_clip.training.config import DataSpec
 
 from .test_training import ENV, tiny_training_config
 
@@ -71,10 +73,39 @@ def test_aggregate_and_verdict_match_naive_statistics():
         "4-stage (region-aware)": {key: {"mean": 0.30, "std": 0.01}},
         "global-only": {key: {"mean": 0.25, "std": 0.02}},
     }
-    check = verdict(summary)[label]
+    check = verdict(summary, seeds=3)[label]
     assert check["margin"] == pytest.approx(0.05) and check["bar"] == pytest.approx(0.04) and check["beats"]
     summary["global-only"][key]["std"] = 0.03  # bar 0.06 > margin 0.05
-    assert not verdict(summary)[label]["beats"]
+    assert not verdict(summary, seeds=3)[label]["beats"]
+
+
+def test_fewer_than_three_seeds_give_no_verdict_and_the_report_names_its_dataset():
+    label, key = HEADLINE[0]
+    summary = {
+        "4-stage (region-aware)": {key: {"mean": 0.30, "std": 0.0}},
+        "global-only": {key: {"mean": 0.25, "std": 0.0}},
+    }
+    for seeds in (1, 2):
+        assert verdict(summary, seeds=seeds)[label] == {
+            "margin": pytest.approx(0.05),
+            "bar": None,
+            "beats": None,
+        }
+    data = DataSpec(path="data/chest-xray")
+    result = {
+        "seeds": [0],
+        "steps": {"global": 10},
+        "dataset": evaluated_on(data),
+        "summary": summary,
+        "verdict": verdict(summary, seeds=1),
+        "seconds": 60.0,
+    }
+    table = markdown(result)
+    assert "on the test split of data/chest-xray;" in table and "MedRegion-synth" not in table
+    row = next(line for line in table.splitlines() if line.startswith(f"| {label} |"))
+    assert row.endswith("| +0.050 | – | spread unknown (1 seed; needs 3) |")
+    synth = DataSpec(path="outputs/synth", synth={"train": 8})
+    assert evaluated_on(synth) == "the test split of MedRegion-synth (outputs/synth)"
 
 
 def tiny_check_config(tmp_path: Path) -> Path:

@@ -111,6 +111,21 @@ def test_padded_roi_slots_change_nothing(tokenizer, sample_batch, roi_mode):
     torch.testing.assert_close(outputs.loss, reference.loss)
 
 
+def test_flat_crops_give_what_padded_crops_give(tokenizer, sample_batch):
+    model = tiny_model("crop")
+    inputs = model_inputs(tokenizer, sample_batch, "crop")
+    mask = inputs["roi_mask"].bool()
+    assert not mask.all(), "the batch needs padded slots for the layouts to differ"
+    flat = {**inputs, "roi_pixel_values": inputs["roi_pixel_values"][mask]}
+    with torch.no_grad():
+        padded_outputs, flat_outputs = model(**inputs, return_loss=True), model(**flat, return_loss=True)
+    for field in ("region_embeds", "image_embeds", "loss"):
+        torch.testing.assert_close(getattr(flat_outputs, field), getattr(padded_outputs, field))
+    short = {**inputs, "roi_pixel_values": inputs["roi_pixel_values"][mask][1:]}
+    with pytest.raises(ValueError, match=f"holds {int(mask.sum()) - 1} flat crops but roi_mask marks"):
+        model(**short)
+
+
 @pytest.mark.parametrize("roi_mode", MODES)
 def test_save_load_round_trip_gives_identical_outputs(tmp_path, tokenizer, sample_batch, roi_mode):
     model = tiny_model(roi_mode)

@@ -82,10 +82,12 @@ class MedRegionCollator:
     r"""
     Turns a list of MedRegion rows into one batch for [`RegionMedCLIPModel`]: `pixel_values`; the detailed report
     as `input_ids` / `attention_mask`; the summary caption as `summary_input_ids` / `summary_attention_mask`; and,
-    with `with_regions`, `roi_boxes`, `roi_mask`, `roi_pixel_values` (crop mode), region captions and hard
-    negatives as the processor returns them. A batch in which no row has regions ("No Finding" rows) gets the same
-    fields with zero ROI slots, so that every batch of a stage has the same fields: distributed training gathers
-    region embeddings field by field, and a process whose batch lacked them would leave the others waiting.
+    with `with_regions`, `roi_boxes`, `roi_mask`, region captions and hard negatives as the processor returns them,
+    and in crop mode `roi_pixel_values` flat, `(real ROIs, 3, H, W)`: the real ROIs' crops in `roi_mask` order
+    (the model takes both layouts; padded slots carry no zero image here). A batch in which no row has regions
+    ("No Finding" rows) gets the same fields with zero ROI slots, so that every batch of a stage has the same
+    fields: distributed training gathers region embeddings field by field, and a process whose batch lacked them
+    would leave the others waiting.
 
     Which regions of an image with more than the processor's `max_regions` go into the batch depends on
     `region_sampling`:
@@ -217,6 +219,10 @@ class MedRegionCollator:
             **text_kwargs,
         )
         batch = dict(batch)
+        if "roi_pixel_values" in batch:
+            # Flat: only the real ROIs' crops travel on (to the main process, pinned memory and the device), not
+            # a zero image for every padded slot; `roi_mask` says whose each is.
+            batch["roi_pixel_values"] = batch["roi_pixel_values"][batch["roi_mask"].bool()]
         if self.label_index is not None:
             batch["labels"] = torch.tensor([self._label(row) for row in rows])
         return batch

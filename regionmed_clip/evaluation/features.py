@@ -217,7 +217,8 @@ def extract_features(
                 continue
             mask = outputs.region_mask
             if crops:
-                pixels = model_inputs({"crops": roi_crops[mask.cpu()]}, model)["crops"]
+                # The collator's crops are flat: those of the real ROIs, in `region_mask` order.
+                pixels = model_inputs({"crops": roi_crops}, model)["crops"]
                 embeds = model.get_image_features(pixel_values=pixels).pooler_output
                 parts["region_embeds"].append(torch.nn.functional.normalize(embeds.float(), dim=-1).cpu())
             else:
