@@ -520,6 +520,9 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         self.config.text_config._attn_implementation = self.text_model.config._attn_implementation
         self.vision_model.config = self.config.vision_config
         self.text_model.config = self.config.text_config
+        for module in self.vision_model.modules():
+            if isinstance(module, nn.MultiheadAttention) and module.batch_first:
+                module.register_forward_pre_hook(_sequence_first_keys)
 
         self.vision_embed_dim = config.vision_config.hidden_size
         self.text_embed_dim = config.text_config.hidden_size
@@ -1357,6 +1360,21 @@ def _normalized_image_outputs(features: "RegionMedCLIPImageFeatures") -> dict:
         dense_region_embeds=per_region(features.dense_region_embeds),
         proposal_logits=None if mask is None else features.proposal_logits,
     )
+
+
+def _sequence_first_keys(module: nn.MultiheadAttention, args: tuple) -> tuple | None:
+    """Forward pre-hook of a batch-first `nn.MultiheadAttention` in a vision tower (SigLIP's attention-pool head):
+    the keys (= values) laid out sequence-first in memory, same shape and values.
+
+    The module transposes its keys to `(L, B, E)` before projecting them. From batch-first memory that view cannot
+    be flattened into one matrix for B > 1, and torch's matmul then multiplies per key position against an expanded
+    copy of the key/value weight: L copies, 5 GB for SigLIP so400m at 448 px (1,024 positions), in the forward and
+    again in the backward, whatever the batch. Sequence-first keys flatten, and the projection is one matrix product.
+    One object goes in as both key and value, as the module's packed projection requires."""
+    if len(args) < 3 or args[1] is not args[2] or args[1].dim() != 3:
+        return None
+    keys = args[1].transpose(0, 1).contiguous().transpose(0, 1)
+    return (args[0], keys, keys, *args[3:])
 
 
 def _scatter(rows: torch.Tensor, where: torch.Tensor) -> torch.Tensor:

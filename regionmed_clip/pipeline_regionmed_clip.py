@@ -2,6 +2,7 @@
 region-aware whole image."""
 
 import torch
+import torch.nn.functional as F
 from transformers import Pipeline
 
 from .configuration_regionmed_clip import require_supported_transformers
@@ -25,9 +26,16 @@ class ZeroShotRegionClassificationPipeline(Pipeline):
     16-bit, DICOM), URLs, encoded bytes, NumPy arrays and torch tensors. A list of images is encoded `batch_size` images
     per forward (default `DEFAULT_BATCH_SIZE`, 8); `boxes` then holds one list of boxes per image.
 
-    Scores are softmaxes over the candidate labels, as in the `zero-shot-image-classification` pipeline: per box of
-    `logit_scale · region_embedsᵀ text_embeds`, and for the whole image of the model's `logits_per_image`, which uses
-    the region-aware image embedding when the image has boxes (the global one when it has none).
+    Scores follow the model's objective (`config.loss_objective`). An InfoNCE model's are softmaxes over the
+    candidate labels, as in the `zero-shot-image-classification` pipeline. A sigmoid model's (SigLIP's objective; a
+    converted SigLIP or MedSigLIP has it) are each label's own `sigmoid(logit_scale · cos + logit_bias)`, the scores
+    transformers' pipeline returns for the SigLIP source; transformers' pipeline on a RegionMed-CLIP folder applies
+    a softmax instead, since it keys the sigmoid on "siglip" in the model type. The logits are per box of
+    `region_embeds`, and for the whole image of the image embedding, region-aware when the image has boxes (the
+    global one when it has none).
+
+    The candidate labels are encoded once per call (each distinct text once), not once per image or batch: the
+    text tower's cost does not grow with the number of images.
 
     Example:
 
@@ -69,51 +77,66 @@ class ZeroShotRegionClassificationPipeline(Pipeline):
             for start in range(0, len(images), size)
         ]
         template = hypothesis_template or DEFAULT_HYPOTHESIS_TEMPLATE
+        label_embeds = self.label_embeddings([template.format(label) for label in candidate_labels])
         # Each group is one forward; transformers' own batching would collate per-image tensors instead.
         results = super().__call__(
-            groups, candidate_labels=list(candidate_labels), hypothesis_template=template, batch_size=1
+            groups, candidate_labels=list(candidate_labels), label_embeds=label_embeds, batch_size=1
         )
         flat = [result for group in results for result in group]
         return flat[0] if single else flat
 
-    def _sanitize_parameters(self, candidate_labels=None, hypothesis_template=None, **kwargs):
+    def label_embeddings(self, texts: list[str]) -> torch.Tensor:
+        """The normalised text embeddings `(len(texts), projection_dim)` of `texts`, each distinct text through the
+        text tower once, padded as the processor pads (a SigLIP-converted one to its fixed length)."""
+        distinct = list(dict.fromkeys(texts))
+        inputs = self.processor(text=distinct, return_tensors="pt")
+        inputs = {key: value.to(self.device) for key, value in inputs.items()}
+        with torch.no_grad():
+            embeds = F.normalize(self.model.get_text_features(**inputs).pooler_output, dim=-1)
+        return embeds[torch.tensor([distinct.index(text) for text in texts], device=embeds.device)]
+
+    def _sanitize_parameters(self, candidate_labels=None, label_embeds=None, **kwargs):
         preprocess_params = {}
         if candidate_labels is not None:
             preprocess_params["candidate_labels"] = candidate_labels
-        if hypothesis_template is not None:
-            preprocess_params["hypothesis_template"] = hypothesis_template
-        return preprocess_params, {}, {}
+        forward_params = {} if label_embeds is None else {"label_embeds": label_embeds}
+        return preprocess_params, forward_params, {}
 
-    def preprocess(self, group, candidate_labels=None, hypothesis_template=DEFAULT_HYPOTHESIS_TEMPLATE):
+    def preprocess(self, group, candidate_labels=None):
         boxes = [[] if image_boxes is None else image_boxes for image_boxes in group["boxes"]]
         inputs = self.processor(
-            text=[hypothesis_template.format(label) for label in candidate_labels],
             images=group["images"],
             boxes=boxes if any(len(image_boxes) for image_boxes in boxes) else None,
-            padding=True,
             return_tensors="pt",
         )
         dtype = self.model.dtype
         inputs = {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in inputs.items()}
         return {"inputs": inputs, "candidate_labels": candidate_labels, "boxes": boxes}
 
-    def _forward(self, model_inputs):
+    def _forward(self, model_inputs, label_embeds):
         outputs = self.model(**model_inputs["inputs"])
+        labels = label_embeds.to(outputs.image_embeds.dtype).t()
+        bias = None
+        if self.model.config.loss_objective == "sigmoid":
+            bias = outputs.logit_bias if outputs.logit_bias is not None else outputs.logit_scale.new_zeros(())
         region_logits = None
         if outputs.region_embeds is not None:
-            region_logits = outputs.logit_scale * outputs.region_embeds @ outputs.text_embeds.t()
+            region_logits = outputs.logit_scale * outputs.region_embeds @ labels
         return {
-            "logits_per_image": outputs.logits_per_image,
+            "logits_per_image": outputs.logit_scale * outputs.image_embeds @ labels,
             "region_logits": region_logits,
+            "logit_bias": bias,
             "candidate_labels": model_inputs["candidate_labels"],
             "boxes": model_inputs["boxes"],
         }
 
     def postprocess(self, model_outputs):
         labels = model_outputs["candidate_labels"]
+        bias = model_outputs["logit_bias"]
 
         def ranked(logits):
-            scores = logits.float().softmax(-1).tolist()
+            logits = logits.float()
+            scores = (logits.softmax(-1) if bias is None else torch.sigmoid(logits + bias.float())).tolist()
             return sorted(
                 ({"label": label, "score": score} for label, score in zip(labels, scores, strict=True)),
                 key=lambda item: -item["score"],

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import (
     AutoImageProcessor,
     AutoModel,
@@ -415,3 +416,85 @@ def test_medsiglip_recipe_runs_its_stages_on_a_tiny_siglip(sources, synth_folder
     model = RegionMedCLIPModel.from_pretrained(folder)
     assert model.config.loss_objective == "sigmoid" and model.config.roi_mode == "pool"
     assert model.roi_processor.gate.item() != 0.0
+
+
+def test_the_region_pipeline_gives_a_converted_siglip_the_scores_transformers_gives_the_source(
+    sources, converted
+):
+    """A sigmoid model's scores are each label's sigmoid(logit + bias), equal to transformers' zero-shot pipeline
+    on the SigLIP source (which pads every prompt to SigLIP's fixed length); transformers' pipeline on the converted
+    folder applies a softmax (it keys the sigmoid on the model type) and so only ranks the labels alike."""
+    # At the input size neither processor resizes (the source's resizes 8-bit data, this one floats), so both
+    # models see the same pixels.
+    image = _images()[0].resize((IMAGE_SIZE, IMAGE_SIZE))
+    template = "This is a photo of {}."
+    expected = pipeline("zero-shot-image-classification", model=str(sources["siglip"]))(
+        image, candidate_labels=LABELS, hypothesis_template=template
+    )
+    region = pipeline(
+        "zero-shot-region-classification", model=str(converted["siglip"]), trust_remote_code=True
+    )
+    scores = region(image, candidate_labels=LABELS, hypothesis_template=template)["image"]
+    assert [s["label"] for s in scores] == [s["label"] for s in expected]
+    for ours, source in zip(scores, expected, strict=True):
+        assert ours["score"] == pytest.approx(source["score"], abs=1e-6)
+    assert sum(s["score"] for s in scores) != pytest.approx(1.0)  # per-label sigmoids, not a softmax
+    standard = pipeline("zero-shot-image-classification", model=str(converted["siglip"]))(
+        image, candidate_labels=LABELS, hypothesis_template=template
+    )
+    assert sum(s["score"] for s in standard) == pytest.approx(1.0)
+
+
+def test_the_region_pipeline_encodes_each_distinct_label_once_per_call(converted):
+    region = pipeline("zero-shot-region-classification", model=str(converted["clip"]), trust_remote_code=True)
+    texts = []
+    region.model.text_model.register_forward_hook(
+        lambda module, args, kwargs, output: texts.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    images = _images() * 3
+    labels = [*LABELS, LABELS[0]]
+    results = region(images, candidate_labels=labels, batch_size=2)
+    assert texts == [
+        len(LABELS)
+    ]  # one text forward for 6 images in 3 batches, the repeated label encoded once
+    assert len(results) == 6 and all(len(result["image"]) == len(labels) for result in results)
+    one_by_one = [region(image, candidate_labels=labels)["image"] for image in images]
+    for result, alone in zip(results, one_by_one, strict=True):
+        assert [s["score"] for s in result["image"]] == pytest.approx([s["score"] for s in alone], abs=1e-6)
+
+
+class LargestTensor(TorchDispatchMode):
+    """The most elements any op of the block produced."""
+
+    def __init__(self):
+        super().__init__()
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        for tensor in output if isinstance(output, (tuple, list)) else (output,):
+            if isinstance(tensor, torch.Tensor):
+                self.elements = max(self.elements, tensor.numel())
+        return output
+
+
+def test_siglips_pooling_head_projects_its_keys_in_one_product_when_its_weights_are_frozen(converted):
+    """LoRA freezes the attention-pool head's weights. With frozen weights, torch's matmul does not flatten the
+    head's transposed batch-first keys and multiplies them per key position against an expanded weight copy
+    (positions × width × 2·width elements: 5 GB for SigLIP so400m at 448 px); the model lays the keys out so that
+    they flatten. The head's output is unchanged: the tests above that match the converted SigLIP's logits to the
+    source's run through it."""
+    model = RegionMedCLIPModel.from_pretrained(converted["siglip"]).train()
+    heads = [
+        module for module in model.vision_model.modules() if isinstance(module, torch.nn.MultiheadAttention)
+    ]
+    assert len(heads) == 1
+    for parameter in heads[0].parameters():
+        parameter.requires_grad_(False)
+    width = model.config.vision_config.hidden_size
+    positions = (IMAGE_SIZE // PATCH_SIZE) ** 2
+    pixels = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with LargestTensor() as largest:
+        features = model.get_image_features(pixels).pooler_output
+        features.sum().backward()
+    assert largest.elements < positions * width * 2 * width
