@@ -52,7 +52,7 @@ SHIPPED = (
     Shipped(
         "configs/demo.yaml",
         "as shipped (ViT 192 × 4 at 64 px, MiniLM-L6)",
-        {"cpu": (8, 16), "cuda": (32, 64)},
+        {"cpu": (16, 32), "cuda": (32, 64)},
     ),
     Shipped(
         "configs/paper.yaml",
