@@ -10,6 +10,7 @@ from transformers import (
     AutoImageProcessor,
     AutoModel,
     AutoModelForZeroShotImageClassification,
+    AutoModelForZeroShotObjectDetection,
     AutoProcessor,
 )
 
@@ -17,6 +18,7 @@ from .configuration_regionmed_clip import RegionMedCLIPConfig
 from .image_processing_regionmed_clip import RegionMedCLIPImageProcessor, decode_image
 from .loss_regionmed_clip import LOSS_TERMS, RegionMedCLIPLoss
 from .modeling_regionmed_clip import (
+    RegionMedCLIPForZeroShotObjectDetection,
     RegionMedCLIPImageFeatures,
     RegionMedCLIPModel,
     RegionMedCLIPOutput,
@@ -30,6 +32,9 @@ __version__ = "0.1.0"
 AutoConfig.register(RegionMedCLIPConfig.model_type, RegionMedCLIPConfig, exist_ok=True)
 AutoModel.register(RegionMedCLIPConfig, RegionMedCLIPModel, exist_ok=True)
 AutoModelForZeroShotImageClassification.register(RegionMedCLIPConfig, RegionMedCLIPModel, exist_ok=True)
+AutoModelForZeroShotObjectDetection.register(
+    RegionMedCLIPConfig, RegionMedCLIPForZeroShotObjectDetection, exist_ok=True
+)
 AutoImageProcessor.register(
     RegionMedCLIPConfig, image_processor_classes={"pil": RegionMedCLIPImageProcessor}, exist_ok=True
 )
@@ -44,6 +49,7 @@ RegionMedCLIPProcessor.register_for_auto_class("AutoProcessor")
 __all__ = [
     "LOSS_TERMS",
     "RegionMedCLIPConfig",
+    "RegionMedCLIPForZeroShotObjectDetection",
     "RegionMedCLIPImageFeatures",
     "RegionMedCLIPImageProcessor",
     "RegionMedCLIPLoss",

@@ -241,12 +241,16 @@ class RegionMedCLIPConfig(PretrainedConfig):
         _finish_base_init(self, **kwargs)
         if self.roi_intermediate_size is None:
             self.roi_intermediate_size = 4 * self.vision_config.hidden_size
-        # A class carries one auto class in `auto_map`; the zero-shot pipeline looks the model up under a second
-        # one, so a config exported for remote code names the model class under both.
+        # A class carries one auto class in `auto_map`; the zero-shot pipelines look the model up under others, so
+        # a config exported for remote code names the model class for classification and its detection class.
         if self._auto_class is not None:
             auto_map = dict(getattr(self, "auto_map", None) or {})
             model_class = auto_map.get("AutoModel", "modeling_regionmed_clip.RegionMedCLIPModel")
             auto_map.setdefault("AutoModelForZeroShotImageClassification", model_class)
+            auto_map.setdefault(
+                "AutoModelForZeroShotObjectDetection",
+                "modeling_regionmed_clip.RegionMedCLIPForZeroShotObjectDetection",
+            )
             self.auto_map = auto_map
             # The region pipeline travels with the model file (a relative import of it); naming it here lets
             # `pipeline("zero-shot-region-classification", model=folder, trust_remote_code=True)` find it.

@@ -22,7 +22,7 @@ from .training.run import train_in_subprocess
 #: The names of the compared models in every result, table and plot.
 AWARE, PLAIN = "4-stage (region-aware)", "global-only"
 #: The evaluation tasks both models are compared on (the baseline's in `make demo`, both in the learning check).
-COMPARED_TASKS = "zero_shot,retrieval,region,grounding"
+COMPARED_TASKS = "zero_shot,retrieval,region,grounding,localization"
 
 
 def global_only(config, output_dir: Path):
@@ -46,7 +46,7 @@ def global_only(config, output_dir: Path):
 #: Sections of an evaluation whose figures are aggregated; within them every numeric leaf is a figure except
 #: counts, per-class breakdowns, confidence intervals, chance and ceilings (their spread over seeds is not a figure of
 #: the model).
-SECTIONS = ("zero_shot", "retrieval", "region", "grounding", "few_shot")
+SECTIONS = ("zero_shot", "retrieval", "region", "grounding", "localization", "few_shot")
 SKIPPED_KEYS = ("num_", "per_class", "ci95", "scores", "chance", "ceiling", "provenance")
 
 
@@ -91,6 +91,12 @@ HEADLINE = (
     (
         f"zero-shot macro AUC ({BOX_FREE}, self-proposed regions)",
         "zero_shot/box_free/self-proposed/macro_auc",
+    ),
+    (f"finding pointing, caption query ({BOX_FREE})", "localization/caption/pointing_accuracy"),
+    (f"finding AP50, caption query ({BOX_FREE})", "localization/caption/ap50"),
+    (
+        f"finding heatmap pointing, caption query ({BOX_FREE})",
+        "localization/caption/heatmap_pointing_accuracy",
     ),
     (f"image → report R@1 ({GT_BOXES})", "retrieval/gt_boxes/region-aware/image_to_text/R@1"),
     (f"report → image R@1 ({GT_BOXES})", "retrieval/gt_boxes/region-aware/text_to_image/R@1"),

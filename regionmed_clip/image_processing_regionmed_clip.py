@@ -387,6 +387,43 @@ class RegionMedCLIPImageProcessor(_ImageProcessorBase):
                 images, boxes=boxes, return_tensors=return_tensors, **settings
             )
 
+    def post_process_object_detection(self, outputs, threshold: float = 0.1, target_sizes=None) -> list[dict]:
+        """Boxes and scores of [`RegionMedCLIPForZeroShotObjectDetection`]'s outputs, as OWL-ViT's image processor
+        returns them (what transformers' `zero-shot-object-detection` pipeline reads).
+
+        A score is a query's softmax over the image's proposals (its `logits` over the patches): the share of the
+        query's match that falls on that box, so one query's scores over one image sum to 1; each proposal keeps
+        its best query (`labels`). Proposals scoring at most `threshold` are left out.
+
+        Args:
+            outputs: The model's output (`logits`, `pred_boxes`).
+            threshold: Keep proposals scoring above this.
+            target_sizes: `(batch_size, 2)` tensor or list of `(height, width)`: boxes in those pixels (the original
+                images'), else in normalised coordinates.
+
+        Returns:
+            Per image, a dict with `scores` `(N,)`, `labels` `(N,)` (query index) and `boxes` `(N, 4)` as absolute
+            `(x0, y0, x1, y1)`.
+        """
+        logits, boxes = outputs["logits"], outputs["pred_boxes"]
+        scores, labels = logits.float().softmax(dim=1).max(dim=-1)  # (B, P)
+        centre, extent = boxes[..., :2].float(), boxes[..., 2:].float()
+        corners = torch.cat((centre - extent / 2, centre + extent / 2), dim=-1)
+        if target_sizes is not None:
+            sizes = torch.as_tensor(target_sizes, dtype=torch.float32, device=corners.device).reshape(-1, 2)
+            if len(sizes) != len(corners):
+                raise ValueError(f"Got {len(sizes)} target sizes for {len(corners)} images.")
+            height, width = sizes.unbind(-1)
+            corners = corners * torch.stack((width, height, width, height), dim=-1)[:, None, :]
+        return [
+            {
+                "scores": score[score > threshold],
+                "labels": label[score > threshold],
+                "boxes": box[score > threshold],
+            }
+            for score, label, box in zip(scores, labels, corners, strict=True)
+        ]
+
     @staticmethod
     def _view(height: int, width: int, size, shortest_edge: int | None) -> tuple[int, int, int, int]:
         """`(resized_height, resized_width, top, left)`: the size a whole image is resized to and the offset of the

@@ -34,29 +34,41 @@ except ImportError:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def propose_regions(proposal_logits: torch.Tensor, num_regions: int) -> torch.Tensor:
-    """`num_regions` boxes `(B, K, 4)` per image from the proposer's `(B, H', W', 5)` output, deterministically.
-
-    Patches are ranked by objectness, local maxima (a 3 × 3 neighbourhood) first, so K boxes come from K different
-    peaks while the map has them; ties keep the token order. Each box is the patch centre plus its predicted edge
-    distances, widened to at least one patch and clipped to the image, so every box lies inside [0, 1].
-    """
-    batch_size, grid_h, grid_w = proposal_logits.shape[:3]
-    if num_regions > grid_h * grid_w:
-        raise ValueError(f"auto_regions={num_regions} exceeds the {grid_h}x{grid_w} patch grid.")
+def objectness_peaks(proposal_logits: torch.Tensor) -> torch.Tensor:
+    """`(B, H'·W')` bool: the patches whose objectness is the largest of their 3 × 3 neighbourhood (ties included),
+    from the proposer's `(B, H', W', 5)` output."""
     scores = proposal_logits[..., 0].float()
     peaks = scores == F.max_pool2d(scores[:, None], 3, stride=1, padding=1)[:, 0]
-    scores, peaks = scores.reshape(batch_size, -1), peaks.reshape(batch_size, -1)
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    order = order.gather(1, torch.sort((~peaks).gather(1, order).to(torch.uint8), dim=1, stable=True).indices)
-    chosen = order[:, :num_regions]  # (B, K)
-    centres = patch_centres(grid_h, grid_w, proposal_logits.device)[chosen]  # (B, K, 2)
+    return peaks.flatten(1)
+
+
+def patch_boxes(proposal_logits: torch.Tensor) -> torch.Tensor:
+    """The box `(B, H'·W', 4)` (x0, y0, x1, y1 fractions) the proposer predicts at every patch: the patch centre
+    plus its predicted edge distances, widened to at least one patch and clipped to the image."""
+    batch_size, grid_h, grid_w = proposal_logits.shape[:3]
+    centres = patch_centres(grid_h, grid_w, proposal_logits.device)[None]  # (1, P, 2)
     distances = proposal_logits[..., 1:].float().sigmoid().reshape(batch_size, -1, 4)
-    distances = distances.gather(1, chosen[..., None].expand(-1, -1, 4))
     half = torch.tensor([0.5 / grid_w, 0.5 / grid_h], device=proposal_logits.device)
     low = (centres - torch.maximum(distances[..., :2], half)).clamp(0.0, 1.0)
     high = (centres + torch.maximum(distances[..., 2:], half)).clamp(0.0, 1.0)
     return torch.cat((low, high), dim=-1)
+
+
+def propose_regions(proposal_logits: torch.Tensor, num_regions: int) -> torch.Tensor:
+    """`num_regions` boxes `(B, K, 4)` per image from the proposer's `(B, H', W', 5)` output, deterministically.
+
+    Patches are ranked by objectness, local maxima (a 3 × 3 neighbourhood, [`objectness_peaks`]) first, so K boxes
+    come from K different peaks while the map has them; ties keep the token order. Each box is the patch's
+    [`patch_boxes`] box, so every box lies inside [0, 1].
+    """
+    batch_size, grid_h, grid_w = proposal_logits.shape[:3]
+    if num_regions > grid_h * grid_w:
+        raise ValueError(f"auto_regions={num_regions} exceeds the {grid_h}x{grid_w} patch grid.")
+    scores, peaks = proposal_logits[..., 0].float().reshape(batch_size, -1), objectness_peaks(proposal_logits)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    order = order.gather(1, torch.sort((~peaks).gather(1, order).to(torch.uint8), dim=1, stable=True).indices)
+    chosen = order[:, :num_regions]  # (B, K)
+    return patch_boxes(proposal_logits).gather(1, chosen[..., None].expand(-1, -1, 4))
 
 
 def crop_regions(pixel_values: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
@@ -247,6 +259,36 @@ class RegionMedCLIPImageFeatures(BaseModelOutputWithPooling):
     region_boxes: torch.FloatTensor | None = None
     dense_region_embeds: torch.FloatTensor | None = None
     proposal_logits: torch.FloatTensor | None = None
+
+
+@dataclass
+class RegionMedCLIPObjectDetectionOutput(ModelOutput):
+    r"""
+    Output of [`RegionMedCLIPForZeroShotObjectDetection`], in OWL-ViT's contract (one box and one logit per patch
+    and query), which transformers' `zero-shot-object-detection` pipeline reads through the image processor's
+    `post_process_object_detection`.
+
+    Args:
+        logits (`torch.FloatTensor` of shape `(batch_size, num_patches, num_queries)`):
+            For the box each patch proposes: `logit_scale · cos(box embedding, query) + log σ(objectness)`, where
+            the box embedding is the RoIAlign of the projected patch features over the box (the box-free
+            `dense_region_embeds`). Patches that are not an objectness peak (the largest of their 3 × 3
+            neighbourhood) hold the dtype's lowest value: each peak stands for the boxes around it.
+        pred_boxes (`torch.FloatTensor` of shape `(batch_size, num_patches, 4)`):
+            Each patch's proposed box as normalised `(center_x, center_y, width, height)`.
+        objectness_logits (`torch.FloatTensor` of shape `(batch_size, num_patches)`):
+            The proposer's objectness logit of each patch (the text plays no part in it).
+        similarity (`torch.FloatTensor` of shape `(batch_size, num_queries, grid_height, grid_width)`):
+            Cosine similarity of each patch feature with each query: the heatmap `explain` draws.
+        text_embeds (`torch.FloatTensor` of shape `(num_queries, projection_dim)`):
+            The normalised query embeddings.
+    """
+
+    logits: torch.FloatTensor | None = None
+    pred_boxes: torch.FloatTensor | None = None
+    objectness_logits: torch.FloatTensor | None = None
+    similarity: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1017,6 +1059,45 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         grid = self._patch_grid(last_hidden_state, pixel_values)
         return self.visual_projection(grid.permute(0, 2, 3, 1))
 
+    def localize(
+        self, pixel_values: torch.Tensor, text_embeds: torch.Tensor
+    ) -> RegionMedCLIPObjectDetectionOutput:
+        """Where each text query lies in each image, without boxes: one proposed box and one logit per patch and
+        query (see [`RegionMedCLIPObjectDetectionOutput`]), and the patch–query heatmaps.
+
+        Args:
+            pixel_values: `(batch_size, 3, H, W)` images.
+            text_embeds: `(num_queries, projection_dim)` normalised query embeddings (`get_text_features`).
+        """
+        if getattr(self.config.vision_config, "patch_size", None) is None:
+            raise ValueError(f"The {self.config.vision_config.model_type} vision tower has no patch grid.")
+        last_hidden_state = self.vision_model(pixel_values=pixel_values, return_dict=True).last_hidden_state
+        grid = self._patch_grid(last_hidden_state, pixel_values)
+        proposal_logits = self.region_proposer(grid)
+        patch_embeds = self.visual_projection(grid.permute(0, 2, 3, 1))  # (B, H', W', D)
+        boxes = patch_boxes(proposal_logits).to(patch_embeds.dtype)  # (B, P, 4) corners
+        box_embeds = roi_align(
+            patch_embeds.permute(0, 3, 1, 2),
+            boxes,
+            self.config.roi_align_size,
+            self.config.roi_sampling_ratio,
+        )
+        text_embeds = text_embeds.to(patch_embeds.dtype)
+        objectness = proposal_logits[..., 0].flatten(1)  # (B, P)
+        logits = self.logit_scale.exp() * F.normalize(box_embeds, dim=-1) @ text_embeds.t()
+        logits = logits + F.logsigmoid(objectness.to(logits.dtype))[..., None]
+        logits = logits.masked_fill(
+            ~objectness_peaks(proposal_logits)[..., None], torch.finfo(logits.dtype).min
+        )
+        centres, extents = (boxes[..., :2] + boxes[..., 2:]) / 2, boxes[..., 2:] - boxes[..., :2]
+        return RegionMedCLIPObjectDetectionOutput(
+            logits=logits,
+            pred_boxes=torch.cat((centres, extents), dim=-1),
+            objectness_logits=objectness,
+            similarity=torch.einsum("bhwd,qd->bqhw", F.normalize(patch_embeds, dim=-1), text_embeds),
+            text_embeds=text_embeds,
+        )
+
     # ---- forward ------------------------------------------------------------------------------------------------
 
     def forward(
@@ -1262,6 +1343,51 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         return model
 
 
+class RegionMedCLIPForZeroShotObjectDetection(RegionMedCLIPModel):
+    r"""
+    Text-queried localization without boxes: for each image and each text query, a score and a box per patch, in
+    OWL-ViT's output contract, so `pipeline("zero-shot-object-detection", model=folder)` finds a finding by its
+    description. The weights are [`RegionMedCLIPModel`]'s (any saved folder loads as this class).
+
+    Each patch's box is the one the region proposer predicts there. A box is scored by the region–text similarity
+    of its RoIAlign over the projected patch features (the box-free region embedding that `dense_loss` aligns with
+    region captions) plus the log of the proposer's objectness, and only objectness peaks are kept, so that one
+    finding gives one box. `post_process_object_detection` of the image processor turns a query's logits into a
+    softmax over the image's proposals: the scores of one query over one image sum to 1 and say where the finding
+    is most likely to be, given that it is there; they do not say whether it is there.
+
+    Example:
+
+    ```python
+    >>> from transformers import pipeline
+    >>> detector = pipeline("zero-shot-object-detection", model="path/to/regionmed-clip", trust_remote_code=True)
+    >>> detector("scan.png", candidate_labels=["round nodule in the upper left"], threshold=0.1)
+    ```
+    """
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.FloatTensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> RegionMedCLIPObjectDetectionOutput | tuple:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(num_queries, sequence_length)`):
+                The text queries, each scored against every image.
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+                The images, as the image processor returns them.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        _, text_embeds = self._encode_text(input_ids, attention_mask, token_type_ids, position_ids)
+        outputs = self.localize(pixel_values, F.normalize(text_embeds, dim=-1))
+        return outputs if return_dict else outputs.to_tuple()
+
+
 def _dual_encoder_kind(source: PreTrainedModel, where: str) -> str:
     """`"siglip"` for a SigLIP-family source (towers compared directly, a logit bias), `"projected"` for
     CLIP-style sources with `visual_projection` / `text_projection`."""
@@ -1390,11 +1516,15 @@ def _hub_kwargs(kwargs: dict) -> dict:
 
 
 __all__ = [
+    "RegionMedCLIPForZeroShotObjectDetection",
     "RegionMedCLIPImageFeatures",
     "RegionMedCLIPModel",
+    "RegionMedCLIPObjectDetectionOutput",
     "RegionMedCLIPOutput",
     "RegionMedCLIPPreTrainedModel",
     "crop_regions",
+    "objectness_peaks",
+    "patch_boxes",
     "propose_regions",
     "roi_align",
 ]

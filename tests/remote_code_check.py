@@ -4,7 +4,8 @@ transformers, pillow, numpy and pydicom (never this package).
     python tests/remote_code_check.py FOLDER INPUTS.json WORKDIR
 
 Loads FOLDER (saved by the main environment) through the Auto classes with `trust_remote_code=True`, scores the
-inputs of INPUTS.json with the model, the zero-shot pipeline and the region pipeline, computes the loss of
+inputs of INPUTS.json with the model, the zero-shot pipeline, the region pipeline and the zero-shot-object-detection
+pipeline, computes the loss of
 `return_loss=True` (the objective file travels with the model file), saves and reloads the model and processor under
 WORKDIR, and prints one JSON report on the last line of stdout. `tests/test_remote_code_compat.py`
 compares the report with the main environment's own scores.
@@ -58,6 +59,9 @@ def main(folder: str, inputs_path: str, workdir: str) -> dict:
         hypothesis_template=template,
     )
 
+    detector = pipeline("zero-shot-object-detection", model=folder, trust_remote_code=True)
+    detection = detector(images[0], candidate_labels=labels, threshold=0.0)
+
     # The pretraining objective ships in the folder too: image i paired with label i, with its boxes.
     paired = processor(text=labels[: len(images)], images=images, boxes=boxes, return_tensors="pt")
     with torch.no_grad():
@@ -84,6 +88,7 @@ def main(folder: str, inputs_path: str, workdir: str) -> dict:
         "loss_terms": loss_terms,
         "zero_shot": zero_shot,
         "region": region_results,
+        "detection": detection,
         "resaved_logits": logits_of(reloaded_model, reloaded_processor),
         "eager_towers": [
             eager.config.vision_config._attn_implementation,

@@ -74,6 +74,7 @@ def test_saved_folder_holds_remote_code_auto_map_and_safetensors_only(saved_fold
         "AutoConfig": "configuration_regionmed_clip.RegionMedCLIPConfig",
         "AutoModel": "modeling_regionmed_clip.RegionMedCLIPModel",
         "AutoModelForZeroShotImageClassification": "modeling_regionmed_clip.RegionMedCLIPModel",
+        "AutoModelForZeroShotObjectDetection": "modeling_regionmed_clip.RegionMedCLIPForZeroShotObjectDetection",
     }
     processor_config = json.loads((saved_folder / "processor_config.json").read_text())
     assert processor_config["auto_map"]["AutoProcessor"] == "processing_regionmed_clip.RegionMedCLIPProcessor"

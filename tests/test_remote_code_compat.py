@@ -15,9 +15,10 @@ import numpy as np
 import pydicom.data
 import pytest
 import torch
+from PIL import Image
 from transformers import AutoModel, AutoProcessor, pipeline
 
-from regionmed_clip import ZeroShotRegionClassificationPipeline
+from regionmed_clip import RegionMedCLIPForZeroShotObjectDetection, ZeroShotRegionClassificationPipeline
 
 from .conftest import make_processor, random_image, tiny_model
 from .test_hub_integration import BLOCK_PACKAGE
@@ -34,7 +35,10 @@ IN_CI = os.environ.get("CI") == "true"
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory, tokenizer):
     folder = tmp_path_factory.mktemp("regionmed-clip-compat")
-    tiny_model("pool").save_pretrained(folder)
+    model = tiny_model("pool")
+    with torch.no_grad():  # a proposer with peaks and boxes of several sizes (it starts at zero)
+        model.region_proposer.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(0))
+    model.save_pretrained(folder)
     make_processor(tokenizer, "pool").save_pretrained(folder)
     return folder
 
@@ -198,6 +202,81 @@ def _assert_report_matches(report, expected):
                 _by_label(got_box["scores"]), _by_label(want_box["scores"]), rtol=0, atol=1e-5
             )
     assert report["eager_towers"] == ["eager", "eager"]
+    _assert_same_detections(report["detection"], expected["detection"])
+
+
+def _expected_detections(folder, image, label):
+    """Per proposal of one label (a peak of the objectness map): the softmax score and the box in pixels, from the
+    detection model's own forward."""
+    model = RegionMedCLIPForZeroShotObjectDetection.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    with torch.no_grad():
+        outputs = model(
+            **processor.tokenizer(label, return_tensors="pt"),
+            pixel_values=processor.image_processor(image, return_tensors="pt")["pixel_values"],
+        )
+    peaks = outputs.logits[0, :, 0] > torch.finfo(outputs.logits.dtype).min
+    scores = outputs.logits[0, :, 0].softmax(0)[peaks]
+    centre, extent = outputs.pred_boxes[0, peaks, :2], outputs.pred_boxes[0, peaks, 2:]
+    corners = torch.cat((centre - extent / 2, centre + extent / 2), -1) * torch.tensor(
+        [image.width, image.height, image.width, image.height]
+    )
+    return scores, corners
+
+
+def test_zero_shot_object_detection_pipeline_finds_text_queries_with_the_models_boxes(folder, images):
+    image = Image.open(images[0][1]).convert("RGB")
+    detector = pipeline("zero-shot-object-detection", model=str(folder))
+    assert isinstance(detector.model, RegionMedCLIPForZeroShotObjectDetection)
+    labels = LABELS[:2]
+    results = detector(image, candidate_labels=labels, threshold=0.0)
+    for label in labels:
+        found = [result for result in results if result["label"] == label]
+        scores, corners = _expected_detections(folder, image, label)
+        assert 1 < len(found) == len(scores) < 36  # every proposal, and fewer proposals than patches
+        assert sum(result["score"] for result in found) == pytest.approx(1.0, abs=1e-5)
+        best = found[0]
+        assert best["score"] == pytest.approx(float(scores.max()), abs=1e-6)
+        box = corners[scores.argmax()]
+        assert [best["box"][key] for key in ("xmin", "ymin", "xmax", "ymax")] == [int(v) for v in box]
+    top = detector(image, candidate_labels=labels, threshold=0.2)
+    assert all(result["score"] > 0.2 for result in top) and len(top) < len(results)
+
+
+def test_zero_shot_object_detection_runs_from_the_folder_where_the_package_cannot_be_imported(
+    folder, images, tmp_path
+):
+    code = BLOCK_PACKAGE + (
+        "import json\nfrom PIL import Image\nfrom transformers import pipeline\n"
+        f"p = pipeline('zero-shot-object-detection', model={str(folder)!r}, trust_remote_code=True)\n"
+        f"image = Image.open({images[0][1]!r}).convert('RGB')\n"
+        f"print(json.dumps(p(image, candidate_labels={LABELS!r}, threshold=0.0)))\n"
+    )
+    env = {
+        **os.environ,
+        "HF_HOME": str(tmp_path / "hf"),
+        "PYTHONPATH": "",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd="/", env=env, capture_output=True, text=True, timeout=240
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = json.loads(result.stdout.strip().splitlines()[-1])
+    local = pipeline("zero-shot-object-detection", model=str(folder))(
+        Image.open(images[0][1]).convert("RGB"), candidate_labels=LABELS, threshold=0.0
+    )
+    _assert_same_detections(remote, local)
+
+
+def _assert_same_detections(got: list[dict], want: list[dict]):
+    def key(result):
+        return (result["label"], tuple(result["box"].values()))
+
+    assert sorted(map(key, got)) == sorted(map(key, want))
+    scores = {key(result): result["score"] for result in want}
+    for result in got:
+        assert result["score"] == pytest.approx(scores[key(result)], abs=1e-5)
 
 
 def test_region_pipeline_runs_from_the_folder_where_the_package_cannot_be_imported(folder, images, tmp_path):

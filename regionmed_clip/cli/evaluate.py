@@ -1,4 +1,5 @@
-"""`regionmed-clip eval` (every figure of the paper from one harness) and `explain` (a patch-to-text heatmap)."""
+"""`regionmed-clip eval` (every figure of the paper from one harness), `explain` (a patch-to-text heatmap) and
+`locate` (the best boxes for a text, without boxes given)."""
 
 import argparse
 import inspect
@@ -51,9 +52,30 @@ def add_explain_command(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+def add_locate_command(subparsers) -> argparse.ArgumentParser:
+    import json
+
+    from ..evaluation.grounding import locate
+
+    parser = subparsers.add_parser(
+        "locate",
+        help="find a text in an image without boxes: the best boxes over the heatmap",
+        description=inspect.getdoc(locate).split("\n\n")[0],
+    )
+    options = add_options(parser, locate, aliases={"model_path": "--model"})
+
+    def run(args) -> int:
+        print(json.dumps(options.build(args), indent=2))
+        return 0
+
+    parser.set_defaults(run=run)
+    return parser
+
+
 def register(subparsers) -> None:
     add_eval_command(subparsers)
     add_explain_command(subparsers)
+    add_locate_command(subparsers)
 
 
-__all__ = ["add_eval_command", "add_explain_command", "register"]
+__all__ = ["add_eval_command", "add_explain_command", "add_locate_command", "register"]

@@ -270,8 +270,54 @@ def explain(
     return save_heatmap_overlay(image, similarity, out, title=text)
 
 
+def locate(
+    model_path: str | os.PathLike,
+    image: str | os.PathLike,
+    text: str,
+    out: str | os.PathLike = "locate.png",
+    top_k: int = 3,
+    device: str = "auto",
+) -> dict:
+    """Find `text` in `image` without boxes: the `top_k` best boxes of the `zero-shot-object-detection` pipeline,
+    drawn with their scores over the heatmap `explain` draws, into `out`.
+
+    Runs in float32 on `device`. Returns `{"detections": [{"score", "label", "box"}, ...], "out": path}`, boxes in
+    the image's pixels. A score is the query's share over the image's proposals (see
+    [`RegionMedCLIPForZeroShotObjectDetection`]): where the finding most likely is, not whether it is there.
+
+    Args:
+        model_path: Model folder or Hub id.
+        image: Image file (PNG, JPEG, DICOM, ...).
+        text: The finding to find, e.g. a region caption.
+        out: The PNG to write.
+        top_k: Boxes to return and draw.
+        device: `auto` (CUDA when available, else the CPU), `cpu`, `cuda` or `cuda:N`.
+    """
+    from PIL import Image
+    from transformers import AutoModel, AutoProcessor, pipeline
+
+    import regionmed_clip  # noqa: F401  (registers the Auto classes)
+
+    from ..image_processing_regionmed_clip import decode_image
+
+    target = resolve_device(device)
+    # transformers' pipeline reads images with its own loader, which knows no DICOM: it gets the decoded pixels.
+    picture = Image.fromarray((decode_image(image) * 255).round().astype(np.uint8))
+    detector = pipeline(
+        "zero-shot-object-detection", model=str(model_path), dtype=torch.float32, device=target
+    )
+    detections = detector(picture, candidate_labels=[text], threshold=0.0, top_k=top_k)
+    model = AutoModel.from_pretrained(model_path, dtype=torch.float32).to(target).eval()
+    similarity = patch_text_similarity(model, AutoProcessor.from_pretrained(model_path), image, text)
+    boxes = [tuple(result["box"][key] for key in ("xmin", "ymin", "xmax", "ymax")) for result in detections]
+    scores = ", ".join(f"{result['score']:.2f}" for result in detections)
+    path = save_heatmap_overlay(image, similarity, out, title=f"{text} (top boxes: {scores})", boxes=boxes)
+    return {"detections": detections, "out": str(path)}
+
+
 __all__ = [
     "explain",
+    "locate",
     "grounding_metrics",
     "patch_text_similarity",
     "pointing_accuracy",

@@ -11,7 +11,8 @@ needs at test time:
 - `gt_boxes`: with the split's ground-truth boxes as input (`region-aware`: z_fused). Labelled "GT boxes at test".
 
 Region-level sections (`region`, `grounding`) need boxes by definition; each carries `controls`, the same metric
-measured by a model that sees no image (see `controls.py`), trained on `support_split`.
+measured by a model that sees no image (see `controls.py`), trained on `support_split`. `localization` finds each
+finding from its text and the image alone (box-free), beside an objectness-only and a box-prior control.
 """
 
 import dataclasses
@@ -102,13 +103,14 @@ class EvalContext:
 
 def split_regions(data_path: str | Path, split: str) -> dict:
     """Every region of a split without decoding its pixels, in evaluation order: `boxes` `(N, 4)` as fractions
-    of the image, `captions`, `negatives` and `image` (the row index of each region)."""
+    of the image, `captions`, `terms` (empty where a region names none), `negatives` and `image` (the row index of
+    each region)."""
     from datasets import Image
 
     from ..data.collator import image_input, load_rows, region_passes
 
     rows = load_rows(data_path, split).cast_column("image", Image(decode=False))
-    boxes, captions, negatives, images = [], [], [], []
+    boxes, captions, terms, negatives, images = [], [], [], [], []
     for index, row in enumerate(rows):
         regions = [region for part in region_passes(row, 1) for region in part["regions"]]
         if not regions:
@@ -118,11 +120,13 @@ def split_regions(data_path: str | Path, split: str) -> dict:
             x0, y0, x1, y1 = region["bbox"]
             boxes.append((x0 / width, y0 / height, x1 / width, y1 / height))
             captions.append(region["caption"])
+            terms.append(region.get("term") or "")
             negatives.append(list(region["negatives"] or []))
             images.append(index)
     return {
         "boxes": np.array(boxes, dtype=np.float64).reshape(-1, 4),
         "captions": captions,
+        "terms": terms,
         "negatives": negatives,
         "image": torch.tensor(images, dtype=torch.long),
     }
@@ -395,12 +399,34 @@ def task_vqa(ctx: EvalContext) -> dict:
     }
 
 
+def task_localization(ctx: EvalContext) -> dict | None:
+    """Text-queried localization from the image alone (see `localization.py`), queried by each finding's caption
+    and, where the data names terms, by its term alone; each beside its objectness-only and box-prior controls."""
+    from .localization import QUERY_KINDS, localization_metrics
+
+    section = {}
+    for kind in QUERY_KINDS:
+        figures = localization_metrics(
+            ctx.model,
+            ctx.processor,
+            ctx.rows,
+            ctx.training_regions,
+            kind=kind,
+            batch_size=ctx.batch_size,
+            max_length=ctx.features.max_length,
+        )
+        if figures is not None:
+            section[kind] = figures
+    return section or None
+
+
 TASKS: dict[str, Callable[[EvalContext], dict | None]] = {
     "zero_shot": task_zero_shot,
     "few_shot": task_few_shot,
     "retrieval": task_retrieval,
     "region": task_region,
     "grounding": task_grounding,
+    "localization": task_localization,
     "vqa": task_vqa,
 }
 
@@ -519,7 +545,8 @@ def run_evaluation(
         model_path: Model folder or Hub id.
         data_path: Dataset folder or Hub id (the MedRegion layout).
         out_dir: Where metrics.json, metrics.md and roc_curves.png go.
-        tasks: Comma-separated tasks (zero_shot, few_shot, retrieval, region, grounding, vqa), or `all`.
+        tasks: Comma-separated tasks (zero_shot, few_shot, retrieval, region, grounding, localization, vqa), or
+            `all`.
         split: The split evaluated.
         support_split: The split few-shot support images are drawn from, and the no-image controls fitted on.
         templates: A YAML file of prompt `templates` and `class_names` (default: the medical template set).

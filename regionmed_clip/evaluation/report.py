@@ -153,7 +153,32 @@ def markdown_tables(metrics: dict) -> str:
         lines += [""]
     if "region" in metrics or "grounding" in metrics:
         lines += _region_table(metrics)
+    if "localization" in metrics:
+        lines += _localization_table(metrics["localization"])
     return "\n".join(lines)
+
+
+def _localization_table(section: dict) -> list[str]:
+    lines = [
+        "## Localization without boxes (the text and the image only, %)",
+        "",
+        "The top proposal of each (image, finding) query; AP50 over the split. Controls: the same proposals ranked "
+        "by objectness alone (text ignored), and the training split's mean box of the text (no image). The heatmap "
+        "rows read the patch–text similarity map (`explain`); a global-only model's own rows are its control.",
+        "",
+        "| query | metric | model | objectness only | box prior |",
+        "|---|---|---|---|---|",
+    ]
+    for kind, figures in section.items():
+        controls = figures["controls"]
+        for key, name in (("pointing_accuracy", "pointing"), ("mean_iou", "mean IoU"), ("ap50", "AP50")):
+            lines.append(
+                f"| {kind} ({figures['num_queries']} queries) | {name} | {_pct(figures[key])} | "
+                f"{_pct(controls['objectness_only'][key])} | {_pct(controls['box_prior'][key])} |"
+            )
+        lines.append(f"| {kind} | heatmap pointing | {_pct(figures['heatmap_pointing_accuracy'])} | | |")
+        lines.append(f"| {kind} | heatmap CNR (ratio) | {figures['cnr']:.2f} | | |")
+    return lines + [""]
 
 
 def _control(result: dict | None, *path: str) -> str:
