@@ -443,6 +443,25 @@ def test_every_region_is_scored_in_passes_and_equals_its_own_forward(synth_folde
     torch.testing.assert_close(features.gt_boxes["region-aware"][0], aware, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("region_path", ["roi_processor", "global_on_crops"])
+def test_features_collated_in_worker_processes_equal_those_collated_in_process(
+    synth_folder, tokenizer, region_path
+):
+    from regionmed_clip.data.collator import load_rows
+    from regionmed_clip.evaluation import extract_features
+
+    rows = load_rows(synth_folder, "test")
+    model, processor = tiny_model("pool"), make_processor(tokenizer, max_regions=2)
+    settings = {"batch_size": 3, "max_length": 32, "region_path": region_path, "progress": False}
+    alone = extract_features(model, processor, rows, **settings)
+    workers = extract_features(model, processor, rows, num_workers=2, **settings)
+    for field in ("region_embeds", "region_image", "region_boxes", "report_embeds"):
+        assert torch.equal(getattr(alone, field), getattr(workers, field)), field
+    assert alone.region_captions == workers.region_captions and alone.labels == workers.labels
+    for name, embeds in alone.box_free.items():
+        assert torch.equal(embeds, workers.box_free[name]), name
+
+
 def write_split(folder, split: str, rows: list[dict]) -> None:
     from datasets import Dataset
 

@@ -99,10 +99,13 @@ def tokenizer_limit(processor, model) -> int:
 
 
 def model_inputs(inputs, model) -> dict[str, torch.Tensor]:
-    """Tensors on the model's device, floating ones in its dtype (the processor returns float32)."""
+    """Tensors on the model's device, floating ones in its dtype (the processor returns float32); copied without
+    waiting where they come from pinned memory."""
     parameter = next(model.parameters())
     return {
-        key: value.to(parameter.device, parameter.dtype if value.is_floating_point() else None)
+        key: value.to(
+            parameter.device, parameter.dtype if value.is_floating_point() else None, non_blocking=True
+        )
         for key, value in inputs.items()
     }
 
@@ -159,6 +162,45 @@ def _count_longer(tokenizer, texts: list[str], max_length: int) -> int:
     return sum(len(ids) > max_length for ids in lengths)
 
 
+class FeatureBatches(torch.utils.data.Dataset):
+    """Item `b`: the `b`-th batch of `batch_size` rows, collated pass by pass ([`region_passes`]: each pass holds
+    at most `max_regions` regions of each row, so every region is embedded). An item is `start` (the first row),
+    `reports` and `labels` of its rows, and per pass its `members` (row offsets), the `chosen` regions of each
+    member in slot order, and the collated `batch`. A `DataLoader` runs it in worker processes, so decoding and
+    preprocessing overlap the model's forwards."""
+
+    def __init__(self, rows, collator: MedRegionCollator, batch_size: int, crops_on_the_side: bool):
+        self.rows, self.collator, self.batch_size = rows, collator, batch_size
+        self.crops_on_the_side = crops_on_the_side
+
+    def __len__(self) -> int:
+        return -(-len(self.rows) // self.batch_size)
+
+    def __getitem__(self, index: int) -> dict:
+        start = index * self.batch_size
+        batch_rows = [self.rows[i] for i in range(start, min(start + self.batch_size, len(self.rows)))]
+        slots = self.collator.processor.image_processor.max_regions
+        passes = [region_passes(row, slots) for row in batch_rows]
+        collated = []
+        for number in range(max(len(row_passes) for row_passes in passes)):
+            members = [i for i, row_passes in enumerate(passes) if len(row_passes) > number]
+            pass_rows = [passes[i][number] for i in members]
+            batch = self.collator(pass_rows)
+            for unused in ("summary_input_ids", "summary_attention_mask", "labels"):
+                batch.pop(unused, None)
+            crops = batch.pop("roi_pixel_values", None) if self.crops_on_the_side else None
+            if number > 0:  # later passes only add regions; the reports are in already
+                batch.pop("input_ids", None), batch.pop("attention_mask", None)
+            chosen = [row.get("regions") or [] for row in pass_rows]
+            collated.append({"members": members, "chosen": chosen, "batch": batch, "crops": crops})
+        return {
+            "start": start,
+            "reports": [row["detailed_report"] for row in batch_rows],
+            "labels": [row["label"] for row in batch_rows],
+            "passes": collated,
+        }
+
+
 @torch.no_grad()
 def extract_features(
     model,
@@ -170,12 +212,14 @@ def extract_features(
     region_path: str = "roi_processor",
     self_proposed: int = 0,
     progress: bool = True,
+    num_workers: int = 0,
 ) -> SplitFeatures:
     """Run `model` over `rows` (a `Dataset` or a list) on the device its parameters are on; every region of every
     row is embedded (see the module's decisions). With `self_proposed = K > 0`, `box_free` also holds
     `self-proposed`: the region-aware embedding of the image alone with K regions from the model's own proposer
-    (what `get_image_features` returns for `auto_regions=K`). The model runs in eval mode and is put back in the
-    mode it was in."""
+    (what `get_image_features` returns for `auto_regions=K`). Batches are collated by a `DataLoader` with
+    `num_workers` worker processes (0: in this process), into pinned memory for a CUDA model. The model runs in
+    eval mode and is put back in the mode it was in."""
     if region_path not in REGION_PATHS:
         raise ValueError(f"region_path must be one of {REGION_PATHS}, got {region_path!r}")
     if len(rows) == 0:
@@ -187,23 +231,20 @@ def extract_features(
     collator = MedRegionCollator(
         _crop_processor(processor) if crops else processor, max_length=max_length, max_negatives=max_negatives
     )
-    slots = processor.image_processor.max_regions
+    loader = torch.utils.data.DataLoader(
+        FeatureBatches(
+            rows, collator, batch_size, crops_on_the_side=crops and model.config.roi_mode != "crop"
+        ),
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=next(model.parameters()).device.type == "cuda",
+    )
     parts: dict[str, list] = defaultdict(list)
-    for start in tqdm(range(0, len(rows), batch_size), desc="features", leave=False, disable=not progress):
-        batch_rows = [rows[index] for index in range(start, min(start + batch_size, len(rows)))]
-        passes = [region_passes(row, slots) for row in batch_rows]
-        for number in range(max(len(row_passes) for row_passes in passes)):
-            members = [i for i, row_passes in enumerate(passes) if len(row_passes) > number]
-            pass_rows = [passes[i][number] for i in members]
-            chosen = [row.get("regions") or [] for row in pass_rows]
-            batch = collator(pass_rows)
-            for unused in ("summary_input_ids", "summary_attention_mask", "labels"):
-                batch.pop(unused, None)
-            roi_crops = batch.pop("roi_pixel_values", None) if crops else None
-            if crops and model.config.roi_mode == "crop":
-                batch["roi_pixel_values"] = roi_crops
-            if number > 0:  # later passes only add regions; the reports are in already
-                batch.pop("input_ids", None), batch.pop("attention_mask", None)
+    for item in tqdm(loader, desc="features", leave=False, disable=not progress):
+        start = item["start"]
+        for number, collated in enumerate(item["passes"]):
+            batch, members, chosen = collated["batch"], collated["members"], collated["chosen"]
+            roi_crops = batch.get("roi_pixel_values") if collated["crops"] is None else collated["crops"]
             outputs = model(**model_inputs(batch, model))
             if number == 0:
                 parts["global"].append(outputs.global_image_embeds.float().cpu())
@@ -211,8 +252,8 @@ def extract_features(
                     parts["self-proposed"].append(_self_proposed(model, batch["pixel_values"], self_proposed))
                 parts["region-aware"].append(outputs.image_embeds.float().cpu())
                 parts["report_embeds"].append(outputs.text_embeds.float().cpu())
-                parts["reports"].extend(row["detailed_report"] for row in batch_rows)
-                parts["labels"].extend(row["label"] for row in batch_rows)
+                parts["reports"].extend(item["reports"])
+                parts["labels"].extend(item["labels"])
             if outputs.region_embeds is None:
                 continue
             mask = outputs.region_mask

@@ -456,13 +456,17 @@ def cached_features(
     key: dict,
     cache_dir: str | Path | None,
     batch_size: int,
+    num_workers: int = 0,
     **settings,
 ) -> SplitFeatures:
     """`extract_features` with `settings`, stored in `cache_dir` under a hash of `key` (model and data
-    fingerprints, split) and the settings, and read back on the next run; no cache when `cache_dir` is None."""
+    fingerprints, split) and the settings, and read back on the next run; no cache when `cache_dir` is None.
+    `batch_size` and `num_workers` change how, not what, is computed, so they are not part of the key."""
 
     def extract():
-        return extract_features(model, processor, rows, batch_size=batch_size, **settings)
+        return extract_features(
+            model, processor, rows, batch_size=batch_size, num_workers=num_workers, **settings
+        )
 
     if cache_dir is None:
         return extract()
@@ -532,6 +536,7 @@ def run_evaluation(
     vqa_rad: tuple[str, str] | None = None,
     slake: str | None = None,
     cache_dir: str | Path | None = None,
+    num_workers: int = 0,
 ) -> dict:
     """Evaluate a saved model on a dataset folder (or Hub id) and write metrics.json, metrics.md, roc_curves.png.
 
@@ -565,6 +570,7 @@ def run_evaluation(
         vqa_rad: VQA-RAD's JSON file and image folder.
         slake: SLAKE's folder.
         cache_dir: A folder that keeps the features of each (model, data, split, settings) for later runs.
+        num_workers: Processes that decode and collate the feature batches while the model runs (0: none).
     """
     from transformers import AutoModel, AutoProcessor
 
@@ -587,7 +593,7 @@ def run_evaluation(
     fingerprint = {"model": model_fingerprint(model_path), "data": dataset_hash(data_path)}
     settings = {"max_length": length, "region_path": region_path, "self_proposed": self_proposed}
     key = {**fingerprint, "format": FEATURES_FORMAT, "split": split}
-    features = cached_features(model, processor, rows, key, cache_dir, batch_size, **settings)
+    features = cached_features(model, processor, rows, key, cache_dir, batch_size, num_workers, **settings)
     ctx = EvalContext(
         model,
         processor,
