@@ -80,6 +80,7 @@ def test_contrast_to_noise_matches_the_formula():
 def test_cli_eval_localization_scores_every_finding_beside_its_controls(tmp_path, synth_folder, tokenizer):
     from regionmed_clip.cli import main
     from regionmed_clip.data.collator import load_rows
+    from regionmed_clip.data.vocabulary import without_position_words
 
     model = tiny_model("pool")
     with torch.no_grad():  # a proposer with several peaks (it starts at zero)
@@ -93,7 +94,11 @@ def test_cli_eval_localization_scores_every_finding_beside_its_controls(tmp_path
     rows = load_rows(synth_folder, "test")
     findings = sum(len({region["caption"] for region in row["regions"] or []}) for row in rows)
     assert section["caption"]["num_queries"] == findings
-    for kind in ("caption", "term"):
+    position_free = sum(
+        len({without_position_words(region["caption"]) for region in row["regions"] or []}) for row in rows
+    )
+    assert section["position_free"]["num_queries"] == position_free
+    for kind in ("caption", "position_free", "term"):
         figures = section[kind]
         assert set(figures["controls"]) == {"objectness_only", "box_prior"}
         for key in ("pointing_accuracy", "mean_iou", "ap50", "heatmap_pointing_accuracy"):

@@ -400,8 +400,9 @@ def task_vqa(ctx: EvalContext) -> dict:
 
 
 def task_localization(ctx: EvalContext) -> dict | None:
-    """Text-queried localization from the image alone (see `localization.py`), queried by each finding's caption
-    and, where the data names terms, by its term alone; each beside its objectness-only and box-prior controls."""
+    """Text-queried localization from the image alone (see `localization.py`), queried by each finding's caption,
+    by the caption without its position words, and (where the data names terms) by its term alone; each beside
+    its objectness-only and box-prior controls."""
     from .localization import QUERY_KINDS, localization_metrics
 
     section = {}

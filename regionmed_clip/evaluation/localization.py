@@ -1,8 +1,10 @@
 """Text-queried localization without boxes at test time (phrase grounding), with its controls.
 
-For each test image and each finding it has (its regions grouped by caption; and again by the finding's term alone,
-where the data names terms), the model is asked where the text lies given only the image
-([`RegionMedCLIPModel.localize`], what the `zero-shot-object-detection` pipeline runs). Its top-scoring proposal is
+For each test image and each finding it has, the model is asked where the text lies given only the image
+([`RegionMedCLIPModel.localize`], what the `zero-shot-object-detection` pipeline runs). A finding is its regions
+grouped by query text, of three kinds: the `caption`; the caption without its position words (`position_free`:
+"round nodule left upper" → "round nodule"), since a caption that names where the finding is gives the box prior
+below its answer without the image; and the `term` alone, where the data names terms. Its top-scoring proposal is
 scored against the finding's ground-truth boxes:
 
 - `pointing_accuracy`: the top box's centre lies inside one of the finding's boxes;
@@ -28,10 +30,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..data.vocabulary import without_position_words
 from .features import model_inputs, text_embeddings
 
 DETECTIONS_PER_QUERY = 10
-QUERY_KINDS = ("caption", "term")
+QUERY_KINDS = ("caption", "position_free", "term")
 
 
 def box_iou(boxes: np.ndarray, others: np.ndarray) -> np.ndarray:
@@ -79,13 +82,20 @@ def contrast_to_noise(heatmap: np.ndarray, inside: np.ndarray) -> float:
     return float(abs(values_in.mean() - values_out.mean()) / max(spread, 1e-12))
 
 
+def query_text(kind: str, caption: str, term: str | None) -> str:
+    """The query of `kind` for a region with this caption and term (empty: the region has none)."""
+    if kind == "position_free":
+        return without_position_words(caption or "")
+    return " ".join(str((caption if kind == "caption" else term) or "").split())
+
+
 def _queries(rows, kind: str) -> list[list[tuple[str, list]]]:
-    """Per row: (query text, its regions' pixel boxes) for each distinct caption (or term) of its regions."""
+    """Per row: (query text, its regions' pixel boxes) for each distinct query of `kind` among its regions."""
     per_row = []
     for row in rows:
         groups: dict[str, list] = {}
         for region in row.get("regions") or []:
-            text = " ".join(str(region.get(kind) or "").split())
+            text = query_text(kind, region.get("caption"), region.get("term"))
             if text:
                 groups.setdefault(text, []).append(region["bbox"])
         per_row.append(list(groups.items()))
@@ -135,8 +145,8 @@ def localization_metrics(
     max_length: int | None = None,
     progress: bool = True,
 ) -> dict | None:
-    """The figures of the module's docstring for the queries of `kind` (`caption` or `term`) over `rows`; None
-    when no region of `rows` has that field. `support_regions` is `split_regions` of the support split (its
+    """The figures of the module's docstring for the queries of `kind` (`caption`, `position_free` or `term`) over
+    `rows`; None when no region of `rows` gives a query of that kind. `support_regions` is `split_regions` of the support split (its
     `boxes` as fractions and the texts of `kind` in `captions` or `terms`)."""
     from ..data.collator import image_input
 
@@ -207,12 +217,14 @@ def localization_metrics(
 
 def _box_prior(support_regions: dict, kind: str) -> dict:
     """Mean box (fractions) per text of `kind` over the support split's regions; key None: the mean of all."""
-    texts = support_regions["captions"] if kind == "caption" else support_regions["terms"]
+    texts = [
+        query_text(kind, caption, term)
+        for caption, term in zip(support_regions["captions"], support_regions["terms"], strict=True)
+    ]
     boxes = np.asarray(support_regions["boxes"], dtype=np.float64).reshape(-1, 4)
     prior: dict = {None: boxes.mean(0) if len(boxes) else np.array([0.25, 0.25, 0.75, 0.75])}
     groups: dict[str, list] = {}
-    for text, box in zip(texts, boxes, strict=True):
-        key = " ".join(str(text or "").split())
+    for key, box in zip(texts, boxes, strict=True):
         if key:
             groups.setdefault(key, []).append(box)
     prior.update({text: np.mean(group, axis=0) for text, group in groups.items()})
