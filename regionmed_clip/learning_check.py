@@ -43,6 +43,24 @@ from .demo import (
 from .training.config import load_config
 
 SHUFFLED = "4-stage, shuffled region labels"
+#: The box-free localization figures the 4-stage model must earn, by query kind and metric, and the measured
+#: controls each is compared with: (control, model whose figure it is, figure key with `{kind}` and `{metric}`).
+LOCALIZATION_KINDS = ("position_free", "term", "caption")
+LOCALIZATION_METRICS = {"pointing_accuracy": "pointing", "ap50": "AP50"}
+LOCALIZATION_CONTROLS = (
+    (
+        "objectness only (same proposals, text ignored)",
+        AWARE,
+        "localization/{kind}/controls/objectness_only/{metric}",
+    ),
+    (
+        "box prior (training split's mean box of the text, no image)",
+        AWARE,
+        "localization/{kind}/controls/box_prior/{metric}",
+    ),
+    ("global-only model, its own proposals", PLAIN, "localization/{kind}/{metric}"),
+    ("global-only heatmap's peak (no proposer)", PLAIN, "localization/{kind}/heatmap_pointing_accuracy"),
+)
 MIN_SEEDS = 3  # the fewest seeds whose standard deviation the verdict compares margins with
 #: The fields of a region that say what it is; the permutation of the control moves them together.
 REGION_ANNOTATIONS = ("caption", "adjective", "term", "position", "negatives")
@@ -101,6 +119,41 @@ def verdict(summary: dict, seeds: int, margin_std: float = 2.0) -> dict[str, dic
         bar = margin_std * max(aware[key]["std"], plain[key]["std"])
         result[label] = {"margin": margin, "bar": bar, "beats": bool(margin > bar)}
     return result
+
+
+def localization_verdict(summary: dict, seeds: int, margin_std: float = 2.0) -> list[dict]:
+    """The 4-stage model's box-free localization figures (`LOCALIZATION_KINDS` × `LOCALIZATION_METRICS`) against
+    each of their measured controls (`LOCALIZATION_CONTROLS`; the heatmap, which gives a point and no box, only
+    for pointing), with `verdict`'s rule: beats when the margin exceeds `margin_std` × the larger std, unknown
+    (None) with fewer than `MIN_SEEDS` seeds. Figures a run does not have (no terms in the data) are left out."""
+    aware = summary[AWARE]
+    rows = []
+    for kind in LOCALIZATION_KINDS:
+        for metric, metric_name in LOCALIZATION_METRICS.items():
+            key = f"localization/{kind}/{metric}"
+            if key not in aware:
+                continue
+            for control, model, pattern in LOCALIZATION_CONTROLS:
+                if "heatmap" in pattern and metric != "pointing_accuracy":
+                    continue
+                other = summary.get(model, {}).get(pattern.format(kind=kind, metric=metric))
+                if other is None:
+                    continue
+                margin = aware[key]["mean"] - other["mean"]
+                bar = margin_std * max(aware[key]["std"], other["std"]) if seeds >= MIN_SEEDS else None
+                rows.append(
+                    {
+                        "query": kind,
+                        "metric": metric_name,
+                        "control": control,
+                        "model": aware[key],
+                        "control_figure": other,
+                        "margin": margin,
+                        "bar": bar,
+                        "beats": None if bar is None else bool(margin > bar),
+                    }
+                )
+    return rows
 
 
 def scale_steps(config, factor: float):
@@ -176,6 +229,7 @@ def run_learning_check(
         "summary": summary,
         "per_seed": {str(seed): figures for seed, figures in per_seed.items()},
         "verdict": verdict(summary, len(seeds)),
+        "localization_verdict": localization_verdict(summary, len(seeds)),
         "seconds": time.perf_counter() - started,
     }
     if shuffled is not None:
@@ -199,6 +253,30 @@ def _bar_cell(check: dict, seeds: int) -> str:
     if check["beats"] is None:
         return f"– | spread unknown ({seeds} seed{'s' if seeds > 1 else ''}; needs {MIN_SEEDS})"
     return f"{check['bar']:.3f} | {'yes' if check['beats'] else 'no'}"
+
+
+def _localization_lines(rows: list[dict], seeds: int) -> list[str]:
+    """The 4-stage model's box-free localization against each measured control (`localization_verdict`)."""
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Localization without boxes against its controls",
+        "",
+        "The 4-stage model's top proposal per (test image, finding) query (`eval --tasks localization`), queried by "
+        "the caption without its position words (`position_free`), by the term alone, and by the whole caption, "
+        "whose position words give the box prior its answer.",
+        "",
+        "| query | metric | 4-stage | control | control's figure | margin | 2 std bar | beats |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        check = {"beats": row["beats"], "bar": row["bar"]}
+        lines.append(
+            f"| {row['query']} | {row['metric']} | {_cell(row['model'])} | {row['control']} | "
+            f"{_cell(row['control_figure'])} | {row['margin']:+.3f} | {_bar_cell(check, seeds)} |"
+        )
+    return lines
 
 
 def markdown(result: dict) -> str:
@@ -231,6 +309,7 @@ def markdown(result: dict) -> str:
                 f"{_bar_cell(check, len(result['seeds']))} |"
             )
             lines.append(row + (f" {_cell(control.get(key))} |" if control is not None else ""))
+    lines += _localization_lines(result.get("localization_verdict") or [], len(result["seeds"]))
     models = list(result["summary"])
     lines += [
         "",

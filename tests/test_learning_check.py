@@ -25,6 +25,7 @@ from regionmed_clip.learning_check import (
     SHUFFLED,
     aggregate,
     flat_figures,
+    localization_verdict,
     markdown,
     shuffled_region_copy,
     verdict,
@@ -106,6 +107,58 @@ def test_fewer_than_three_seeds_give_no_verdict_and_the_report_names_its_dataset
     assert row.endswith("| +0.050 | – | spread unknown (1 seed; needs 3) |")
     synth = DataSpec(path="outputs/synth", synth={"train": 8})
     assert evaluated_on(synth) == "the test split of MedRegion-synth (outputs/synth)"
+
+
+def test_localization_is_judged_against_each_of_its_controls():
+    def entry(mean, std):
+        return {"mean": mean, "std": std}
+
+    kind = "position_free/"
+    summary = {
+        "4-stage (region-aware)": {
+            f"localization/{kind}pointing_accuracy": entry(0.60, 0.02),
+            f"localization/{kind}controls/objectness_only/pointing_accuracy": entry(0.45, 0.01),
+            f"localization/{kind}controls/box_prior/pointing_accuracy": entry(0.57, 0.0),
+            f"localization/{kind}ap50": entry(0.10, 0.01),
+            f"localization/{kind}controls/objectness_only/ap50": entry(0.05, 0.01),
+            f"localization/{kind}controls/box_prior/ap50": entry(0.01, 0.0),
+        },
+        "global-only": {
+            f"localization/{kind}pointing_accuracy": entry(0.30, 0.05),
+            f"localization/{kind}heatmap_pointing_accuracy": entry(0.52, 0.03),
+            f"localization/{kind}ap50": entry(0.02, 0.01),
+        },
+    }
+    rows = localization_verdict(summary, seeds=3)
+    judged = {(row["metric"], row["control"].split(" (")[0].split(",")[0]): row for row in rows}
+    assert set(judged) == {
+        ("pointing", "objectness only"),
+        ("pointing", "box prior"),
+        ("pointing", "global-only model"),
+        ("pointing", "global-only heatmap's peak"),
+        ("AP50", "objectness only"),
+        ("AP50", "box prior"),
+        ("AP50", "global-only model"),
+    }  # the heatmap gives a point, so it has no AP50; the term and caption queries are absent from the run
+    box_prior = judged[("pointing", "box prior")]  # margin 0.03, bar 2 × 0.02
+    assert box_prior["margin"] == pytest.approx(0.03) and box_prior["bar"] == pytest.approx(0.04)
+    assert box_prior["beats"] is False
+    heatmap = judged[("pointing", "global-only heatmap's peak")]  # margin 0.08, bar 2 × 0.03
+    assert heatmap["bar"] == pytest.approx(0.06) and heatmap["beats"] is True
+    assert all(row["beats"] is None and row["bar"] is None for row in localization_verdict(summary, seeds=2))
+    result = {
+        "seeds": [0, 1, 2],
+        "steps": {"global": 10},
+        "dataset": "the test split of D",
+        "summary": summary,
+        "verdict": verdict(summary, seeds=3),
+        "localization_verdict": rows,
+        "seconds": 60.0,
+    }
+    table = markdown(result)
+    assert "## Localization without boxes against its controls" in table
+    assert "| position_free | pointing | 0.600 ± 0.020 | box prior" in table
+    assert table.count("| position_free |") == len(rows)
 
 
 def tiny_check_config(tmp_path: Path) -> Path:
