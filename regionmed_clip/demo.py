@@ -121,8 +121,9 @@ def _headline(metrics: dict) -> dict[str, float]:
 
 
 def _controls(metrics: dict) -> dict[str, dict]:
-    """The measured no-image control of each region figure: `{figure: {"control", "value"}}`. They depend on the
-    data only (fitted on the training split), so one evaluation's serve both models."""
+    """The measured control of each region figure: `{figure: {"control", "value"}}`, scored without the image (they
+    depend on the data only, fitted on the training split, so one evaluation's serve both models), and for the
+    box-free localization figures without the text (the 4-stage model's own proposals ranked by objectness)."""
     region, grounding = metrics["region"]["controls"], metrics["grounding"].get("controls", {})
     position_free = metrics["grounding"].get("position_free", {}).get("controls", {}).get("box_only", {})
     box_only = "box-only (nearest training boxes)"
@@ -144,6 +145,13 @@ def _controls(metrics: dict) -> dict[str, dict]:
             "value": grounding["box_only"]["pointing_accuracy"],
         },
     }
+    localization = metrics.get("localization") or {}
+    for label, key in HEADLINE:
+        kind, _, metric = key.removeprefix("localization/").partition("/")
+        objectness = localization.get(kind, {}).get("controls", {}).get("objectness_only", {})
+        if key.startswith("localization/") and metric in objectness:
+            # The box prior and the global-only heatmap are weaker here (learning_check.md has all three).
+            controls[label] = {"control": "objectness only (text ignored)", "value": objectness[metric]}
     if "pointing_accuracy" in position_free:
         controls[f"pointing accuracy, position words removed ({GT_BOXES})"] = {
             "control": f"{box_only}, position words removed",
