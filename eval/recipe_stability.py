@@ -1,6 +1,6 @@
 """Does a recipe train paper-sized random towers, or does its global loss sit at ln(batch)?
 
-`python eval/recipe_stability.py [--out outputs/recipe-stability] [--steps 60] [--batch 32]`
+`python -m eval.recipe_stability [--out outputs/recipe-stability] [--steps 60] [--batch 32]` (from the repository root)
 
 A global image <-> report InfoNCE loss that sits at exactly ln(batch) means every image scores every report alike:
 the embeddings carry nothing. This trains, through `regionmed-clip train` (the real entry point), a random ViT-B/16
@@ -23,23 +23,9 @@ from pathlib import Path
 
 import yaml
 
-VIT_B16_AT_64 = {
-    "model_type": "vit",
-    "hidden_size": 768,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "intermediate_size": 3072,
-    "image_size": 64,
-    "patch_size": 16,
-}
-BERT_BASE = {
-    "model_type": "bert",
-    "hidden_size": 768,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "intermediate_size": 3072,
-    "vocab_size": 30522,
-}
+from benchmarks.sections.memory import BERT_BASE, VIT_B16
+
+VIT_B16_AT_64 = {**VIT_B16, "image_size": 64}
 #: name → (global-stage lr, AdamW betas, global-stage warm-up ratio)
 RECIPES = {
     "text tower at full rate, β2 0.999, no warm-up": (5e-4, (0.9, 0.999), 0.0),

@@ -1,21 +1,15 @@
 """eval/recipe_stability.py: each recipe's config is a valid training config, and the collapse rule."""
 
-import importlib.util
+import importlib
 import math
-from pathlib import Path
 
 import pytest
 
 from regionmed_clip.training.config import load_config
 
-SCRIPT = Path(__file__).parents[1] / "eval" / "recipe_stability.py"
-
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("recipe_stability", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("eval.recipe_stability")
 
 
 def test_every_recipe_writes_a_training_config_that_changes_only_its_own_settings(tmp_path):
