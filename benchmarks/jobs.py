@@ -160,7 +160,7 @@ def config_train_step(
     from pathlib import Path
 
     from regionmed_clip.training.config import load_config
-    from regionmed_clip.training.trainer import Trainer
+    from regionmed_clip.training.trainer import Trainer, resolve_mixed_precision
 
     scratch = Path(tempfile.mkdtemp(prefix="config-step-"))
     shipped = load_config(config)
@@ -176,8 +176,20 @@ def config_train_step(
         "synth": {"train": 8, "validation": 2, "test": 2, "image_size": 64},
         "num_workers": 0,
     }
+    # A CPU on which torch has no native bf16 (its AVX2 kernels) runs a bf16 recipe in fp32: bf16 autocast is
+    # emulated there, or refused outright by the fused attention under forced AVX2 kernels.
+    precision = shipped.mixed_precision
+    if precision == "bf16" and not torch.cuda.is_available() and resolve_mixed_precision("auto") != "bf16":
+        precision = "no"
     trainer = Trainer(
-        load_config(config, output_dir=str(scratch / "out"), report_to="none", model=spec, data=data)
+        load_config(
+            config,
+            output_dir=str(scratch / "out"),
+            report_to="none",
+            model=spec,
+            data=data,
+            mixed_precision=precision,
+        )
     )
     index = len(trainer.config.stages) - 1
     stage = trainer.config.stages[index]
@@ -202,6 +214,7 @@ def config_train_step(
             torch.cuda.synchronize()
 
     probe.marks["stage"] = stage.name
+    probe.marks["mixed_precision"] = precision
     step()
     probe.reset_peak()
     if device.type == "cuda":

@@ -101,7 +101,14 @@ def test_the_memory_fit_is_a_line_through_both_points_and_the_cards_hold_its_bat
             "configs/medsiglip-region.yaml",
             {
                 "vision": {**TINY_TOWER, "image_size": 32, "patch_size": 8},
-                "text": {**TINY_TOWER, "vocab_size": 32000, "max_position_embeddings": 64},
+                "text": {
+                    **TINY_TOWER,
+                    "vocab_size": 32000,
+                    "max_position_embeddings": 64,
+                    "pad_token_id": 0,
+                    "bos_token_id": 101,
+                    "eos_token_id": 102,
+                },
             },
         ),
     ],

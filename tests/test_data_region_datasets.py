@@ -630,8 +630,9 @@ def _cli(*args, timeout=300) -> subprocess.CompletedProcess:
     return result
 
 
-@pytest.mark.parametrize("layout", ["coco", "numbered", "detection", "grounding"])
-def test_real_layouts_import_with_no_refused_rows_then_train_and_finetune(tmp_path, layout):
+def _import_and_train(tmp_path: Path, layout: str) -> tuple[Path, Path]:
+    """Import a dataset of `layout`, check the import refused nothing, train a tiny model on it; returns the
+    dataset folder and the model folder."""
     out = tmp_path / "data"
     if layout in ("coco", "numbered"):
         path, images = coco_anatomy(tmp_path, categories=ANATOMY if layout == "coco" else NUMBERED_ANATOMY)
@@ -659,6 +660,17 @@ def test_real_layouts_import_with_no_refused_rows_then_train_and_finetune(tmp_pa
     _cli("train", "--config", write_config(tmp_path / "train.yaml", config))
     model = tmp_path / "run" / "model"
     assert (model / "model.safetensors").is_file()
+    return out, model
+
+
+@pytest.mark.parametrize("layout", ["coco", "numbered", "detection", "grounding"])
+def test_real_layouts_import_with_no_refused_rows_then_train(tmp_path, layout):
+    _import_and_train(tmp_path, layout)
+
+
+def test_a_model_trained_on_an_imported_layout_finetunes_with_lora(tmp_path):
+    """Fine-tuning reads the same schema whatever the importer made it from: one layout runs it."""
+    out, model = _import_and_train(tmp_path, "coco")
     tuned = tmp_path / "tuned"
     _cli(
         "finetune",

@@ -307,7 +307,10 @@ def test_proposer_pooled_global_embedding_matches_its_definition():
     torch.testing.assert_close(features.global_embeds, expected)
     torch.testing.assert_close(features.pooler_output, expected)
     (features.global_embeds.sum()).backward()
-    assert model.region_proposer.weight.grad.abs().sum() > 0  # the global loss alone trains the weights too
+    # The global loss alone trains the weights too: their gradient is of the size of the projection's, which the
+    # same backward reaches directly (measured: 1.7 times it), not round-off.
+    reference = model.visual_projection.weight.grad.norm()
+    assert model.region_proposer.weight.grad.norm() > 1e-2 * reference
 
 
 def test_forward_pairs_each_region_caption_with_its_image_for_the_global_region_term():

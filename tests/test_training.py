@@ -471,6 +471,27 @@ def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp_
             torch.testing.assert_close(tensor, saved[name])
 
 
+def _first_adam_step_oracle(optimizer: torch.optim.Optimizer, config) -> dict:
+    """Filled in just before `optimizer` next steps: every parameter with a gradient → where the first step of
+    AdamW (no state yet) takes it. With bias correction m̂ = g and √v̂ = |g|, so
+    θ ← θ · (1 − lr · wd) − lr · g / (|g| + ε)."""
+    expected = {}
+
+    def record(optimizer, args, kwargs):
+        handle.remove()
+        for group in optimizer.param_groups:
+            for parameter in group["params"]:
+                if parameter.grad is None:
+                    continue
+                assert parameter not in optimizer.state  # a stage's first step: no Adam state yet
+                grad, lr = parameter.grad.detach(), group["lr"]
+                decayed = parameter.detach() * (1 - lr * group["weight_decay"])
+                expected[parameter] = decayed - lr * grad / (grad.abs() + config.adam_eps)
+
+    handle = optimizer.register_step_pre_hook(record)
+    return expected
+
+
 def test_clipping_sees_unscaled_gradients_and_an_inf_step_is_skipped(tmp_path, synth_folder):
     """The norm `accelerator.clip_grad_norm_` returns (logged as `grad_norm`) is that of the unscaled gradients:
     equal for a plain run and for one whose loss is scaled by 2^10, and both take the same step.
@@ -501,10 +522,15 @@ def test_clipping_sees_unscaled_gradients_and_an_inf_step_is_skipped(tmp_path, s
                 trainer.end_stage()
         stage = trainer.config.stages[3]
         before = [p.detach().clone() for p in trainer.unwrapped.parameters()]
+        stepped = _first_adam_step_oracle(trainer.optimizer.optimizer, trainer.config)
         metrics = trainer.training_step(trainer._stage_batch(_first_batch(trainer, 3), stage), stage)
         assert not trainer.accelerator.optimizer_step_was_skipped
         after = [p.detach().clone() for p in trainer.unwrapped.parameters()]
-        assert any(not torch.equal(b, a) for b, a in zip(before, after, strict=True))
+        if name == "plain":
+            # The step taken is AdamW's first step on the clipped gradients, element by element.
+            assert stepped
+            for parameter, expected in stepped.items():
+                torch.testing.assert_close(parameter.detach(), expected, atol=1e-9, rtol=1e-6)
         runs[name] = ({key: float(value) for key, value in metrics.items()}, after, trainer)
     plain, scaled, never_unscaled = (runs[name][0] for name in ("plain", "scaled", "never_unscaled"))
     assert plain["grad_norm"] > 1e-3  # clipping acts
@@ -672,3 +698,21 @@ def test_one_stage_loader_serves_every_epoch_from_the_same_workers(synth_folder,
     for got, want in zip(batches, expected, strict=True):
         for key, value in want.items():
             torch.testing.assert_close(got[key], value)
+
+
+def test_auto_precision_is_fp32_where_torch_runs_its_avx2_kernels():
+    """`mixed_precision: auto` picks bf16 only where torch computes it natively: with torch's AVX2 kernels (a CPU
+    without AVX-512, or `ATEN_CPU_CAPABILITY=avx2` on one with it) some bf16 kernels refuse to run."""
+    probe = (
+        "import torch; from regionmed_clip.training.trainer import resolve_mixed_precision; "
+        "print(torch.backends.cpu.get_cpu_capability(), resolve_mixed_precision('auto'))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        env={**ENV, "ATEN_CPU_CAPABILITY": "avx2", "CUDA_VISIBLE_DEVICES": ""},
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["AVX2", "no"]

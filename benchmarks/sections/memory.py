@@ -73,7 +73,16 @@ SHIPPED = (
         {"cpu": (2, 3), "cuda": (16, 32)},
         source={
             "vision": {**SO400M, "image_size": 448, "patch_size": 14},
-            "text": {**SO400M, "vocab_size": 32000, "max_position_embeddings": 64},
+            # The benchmark's tokenizer (MiniLM) pads with 0 and ends texts with 102: SigLIP's default special
+            # ids (49406 / 49407) lie outside a 32,000-token vocabulary.
+            "text": {
+                **SO400M,
+                "vocab_size": 32000,
+                "max_position_embeddings": 64,
+                "pad_token_id": 0,
+                "bos_token_id": 101,
+                "eos_token_id": 102,
+            },
         },
     ),
 )

@@ -83,6 +83,11 @@ class MetricSums:
 
 
 def cpu_supports_bf16() -> bool:
+    """Whether torch computes bf16 natively on this CPU: the CPU has avx512_bf16 or AMX, and torch runs its AVX-512
+    kernels. With `ATEN_CPU_CAPABILITY=avx2` torch takes its AVX2 kernels on such a CPU, and some bf16 kernels
+    (the fused attention's) then refuse to run ("pack_vnni2 is only supported when avx512 is supported")."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return False
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -91,7 +96,8 @@ def cpu_supports_bf16() -> bool:
 
 
 def resolve_mixed_precision(setting: str) -> str:
-    """ "auto" → bf16 where the hardware computes it natively (CUDA with bf16, or a CPU with avx512_bf16 / AMX)."""
+    """ "auto" → bf16 where the hardware computes it natively (CUDA with bf16, or a CPU with avx512_bf16 / AMX whose
+    AVX-512 kernels torch uses; see `cpu_supports_bf16`)."""
     if setting != "auto":
         return setting
     if torch.cuda.is_available():
