@@ -141,13 +141,26 @@ def batch_inputs(
 
 
 def train_step(model, inputs, optimizer, bf16: bool = False):
-    """One forward + backward + AdamW step of `model` on `inputs`, as a function of no arguments."""
+    """One forward + backward + AdamW step of `model` on `inputs`, as a function of no arguments. RegionMed-CLIP
+    trains through its pretraining objective with the default weights (the global, region-aware, ROI and
+    hard-negative terms, each where the inputs have what it reads); the peer through its own `return_loss`."""
+    if isinstance(model, RegionMedCLIPModel):
+        from regionmed_clip.training import RegionMedCLIPForPreTraining
+
+        objective = RegionMedCLIPForPreTraining(model.config, model=model)
+
+        def loss():
+            return objective(**inputs).loss
+    else:
+
+        def loss():
+            return model(**inputs, return_loss=True).loss
 
     def step():
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(**inputs, return_loss=True).loss
-        loss.backward()
+            value = loss()
+        value.backward()
         optimizer.step()
 
     return step

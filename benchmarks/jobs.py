@@ -193,7 +193,8 @@ def config_train_step(
     )
     index = len(trainer.config.stages) - 1
     stage = trainer.config.stages[index]
-    trainer.begin_stage(index)
+    trainer.state.global_step = trainer.callback.start_of(index)
+    trainer.step_begins()
     unwrapped = trainer.unwrapped
     text_positions = getattr(unwrapped.config.text_config, "max_position_embeddings", None) or 512
     pad = unwrapped.config.text_pad_length
@@ -209,7 +210,7 @@ def config_train_step(
     device = trainer.accelerator.device
 
     def step():
-        trainer.training_step({key: value.to(device) for key, value in inputs.items()}, stage)
+        trainer.training_step({key: value.to(device) for key, value in inputs.items()})
         if device.type == "cuda":
             torch.cuda.synchronize()
 

@@ -144,7 +144,7 @@ def region_scores(model, processor, image, labels: list[str], boxes: list[Box]) 
     outputs = model(**_inputs(processor, model, text=labels, images=[image], boxes=[boxes]))
     image_level = dict(zip(labels, outputs.logits_per_image[0].softmax(-1).tolist(), strict=True))
     regions = outputs.region_embeds[0, : len(boxes)]
-    per_box = (outputs.logit_scale * regions @ outputs.text_embeds.t()).softmax(-1).tolist()
+    per_box = (model.logit_scale.exp() * regions @ outputs.text_embeds.t()).softmax(-1).tolist()
     return image_level, [dict(zip(labels, row, strict=True)) for row in per_box]
 
 

@@ -1,8 +1,9 @@
 """RegionMed-CLIP: a region-aware medical CLIP that loads with `AutoModel` and runs in transformers' pipelines.
 
 Importing the package registers every class with the transformers Auto classes, and marks them for remote-code
-export: `save_pretrained` then writes `auto_map` and copies the four model files next to the weights, so a saved
-folder (or Hub repo) loads with `trust_remote_code=True` where this package is not installed.
+export: `save_pretrained` then writes `auto_map` and copies the five model files next to the weights, so a saved
+folder (or Hub repo) loads with `trust_remote_code=True` where this package is not installed. The pretraining
+objective is `regionmed_clip.training.RegionMedCLIPForPreTraining` (the `train` extra).
 """
 
 from transformers import (
@@ -16,13 +17,14 @@ from transformers import (
 
 from .configuration_regionmed_clip import RegionMedCLIPConfig
 from .image_processing_regionmed_clip import RegionMedCLIPImageProcessor, decode_image
-from .loss_regionmed_clip import LOSS_TERMS, RegionMedCLIPLoss
 from .modeling_regionmed_clip import (
     RegionMedCLIPForZeroShotObjectDetection,
     RegionMedCLIPImageFeatures,
     RegionMedCLIPModel,
     RegionMedCLIPOutput,
+    RegionMedCLIPPatchFeatures,
     RegionMedCLIPPreTrainedModel,
+    RegionMedCLIPTextFeatures,
 )
 from .pipeline_regionmed_clip import ZeroShotRegionClassificationPipeline
 from .processing_regionmed_clip import RegionMedCLIPProcessor, caption_key, with_paper_normalizer
@@ -43,20 +45,21 @@ AutoProcessor.register(RegionMedCLIPConfig, RegionMedCLIPProcessor, exist_ok=Tru
 # One auto class per class is recorded; the config adds the zero-shot entry for the model itself.
 RegionMedCLIPConfig.register_for_auto_class()
 RegionMedCLIPModel.register_for_auto_class("AutoModel")
+RegionMedCLIPForZeroShotObjectDetection.register_for_auto_class("AutoModelForZeroShotObjectDetection")
 RegionMedCLIPImageProcessor.register_for_auto_class("AutoImageProcessor")
 RegionMedCLIPProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
-    "LOSS_TERMS",
     "RegionMedCLIPConfig",
     "RegionMedCLIPForZeroShotObjectDetection",
     "RegionMedCLIPImageFeatures",
     "RegionMedCLIPImageProcessor",
-    "RegionMedCLIPLoss",
     "RegionMedCLIPModel",
     "RegionMedCLIPOutput",
+    "RegionMedCLIPPatchFeatures",
     "RegionMedCLIPPreTrainedModel",
     "RegionMedCLIPProcessor",
+    "RegionMedCLIPTextFeatures",
     "ZeroShotRegionClassificationPipeline",
     "caption_key",
     "decode_image",

@@ -9,6 +9,13 @@ ROI_MODES = ("crop", "pool")
 LOSS_OBJECTIVES = ("infonce", "sigmoid")
 GLOBAL_POOLS = ("cls", "cls_proposer")
 
+
+def is_objective_setting(name: str) -> bool:
+    """Whether `name` is a setting of the pretraining objective that configs saved by earlier releases carry (each
+    term's `<term>_weight`, L_neg's scale and bias)."""
+    return name.endswith("_loss_weight") or name in ("neg_logit_scale", "neg_logit_bias")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Compatibility with transformers 4.57 to 5.x, by feature checks. Configs are plain classes with an `__init__` in 4.x
 # and early 5.x, dataclasses later (`SubConfigSpec` sub-config specs later still). The class below declares its
@@ -131,37 +138,13 @@ class RegionMedCLIPConfig(PretrainedConfig):
         roi_sampling_ratio (`int`, *optional*, defaults to 2):
             `pool` mode: bilinear samples per bin along each axis (as torchvision's `sampling_ratio`).
         loss_objective (`str`, *optional*, defaults to `"infonce"`):
-            Objective of the image ↔ text and ROI ↔ caption terms: `"infonce"` (the paper's symmetric softmax
-            contrastive loss) or `"sigmoid"` (SigLIP's pairwise sigmoid loss, with the learnable `logit_bias`).
+            The contrastive form the model is trained with, which decides how its logits become scores:
+            `"infonce"` (the paper's symmetric softmax loss; scores are softmaxes over the candidates) or
+            `"sigmoid"` (SigLIP's pairwise sigmoid loss with the learnable `logit_bias`; each score is its own
+            sigmoid). `return_loss=True` computes this form, and so do the pretraining objective's contrastive
+            terms. The terms' weights are not model settings: they belong to the training stages.
         logit_bias_init_value (`float`, *optional*, defaults to -10.0):
             Initial value of the learnable `logit_bias` of the sigmoid objective (SigLIP's); unused with `"infonce"`.
-        global_loss_weight (`float`, *optional*, defaults to 1.0):
-            Weight of L_global (global image embedding z_global ↔ report) in `loss`. Training writes each stage's
-            weights into these fields, so a saved config records the weights its last stage used.
-        fused_global_loss_weight (`float`, *optional*, defaults to 1.0):
-            Weight of the region-aware image embedding z_fused ↔ report term in `loss` (computed when ROIs are
-            given, beside L_global on z_global).
-        summary_loss_weight (`float`, *optional*, defaults to 0.0):
-            Weight of L_summary (z_global ↔ summary caption) in `loss`; off by default as in the paper's eq. 8,
-            the progressive stages switch it on.
-        roi_loss_weight (`float`, *optional*, defaults to 1.0):
-            Weight of L_roi (ROI ↔ region caption) in `loss`.
-        neg_loss_weight (`float`, *optional*, defaults to 1.0):
-            Weight of L_neg (sigmoid loss against hard-negative captions) in `loss`.
-        dense_loss_weight (`float`, *optional*, defaults to 0.0):
-            Weight of L_dense in `loss`: the RoIAlign-pooled patch tokens of the global forward, projected by
-            `visual_projection` with no ROI processor and no box coordinates, ↔ the region caption. It puts region
-            knowledge into the patch tokens that z_global is computed from (see [`dense_region_loss`]).
-        global_region_loss_weight (`float`, *optional*, defaults to 0.0):
-            Weight of L_global-region in `loss`: z_global, the box-free image embedding, ↔ the region captions of its
-            image, each distinct caption with every image that has it as positives (see [`global_region_loss`]).
-        proposal_loss_weight (`float`, *optional*, defaults to 0.0):
-            Weight of L_proposal in `loss`: the region proposer's per-patch objectness and box distances against the
-            ground-truth boxes (see [`region_proposal_loss`]). Training it is what makes `auto_regions` useful.
-        neg_logit_scale (`float`, *optional*, defaults to 1.0):
-            Scale s in L_neg = −log(1 − σ(s·N + b)); s = 1, b = 0 is exactly the paper's formula.
-        neg_logit_bias (`float`, *optional*, defaults to 0.0):
-            Bias b in L_neg.
         text_pad_length (`int`, *optional*):
             Right-pad shorter text inputs to this many tokens inside the model (pad id `text_config.pad_token_id`,
             mask 0), as a tokenizer called with `padding="max_length"` would. For text towers trained on one fixed
@@ -219,33 +202,28 @@ class RegionMedCLIPConfig(PretrainedConfig):
     roi_sampling_ratio: int = 2
     loss_objective: str = "infonce"
     logit_bias_init_value: int | float = -10.0
-    global_loss_weight: int | float = 1.0
-    fused_global_loss_weight: int | float = 1.0
-    summary_loss_weight: int | float = 0.0
-    roi_loss_weight: int | float = 1.0
-    neg_loss_weight: int | float = 1.0
-    neg_logit_scale: int | float = 1.0
-    neg_logit_bias: int | float = 0.0
     text_pad_length: int | None = None
-    dense_loss_weight: int | float = 0.0
-    global_region_loss_weight: int | float = 0.0
-    proposal_loss_weight: int | float = 0.0
     auto_regions: int = 0
     global_pool: str = "cls"
     layer_norm_eps: int | float = 1e-6
     initializer_factor: int | float = 1.0
 
     def __post_init__(self, **kwargs):
+        # Settings of the pretraining objective that folders saved by earlier releases carry: the objective now
+        # lives in the training code and takes them from the training config, so they are dropped on load.
+        for name in [name for name in kwargs if is_objective_setting(name)]:
+            del kwargs[name]
         self.vision_config = _sub_config(self.vision_config, "vit")
         self.text_config = _sub_config(self.text_config, "bert")
         _finish_base_init(self, **kwargs)
         if self.roi_intermediate_size is None:
             self.roi_intermediate_size = 4 * self.vision_config.hidden_size
-        # A class carries one auto class in `auto_map`; the zero-shot pipelines look the model up under others, so
-        # a config exported for remote code names the model class for classification and its detection class.
+        # A class carries one auto class in `auto_map`, and a folder is saved by one class (the base model, or the
+        # detector that holds it); the Auto classes and the zero-shot pipelines look the model up under the others,
+        # so a config exported for remote code names the base model and the detector under every one of them.
         if self._auto_class is not None:
             auto_map = dict(getattr(self, "auto_map", None) or {})
-            model_class = auto_map.get("AutoModel", "modeling_regionmed_clip.RegionMedCLIPModel")
+            model_class = auto_map.setdefault("AutoModel", "modeling_regionmed_clip.RegionMedCLIPModel")
             auto_map.setdefault("AutoModelForZeroShotImageClassification", model_class)
             auto_map.setdefault(
                 "AutoModelForZeroShotObjectDetection",
@@ -293,20 +271,6 @@ class RegionMedCLIPConfig(PretrainedConfig):
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value}.")
-        for name in (
-            "global_loss_weight",
-            "fused_global_loss_weight",
-            "summary_loss_weight",
-            "roi_loss_weight",
-            "neg_loss_weight",
-            "dense_loss_weight",
-            "global_region_loss_weight",
-            "proposal_loss_weight",
-        ):
-            if getattr(self, name) < 0:
-                raise ValueError(
-                    f"{name} must be >= 0, got {getattr(self, name)}; set it to 0 to switch a term off."
-                )
         if self.text_pad_length is not None and self.text_pad_length <= 0:
             raise ValueError(f"text_pad_length must be > 0 or None, got {self.text_pad_length}.")
         if not 0.0 <= self.roi_dropout < 1.0:
@@ -341,4 +305,9 @@ class RegionMedCLIPConfig(PretrainedConfig):
                 )
 
 
-__all__ = ["MIN_TRANSFORMERS", "RegionMedCLIPConfig", "require_supported_transformers"]
+__all__ = [
+    "MIN_TRANSFORMERS",
+    "RegionMedCLIPConfig",
+    "is_objective_setting",
+    "require_supported_transformers",
+]

@@ -1,7 +1,10 @@
-"""PyTorch RegionMed-CLIP model: a dual-encoder CLIP with region-of-interest features and an ROI processor."""
+"""PyTorch RegionMed-CLIP model: a dual-encoder CLIP with region-of-interest features and an ROI processor, and a
+text-queried detector built on it.
 
-import math
-from collections import OrderedDict
+The file holds inference only, as a Hub folder carries it: the pretraining objective (region captions, hard
+negatives, every loss term and its weight) lives in the package's training code, never next to the weights.
+"""
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,13 +12,12 @@ import torch
 import torch.nn.functional as F
 import transformers
 from torch import nn
-from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import AutoModel, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from .configuration_regionmed_clip import RegionMedCLIPConfig
-from .loss_regionmed_clip import RegionMedCLIPLoss, patch_centres
 
 # Imported so that it travels with this file: `save_pretrained` copies a model file's relative imports, which puts the
 # region pipeline (named in the config's `custom_pipelines`) in every saved folder.
@@ -30,8 +32,40 @@ except ImportError:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# The image–text loss of `return_loss=True`
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE of a square logit matrix whose diagonal holds the positives: the mean of the row-wise and
+    the column-wise cross-entropy, each averaged over the batch (CLIP's `clip_loss`)."""
+    targets = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+
+
+def sigmoid_loss(logits: torch.Tensor, ignore: torch.Tensor | None = None) -> torch.Tensor:
+    """SigLIP's pairwise loss of a square logit matrix (`s·cos + b`) whose diagonal holds the positives:
+    −log σ(z_ij · logits_ij) with z = +1 on the diagonal and −1 elsewhere, summed over columns, mean over rows.
+
+    `ignore` `(N, N)` leaves pairs out of the sum (neither positive nor negative).
+    """
+    signs = 2 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1
+    loss = -F.logsigmoid(signs * logits)
+    if ignore is not None:
+        loss = loss.masked_fill(ignore, 0.0)
+    return loss.sum() / logits.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Regions without boxes: the proposer's boxes, and crops of them
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def patch_centres(grid_h: int, grid_w: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """`(H'·W', 2)` x, y centres of the patch cells as fractions of the image, row-major (the token order)."""
+    ys = (torch.arange(grid_h, device=device, dtype=dtype) + 0.5) / grid_h
+    xs = (torch.arange(grid_w, device=device, dtype=dtype) + 0.5) / grid_w
+    return torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(-1, 2)
 
 
 def objectness_peaks(proposal_logits: torch.Tensor) -> torch.Tensor:
@@ -154,7 +188,8 @@ class RegionMedCLIPOutput(ModelOutput):
 
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `return_loss=True`):
-            Weighted sum of the terms in `loss_terms` (weights from the config).
+            The image–text contrastive loss of `logits_per_image` (image i pairs with text i): symmetric InfoNCE,
+            or SigLIP's sigmoid loss for `config.loss_objective="sigmoid"`.
         logits_per_image (`torch.FloatTensor` of shape `(image_batch_size, text_batch_size)`):
             Scaled cosine similarities of `image_embeds` and `text_embeds`.
         logits_per_text (`torch.FloatTensor` of shape `(text_batch_size, image_batch_size)`):
@@ -162,8 +197,8 @@ class RegionMedCLIPOutput(ModelOutput):
         text_embeds (`torch.FloatTensor` of shape `(text_batch_size, projection_dim)`):
             L2-normalised text embeddings.
         image_embeds (`torch.FloatTensor` of shape `(image_batch_size, projection_dim)`):
-            L2-normalised image embeddings: region-aware (z_fused) when ROIs were given, else equal to
-            `global_image_embeds`.
+            L2-normalised image embeddings: region-aware (z_fused) when ROIs were given or self-proposed, else
+            equal to `global_image_embeds`.
         global_image_embeds (`torch.FloatTensor` of shape `(image_batch_size, projection_dim)`):
             L2-normalised embeddings of the whole image alone (z_global).
         region_embeds (`torch.FloatTensor` of shape `(image_batch_size, max_rois, projection_dim)`, *optional*):
@@ -173,28 +208,10 @@ class RegionMedCLIPOutput(ModelOutput):
         region_boxes (`torch.FloatTensor` of shape `(image_batch_size, max_rois, 4)`, *optional*):
             The boxes the ROI branch used: the given `roi_boxes`, or the self-proposed ones (`auto_regions`).
         dense_region_embeds (`torch.FloatTensor` of shape `(image_batch_size, max_rois, projection_dim)`, *optional*):
-            L2-normalised projected RoIAlign features of the patch tokens (L_dense); zeros in padded slots. `None`
-            without ROIs or for a tower without a patch grid.
+            L2-normalised projected RoIAlign features of the patch tokens over each box (no ROI processor, no box
+            coordinates); zeros in padded slots. `None` without ROIs or for a tower without a patch grid.
         proposal_logits (`torch.FloatTensor` of shape `(image_batch_size, grid_height, grid_width, 5)`, *optional*):
-            The region proposer's objectness logit and 4 edge-distance logits per patch; computed with ROIs (for
-            L_proposal) and when regions are self-proposed.
-        summary_embeds (`torch.FloatTensor` of shape `(image_batch_size, projection_dim)`, *optional*):
-            L2-normalised embeddings of the summary captions, when `summary_input_ids` were given.
-        region_text_embeds (`torch.FloatTensor` of shape `(image_batch_size, max_rois, projection_dim)`, *optional*):
-            L2-normalised region-caption embeddings, aligned with `region_embeds`; zeros in padded slots.
-        negative_text_embeds (`torch.FloatTensor` of shape `(image_batch_size, max_rois, num_negatives, projection_dim)`, *optional*):
-            L2-normalised hard-negative caption embeddings; zeros where `negative_mask` is False.
-        negative_mask (`torch.BoolTensor` of shape `(image_batch_size, max_rois, num_negatives)`, *optional*):
-            True for real negatives of real ROIs.
-        loss_terms (`dict[str, torch.FloatTensor]`, *optional*):
-            Unweighted loss terms by name (see [`RegionMedCLIPLoss`]): `global_loss`, `fused_global_loss`,
-            `summary_loss`, `roi_loss`, `neg_loss`, `dense_loss`, `proposal_loss` (those whose inputs were given).
-        logit_scale (`torch.FloatTensor` of shape `()`):
-            The scale 1/τ the logits were multiplied by (returned so that losses computed outside the model, e.g.
-            on embeddings gathered across processes, use it through the model's forward).
-        logit_bias (`torch.FloatTensor` of shape `()`, *optional*):
-            The learnable bias b of the sigmoid objective, which its loss adds to the scaled cosines (`logits_per_image`
-            stays the scaled cosine, so softmax scores and rankings are the same either way); `None` with InfoNCE.
+            The region proposer's objectness logit and 4 edge-distance logits per patch, with ROIs.
         text_model_output (`BaseModelOutputWithPooling`):
             Output of the text tower.
         vision_model_output (`BaseModelOutputWithPooling`):
@@ -212,13 +229,6 @@ class RegionMedCLIPOutput(ModelOutput):
     region_boxes: torch.FloatTensor | None = None
     dense_region_embeds: torch.FloatTensor | None = None
     proposal_logits: torch.FloatTensor | None = None
-    summary_embeds: torch.FloatTensor | None = None
-    region_text_embeds: torch.FloatTensor | None = None
-    negative_text_embeds: torch.FloatTensor | None = None
-    negative_mask: torch.BoolTensor | None = None
-    loss_terms: dict[str, torch.FloatTensor] | None = None
-    logit_scale: torch.FloatTensor | None = None
-    logit_bias: torch.FloatTensor | None = None
     text_model_output: BaseModelOutputWithPooling | None = None
     vision_model_output: BaseModelOutputWithPooling | None = None
 
@@ -226,6 +236,24 @@ class RegionMedCLIPOutput(ModelOutput):
         return tuple(
             v.to_tuple() if k in ("text_model_output", "vision_model_output") else v for k, v in self.items()
         )
+
+
+@dataclass
+class RegionMedCLIPTextFeatures(BaseModelOutputWithPooling):
+    r"""
+    Output of [`RegionMedCLIPModel.get_text_features`].
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
+            Text tower tokens.
+        pooler_output (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+            Projected, not yet normalised text features, as CLIP's `get_text_features` returns them.
+        tower_pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
+            The tower's pooled output before `text_projection` (its pooler, or its first token without one), so
+            that a caller may keep it while the tower is frozen and still train the projection on top.
+    """
+
+    tower_pooler_output: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -262,6 +290,25 @@ class RegionMedCLIPImageFeatures(BaseModelOutputWithPooling):
 
 
 @dataclass
+class RegionMedCLIPPatchFeatures(BaseModelOutput):
+    r"""
+    Output of [`RegionMedCLIPModel.get_patch_features`].
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
+            Vision tower tokens of the whole images.
+        patch_embeds (`torch.FloatTensor` of shape `(batch_size, grid_height, grid_width, projection_dim)`):
+            Projected, not normalised features of every patch. Cell `(i, j)` covers the `i`-th of `grid_height`
+            equal rows and the `j`-th of `grid_width` equal columns of the input.
+        proposal_logits (`torch.FloatTensor` of shape `(batch_size, grid_height, grid_width, 5)`):
+            The region proposer's objectness logit and 4 edge-distance logits per patch.
+    """
+
+    patch_embeds: torch.FloatTensor | None = None
+    proposal_logits: torch.FloatTensor | None = None
+
+
+@dataclass
 class RegionMedCLIPObjectDetectionOutput(ModelOutput):
     r"""
     Output of [`RegionMedCLIPForZeroShotObjectDetection`], in OWL-ViT's contract (one box and one logit per patch
@@ -292,7 +339,7 @@ class RegionMedCLIPObjectDetectionOutput(ModelOutput):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# ROI processor
+# ROI processor, region proposer and the detector's class head
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -411,40 +458,48 @@ class RegionMedCLIPRoiProcessor(nn.Module):
         return hidden, self.gate * pooled
 
 
-class CaptionEmbeddingCache:
-    """The text tower's pooled outputs of captions, keyed on their attended token ids; least recently used entries
-    are evicted beyond `max_entries`.
+class RegionMedCLIPQueryHead(nn.Module):
+    """The detector's class head: scores the box every patch proposes against every text query.
 
-    Region captions repeat across images and steps ("round nodule left upper"), and with the text tower frozen
-    their tower outputs never change. The model reads the cache only while that holds (no text-tower parameter
-    requires a gradient and the tower is in eval mode, so dropout is off), and it stores the output *before* the
-    text projection, so a projection that still trains gets its gradient through every cached caption. Clear it
-    whenever the tower's weights change (a checkpoint loaded, a stage that trains the tower).
+    A box's embedding is the RoIAlign of the projected patch features over it (the box-free region embedding that
+    pretraining aligns with region captions); its logit for a query is `logit_scale · cos(box, query)` plus the log
+    of the proposer's objectness. Only objectness peaks (the largest of their 3 × 3 neighbourhood) keep a logit, so
+    that one finding gives one box.
     """
 
-    def __init__(self, max_entries: int = 65536):
-        if max_entries < 1:
-            raise ValueError(f"max_entries must be >= 1, got {max_entries}.")
-        self.max_entries = max_entries
-        self._entries: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
+    def __init__(self, config: RegionMedCLIPConfig):
+        super().__init__()
+        self.roi_align_size = config.roi_align_size
+        self.roi_sampling_ratio = config.roi_sampling_ratio
 
-    def __len__(self) -> int:
-        return len(self._entries)
+    def forward(
+        self,
+        patch_embeds: torch.Tensor,
+        boxes: torch.Tensor,
+        proposal_logits: torch.Tensor,
+        query_embeds: torch.Tensor,
+        logit_scale: torch.Tensor,
+    ) -> torch.Tensor:
+        """
+        Args:
+            patch_embeds: `(B, H', W', P)` projected patch features.
+            boxes: `(B, H'·W', 4)` each patch's box as x0, y0, x1, y1 fractions.
+            proposal_logits: `(B, H', W', 5)` the proposer's output.
+            query_embeds: `(Q, P)` normalised text queries.
+            logit_scale: the scale of the logits (`exp` of the model's `logit_scale`).
 
-    def get(self, key: tuple[int, ...]) -> torch.Tensor | None:
-        value = self._entries.get(key)
-        if value is not None:
-            self._entries.move_to_end(key)
-        return value
-
-    def put(self, key: tuple[int, ...], value: torch.Tensor):
-        self._entries[key] = value
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
-
-    def clear(self):
-        self._entries.clear()
+        Returns:
+            `(B, H'·W', Q)` logits, the dtype's lowest value where a patch is not an objectness peak.
+        """
+        box_embeds = roi_align(
+            patch_embeds.permute(0, 3, 1, 2), boxes, self.roi_align_size, self.roi_sampling_ratio
+        )
+        logits = logit_scale * F.normalize(box_embeds, dim=-1) @ query_embeds.t()
+        objectness = proposal_logits[..., 0].flatten(1)
+        logits = logits + F.logsigmoid(objectness.to(logits.dtype))[..., None]
+        return logits.masked_fill(
+            ~objectness_peaks(proposal_logits)[..., None], torch.finfo(logits.dtype).min
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -506,18 +561,22 @@ class RegionMedCLIPPreTrainedModel(PreTrainedModel):
 class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
     r"""
     RegionMed-CLIP: a vision tower and a text tower projected into one space (as `VisionTextDualEncoderModel`, with
-    the same attribute names, so its checkpoints load here), plus region-level learning: ROI features (crop or pool
-    mode), the ROI processor, and the region losses.
+    the same attribute names, so its checkpoints load here), plus the region branch: ROI features (crop or pool
+    mode), the ROI processor and the region proposer.
 
     With no ROI inputs (and `config.auto_regions = 0`, the default) the model is exactly a CLIP: `logits_per_image`
     compares the global image embedding with the text. With `auto_regions = K > 0`, an image without boxes gets K
     regions from the model's own region proposer and the region-aware embedding, so every box-free entry point
-    (`pipeline`, `get_image_features`) uses the region branch. With ROIs, `image_embeds` is the region-aware embedding and `region_embeds` holds one embedding per ROI.
+    (`pipeline`, `get_image_features`) uses the region branch. With ROIs, `image_embeds` is the region-aware
+    embedding and `region_embeds` holds one embedding per ROI. `return_loss=True` gives the image–text contrastive
+    loss only, as `CLIPModel` does; the region-level pretraining objective is `RegionMedCLIPForPreTraining` of the
+    package's training code. To start from pretrained towers or a whole dual encoder (CLIP, SigLIP), see
+    `regionmed_clip.convert`.
 
     Args:
         config ([`RegionMedCLIPConfig`]): Model configuration.
-        vision_model (`PreTrainedModel`, *optional*): An already built vision tower (used by
-            [`~RegionMedCLIPModel.from_vision_text_pretrained`]); built from `config.vision_config` otherwise.
+        vision_model (`PreTrainedModel`, *optional*): An already built vision tower; built from
+            `config.vision_config` otherwise.
         text_model (`PreTrainedModel`, *optional*): An already built text tower.
 
     Example:
@@ -552,9 +611,9 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
     ):
         super().__init__(config)
         self.vision_model = (
-            vision_model if vision_model is not None else _tower_from_config(config.vision_config)
+            vision_model if vision_model is not None else tower_from_config(config.vision_config)
         )
-        self.text_model = text_model if text_model is not None else _tower_from_config(config.text_config)
+        self.text_model = text_model if text_model is not None else tower_from_config(config.text_config)
         # The towers share the composite config's sub-configs, so attention settings and edits reach both.
         # transformers keeps the attention backend a tower was built with only in `config._attn_implementation`
         # (no public reader on 4.57-5.x); test_modeling checks that an `eager` choice reaches both towers.
@@ -571,8 +630,9 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         self.visual_projection = nn.Linear(self.vision_embed_dim, config.projection_dim, bias=False)
         self.text_projection = nn.Linear(self.text_embed_dim, config.projection_dim, bias=False)
         self.roi_processor = RegionMedCLIPRoiProcessor(config)
-        # Beside the ROI processor, not inside it: with `global_pool="cls_proposer"` it is part of the box-free
-        # embedding z_global, so a stage that freezes the region branch (or a global-only run) still trains it.
+        # In the base model, not only in the detector: `auto_regions` proposes the box-free ROIs with it, and with
+        # `global_pool="cls_proposer"` it is part of the box-free embedding z_global, so a stage that freezes the
+        # region branch (or a global-only run) still trains it.
         self.region_proposer = RegionMedCLIPRegionProposer(config)
         logit_scale = torch.tensor(config.logit_scale_init_value)
         if config.learnable_temperature:
@@ -587,9 +647,6 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             if config.loss_objective == "sigmoid"
             else None
         )
-        self.caption_cache: CaptionEmbeddingCache | None = None
-        # The pretraining objective `forward(return_loss=True)` computes; it holds no weights.
-        self.objective = RegionMedCLIPLoss(config)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -598,64 +655,27 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module):
         self.text_model.set_input_embeddings(value)
 
-    # ---- towers -------------------------------------------------------------------------------------------------
+    # ---- public feature API -------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _pooled(outputs) -> torch.Tensor:
-        """The tower's pooled output, or its first token when it has no pooler."""
-        pooled = getattr(outputs, "pooler_output", None)
-        if pooled is None:
-            pooled = outputs.last_hidden_state[:, 0]
-        return pooled.flatten(1)
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        **kwargs,
+    ) -> RegionMedCLIPTextFeatures:
+        r"""
+        Text tower output whose `pooler_output` is the projected (not normalised) text feature
+        `(batch, projection_dim)`, as transformers' CLIP returns it; `tower_pooler_output` is the tower's own.
+        Shorter inputs are padded to `config.text_pad_length` first, when it is set.
 
-    def _patch_grid(self, last_hidden_state: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The patch tokens of the global forward as a `(B, D, H', W')` grid, after the tower's final layer norm.
+        Example:
 
-        The one source of patch features: RoIAlign in `pool` mode, `dense_loss`'s input, the proposer and its
-        pool, and [`~RegionMedCLIPModel.get_patch_features`] (heatmaps, grounding) all read this grid. CLIP's
-        vision tower returns its tokens before the `post_layernorm` its pooled token passes through, so that norm
-        is applied here: `visual_projection` (of a converted CLIP) has only ever seen normed features. Other towers
-        (ViT, SigLIP, DINOv2) return their tokens after their final norm already.
+        ```python
+        >>> text_features = model.get_text_features(**tokenizer(["round nodule"], return_tensors="pt")).pooler_output
+        ```
         """
-        if self.config.vision_config.model_type in _PRE_NORM_TOKEN_TOWERS:
-            norms = [
-                module
-                for name, module in self.vision_model.named_modules()
-                if name.endswith("post_layernorm")
-            ]
-            last_hidden_state = norms[0](last_hidden_state)
-        patch_size = self.config.vision_config.patch_size
-        if isinstance(patch_size, (list, tuple)):
-            patch_h, patch_w = patch_size
-        else:
-            patch_h = patch_w = patch_size
-        grid_h, grid_w = pixel_values.shape[-2] // patch_h, pixel_values.shape[-1] // patch_w
-        num_prefix = last_hidden_state.shape[1] - grid_h * grid_w
-        if num_prefix < 0:
-            raise ValueError(
-                f"The vision tower returned {last_hidden_state.shape[1]} tokens, fewer than the {grid_h}x{grid_w} "
-                "patch grid; roi_mode='pool' cannot place boxes on it. Use roi_mode='crop'."
-            )
-        patches = last_hidden_state[:, num_prefix:]
-        return patches.transpose(1, 2).reshape(patches.shape[0], -1, grid_h, grid_w)
-
-    def _pad_text(self, input_ids, attention_mask, token_type_ids):
-        """Right-pad text inputs to `config.text_pad_length` (when set) as the tokenizer pads to `max_length`:
-        `text_config.pad_token_id` in the ids, 0 in the masks."""
-        missing = (self.config.text_pad_length or 0) - input_ids.shape[1]
-        if missing <= 0:
-            return input_ids, attention_mask, token_type_ids
-        pad_id = self.config.text_config.pad_token_id
-        if pad_id is None:
-            raise ValueError("text_pad_length is set but text_config has no pad_token_id to pad with.")
-        input_ids = F.pad(input_ids, (0, missing), value=pad_id)
-        if attention_mask is not None:
-            attention_mask = F.pad(attention_mask, (0, missing), value=0)
-        if token_type_ids is not None:
-            token_type_ids = F.pad(token_type_ids, (0, missing), value=0)
-        return input_ids, attention_mask, token_type_ids
-
-    def _encode_text(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, **kwargs):
         if position_ids is None:
             input_ids, attention_mask, token_type_ids = self._pad_text(
                 input_ids, attention_mask, token_type_ids
@@ -668,9 +688,14 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             return_dict=True,
             **kwargs,
         )
-        return outputs, self.text_projection(self._pooled(outputs))
-
-    # ---- images: global features, where the boxes come from, region features -----------------------------------
+        pooled = pooled_output(outputs)
+        return RegionMedCLIPTextFeatures(
+            last_hidden_state=outputs.last_hidden_state,
+            pooler_output=self.text_projection(pooled),
+            hidden_states=getattr(outputs, "hidden_states", None),
+            attentions=getattr(outputs, "attentions", None),
+            tower_pooler_output=pooled,
+        )
 
     def get_image_features(
         self,
@@ -703,7 +728,10 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             vision_outputs, pixel_values, with_grid=roi_boxes is not None or self_proposed
         )
         if self_proposed:
-            roi_boxes, roi_pixel_values = self._proposed_regions(pixel_values, proposal_logits, auto_regions)
+            # Boxes are a discrete choice: no gradient flows through their coordinates.
+            roi_boxes = propose_regions(proposal_logits.detach(), auto_regions).to(pixel_values.dtype)
+            if self.config.roi_mode == "crop":
+                roi_pixel_values = crop_regions(pixel_values, roi_boxes)
         global_embeds = self.visual_projection(pooled)
         features = dict(
             last_hidden_state=vision_outputs.last_hidden_state,
@@ -724,6 +752,185 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             raise ValueError("roi_mask / roi_pixel_values were given without roi_boxes; pass the boxes too.")
         return RegionMedCLIPImageFeatures(**features)
 
+    def get_region_features(
+        self,
+        pixel_values: torch.Tensor,
+        roi_boxes: torch.Tensor,
+        roi_mask: torch.Tensor | None = None,
+        roi_pixel_values: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        r"""
+        Projected (not normalised) fused region features `(batch, max_rois, projection_dim)`, zeros in padded slots.
+        """
+        return self.get_image_features(pixel_values, roi_boxes, roi_mask, roi_pixel_values).region_embeds
+
+    def get_patch_features(self, pixel_values: torch.Tensor) -> RegionMedCLIPPatchFeatures:
+        r"""
+        The whole images' patch features through `visual_projection` (`patch_embeds`, `(batch, grid_height,
+        grid_width, projection_dim)`, not normalised) and the region proposer's map over them: the patch tokens the
+        model's RoIAlign, region proposer and detector read (after the tower's final layer norm, see `_patch_grid`).
+        RoIAlign of `patch_embeds` over a box is the box's `dense_region_embeds` before normalisation (both maps are
+        linear).
+
+        Example:
+
+        ```python
+        >>> inputs = processor(images=image, return_tensors="pt")
+        >>> patches = torch.nn.functional.normalize(model.get_patch_features(**inputs).patch_embeds, dim=-1)
+        >>> heatmap = patches[0] @ text_embeds[0]  # (grid_height, grid_width) cosine similarities
+        ```
+        """
+        if getattr(self.config.vision_config, "patch_size", None) is None:
+            raise ValueError(f"The {self.config.vision_config.model_type} vision tower has no patch grid.")
+        last_hidden_state = self.vision_model(pixel_values=pixel_values, return_dict=True).last_hidden_state
+        grid = self._patch_grid(last_hidden_state, pixel_values)
+        return RegionMedCLIPPatchFeatures(
+            last_hidden_state=last_hidden_state,
+            patch_embeds=self.visual_projection(grid.permute(0, 2, 3, 1)),
+            proposal_logits=self.region_proposer(grid),
+        )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        roi_boxes: torch.FloatTensor | None = None,
+        roi_mask: torch.Tensor | None = None,
+        roi_pixel_values: torch.FloatTensor | None = None,
+        return_loss: bool | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> RegionMedCLIPOutput | tuple:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(text_batch_size, sequence_length)`):
+                Report (or prompt) token ids. With `return_loss=True`, row i is the text of image i.
+            pixel_values (`torch.FloatTensor` of shape `(image_batch_size, num_channels, height, width)`):
+                Whole images, as the image processor returns them.
+            attention_mask (`torch.Tensor` of shape `(text_batch_size, sequence_length)`, *optional*):
+                Mask of `input_ids`.
+            roi_boxes (`torch.FloatTensor` of shape `(image_batch_size, max_rois, 4)`, *optional*):
+                ROI boxes as `x0, y0, x1, y1` fractions of the image size. Without them the image embedding is
+                z_global, or with `config.auto_regions` the region-aware one over self-proposed regions.
+            roi_mask (`torch.Tensor` of shape `(image_batch_size, max_rois)`, *optional*):
+                1 for real ROIs, 0 for padded slots (default: all real).
+            roi_pixel_values (`torch.FloatTensor` of shape `(image_batch_size, max_rois, num_channels, height, width)`, *optional*):
+                The ROI crops, resized to the input size; required in `crop` mode, rejected in `pool` mode. Also
+                taken flat, `(num_real_rois, num_channels, height, width)`: the real ROIs' crops in the order
+                `roi_pixel_values[roi_mask]` would list them.
+            return_loss (`bool`, *optional*):
+                Return the image–text contrastive loss of `logits_per_image` (image i pairs with text i).
+            kwargs:
+                `output_attentions` / `output_hidden_states`, passed to both towers.
+
+        Example:
+
+        ```python
+        >>> from regionmed_clip import RegionMedCLIPModel, RegionMedCLIPProcessor
+        >>> model = RegionMedCLIPModel.from_pretrained("path/to/regionmed-clip")
+        >>> processor = RegionMedCLIPProcessor.from_pretrained("path/to/regionmed-clip")
+        >>> inputs = processor(text=["round nodule", "normal"], images=image, padding=True, return_tensors="pt")
+        >>> probs = model(**inputs).logits_per_image.softmax(dim=-1)
+        ```
+        """
+        unknown = set(kwargs) - {"output_attentions", "output_hidden_states"}
+        if unknown:
+            raise TypeError(
+                f"RegionMedCLIPModel.forward got {sorted(unknown)}; region captions, hard negatives and summaries "
+                "are inputs of the pretraining objective (RegionMedCLIPForPreTraining), not of the model."
+            )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if input_ids is None and pixel_values is None:
+            raise ValueError("Pass input_ids, pixel_values, or both.")
+        vision_outputs = text_outputs = text_embeds = None
+        image = {"image_embeds": None}
+        if pixel_values is not None:
+            vision_outputs = self.get_image_features(
+                pixel_values, roi_boxes, roi_mask, roi_pixel_values, **kwargs
+            )
+            image = _normalized_image_outputs(vision_outputs)
+        if input_ids is not None:
+            text_outputs = self.get_text_features(
+                input_ids, attention_mask, position_ids, token_type_ids, **kwargs
+            )
+            text_embeds = F.normalize(text_outputs.pooler_output, dim=-1)
+
+        loss = logits_per_image = logits_per_text = None
+        if image["image_embeds"] is not None and text_embeds is not None:
+            logits_per_image = self.logit_scale.exp() * image["image_embeds"] @ text_embeds.t()
+            logits_per_text = logits_per_image.t()
+        if return_loss:
+            loss = self._image_text_loss(logits_per_image)
+        output = RegionMedCLIPOutput(
+            loss=loss,
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_text,
+            text_embeds=text_embeds,
+            **image,
+            text_model_output=text_outputs,
+            vision_model_output=vision_outputs,
+        )
+        return output if return_dict else output.to_tuple()
+
+    # ---- internals ----------------------------------------------------------------------------------------------
+
+    def _image_text_loss(self, logits_per_image: torch.Tensor | None) -> torch.Tensor:
+        if logits_per_image is None or logits_per_image.shape[0] != logits_per_image.shape[1]:
+            raise ValueError(
+                "return_loss=True pairs image i with text i: pass as many texts as images (got logits "
+                f"{None if logits_per_image is None else tuple(logits_per_image.shape)})."
+            )
+        if self.config.loss_objective == "sigmoid":
+            return sigmoid_loss(logits_per_image + self.logit_bias)
+        return contrastive_loss(logits_per_image)
+
+    def _pad_text(self, input_ids, attention_mask, token_type_ids):
+        """Right-pad text inputs to `config.text_pad_length` (when set) as the tokenizer pads to `max_length`:
+        `text_config.pad_token_id` in the ids, 0 in the masks."""
+        missing = (self.config.text_pad_length or 0) - input_ids.shape[1]
+        if missing <= 0:
+            return input_ids, attention_mask, token_type_ids
+        pad_id = self.config.text_config.pad_token_id
+        if pad_id is None:
+            raise ValueError("text_pad_length is set but text_config has no pad_token_id to pad with.")
+        input_ids = F.pad(input_ids, (0, missing), value=pad_id)
+        if attention_mask is not None:
+            attention_mask = F.pad(attention_mask, (0, missing), value=0)
+        if token_type_ids is not None:
+            token_type_ids = F.pad(token_type_ids, (0, missing), value=0)
+        return input_ids, attention_mask, token_type_ids
+
+    def _patch_grid(self, last_hidden_state: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The patch tokens of the global forward as a `(B, D, H', W')` grid, after the tower's final layer norm.
+
+        The one source of patch features: RoIAlign in `pool` mode, the dense region features, the proposer and its
+        pool, and [`~RegionMedCLIPModel.get_patch_features`] all read this grid. CLIP's vision tower returns its
+        tokens before the `post_layernorm` its pooled token passes through, so that norm is applied here:
+        `visual_projection` (of a converted CLIP) has only ever seen normed features. Other towers (ViT, SigLIP,
+        DINOv2) return their tokens after their final norm already.
+        """
+        if self.config.vision_config.model_type in _PRE_NORM_TOKEN_TOWERS:
+            norms = [
+                module
+                for name, module in self.vision_model.named_modules()
+                if name.endswith("post_layernorm")
+            ]
+            last_hidden_state = norms[0](last_hidden_state)
+        patch_size = self.config.vision_config.patch_size
+        patch_h, patch_w = patch_size if isinstance(patch_size, (list, tuple)) else (patch_size, patch_size)
+        grid_h, grid_w = pixel_values.shape[-2] // patch_h, pixel_values.shape[-1] // patch_w
+        num_prefix = last_hidden_state.shape[1] - grid_h * grid_w
+        if num_prefix < 0:
+            raise ValueError(
+                f"The vision tower returned {last_hidden_state.shape[1]} tokens, fewer than the {grid_h}x{grid_w} "
+                "patch grid; roi_mode='pool' cannot place boxes on it. Use roi_mode='crop'."
+            )
+        patches = last_hidden_state[:, num_prefix:]
+        return patches.transpose(1, 2).reshape(patches.shape[0], -1, grid_h, grid_w)
+
     def _global_features(
         self, vision_outputs, pixel_values: torch.Tensor, with_grid: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -732,7 +939,7 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
 
         With `global_pool="cls_proposer"`, z_global adds to the pooled token the patch tokens weighted by the
         proposer's objectness."""
-        pooled = self._pooled(vision_outputs)
+        pooled = pooled_output(vision_outputs)
         proposer_pool = self.config.global_pool == "cls_proposer"
         if getattr(self.config.vision_config, "patch_size", None) is None or not (with_grid or proposer_pool):
             return pooled, None, None
@@ -742,13 +949,6 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             weights = proposal_logits[..., 0].flatten(1).softmax(-1).to(grid.dtype)  # (B, H'·W')
             pooled = pooled + torch.einsum("bn,bdn->bd", weights, grid.flatten(2))
         return pooled, grid, proposal_logits
-
-    def _proposed_regions(self, pixel_values: torch.Tensor, proposal_logits: torch.Tensor, num_regions: int):
-        """`num_regions` boxes per image from the proposer (every slot real), with their crops in `crop` mode."""
-        # Boxes are a discrete choice: no gradient flows through their coordinates.
-        boxes = propose_regions(proposal_logits.detach(), num_regions).to(pixel_values.dtype)
-        crops = crop_regions(pixel_values, boxes) if self.config.roi_mode == "crop" else None
-        return boxes, crops
 
     def _check_regions(self, pixel_values: torch.Tensor, roi_boxes: torch.Tensor, roi_mask) -> torch.Tensor:
         """The boolean ROI mask (default: every slot real), once the boxes' shape is checked."""
@@ -766,14 +966,23 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
     ) -> dict:
         """The ROI branch: per-ROI features (RoIAlign on the patch grid, or the crops through the tower), fused
         with the image's tokens by the ROI processor, projected; the region-aware embedding; and the projected
-        RoIAlign features of the patch grid (`dense_loss`'s input) when the tower has a grid."""
+        RoIAlign features of the patch grid when the tower has a grid."""
         context = vision_outputs.last_hidden_state
         if context.dim() != 3:
             raise ValueError(
                 f"The ROI processor attends over vision tokens (batch, tokens, hidden); the "
                 f"{self.config.vision_config.model_type} tower returned shape {tuple(context.shape)}."
             )
-        roi_features = self._roi_features(context, roi_boxes, roi_mask, roi_pixel_values, pixel_values)
+        if self.config.roi_mode == "pool":
+            if roi_pixel_values is not None:
+                raise ValueError(
+                    "roi_pixel_values were given but the model has roi_mode='pool', which pools ROIs from the "
+                    "global forward. Build the processor with roi_mode='pool' or load the model with roi_mode='crop'."
+                )
+            grid = self._patch_grid(context, pixel_values)
+            roi_features = self._roi_align(grid, roi_boxes) * roi_mask[..., None]
+        else:
+            roi_features = self._crop_features(roi_boxes, roi_mask, roi_pixel_values)
         fused, pooled_regions = self.roi_processor(
             roi_features.to(context.dtype), roi_boxes, roi_mask, context
         )
@@ -782,33 +991,18 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         )
         if grid is not None:
             patch_features = (
-                roi_features
-                if self.config.roi_mode == "pool"
-                else roi_align(grid, roi_boxes, self.config.roi_align_size, self.config.roi_sampling_ratio)
+                roi_features if self.config.roi_mode == "pool" else self._roi_align(grid, roi_boxes)
             )
             features["dense_region_embeds"] = self.visual_projection(patch_features.to(context.dtype))
         features["pooler_output"] = self.visual_projection(pooled + pooled_regions)
         return features
 
-    def _roi_features(
-        self,
-        tokens: torch.Tensor,
-        roi_boxes: torch.Tensor,
-        roi_mask: torch.Tensor,
-        roi_pixel_values: torch.Tensor | None,
-        pixel_values: torch.Tensor,
-    ) -> torch.Tensor:
-        """Per-ROI vision features `(B, K, D)` before the ROI processor: RoIAlign over the patch grid of the
-        global forward's `tokens` in `pool` mode, the crops through the vision tower in `crop` mode."""
-        if self.config.roi_mode == "pool":
-            if roi_pixel_values is not None:
-                raise ValueError(
-                    "roi_pixel_values were given but the model has roi_mode='pool', which pools ROIs from the global "
-                    "forward. Build the processor with roi_mode='pool' or load the model with roi_mode='crop'."
-                )
-            grid = self._patch_grid(tokens, pixel_values)
-            features = roi_align(grid, roi_boxes, self.config.roi_align_size, self.config.roi_sampling_ratio)
-            return features * roi_mask[..., None]
+    def _roi_align(self, grid: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        return roi_align(grid, boxes, self.config.roi_align_size, self.config.roi_sampling_ratio)
+
+    def _crop_features(self, roi_boxes, roi_mask, roi_pixel_values) -> torch.Tensor:
+        """`crop` mode: the real ROIs' crops through the vision tower, all of the batch in one forward, scattered
+        back to their `(B, K, D)` slots (zeros in padded ones)."""
         if roi_pixel_values is None:
             raise ValueError(
                 "roi_mode='crop' needs roi_pixel_values (B, K, C, H, W): call the processor with `boxes=`, whose "
@@ -830,531 +1024,33 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             )
         else:
             crops = roi_pixel_values[roi_mask]
-        # Only real crops are encoded, all of the batch in one forward; padded slots stay zero. A batch without
-        # any encodes one blank placeholder crop, cut away again (see `_encode_captions`).
+        # A batch without any real crop encodes one blank placeholder, cut away again: every process then runs the
+        # tower as often whatever its batch holds, which a sharded tower (FSDP) requires.
         real = crops.shape[0]  # the crops' count from their shape: reading `roi_mask.sum()` would wait again
         if real == 0:
             crops = crops.new_zeros((1, *crops.shape[1:]))
-        pooled = self._pooled(self.vision_model(pixel_values=crops, return_dict=True))
+        pooled = pooled_output(self.vision_model(pixel_values=crops, return_dict=True))
         return _scatter(pooled[:real], roi_mask)
 
-    # ---- captions: deduplicated, cached while the text tower is frozen --------------------------------------------
 
-    def enable_caption_cache(self, max_entries: int = 65536) -> CaptionEmbeddingCache:
-        """Keep the text tower's outputs of captions across calls while the tower is frozen (see
-        [`CaptionEmbeddingCache`]); returns the (new, empty) cache."""
-        self.caption_cache = CaptionEmbeddingCache(max_entries)
-        return self.caption_cache
-
-    def disable_caption_cache(self):
-        self.caption_cache = None
-
-    def _caption_cache_usable(self) -> bool:
-        return (
-            self.caption_cache is not None
-            and not self.text_model.training
-            and not any(parameter.requires_grad for parameter in self.text_model.parameters())
-        )
-
-    def _text_tower_pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The text tower's pooled output of `(N, L)` captions (padded to `text_pad_length` as `_encode_text`)."""
-        input_ids, attention_mask, _ = self._pad_text(input_ids, attention_mask, None)
-        return self._pooled(
-            self.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
-        )
-
-    def _pooled_captions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The text tower's pooled outputs of distinct captions `(N, L)`, from the cache where it is usable."""
-        if not self._caption_cache_usable():
-            return self._text_tower_pooled(input_ids, attention_mask)
-        # The cache is keyed on the host: every caption's tokens come back in one transfer (one wait for the
-        # device per call, where reading each caption's would be one per caption).
-        ids_rows, mask_rows = torch.stack((input_ids, attention_mask.to(input_ids.dtype))).tolist()
-        keys = [
-            tuple(token for token, kept in zip(ids, mask, strict=True) if kept)
-            for ids, mask in zip(ids_rows, mask_rows, strict=True)
-        ]
-        rows = [self.caption_cache.get(key) for key in keys]
-        missing = [index for index, row in enumerate(rows) if row is None]
-        if missing:
-            with torch.no_grad():
-                encoded = self._text_tower_pooled(input_ids[missing], attention_mask[missing])
-            for index, row in zip(missing, encoded, strict=True):
-                rows[index] = row
-                self.caption_cache.put(keys[index], row)
-        return torch.stack(rows)
-
-    def _encode_text_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Projected, normalised embeddings of a `(N, L)` batch of captions (N may be 0).
-
-        Identical rows go through the text tower once and share the result (`index_select`, whose backward adds
-        the gradients of every copy): region captions and hard negatives repeat heavily within a batch.
-        """
-        if input_ids.shape[0] == 0:
-            return input_ids.new_zeros(
-                (0, self.config.projection_dim), dtype=self.text_projection.weight.dtype
-            )
-        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        keys = torch.cat([input_ids * attention_mask, attention_mask], dim=1)
-        distinct, inverse = torch.unique(keys, dim=0, return_inverse=True)
-        positions = torch.arange(len(keys), device=keys.device)
-        first = positions.new_full((len(distinct),), len(keys)).scatter_reduce(0, inverse, positions, "amin")
-        pooled = self._pooled_captions(input_ids[first], attention_mask[first])
-        embeds = F.normalize(self.text_projection(pooled), dim=-1)
-        return embeds.index_select(0, inverse)
-
-    def _encode_captions(self, fields: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-        """Embeddings of several `(N_i, L_i)` caption batches, all in one deduplicated pass of the text tower, so
-        a caption that is one ROI's region caption and another's hard negative is encoded once.
-
-        A batch with no caption at all (no ROI in it) still makes the pass, on one placeholder token whose
-        embedding is cut away: each process then runs the towers the same number of times whatever its batch
-        holds, which a sharded tower (FSDP gathers its weights in every forward and backward) requires, and the
-        empty embeddings stay in the autograd graph.
-        """
-        length = max(ids.shape[1] for ids, _ in fields)
-        pad_id = self.config.text_config.pad_token_id or 0
-        ids = torch.cat([F.pad(ids, (0, length - ids.shape[1]), value=pad_id) for ids, _ in fields])
-        masks = torch.cat([F.pad(mask, (0, length - mask.shape[1])) for _, mask in fields])
-        if ids.shape[0] == 0:
-            placeholder = ids.new_full((1, 1), pad_id)
-            pooled = self._text_tower_pooled(placeholder, torch.ones_like(placeholder))
-            empty = F.normalize(self.text_projection(pooled), dim=-1)[:0]
-            return [empty for _ in fields]
-        return list(self._encode_text_rows(ids, masks).split([len(ids) for ids, _ in fields]))
-
-    def _encode_caption_fields(
-        self,
-        region_mask: torch.Tensor | None,
-        summary_input_ids=None,
-        summary_attention_mask=None,
-        region_input_ids=None,
-        region_attention_mask=None,
-        negative_input_ids=None,
-        negative_attention_mask=None,
-    ) -> dict:
-        """The normalised embeddings of the summary, region and hard-negative captions, each placed where its rows
-        belong (one per image, per ROI slot, per negative slot), from one deduplicated pass of the text tower.
-
-        They are computed in `forward`, not by the loss, so that the text tower runs inside the forward DDP
-        wraps, and distributed training gathers them like the image features."""
-        fields, slots = {}, {}
-        if summary_input_ids is not None:
-            mask = (
-                torch.ones_like(summary_input_ids)
-                if summary_attention_mask is None
-                else summary_attention_mask
-            )
-            fields["summary_embeds"], slots["summary_embeds"] = (summary_input_ids, mask), None
-        if (region_input_ids is not None or negative_input_ids is not None) and region_mask is None:
-            raise ValueError("region / negative captions were given without ROIs; pass roi_boxes too.")
-        if region_input_ids is not None:
-            fields["region_text_embeds"] = self._region_caption_rows(
-                region_input_ids, region_attention_mask, region_mask
-            )
-            slots["region_text_embeds"] = region_mask
-        negative_mask = None
-        if negative_input_ids is not None:
-            negative_mask = self._negative_present(negative_input_ids, negative_attention_mask, region_mask)
-            mask = (
-                torch.ones_like(negative_input_ids)
-                if negative_attention_mask is None
-                else negative_attention_mask
-            )
-            fields["negative_text_embeds"] = (negative_input_ids[negative_mask], mask[negative_mask])
-            slots["negative_text_embeds"] = negative_mask
-        encoded = (
-            dict(zip(fields, self._encode_captions(list(fields.values())), strict=True)) if fields else {}
-        )
-        placed = {
-            name: rows if slots[name] is None else _scatter(rows, slots[name])
-            for name, rows in encoded.items()
-        }
-        return {**placed, "negative_mask": negative_mask}
-
-    def _region_caption_rows(
-        self, input_ids, attention_mask, region_mask
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The `(N, L)` captions of the real ROIs, checked: one per slot, and (outside training) none empty."""
-        if input_ids.shape[:2] != region_mask.shape:
-            raise ValueError(
-                f"region_input_ids has (batch, slots) {tuple(input_ids.shape[:2])}, expected "
-                f"{tuple(region_mask.shape)} (one caption per ROI slot)."
-            )
-        ids = input_ids[region_mask]
-        mask = torch.ones_like(ids) if attention_mask is None else attention_mask[region_mask]
-        # Reading the check back would make every training step wait for the device, so training skips it: there
-        # the captions come from the processor, which gives every box its caption's special tokens at least.
-        if not self.training and not bool((mask.sum(-1) > 0).all()):
-            raise ValueError("A real ROI has an empty region caption; every box needs one.")
-        return ids, mask
-
-    def _negative_present(self, input_ids, attention_mask, region_mask) -> torch.Tensor:
-        """`(B, K, M)`: true for the real negatives of real ROIs."""
-        if input_ids.shape[:2] != region_mask.shape:
-            raise ValueError(
-                f"negative_input_ids has (batch, slots) {tuple(input_ids.shape[:2])}, expected "
-                f"{tuple(region_mask.shape)}."
-            )
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        return (mask.sum(-1) > 0) & region_mask[..., None]
-
-    # ---- public feature API -------------------------------------------------------------------------------------
-
-    def get_text_features(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        **kwargs,
-    ) -> BaseModelOutputWithPooling:
-        r"""
-        Text tower output whose `pooler_output` is the projected (not normalised) text feature `(batch, projection_dim)`,
-        as transformers' CLIP returns it.
-
-        Example:
-
-        ```python
-        >>> text_features = model.get_text_features(**tokenizer(["round nodule"], return_tensors="pt")).pooler_output
-        ```
-        """
-        outputs, projected = self._encode_text(
-            input_ids, attention_mask, token_type_ids, position_ids, **kwargs
-        )
-        outputs.pooler_output = projected
-        return outputs
-
-    def get_region_features(
-        self,
-        pixel_values: torch.Tensor,
-        roi_boxes: torch.Tensor,
-        roi_mask: torch.Tensor | None = None,
-        roi_pixel_values: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        r"""
-        Projected (not normalised) fused region features `(batch, max_rois, projection_dim)`, zeros in padded slots.
-        """
-        return self.get_image_features(pixel_values, roi_boxes, roi_mask, roi_pixel_values).region_embeds
-
-    def get_patch_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        r"""
-        Projected (not normalised) patch features `(batch, grid_height, grid_width, projection_dim)` of the whole
-        images: the patch tokens the model's RoIAlign, `dense_loss` and region proposer read (after the tower's
-        final layer norm, see `_patch_grid`), through `visual_projection`. Cell `(i, j)` covers the `i`-th of
-        `grid_height` equal rows and the `j`-th of `grid_width` equal columns of the input. RoIAlign of this map
-        over a box is the box's `dense_region_embeds` before normalisation (both maps are linear).
-
-        Example:
-
-        ```python
-        >>> inputs = processor(images=image, return_tensors="pt")
-        >>> patches = torch.nn.functional.normalize(model.get_patch_features(**inputs), dim=-1)
-        >>> heatmap = patches[0] @ text_embeds[0]  # (grid_height, grid_width) cosine similarities
-        ```
-        """
-        if getattr(self.config.vision_config, "patch_size", None) is None:
-            raise ValueError(f"The {self.config.vision_config.model_type} vision tower has no patch grid.")
-        last_hidden_state = self.vision_model(pixel_values=pixel_values, return_dict=True).last_hidden_state
-        grid = self._patch_grid(last_hidden_state, pixel_values)
-        return self.visual_projection(grid.permute(0, 2, 3, 1))
-
-    def localize(
-        self, pixel_values: torch.Tensor, text_embeds: torch.Tensor
-    ) -> RegionMedCLIPObjectDetectionOutput:
-        """Where each text query lies in each image, without boxes: one proposed box and one logit per patch and
-        query (see [`RegionMedCLIPObjectDetectionOutput`]), and the patch–query heatmaps.
-
-        Args:
-            pixel_values: `(batch_size, 3, H, W)` images.
-            text_embeds: `(num_queries, projection_dim)` normalised query embeddings (`get_text_features`).
-        """
-        if getattr(self.config.vision_config, "patch_size", None) is None:
-            raise ValueError(f"The {self.config.vision_config.model_type} vision tower has no patch grid.")
-        last_hidden_state = self.vision_model(pixel_values=pixel_values, return_dict=True).last_hidden_state
-        grid = self._patch_grid(last_hidden_state, pixel_values)
-        proposal_logits = self.region_proposer(grid)
-        patch_embeds = self.visual_projection(grid.permute(0, 2, 3, 1))  # (B, H', W', D)
-        boxes = patch_boxes(proposal_logits).to(patch_embeds.dtype)  # (B, P, 4) corners
-        box_embeds = roi_align(
-            patch_embeds.permute(0, 3, 1, 2),
-            boxes,
-            self.config.roi_align_size,
-            self.config.roi_sampling_ratio,
-        )
-        text_embeds = text_embeds.to(patch_embeds.dtype)
-        objectness = proposal_logits[..., 0].flatten(1)  # (B, P)
-        logits = self.logit_scale.exp() * F.normalize(box_embeds, dim=-1) @ text_embeds.t()
-        logits = logits + F.logsigmoid(objectness.to(logits.dtype))[..., None]
-        logits = logits.masked_fill(
-            ~objectness_peaks(proposal_logits)[..., None], torch.finfo(logits.dtype).min
-        )
-        centres, extents = (boxes[..., :2] + boxes[..., 2:]) / 2, boxes[..., 2:] - boxes[..., :2]
-        return RegionMedCLIPObjectDetectionOutput(
-            logits=logits,
-            pred_boxes=torch.cat((centres, extents), dim=-1),
-            objectness_logits=objectness,
-            similarity=torch.einsum("bhwd,qd->bqhw", F.normalize(patch_embeds, dim=-1), text_embeds),
-            text_embeds=text_embeds,
-        )
-
-    # ---- forward ------------------------------------------------------------------------------------------------
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.FloatTensor | None = None,
-        roi_boxes: torch.FloatTensor | None = None,
-        roi_mask: torch.Tensor | None = None,
-        roi_pixel_values: torch.FloatTensor | None = None,
-        region_input_ids: torch.LongTensor | None = None,
-        region_attention_mask: torch.Tensor | None = None,
-        negative_input_ids: torch.LongTensor | None = None,
-        negative_attention_mask: torch.Tensor | None = None,
-        summary_input_ids: torch.LongTensor | None = None,
-        summary_attention_mask: torch.Tensor | None = None,
-        return_loss: bool | None = None,
-        auto_regions: int | None = None,
-        token_type_ids: torch.LongTensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> RegionMedCLIPOutput | tuple:
-        r"""
-        Args:
-            input_ids (`torch.LongTensor` of shape `(text_batch_size, sequence_length)`):
-                Report (or prompt) token ids. With `return_loss=True`, row i is the report of image i.
-            attention_mask (`torch.Tensor` of shape `(text_batch_size, sequence_length)`, *optional*):
-                Mask of `input_ids`.
-            pixel_values (`torch.FloatTensor` of shape `(image_batch_size, num_channels, height, width)`):
-                Whole images, as the image processor returns them.
-            roi_boxes (`torch.FloatTensor` of shape `(image_batch_size, max_rois, 4)`, *optional*):
-                ROI boxes as `x0, y0, x1, y1` fractions of the image size. Without them the image embedding is
-                z_global, or with `config.auto_regions` the region-aware one over self-proposed regions.
-            roi_mask (`torch.Tensor` of shape `(image_batch_size, max_rois)`, *optional*):
-                1 for real ROIs, 0 for padded slots (default: all real).
-            roi_pixel_values (`torch.FloatTensor` of shape `(image_batch_size, max_rois, num_channels, height, width)`, *optional*):
-                The ROI crops, resized to the input size; required in `crop` mode, rejected in `pool` mode. Also
-                taken flat, `(num_real_rois, num_channels, height, width)`: the real ROIs' crops in the order
-                `roi_pixel_values[roi_mask]` would list them (no zero crops for padded slots).
-            region_input_ids (`torch.LongTensor` of shape `(image_batch_size, max_rois, region_sequence_length)`, *optional*):
-                One region caption per ROI slot (used by L_roi).
-            region_attention_mask (`torch.Tensor` of the same shape, *optional*):
-                Mask of `region_input_ids`.
-            negative_input_ids (`torch.LongTensor` of shape `(image_batch_size, max_rois, num_negatives, negative_sequence_length)`, *optional*):
-                Hard-negative captions of each ROI (used by L_neg). A row whose attention mask is all 0 is padding.
-            negative_attention_mask (`torch.Tensor` of the same shape, *optional*):
-                Mask of `negative_input_ids`.
-            summary_input_ids (`torch.LongTensor` of shape `(image_batch_size, summary_sequence_length)`, *optional*):
-                Summary caption of each image (the paper's second text level; used by `summary_loss`).
-            summary_attention_mask (`torch.Tensor` of the same shape, *optional*):
-                Mask of `summary_input_ids`.
-            return_loss (`bool`, *optional*):
-                Compute every loss term whose inputs are present, and their weighted sum (the model's
-                [`RegionMedCLIPLoss`], see loss_regionmed_clip.py).
-            auto_regions (`int`, *optional*):
-                Self-proposed regions for images without `roi_boxes`; default `config.auto_regions`.
-
-        Example:
-
-        ```python
-        >>> from regionmed_clip import RegionMedCLIPModel, RegionMedCLIPProcessor
-        >>> model = RegionMedCLIPModel.from_pretrained("path/to/regionmed-clip")
-        >>> processor = RegionMedCLIPProcessor.from_pretrained("path/to/regionmed-clip")
-        >>> inputs = processor(text=["round nodule", "normal"], images=image, padding=True, return_tensors="pt")
-        >>> probs = model(**inputs).logits_per_image.softmax(dim=-1)
-        ```
-        """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if input_ids is None and pixel_values is None:
-            raise ValueError("Pass input_ids, pixel_values, or both.")
-        tower_kwargs = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
-
-        vision_outputs = text_outputs = text_embeds = None
-        image = {"image_embeds": None}
-        if pixel_values is not None:
-            vision_outputs = self.get_image_features(
-                pixel_values, roi_boxes, roi_mask, roi_pixel_values, auto_regions, **tower_kwargs
-            )
-            image = _normalized_image_outputs(vision_outputs)
-        if input_ids is not None:
-            text_outputs, text_embeds = self._encode_text(
-                input_ids, attention_mask, token_type_ids, position_ids, **tower_kwargs
-            )
-            text_embeds = F.normalize(text_embeds, dim=-1)
-
-        logit_scale = self.logit_scale.exp()
-        logits_per_image = logits_per_text = None
-        if image["image_embeds"] is not None and text_embeds is not None:
-            logits_per_image = logit_scale * image["image_embeds"] @ text_embeds.t()
-            logits_per_text = logits_per_image.t()
-        captions = self._encode_caption_fields(
-            image.get("region_mask"),
-            summary_input_ids,
-            summary_attention_mask,
-            region_input_ids,
-            region_attention_mask,
-            negative_input_ids,
-            negative_attention_mask,
-        )
-        fields = dict(
-            logits_per_image=logits_per_image,
-            logits_per_text=logits_per_text,
-            text_embeds=text_embeds,
-            **image,
-            **captions,
-            logit_scale=logit_scale,
-            # A computed tensor, as `logit_scale` is: DDP then sees the parameter used by the forward (the loss
-            # adds it outside), instead of marking it unused and then meeting its gradient.
-            logit_bias=self.logit_bias.clone() if self.logit_bias is not None else None,
-            text_model_output=text_outputs,
-            vision_model_output=vision_outputs,
-        )
-        output = RegionMedCLIPOutput(**fields)
-        if return_loss:
-            loss = self.objective.model_loss(output, region_input_ids, region_attention_mask)
-            output = RegionMedCLIPOutput(**loss, **fields)
-        return output if return_dict else output.to_tuple()
-
-    # ---- construction from pretrained towers --------------------------------------------------------------------
-
-    @classmethod
-    def from_vision_text_pretrained(
-        cls,
-        vision_model_name_or_path: str,
-        text_model_name_or_path: str,
-        **kwargs,
-    ) -> "RegionMedCLIPModel":
-        r"""
-        Build a RegionMed-CLIP from a pretrained vision checkpoint and a pretrained text checkpoint (Hub ids or local
-        folders). Projections and the ROI processor start from their init.
-
-        Keyword arguments prefixed `vision_` / `text_` go to the tower's `from_pretrained` (e.g. `vision_revision`,
-        `text_attn_implementation`); the rest set fields of [`RegionMedCLIPConfig`] (e.g. `projection_dim=512`,
-        `roi_mode="crop"`). A full CLIP checkpoint as the vision path contributes its vision tower.
-
-        Example:
-
-        ```python
-        >>> model = RegionMedCLIPModel.from_vision_text_pretrained(
-        ...     "google/vit-base-patch16-224-in21k",
-        ...     "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
-        ...     projection_dim=512,
-        ... )
-        ```
-        """
-        tower_kwargs = {"vision": {}, "text": {}}
-        for key in list(kwargs):
-            for tower, bucket in tower_kwargs.items():
-                if key.startswith(f"{tower}_"):
-                    bucket[key[len(tower) + 1 :]] = kwargs.pop(key)
-
-        vision_config = tower_kwargs["vision"].pop("config", None) or AutoConfig.from_pretrained(
-            vision_model_name_or_path, **_hub_kwargs(tower_kwargs["vision"])
-        )
-        if hasattr(vision_config, "vision_config"):  # a two-tower checkpoint such as CLIP or SigLIP
-            tower_class = AutoModel.from_config(vision_config.vision_config).__class__
-            vision_model = tower_class.from_pretrained(
-                vision_model_name_or_path, config=vision_config.vision_config, **tower_kwargs["vision"]
-            )
-        else:
-            vision_model = AutoModel.from_pretrained(
-                vision_model_name_or_path, config=vision_config, **tower_kwargs["vision"]
-            )
-        text_model = AutoModel.from_pretrained(text_model_name_or_path, **tower_kwargs["text"])
-        config = RegionMedCLIPConfig(
-            vision_config=vision_model.config.to_dict(), text_config=text_model.config.to_dict(), **kwargs
-        )
-        return cls(config, vision_model=vision_model, text_model=text_model)
-
-    @classmethod
-    def from_dual_encoder_pretrained(cls, model_name_or_path: str, **kwargs) -> "RegionMedCLIPModel":
-        r"""
-        Build a RegionMed-CLIP from a whole trained dual encoder — a `CLIPModel`, `SiglipModel` or
-        `VisionTextDualEncoderModel` checkpoint (Hub id or local folder), or another CLIP-style one with
-        `vision_model` / `text_model` / `visual_projection` / `text_projection` / `logit_scale` (OWL-ViT's) — keeping
-        its image–text alignment: the towers, the projections and the learned temperature are the source's, so with
-        no ROIs `logits_per_image` equals the source's (SigLIP: up to the constant `logit_bias` SigLIP adds to its
-        logits). The ROI processor starts from its init with its gate at 0, so outputs do not move until region
-        training opens it.
-
-        SigLIP keeps its heads inside the towers (the vision attention-pool head, the text head) and compares their
-        outputs directly; here its `visual_projection` / `text_projection` are square `nn.Linear` layers initialised
-        to the identity, so the checkpoint layout and the training code are those of every other RegionMed-CLIP and
-        the projections may be trained like any other. `projection_dim` is then the vision hidden size. The source's
-        `logit_bias` is carried as `logit_bias_init_value` (and into a `logit_bias` parameter where the model has
-        one), `loss_objective="sigmoid"`, and `text_pad_length` is the text tower's trained length (SigLIP pools the
-        last of its 64 positions).
-
-        The source loads through `AutoModel.from_pretrained`, so the usual loading kwargs (`revision`, `token`,
-        `cache_dir`, `dtype`, `attn_implementation`, ...) are passed on; the other kwargs set or override fields of
-        [`RegionMedCLIPConfig`] (e.g. `roi_mode="crop"`, `max_regions=16`). `learnable_temperature` defaults to
-        `True`, as the source learned its temperature.
-
-        Example:
-
-        ```python
-        >>> model = RegionMedCLIPModel.from_dual_encoder_pretrained("google/medsiglip-448", roi_mode="pool")
-        ```
-        """
-        load_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in _LOAD_KWARGS}
-        source = AutoModel.from_pretrained(model_name_or_path, **load_kwargs)
-        kind = _dual_encoder_kind(source, model_name_or_path)
-        vision_model = _as_tower(source.vision_model, source.config.vision_config, model_name_or_path)
-        text_model = _as_tower(source.text_model, source.config.text_config, model_name_or_path)
-        logit_scale = float(source.logit_scale.detach().reshape(()))
-        settings = {"temperature": math.exp(-logit_scale), "learnable_temperature": True}
-        if kind == "siglip":
-            vision_dim = vision_model.config.hidden_size
-            text_dim = getattr(text_model.config, "projection_size", None) or text_model.config.hidden_size
-            if not vision_dim == text_dim == text_model.config.hidden_size:
-                raise ValueError(
-                    f"{model_name_or_path}: SigLIP towers of widths vision {vision_dim}, text hidden "
-                    f"{text_model.config.hidden_size} / head {text_dim} cannot share identity projections."
-                )
-            settings.update(
-                projection_dim=vision_dim,
-                text_pad_length=text_model.config.max_position_embeddings,
-                loss_objective="sigmoid",
-                logit_bias_init_value=float(source.logit_bias.detach().reshape(())),
-            )
-        else:
-            settings["projection_dim"] = source.visual_projection.out_features
-        config = RegionMedCLIPConfig(
-            vision_config=vision_model.config.to_dict(),
-            text_config=text_model.config.to_dict(),
-            **{**settings, **kwargs},
-        )
-        # The new layers (ROI processor, SigLIP's identity projections) take the dtype the source was loaded in.
-        model = cls(config, vision_model=vision_model, text_model=text_model).to(source.dtype)
-        with torch.no_grad():
-            if kind == "siglip":
-                for projection in (model.visual_projection, model.text_projection):
-                    projection.weight.copy_(torch.eye(*projection.weight.shape))
-                if model.logit_bias is not None:
-                    model.logit_bias.copy_(source.logit_bias.detach().reshape(model.logit_bias.shape))
-            else:
-                model.visual_projection.load_state_dict(source.visual_projection.state_dict())
-                model.text_projection.load_state_dict(source.text_projection.state_dict())
-            model.logit_scale.copy_(source.logit_scale.detach().reshape(()))
-        return model
-
-
-class RegionMedCLIPForZeroShotObjectDetection(RegionMedCLIPModel):
+class RegionMedCLIPForZeroShotObjectDetection(RegionMedCLIPPreTrainedModel):
     r"""
-    Text-queried localization without boxes: for each image and each text query, a score and a box per patch, in
-    OWL-ViT's output contract, so `pipeline("zero-shot-object-detection", model=folder)` finds a finding by its
-    description. The weights are [`RegionMedCLIPModel`]'s (any saved folder loads as this class).
+    Text-queried localization without boxes, in OWL-ViT's shape and output contract: a [`RegionMedCLIPModel`] and a
+    class head, so that `pipeline("zero-shot-object-detection", model=folder)` finds a finding by its description.
+    Any saved RegionMed-CLIP folder loads as this class (the base model's weights sit under `regionmed_clip`).
 
-    Each patch's box is the one the region proposer predicts there. A box is scored by the region–text similarity
-    of its RoIAlign over the projected patch features (the box-free region embedding that `dense_loss` aligns with
-    region captions) plus the log of the proposer's objectness, and only objectness peaks are kept, so that one
-    finding gives one box. `post_process_object_detection` of the image processor turns a query's logits into a
-    softmax over the image's proposals: the scores of one query over one image sum to 1 and say where the finding
-    is most likely to be, given that it is there; they do not say whether it is there.
+    Every patch proposes one box: the region proposer's, which stays in the base model because the base reads it
+    itself (`auto_regions` proposes box-free ROIs with it, and `global_pool="cls_proposer"` pools z_global with its
+    objectness); the detector reads its map through `get_patch_features`. The class head
+    ([`RegionMedCLIPQueryHead`]) scores each box against each query. `post_process_object_detection` of the image
+    processor turns a query's logits into a softmax over the image's proposals: the scores of one query over one
+    image sum to 1 and say where the finding is most likely to be, given that it is there; they do not say whether
+    it is there.
+
+    Args:
+        config ([`RegionMedCLIPConfig`]): Model configuration.
+        model ([`RegionMedCLIPModel`], *optional*): An already built base model (e.g. one being trained);
+            built from `config` otherwise.
 
     Example:
 
@@ -1365,81 +1061,58 @@ class RegionMedCLIPForZeroShotObjectDetection(RegionMedCLIPModel):
     ```
     """
 
+    def __init__(self, config: RegionMedCLIPConfig, model: RegionMedCLIPModel | None = None):
+        super().__init__(config)
+        self.regionmed_clip = model if model is not None else RegionMedCLIPModel(config)
+        self.class_head = RegionMedCLIPQueryHead(config)
+        self.post_init()
+
     def forward(
         self,
-        input_ids: torch.LongTensor,
-        pixel_values: torch.FloatTensor,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        query_embeds: torch.FloatTensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> RegionMedCLIPObjectDetectionOutput | tuple:
         r"""
         Args:
-            input_ids (`torch.LongTensor` of shape `(num_queries, sequence_length)`):
+            input_ids (`torch.LongTensor` of shape `(num_queries, sequence_length)`, *optional*):
                 The text queries, each scored against every image.
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
                 The images, as the image processor returns them.
+            query_embeds (`torch.FloatTensor` of shape `(num_queries, projection_dim)`, *optional*):
+                Normalised query embeddings instead of `input_ids` (e.g. encoded once for a whole dataset).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        _, text_embeds = self._encode_text(input_ids, attention_mask, token_type_ids, position_ids)
-        outputs = self.localize(pixel_values, F.normalize(text_embeds, dim=-1))
+        if (input_ids is None) == (query_embeds is None):
+            raise ValueError("Pass the text queries as exactly one of input_ids and query_embeds.")
+        if query_embeds is None:
+            text = self.regionmed_clip.get_text_features(
+                input_ids, attention_mask, position_ids, token_type_ids
+            )
+            query_embeds = F.normalize(text.pooler_output, dim=-1)
+        patches = self.regionmed_clip.get_patch_features(pixel_values)
+        patch_embeds, proposal_logits = patches.patch_embeds, patches.proposal_logits
+        boxes = patch_boxes(proposal_logits).to(patch_embeds.dtype)  # (B, P, 4) corners
+        query_embeds = query_embeds.to(patch_embeds.dtype)
+        logits = self.class_head(
+            patch_embeds, boxes, proposal_logits, query_embeds, self.regionmed_clip.logit_scale.exp()
+        )
+        centres, extents = (boxes[..., :2] + boxes[..., 2:]) / 2, boxes[..., 2:] - boxes[..., :2]
+        outputs = RegionMedCLIPObjectDetectionOutput(
+            logits=logits,
+            pred_boxes=torch.cat((centres, extents), dim=-1),
+            objectness_logits=proposal_logits[..., 0].flatten(1),
+            similarity=torch.einsum("bhwd,qd->bqhw", F.normalize(patch_embeds, dim=-1), query_embeds),
+            text_embeds=query_embeds,
+        )
         return outputs if return_dict else outputs.to_tuple()
 
 
-def _dual_encoder_kind(source: PreTrainedModel, where: str) -> str:
-    """`"siglip"` for a SigLIP-family source (towers compared directly, a logit bias), `"projected"` for
-    CLIP-style sources with `visual_projection` / `text_projection`."""
-    model_type = source.config.model_type
-    if model_type in ("siglip", "siglip2"):
-        if model_type == "siglip2":
-            raise ValueError(
-                f"{where} is a Siglip2Model, whose NaFlex vision tower takes patchified inputs with "
-                "`pixel_attention_mask` / `spatial_shapes` rather than an image grid; RegionMed-CLIP's ROI pooling "
-                "and image processor need a fixed-resolution tower. Convert a SiglipModel checkpoint instead."
-            )
-        return "siglip"
-    if all(
-        hasattr(source, name)
-        for name in ("vision_model", "text_model", "visual_projection", "text_projection")
-    ):
-        return "projected"
-    raise ValueError(
-        f"{where} is a {type(source).__name__} ({model_type}); from_dual_encoder_pretrained reads CLIPModel, "
-        "SiglipModel and VisionTextDualEncoderModel checkpoints. For two separate towers use "
-        "from_vision_text_pretrained."
-    )
-
-
-def _as_tower(module: nn.Module, config, where: str) -> PreTrainedModel:
-    """A dual encoder's tower as the class RegionMed-CLIP builds from its sub-config (so that a saved model
-    reloads with the same weight names).
-
-    transformers 4.x (and OWL-ViT still) keep the bare transformer (`CLIPVisionTransformer`) inside the dual encoder;
-    its tower class (`CLIPVisionModel`) holds exactly that module under one attribute, with the same weight names
-    below it. The tower is built around the loaded module on the meta device, so nothing is initialised twice.
-    """
-    with torch.device("meta"):
-        tower = _tower_from_config(config)
-    if type(tower) is type(module):
-        return module
-    slots = [name for name, child in tower.named_children() if type(child) is type(module)]
-    if len(slots) != 1:
-        raise ValueError(
-            f"{where}: cannot place the bare {type(module).__name__} in {type(tower).__name__}, whose children "
-            f"are {[type(child).__name__ for child in tower.children()]}."
-        )
-    setattr(tower, slots[0], module)
-    unloaded = [
-        name for name, tensor in [*tower.named_parameters(), *tower.named_buffers()] if tensor.is_meta
-    ]
-    if unloaded:
-        raise ValueError(f"{where}: {type(tower).__name__} has weights outside {slots[0]}: {unloaded}.")
-    return tower
-
-
-def _tower_from_config(config) -> PreTrainedModel:
+def tower_from_config(config) -> PreTrainedModel:
     """The tower a sub-config describes: its `AutoModel` class, or for tower configs that transformers does not
     register with `AutoModel` (SigLIP's text tower) the model class named after the config (`SiglipTextConfig` →
     `SiglipTextModel`), as transformers names them."""
@@ -1454,19 +1127,6 @@ def _tower_from_config(config) -> PreTrainedModel:
 
 # Vision towers whose `last_hidden_state` precedes the final layer norm their pooled token passes through.
 _PRE_NORM_TOKEN_TOWERS = ("clip_vision_model",)
-
-# `from_pretrained` kwargs that also apply to loading a config.
-_HUB_KWARGS = (
-    "cache_dir",
-    "force_download",
-    "local_files_only",
-    "token",
-    "revision",
-    "subfolder",
-    "trust_remote_code",
-)
-# `from_pretrained` kwargs of a whole source checkpoint in `from_dual_encoder_pretrained`; the others are config.
-_LOAD_KWARGS = (*_HUB_KWARGS, "dtype", "attn_implementation", "device_map")
 
 
 def _normalized_image_outputs(features: "RegionMedCLIPImageFeatures") -> dict:
@@ -1510,9 +1170,12 @@ def _scatter(rows: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     return placed
 
 
-def _hub_kwargs(kwargs: dict) -> dict:
-    """The subset of `from_pretrained` kwargs that also apply to loading a config."""
-    return {k: v for k, v in kwargs.items() if k in _HUB_KWARGS}
+def pooled_output(outputs) -> torch.Tensor:
+    """A tower's pooled output, or its first token when it has no pooler."""
+    pooled = getattr(outputs, "pooler_output", None)
+    if pooled is None:
+        pooled = outputs.last_hidden_state[:, 0]
+    return pooled.flatten(1)
 
 
 __all__ = [
@@ -1521,10 +1184,17 @@ __all__ = [
     "RegionMedCLIPModel",
     "RegionMedCLIPObjectDetectionOutput",
     "RegionMedCLIPOutput",
+    "RegionMedCLIPPatchFeatures",
     "RegionMedCLIPPreTrainedModel",
+    "RegionMedCLIPTextFeatures",
+    "contrastive_loss",
     "crop_regions",
     "objectness_peaks",
     "patch_boxes",
+    "patch_centres",
+    "pooled_output",
     "propose_regions",
     "roi_align",
+    "sigmoid_loss",
+    "tower_from_config",
 ]

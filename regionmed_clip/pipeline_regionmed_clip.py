@@ -116,14 +116,15 @@ class ZeroShotRegionClassificationPipeline(Pipeline):
     def _forward(self, model_inputs, label_embeds):
         outputs = self.model(**model_inputs["inputs"])
         labels = label_embeds.to(outputs.image_embeds.dtype).t()
+        logit_scale = self.model.logit_scale.exp()
         bias = None
         if self.model.config.loss_objective == "sigmoid":
-            bias = outputs.logit_bias if outputs.logit_bias is not None else outputs.logit_scale.new_zeros(())
+            bias = self.model.logit_bias if self.model.logit_bias is not None else logit_scale.new_zeros(())
         region_logits = None
         if outputs.region_embeds is not None:
-            region_logits = outputs.logit_scale * outputs.region_embeds @ labels
+            region_logits = logit_scale * outputs.region_embeds @ labels
         return {
-            "logits_per_image": outputs.logit_scale * outputs.image_embeds @ labels,
+            "logits_per_image": logit_scale * outputs.image_embeds @ labels,
             "region_logits": region_logits,
             "logit_bias": bias,
             "candidate_labels": model_inputs["candidate_labels"],

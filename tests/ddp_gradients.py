@@ -32,22 +32,20 @@ def main() -> None:
         trainer.rows = trainer.rows.map(
             lambda row, i: {"regions": [] if i in cleared else row["regions"]}, with_indices=True
         )
-    trainer.begin_stage(index)
+    trainer.state.global_step = trainer.callback.start_of(index)
+    trainer.step_begins()
     collator = MedRegionCollator(trainer.processor, trainer.config.data.max_length, with_regions=True)
     loader = stage_dataloader(
         trainer.rows, collator, stage.batch_size, accelerator.process_index, accelerator.num_processes, seed
     )
     batch = trainer._stage_batch(next(iter(loader)), stage)
     outputs = trainer.model(**batch)
-    weighted = [term for term, weight in stage.loss_weights.items() if weight > 0]
-    terms = trainer.criterion(outputs, batch["region_input_ids"], batch["region_attention_mask"], weighted)
-    loss = trainer.criterion.weighted_sum(terms)
+    loss, terms = outputs.loss, outputs.loss_terms
     accelerator.backward(loss)
     rois = accelerator.gather(batch["roi_mask"].sum().reshape(1)).tolist()  # real ROIs of each process
     if accelerator.is_main_process:
-        gradients = {
-            n: p.grad.detach().clone() for n, p in trainer.unwrapped.named_parameters() if p.grad is not None
-        }
+        parameters = trainer.unwrapped.model.named_parameters()
+        gradients = {n: p.grad.detach().clone() for n, p in parameters if p.grad is not None}
         torch.save(
             {
                 "processes": accelerator.num_processes,

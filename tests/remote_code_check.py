@@ -5,8 +5,7 @@ transformers, pillow, numpy and pydicom (never this package).
 
 Loads FOLDER (saved by the main environment) through the Auto classes with `trust_remote_code=True`, scores the
 inputs of INPUTS.json with the model, the zero-shot pipeline, the region pipeline and the zero-shot-object-detection
-pipeline, computes the loss of
-`return_loss=True` (the objective file travels with the model file), saves and reloads the model and processor under
+pipeline, computes the image–text loss of `return_loss=True`, saves and reloads the model and processor under
 WORKDIR, and prints one JSON report on the last line of stdout. `tests/test_remote_code_compat.py`
 compares the report with the main environment's own scores.
 """
@@ -62,12 +61,10 @@ def main(folder: str, inputs_path: str, workdir: str) -> dict:
     detector = pipeline("zero-shot-object-detection", model=folder, trust_remote_code=True)
     detection = detector(images[0], candidate_labels=labels, threshold=0.0)
 
-    # The pretraining objective ships in the folder too: image i paired with label i, with its boxes.
+    # CLIPModel's `return_loss`: image i paired with label i, with its boxes.
     paired = processor(text=labels[: len(images)], images=images, boxes=boxes, return_tensors="pt")
     with torch.no_grad():
-        loss_terms = {
-            name: term.item() for name, term in model(**paired, return_loss=True).loss_terms.items()
-        }
+        loss = model(**paired, return_loss=True).loss.item()
 
     saved = os.path.join(workdir, "resaved")
     model.save_pretrained(saved)
@@ -85,7 +82,7 @@ def main(folder: str, inputs_path: str, workdir: str) -> dict:
         "resaved_fields": {name: getattr(reloaded_model.config, name) for name in own_fields},
         "classes": [type(config).__module__, type(model).__module__, type(processor).__module__],
         "logits": logits_of(model, processor),
-        "loss_terms": loss_terms,
+        "loss": loss,
         "zero_shot": zero_shot,
         "region": region_results,
         "detection": detection,

@@ -30,7 +30,7 @@ from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPi
 
 from regionmed_clip import RegionMedCLIPModel, RegionMedCLIPProcessor
 from regionmed_clip.cli import main
-from regionmed_clip.convert import UNKNOWN_LICENSE, ConvertConfig, convert
+from regionmed_clip.convert import UNKNOWN_LICENSE, ConvertConfig, convert, from_dual_encoder_pretrained
 from regionmed_clip.data.synth import SynthConfig, synth_example
 from regionmed_clip.modeling_regionmed_clip import roi_align
 
@@ -142,7 +142,7 @@ def _source_logits(name, folder, inputs):
 def test_converted_model_reproduces_the_source_logits(sources, name):
     inputs = _source_inputs(name, sources[name])
     expected = _source_logits(name, sources[name], inputs)
-    model = RegionMedCLIPModel.from_dual_encoder_pretrained(str(sources[name])).eval()
+    model = from_dual_encoder_pretrained(str(sources[name])).eval()
     with torch.no_grad():
         logits = model(**inputs).logits_per_image
         boxes = torch.tensor([[[0.1, 0.2, 0.6, 0.7], [0.3, 0.3, 0.9, 0.8]]] * len(_images()))
@@ -165,7 +165,7 @@ def test_pooled_and_projected_features_are_the_sources(sources, name):
     """CLIP pools post_layernorm(CLS) and the EOS token, VTDE the towers' poolers: `_pooled` must read the same."""
     inputs = _source_inputs(name, sources[name])
     source = AutoModel.from_pretrained(sources[name]).eval()
-    model = RegionMedCLIPModel.from_dual_encoder_pretrained(str(sources[name])).eval()
+    model = from_dual_encoder_pretrained(str(sources[name])).eval()
     with torch.no_grad():
         torch.testing.assert_close(
             model.get_image_features(inputs["pixel_values"]).pooler_output,
@@ -180,13 +180,13 @@ def test_pooled_and_projected_features_are_the_sources(sources, name):
 @pytest.mark.parametrize(("name", "prefix"), [("clip", 1), ("siglip", 0)])
 def test_patch_features_are_the_patch_tokens_after_the_norm_the_pooled_token_gets(sources, name, prefix):
     """With or without a class token; CLIP returns its tokens before `post_layernorm`, SigLIP after its final norm."""
-    model = RegionMedCLIPModel.from_dual_encoder_pretrained(str(sources[name])).eval()
+    model = from_dual_encoder_pretrained(str(sources[name])).eval()
     pixel_values = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE)
     with torch.no_grad():
         tokens = model.vision_model(pixel_values=pixel_values).last_hidden_state
         if name == "clip":
             tokens = model.vision_model.post_layernorm(tokens)
-        patches = model.get_patch_features(pixel_values)
+        patches = model.get_patch_features(pixel_values).patch_embeds
         expected = model.visual_projection(tokens[:, prefix:])
     side = IMAGE_SIZE // PATCH_SIZE
     assert patches.shape == (1, side, side, model.config.projection_dim)
@@ -198,12 +198,12 @@ def test_a_converted_clip_pools_the_patch_features_its_heatmaps_show(sources, ro
     """RoIAlign of `get_patch_features` (what heatmaps and grounding read) over the boxes the model used is the
     model's own `dense_region_embeds`, in both ROI modes; `auto_regions` passed per call leaves the config alone and
     gives what a model saved with it gives."""
-    model = RegionMedCLIPModel.from_dual_encoder_pretrained(str(sources["clip"]), roi_mode=roi_mode).eval()
+    model = from_dual_encoder_pretrained(str(sources["clip"]), roi_mode=roi_mode).eval()
     config = model.config
     pixel_values = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
     with torch.no_grad():
         features = model.get_image_features(pixel_values, auto_regions=2)
-        patches = model.get_patch_features(pixel_values).permute(0, 3, 1, 2)
+        patches = model.get_patch_features(pixel_values).patch_embeds.permute(0, 3, 1, 2)
         pooled = roi_align(patches, features.region_boxes, config.roi_align_size, config.roi_sampling_ratio)
     assert features.region_boxes.shape == (2, 2, 4)
     torch.testing.assert_close(pooled, features.dense_region_embeds)
@@ -221,7 +221,7 @@ def test_a_converted_clip_pools_the_patch_features_its_heatmaps_show(sources, ro
 
 
 def test_loading_kwargs_reach_the_source_and_the_new_layers_follow_its_dtype(sources):
-    model = RegionMedCLIPModel.from_dual_encoder_pretrained(
+    model = from_dual_encoder_pretrained(
         str(sources["siglip"]), dtype=torch.bfloat16, attn_implementation="eager", max_regions=4
     )
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
@@ -236,7 +236,7 @@ def test_siglip_text_is_padded_to_its_trained_length_inside_the_model(sources):
     """The pipeline pads per batch; SigLIP's text tower reads position 63, so the model pads to 64 itself."""
     inputs = _source_inputs("siglip", sources["siglip"])
     expected = _source_logits("siglip", sources["siglip"], inputs)
-    model = RegionMedCLIPModel.from_dual_encoder_pretrained(str(sources["siglip"])).eval()
+    model = from_dual_encoder_pretrained(str(sources["siglip"])).eval()
     short = AutoTokenizer.from_pretrained(sources["siglip"])(LABELS, padding=True, return_tensors="pt")
     assert short["input_ids"].shape[1] < 64
     with torch.no_grad():
@@ -329,7 +329,7 @@ def test_a_dual_encoder_holding_bare_transformers_converts(tmp_path):
     assert type(source.vision_model).__name__ == "OwlViTVisionTransformer"
     source.save_pretrained(tmp_path)
     source = OwlViTModel.from_pretrained(tmp_path).eval()
-    model = RegionMedCLIPModel.from_dual_encoder_pretrained(str(tmp_path)).eval()
+    model = from_dual_encoder_pretrained(str(tmp_path)).eval()
     assert type(model.vision_model).__name__ == "OwlViTVisionModel"
     inputs = {
         "input_ids": torch.randint(1000, 2000, (3, 16)),
@@ -360,7 +360,7 @@ def test_unsupported_checkpoints_are_rejected_with_a_clear_error(tmp_path):
 
     BertModel(BertConfig(**TEXT)).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="reads CLIPModel, SiglipModel and VisionTextDualEncoderModel"):
-        RegionMedCLIPModel.from_dual_encoder_pretrained(str(tmp_path))
+        from_dual_encoder_pretrained(str(tmp_path))
 
 
 @pytest.mark.parametrize("name", ["clip", "siglip"])

@@ -26,6 +26,7 @@ from regionmed_clip.training.data import stage_dataloader
 
 from .conftest import make_processor, random_image, tiny_model
 from .test_data_importers import _images
+from .test_losses import objective_of
 from .test_training import ENV, ROOT, tiny_training_config, write_config
 
 ANATOMY = [
@@ -568,7 +569,7 @@ def test_regions_with_fewer_negatives_are_padded_and_masked(tokenizer):
     batch = MedRegionCollator(make_processor(tokenizer))(rows)
     present = batch["negative_attention_mask"].sum(-1) > 0
     assert present.tolist() == [[[False, False, False], [True, False, False], [True, True, True]]]
-    outputs = tiny_model()(**batch)
+    outputs = objective_of(tiny_model(), {"neg_loss": 1.0})(**batch)
     assert outputs.negative_mask.tolist() == present.tolist()
 
 

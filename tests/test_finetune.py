@@ -47,7 +47,9 @@ def tiny_run(tmp_path, base_folder, synth_folder, **overrides) -> FinetuneArgs:
 def fixed_inputs(processor, synth_folder):
     rows = load_rows(synth_folder, "validation").select(range(4))
     batch = MedRegionCollator(processor, max_length=64)(list(rows))
-    return {key: value for key, value in batch.items() if not key.startswith("summary")}
+    return {
+        key: value for key, value in batch.items() if not key.startswith(("summary_", "region_", "negative_"))
+    }
 
 
 def outputs_of(model, inputs) -> dict[str, torch.Tensor]:
@@ -87,26 +89,31 @@ def test_lora_training_changes_only_adapters_and_projections_and_reloads_exactly
 ):
     trainer = Trainer(finetune_config(tiny_run(tmp_path, base_folder, synth_folder, steps=3, lr=1e-2)))
     assert "trainable params:" in capsys.readouterr().out
-    before = {name: p.detach().clone() for name, p in trainer.unwrapped.named_parameters()}
-    buffers_before = {name: b.clone() for name, b in trainer.unwrapped.named_buffers()}
+    model = trainer.unwrapped.model  # the base model under its PEFT wrapper
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    buffers_before = {name: b.clone() for name, b in model.named_buffers()}
     trainer.run_stage(0, trainer.config.stages[0])
 
-    after = dict(trainer.unwrapped.named_parameters())
+    after = dict(model.named_parameters())
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     declared = {
         name for name in before if "lora_" in name or ".modules_to_save." in name
     }  # LoRA matrices and the trained copies of the projections
     assert changed <= declared
-    assert any("lora_B" in name for name in changed)
+    # Every adapter trained: Adam moves each element whose gradient is well above its eps by about the learning
+    # rate at each step, where round-off gradients (far below eps) move an element by a small fraction of it.
+    lr = trainer.config.stages[0].lr
+    lora_b = [name for name in before if "lora_B" in name]
+    assert lora_b and all(float((after[name] - before[name]).abs().max()) > 0.1 * lr for name in lora_b)
     assert {n for n in changed if "modules_to_save" in n} >= {
         "base_model.model.visual_projection.modules_to_save.default.weight",
         "base_model.model.text_projection.modules_to_save.default.weight",
     }
-    for name, buffer in trainer.unwrapped.named_buffers():
+    for name, buffer in model.named_buffers():
         assert torch.equal(buffer, buffers_before[name]), name  # the temperature buffer among them
 
     inputs = fixed_inputs(trainer.processor, synth_folder)
-    trained = outputs_of(trainer.unwrapped, inputs)
+    trained = outputs_of(model, inputs)
     trainer.save_final()
     run = tmp_path / "run"
     assert {p.name for p in (run / "adapter").iterdir()} >= {
@@ -168,17 +175,17 @@ def test_full_classification_fine_tuning_trains_on_labels_and_saves_the_classes(
         frozen=("text_model",),
     )
     trainer = Trainer(finetune_config(args))
-    text_before = {n: p.detach().clone() for n, p in trainer.unwrapped.text_model.named_parameters()}
+    text_before = {n: p.detach().clone() for n, p in trainer.unwrapped.model.text_model.named_parameters()}
     vision_before = (
-        trainer.unwrapped.vision_model.embeddings.patch_embeddings.projection.weight.detach().clone()
+        trainer.unwrapped.model.vision_model.embeddings.patch_embeddings.projection.weight.detach().clone()
     )
     folder = trainer.train()
     records = [yaml.safe_load(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all("loss/class_loss" in r and "loss/global_loss" not in r for r in records)
-    for name, parameter in trainer.unwrapped.text_model.named_parameters():
+    for name, parameter in trainer.unwrapped.model.text_model.named_parameters():
         assert torch.equal(parameter, text_before[name]), name
     assert not torch.equal(
-        trainer.unwrapped.vision_model.embeddings.patch_embeddings.projection.weight, vision_before
+        trainer.unwrapped.model.vision_model.embeddings.patch_embeddings.projection.weight, vision_before
     )
     labels = sorted(set(load_rows(synth_folder, "train")["label"]))
     saved = RegionMedCLIPModel.from_pretrained(folder)

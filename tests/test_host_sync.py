@@ -81,28 +81,31 @@ def records(output_dir: Path) -> list[dict]:
 
 
 def test_a_step_that_does_not_log_reads_nothing_on_the_host_in_every_demo_stage(tmp_path, synth_folder):
-    """The stages' real loop (`run_stage`): from `training_step` to the end of `on_step_end`, a step that does not
-    log performs no scalar read; a step that logs reads its metrics. The demo's text tower is frozen, so its
-    caption cache is on, as in the demo."""
+    """The stages' real loop (`run_stage`): from the stage callback's `on_step_begin` to the end of the step's
+    bookkeeping (`finish_step`: the callback's `on_step_end`, the log, the checkpoint), a step that does not log
+    performs no scalar read; a step that logs reads its metrics. The demo's text tower is frozen, so its caption
+    cache is on, as in the demo."""
     trainer = train(tmp_path, "run", synth_folder, steps=(4, 4, 4, 4), log_every=3)
     assert [stage.name for stage in trainer.config.stages] == ["warmup", "global", "roi", "joint"]
     steps, mode = [], None
-    training_step, on_step_end = trainer.training_step, trainer.callback.on_step_end
+    step_begins, finish_step = trainer.step_begins, trainer.finish_step
 
-    def counted_step(batch, stage):
+    def counted_begin():
         nonlocal mode
+        trainer.prepare_optimizer()  # once, before the first step (the mode watches its step counters)
         mode = ScalarReads(trainer.optimizer)
         mode.__enter__()
-        return training_step(batch, stage)
+        return step_begins()
 
-    def counted_end(metrics):
+    def counted_finish(*args):
         try:
-            on_step_end(metrics)
+            record = finish_step(*args)
         finally:
             mode.__exit__(None, None, None)
-        steps.append((trainer.state.stage, metrics is not None, mode.reads))
+        steps.append((trainer.state.stage, record is not None, mode.reads))
+        return record
 
-    trainer.training_step, trainer.callback.on_step_end = counted_step, counted_end
+    trainer.step_begins, trainer.finish_step = counted_begin, counted_finish
     trainer.train()
     # Global steps 1-16, stage ends at 4, 8, 12, 16: steps 3, 6, 9, 15 log as well, the others do not.
     assert [logged for _, logged, _ in steps] == [step % 3 == 0 or step % 4 == 0 for step in range(1, 17)]

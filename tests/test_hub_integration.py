@@ -26,7 +26,6 @@ LABELS = ["round nodule", "normal chest", "oval cyst"]
 MODEL_FILES = {
     "configuration_regionmed_clip.py",
     "modeling_regionmed_clip.py",
-    "loss_regionmed_clip.py",
     "image_processing_regionmed_clip.py",
     "processing_regionmed_clip.py",
 }

@@ -55,7 +55,6 @@ CLEARED_ENV = (
 REMOTE_CODE = {
     "configuration_regionmed_clip.py",
     "modeling_regionmed_clip.py",
-    "loss_regionmed_clip.py",
     "image_processing_regionmed_clip.py",
     "processing_regionmed_clip.py",
 }
@@ -433,10 +432,10 @@ def test_folders_are_checked_before_anything_is_sent(tmp_path, model_folder, hub
     assert len(hub.requests) == requests
 
 
-@pytest.mark.parametrize("missing", ["pipeline_regionmed_clip.py", "loss_regionmed_clip.py"])
+@pytest.mark.parametrize("missing", ["pipeline_regionmed_clip.py", "configuration_regionmed_clip.py"])
 def test_a_folder_missing_a_file_its_config_names_is_refused(tmp_path, model_folder, missing):
     """Every module that `auto_map` or `custom_pipelines` names must ship, and every file those import relatively:
-    the region pipeline's file and the model file's objective included."""
+    the region pipeline's file and the model file's configuration included."""
     folder = tmp_path / "model"
     folder.mkdir()
     for path in model_folder.iterdir():

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from regionmed_clip import RegionMedCLIPConfig, RegionMedCLIPModel
+from regionmed_clip.training import RegionMedCLIPForPreTraining
 from regionmed_clip.training.config import LoraSpec
 from regionmed_clip.training.lora import (
     LORA_PRESETS,
@@ -68,15 +69,23 @@ def _batch() -> dict:
         "roi_boxes": torch.tensor([[[0.1, 0.1, 0.6, 0.6], [0.4, 0.3, 0.9, 0.9]]] * 2),
         "region_input_ids": _token_ids((2, 2, 6), generator),
         "region_attention_mask": torch.ones(2, 2, 6, dtype=torch.long),
-        "return_loss": True,
     }
 
 
-def _lora_gradients(model) -> tuple[dict[str, torch.Tensor | None], float]:
+def _with_lora(base: RegionMedCLIPModel, spec: LoraSpec) -> RegionMedCLIPForPreTraining:
+    """The pretraining objective (report, region-aware and ROI terms) around `base` with `spec`'s adapters, set up
+    as the trainer sets it up."""
+    weights = {"global_loss": 1.0, "fused_global_loss": 1.0, "roi_loss": 1.0}
+    objective = RegionMedCLIPForPreTraining(base.config, model=base, loss_weights=weights)
+    objective.detector.regionmed_clip = apply_lora(objective.model, spec)
+    return objective
+
+
+def _lora_gradients(objective) -> tuple[dict[str, torch.Tensor | None], float]:
     """Each LoRA parameter's gradient, and the loss it is the gradient of."""
-    loss = model(**_batch()).loss
+    loss = objective(**_batch()).loss
     loss.backward()
-    return {name: p.grad for name, p in model.named_parameters() if "lora_" in name}, float(loss)
+    return {name: p.grad for name, p in objective.model.named_parameters() if "lora_" in name}, float(loss)
 
 
 # The models run in float64, so that a gradient which is mathematically zero (an adapter cut off from the loss)
@@ -105,7 +114,7 @@ def test_every_lora_parameter_of_the_presets_gets_a_gradient(pair):
     for tower in ("vision_model.", "text_model."):
         assert sum(name.startswith(tower) for name in targets) == 2 * 4  # 2 layers x q, k, v, out
     assert sum(name.startswith("roi_processor.") for name in targets) == 4
-    model = apply_lora(base, LoraSpec(r=2, dropout=0.0))
+    model = _with_lora(base, LoraSpec(r=2, dropout=0.0))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
 
     first, loss = _lora_gradients(model)
@@ -122,7 +131,7 @@ def test_every_lora_parameter_of_the_presets_gets_a_gradient(pair):
 
 def test_an_adapter_on_siglips_attention_pool_head_would_never_train():
     """Why the SigLIP preset stops at the encoder: `nn.MultiheadAttention` uses `out_proj.weight` directly."""
-    model = apply_lora(
+    model = _with_lora(
         _model("siglip_vision_model", "siglip_text_model"),
         LoraSpec(r=2, dropout=0.0, target_modules=r"vision_model\.(.*\.)?head\.attention\.out_proj"),
     )
@@ -138,7 +147,7 @@ def test_auto_targets_skip_modules_trained_in_full():
     base = _model("siglip_vision_model", "siglip_text_model")
     targets = lora_target_names(base, spec)
     assert targets and not any(name.startswith("roi_processor.") for name in targets)
-    model = apply_lora(base, spec)
+    model = _with_lora(base, spec)
     model(**_batch()).loss.backward()
     roi_copy = [p for name, p in model.named_parameters() if "roi_processor" in name and p.requires_grad]
     assert roi_copy and all(p.grad is not None for p in roi_copy)

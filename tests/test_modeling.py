@@ -1,6 +1,8 @@
 """Model tester with tiny configs (hidden 32, 2 layers, 32 px images, 8 px patches)."""
 
 import inspect
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +10,13 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, BertModel, CLIPVisionConfig, CLIPVisionModel, ViTModel
 
 import regionmed_clip.modeling_regionmed_clip as modeling
-from regionmed_clip import RegionMedCLIPConfig, RegionMedCLIPModel, RegionMedCLIPOutput
+from regionmed_clip import (
+    RegionMedCLIPConfig,
+    RegionMedCLIPForZeroShotObjectDetection,
+    RegionMedCLIPModel,
+    RegionMedCLIPOutput,
+)
+from regionmed_clip.convert import from_vision_text_pretrained
 
 from .conftest import (
     IMAGE_SIZE,
@@ -24,12 +32,12 @@ MODES = ("pool", "crop")
 
 
 def model_inputs(tokenizer, batch, roi_mode, with_rois=True):
+    """The model's inputs: reports and images, with the boxes unless `with_rois` is False (region captions and
+    negatives are inputs of the pretraining objective, tested in test_losses.py)."""
     processor = make_processor(tokenizer, roi_mode)
     kwargs = {"text": batch["text"], "images": batch["images"], "return_tensors": "pt"}
     if with_rois:
-        kwargs.update(
-            boxes=batch["boxes"], region_text=batch["region_text"], negative_text=batch["negative_text"]
-        )
+        kwargs["boxes"] = batch["boxes"]
     return processor(**kwargs)
 
 
@@ -49,10 +57,8 @@ def test_output_shapes_with_rois(tokenizer, sample_batch, roi_mode):
     )
     assert outputs.region_embeds.shape == (2, 3, 16)
     assert outputs.region_mask.tolist() == [[True, False, False], [True, True, False]]
-    assert outputs.loss.shape == ()
-    assert set(outputs.loss_terms) == {"global_loss", "fused_global_loss", "roi_loss", "neg_loss"}
-    assert all(term.shape == () and torch.isfinite(term) for term in outputs.loss_terms.values())
-    torch.testing.assert_close(outputs.loss, sum(outputs.loss_terms.values()))
+    # As CLIPModel's: the image–text contrastive loss of the logits, here of the region-aware image embeddings.
+    torch.testing.assert_close(outputs.loss, modeling.contrastive_loss(outputs.logits_per_image))
     assert outputs.vision_model_output.last_hidden_state.shape == (2, 1 + (IMAGE_SIZE // 8) ** 2, 32)
     assert outputs.text_model_output.last_hidden_state.shape[:2] == inputs["input_ids"].shape
     torch.testing.assert_close(outputs.image_embeds.norm(dim=-1), torch.ones(2))
@@ -60,8 +66,12 @@ def test_output_shapes_with_rois(tokenizer, sample_batch, roi_mode):
     assert outputs.region_embeds[~outputs.region_mask].abs().sum() == 0
     assert not torch.allclose(outputs.image_embeds, outputs.global_image_embeds)
     outputs.loss.backward()
-    assert model.roi_processor.attention.q_proj.weight.grad.abs().sum() > 0
-    assert model.roi_processor.gate.grad is not None
+    # The loss reads the region-aware embedding, so the ROI processor trains: its gradients are a sizeable share of
+    # the visual projection's in the same backward (measured: 0.6 to 0.7 of it for q_proj, 0.001 to 0.02 for the
+    # gate), far above float32 round-off (about 1e-7 of it).
+    reference = model.visual_projection.weight.grad.norm()
+    assert model.roi_processor.attention.q_proj.weight.grad.norm() > 1e-2 * reference
+    assert model.roi_processor.gate.grad.abs() > 1e-5 * reference
 
 
 @pytest.mark.parametrize("roi_mode", MODES)
@@ -69,7 +79,7 @@ def test_without_rois_the_model_is_a_clip(tokenizer, sample_batch, roi_mode):
     model = tiny_model(roi_mode)
     outputs = model(**model_inputs(tokenizer, sample_batch, roi_mode, with_rois=False), return_loss=True)
     assert outputs.region_embeds is None and outputs.region_mask is None
-    assert set(outputs.loss_terms) == {"global_loss"}
+    torch.testing.assert_close(outputs.loss, modeling.contrastive_loss(outputs.logits_per_image))
     torch.testing.assert_close(outputs.image_embeds, outputs.global_image_embeds)
     expected = model.logit_scale.exp() * outputs.image_embeds @ outputs.text_embeds.t()
     torch.testing.assert_close(outputs.logits_per_image, expected)
@@ -95,11 +105,6 @@ def test_padded_roi_slots_change_nothing(tokenizer, sample_batch, roi_mode):
     boxes = inputs["roi_boxes"].clone()
     boxes[empty] = torch.tensor([0.2, 0.3, 0.9, 0.8])
     padded["roi_boxes"] = boxes
-    for key in ("region_input_ids", "negative_input_ids"):
-        garbage = torch.randint(1000, 2000, inputs[key].shape, generator=generator)
-        padded[key] = torch.where(
-            empty.view(*empty.shape, *[1] * (inputs[key].dim() - 2)), garbage, inputs[key]
-        )
     if roi_mode == "crop":
         crops = inputs["roi_pixel_values"].clone()
         crops[empty] = torch.randn(crops[empty].shape, generator=generator)
@@ -239,19 +244,14 @@ def test_tuple_output(tokenizer, sample_batch):
         (
             "pool",
             lambda inputs: inputs.update(input_ids=inputs["input_ids"][:1], attention_mask=None),
-            "2 images and 1 texts",
+            "pairs image i with text i",
         ),
-        ("pool", lambda inputs: [inputs.pop(k) for k in ("roi_boxes", "roi_mask")], "without ROIs"),
+        ("pool", lambda inputs: inputs.pop("roi_boxes"), "without roi_boxes"),
         ("pool", lambda inputs: inputs.update(roi_boxes=torch.zeros(2, 4)), "roi_boxes must be"),
         (
             "pool",
             lambda inputs: [inputs.pop(k) for k in list(inputs) if k not in ("pixel_values",)],
-            "found nothing to compare",
-        ),
-        (
-            "pool",
-            lambda inputs: inputs["region_attention_mask"].zero_(),
-            "empty region caption",
+            "pairs image i with text i",
         ),
     ],
 )
@@ -295,7 +295,7 @@ def test_from_vision_text_pretrained_loads_both_towers_from_local_folders(tmp_pa
     bert = BertModel(BertConfig(**{k: v for k, v in tiny_text_config().items() if k != "model_type"}))
     vit.save_pretrained(tmp_path / "vit")
     bert.save_pretrained(tmp_path / "bert")
-    model = RegionMedCLIPModel.from_vision_text_pretrained(
+    model = from_vision_text_pretrained(
         str(tmp_path / "vit"),
         str(tmp_path / "bert"),
         projection_dim=16,
@@ -364,7 +364,7 @@ def test_a_full_clip_checkpoint_contributes_its_vision_tower(tmp_path):
     BertModel(
         BertConfig(**{k: v for k, v in tiny_text_config().items() if k != "model_type"})
     ).save_pretrained(tmp_path / "bert")
-    model = RegionMedCLIPModel.from_vision_text_pretrained(
+    model = from_vision_text_pretrained(
         str(tmp_path / "clip"), str(tmp_path / "bert"), projection_dim=16, roi_num_heads=4
     )
     assert isinstance(model.vision_model, CLIPVisionModel)
@@ -406,3 +406,92 @@ def test_input_embeddings_delegate_to_the_text_tower_and_resize():
     model.resize_token_embeddings(30530)
     assert model.config.text_config.vocab_size == 30530
     assert model.get_input_embeddings().weight.shape[0] == 30530
+
+
+def test_region_captions_are_inputs_of_the_pretraining_objective_not_of_the_model(tokenizer, sample_batch):
+    inputs = make_processor(tokenizer)(
+        text=sample_batch["text"],
+        images=sample_batch["images"],
+        boxes=sample_batch["boxes"],
+        region_text=sample_batch["region_text"],
+        return_tensors="pt",
+    )
+    with pytest.raises(TypeError, match="RegionMedCLIPForPreTraining"):
+        tiny_model("pool")(**inputs)
+
+
+def test_a_folder_saved_with_the_objectives_settings_in_its_config_loads_with_equal_outputs(tmp_path):
+    """tests/fixtures/folder-with-loss-settings: saved when the model config carried the loss weights and L_neg's
+    settings (see its README). They are dropped on load, and the model gives the outputs it gave then."""
+    fixture = Path(__file__).parent / "fixtures" / "folder-with-loss-settings"
+    saved = json.loads((fixture / "config.json").read_text())
+    assert saved["roi_loss_weight"] == 1.0 and saved["neg_logit_scale"] == 10.0
+    recorded = load_file(fixture / "expected.safetensors")
+    inputs = {
+        key.removeprefix("inputs."): value for key, value in recorded.items() if key.startswith("inputs.")
+    }
+    inputs["roi_mask"] = inputs["roi_mask"].bool()
+    expected = {
+        key.removeprefix("expected."): v for key, v in recorded.items() if key.startswith("expected.")
+    }
+
+    model = AutoModel.from_pretrained(fixture).eval()
+    assert type(model) is RegionMedCLIPModel
+    with torch.no_grad():
+        box_free = model(**{key: inputs[key] for key in ("input_ids", "attention_mask", "pixel_values")})
+        boxed = model(**inputs)
+        patches = model.get_patch_features(inputs["pixel_values"]).patch_embeds
+    actual = {
+        **{
+            f"box_free.{name}": getattr(box_free, name)
+            for name in ("logits_per_image", "image_embeds", "text_embeds")
+        },
+        **{
+            f"boxed.{name}": getattr(boxed, name)
+            for name in (
+                "logits_per_image",
+                "image_embeds",
+                "global_image_embeds",
+                "region_embeds",
+                "dense_region_embeds",
+                "proposal_logits",
+            )
+        },
+        "patch_features": patches,
+    }
+    assert set(actual) == set(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, rtol=0, atol=1e-5, msg=name)
+
+    model.save_pretrained(tmp_path)
+    resaved = json.loads((tmp_path / "config.json").read_text())
+    assert not [key for key in resaved if key.endswith("_loss_weight") or key.startswith("neg_logit_")]
+
+
+def test_the_detector_holds_the_base_model_and_loads_any_saved_folder(tmp_path, tokenizer, sample_batch):
+    """OWL-ViT's shape: the detector holds a RegionMedCLIPModel under `regionmed_clip` and its class head; a folder
+    saved by the base model loads into it (and a folder saved by the detector into the base) with equal weights."""
+    base = tiny_model("pool")
+    base.save_pretrained(tmp_path / "base")
+    detector = RegionMedCLIPForZeroShotObjectDetection.from_pretrained(tmp_path / "base").eval()
+    assert type(detector.regionmed_clip) is RegionMedCLIPModel
+    for name, tensor in base.state_dict().items():
+        torch.testing.assert_close(detector.regionmed_clip.state_dict()[name], tensor, rtol=0, atol=0)
+    detector.save_pretrained(tmp_path / "detector")
+    again = AutoModel.from_pretrained(tmp_path / "detector").eval()
+    assert type(again) is RegionMedCLIPModel
+    inputs = model_inputs(tokenizer, sample_batch, "pool")
+    with torch.no_grad():
+        torch.testing.assert_close(again(**inputs).logits_per_image, base(**inputs).logits_per_image)
+        outputs = detector(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            pixel_values=inputs["pixel_values"],
+        )
+        queries = torch.nn.functional.normalize(
+            base.get_text_features(inputs["input_ids"], inputs["attention_mask"]).pooler_output, dim=-1
+        )
+        by_embeds = detector(pixel_values=inputs["pixel_values"], query_embeds=queries)
+    grid = (IMAGE_SIZE // 8) ** 2
+    assert outputs.logits.shape == (2, grid, 2) and outputs.pred_boxes.shape == (2, grid, 4)
+    torch.testing.assert_close(by_embeds.logits, outputs.logits)

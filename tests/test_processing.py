@@ -8,6 +8,7 @@ import torch
 from transformers import AutoProcessor, AutoTokenizer, BertTokenizer, BertTokenizerFast
 
 from regionmed_clip import RegionMedCLIPModel, RegionMedCLIPProcessor, caption_key, with_paper_normalizer
+from regionmed_clip.training import RegionMedCLIPForPreTraining
 
 from .conftest import make_processor, random_image
 
@@ -138,8 +139,12 @@ def test_processor_returns_exactly_the_models_input_names(tokenizer, sample_batc
     for roi_mode in ("pool", "crop"):
         processor = make_processor(tokenizer, roi_mode)
         inputs = processor(**sample_batch, summary_text=["a", "b"], return_tensors="pt")
-        forward_args = set(inspect.signature(RegionMedCLIPModel.forward).parameters)
-        assert set(inputs) <= forward_args
+        # With captions, the inputs of the pretraining objective; without, the model's.
+        assert set(inputs) <= set(inspect.signature(RegionMedCLIPForPreTraining.forward).parameters)
+        plain = processor(
+            text=sample_batch["text"], images=sample_batch["images"], boxes=sample_batch["boxes"]
+        )
+        assert set(plain) <= set(inspect.signature(RegionMedCLIPModel.forward).parameters)
         expected = {
             "input_ids",
             "attention_mask",
@@ -187,10 +192,12 @@ def test_caption_count_must_match_box_count(tokenizer, sample_batch):
 
 def test_processor_output_feeds_the_model_end_to_end(tokenizer, sample_batch):
     from .conftest import tiny_model
+    from .test_losses import PAPER_TERMS, objective_of
 
     processor = make_processor(tokenizer, "crop")
-    outputs = tiny_model("crop")(**processor(**sample_batch, return_tensors="pt"), return_loss=True)
-    assert torch.isfinite(outputs.loss)
+    inputs = processor(**sample_batch, return_tensors="pt")
+    outputs = objective_of(tiny_model("crop"), PAPER_TERMS)(**inputs)
+    assert set(outputs.loss_terms) == set(PAPER_TERMS) - {"summary_loss"} and torch.isfinite(outputs.loss)
 
 
 def test_a_tokenizer_without_a_rust_backend_is_rejected():

@@ -8,19 +8,18 @@ import torch
 import torch.nn.functional as F
 from transformers import pipeline
 
-from regionmed_clip.loss_regionmed_clip import (
-    RegionMedCLIPLoss,
+from regionmed_clip.modeling_regionmed_clip import crop_regions, propose_regions, roi_align
+from regionmed_clip.training.losses import (
     caption_groups_from_ids,
     dense_region_loss,
     global_region_loss,
     multi_positive_contrastive_loss,
     region_proposal_loss,
 )
-from regionmed_clip.modeling_regionmed_clip import crop_regions, propose_regions, roi_align
 
 from .conftest import make_processor, random_image, tiny_model
 from .test_hub_integration import LABELS, _run_isolated
-from .test_losses import _grads, _unit, naive_info_nce
+from .test_losses import _grads, _unit, naive_info_nce, objective_of
 
 
 def test_dense_region_loss_matches_naive_loop_forward_and_backward():
@@ -129,19 +128,15 @@ def test_dense_embeddings_are_projected_roi_align_of_the_patch_tokens_in_both_mo
     boxes, mask, region_ids, region_attention = _region_batch()
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     for mode in ("pool", "crop"):
-        model = tiny_model(mode, dense_loss_weight=1.0)
+        model = tiny_model(mode)
         extra = {"roi_pixel_values": crop_regions(pixels, boxes)} if mode == "crop" else {}
-        outputs = model(
-            input_ids=torch.tensor([[101, 7, 102], [101, 8, 102]]),
-            pixel_values=pixels,
-            roi_boxes=boxes,
-            roi_mask=mask,
-            region_input_ids=region_ids,
-            region_attention_mask=region_attention,
-            return_loss=True,
-            **extra,
+        inputs = dict(pixel_values=pixels, roi_boxes=boxes, roi_mask=mask, **extra)
+        outputs = objective_of(model, {"dense_loss": 1.0})(
+            region_input_ids=region_ids, region_attention_mask=region_attention, **inputs
         )
-        tokens = outputs.vision_model_output.last_hidden_state[:, 1:]  # ViT: CLS, then the 4 x 4 patches
+        tokens = model(**inputs).vision_model_output.last_hidden_state[
+            :, 1:
+        ]  # ViT: CLS, then the 4 x 4 patches
         grid = tokens.transpose(1, 2).reshape(2, -1, 4, 4)
         pooled = roi_align(grid, boxes, model.config.roi_align_size, model.config.roi_sampling_ratio)
         expected = F.normalize(model.visual_projection(pooled), dim=-1) * mask[..., None]
@@ -149,7 +144,10 @@ def test_dense_embeddings_are_projected_roi_align_of_the_patch_tokens_in_both_mo
         groups = caption_groups_from_ids(region_ids[mask], region_attention[mask])
         allowed = [[bool(groups[i] != groups[j]) for j in range(3)] for i in range(3)]
         reference = naive_info_nce(
-            outputs.dense_region_embeds[mask], outputs.region_text_embeds[mask], outputs.logit_scale, allowed
+            outputs.dense_region_embeds[mask],
+            outputs.region_text_embeds[mask],
+            model.logit_scale.exp(),
+            allowed,
         )
         torch.testing.assert_close(outputs.loss_terms["dense_loss"], reference)
 
@@ -204,13 +202,12 @@ def test_region_proposal_loss_matches_naive_loop_forward_and_backward():
     assert torch.all(grad[2] == 0)  # the image without boxes is not taught that it has none
 
 
-def test_proposal_loss_through_the_loss_module_uses_the_given_boxes():
+def test_proposal_loss_through_the_objective_uses_the_given_boxes():
     boxes, mask, region_ids, region_attention = _region_batch()
-    model = tiny_model("pool")
-    outputs = model(pixel_values=torch.randn(2, 3, 32, 32), roi_boxes=boxes, roi_mask=mask)
-    terms = RegionMedCLIPLoss(model.config)(outputs, terms=["proposal_loss"])
+    objective = objective_of(tiny_model("pool"), {"proposal_loss": 1.0})
+    outputs = objective(pixel_values=torch.randn(2, 3, 32, 32), roi_boxes=boxes, roi_mask=mask)
     torch.testing.assert_close(
-        terms["proposal_loss"], naive_proposal_loss(outputs.proposal_logits, boxes, mask)
+        outputs.loss_terms["proposal_loss"], naive_proposal_loss(outputs.proposal_logits, boxes, mask)
     )
 
 
@@ -313,16 +310,15 @@ def test_proposer_pooled_global_embedding_matches_its_definition():
     assert model.region_proposer.weight.grad.norm() > 1e-2 * reference
 
 
-def test_forward_pairs_each_region_caption_with_its_image_for_the_global_region_term():
+def test_the_objective_pairs_each_region_caption_with_its_image_for_the_global_region_term():
     boxes, mask, region_ids, region_attention = _region_batch()
-    model = tiny_model("pool", global_region_loss_weight=1.0)
-    outputs = model(
+    model = tiny_model("pool")
+    outputs = objective_of(model, {"global_region_loss": 1.0})(
         pixel_values=torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)),
         roi_boxes=boxes,
         roi_mask=mask,
         region_input_ids=region_ids,
         region_attention_mask=region_attention,
-        return_loss=True,
     )
     # Image 0 has captions [5] and [6], image 1 caption [5]: two distinct captions, [5] shared.
     captions = outputs.region_text_embeds[mask]
@@ -330,24 +326,13 @@ def test_forward_pairs_each_region_caption_with_its_image_for_the_global_region_
         outputs.global_image_embeds,
         captions,
         torch.tensor([0, 0, 1]),
-        outputs.logit_scale,
+        model.logit_scale.exp(),
         torch.tensor([0, 1, 0]),
     )
     torch.testing.assert_close(outputs.loss_terms["global_region_loss"], expected)
-    assert (
-        "global_region_loss"
-        not in tiny_model("pool")(
-            pixel_values=torch.randn(2, 3, 32, 32),
-            roi_boxes=boxes,
-            roi_mask=mask,
-            region_input_ids=region_ids,
-            region_attention_mask=region_attention,
-            return_loss=True,
-        ).loss_terms
-    )
 
 
-def test_forward_computes_the_dense_and_proposal_terms_only_when_weighted():
+def test_the_objective_computes_exactly_the_weighted_terms():
     boxes, mask, region_ids, region_attention = _region_batch()
     inputs = {
         "pixel_values": torch.randn(2, 3, 32, 32),
@@ -355,11 +340,9 @@ def test_forward_computes_the_dense_and_proposal_terms_only_when_weighted():
         "roi_mask": mask,
         "region_input_ids": region_ids,
         "region_attention_mask": region_attention,
-        "return_loss": True,
     }
-    assert {"dense_loss", "proposal_loss"}.isdisjoint(tiny_model("pool")(**inputs).loss_terms)
-    outputs = tiny_model("pool", proposal_loss_weight=0.5)(**inputs)
-    assert "proposal_loss" in outputs.loss_terms and "dense_loss" not in outputs.loss_terms
+    outputs = objective_of(tiny_model("pool"), {"roi_loss": 1.0, "proposal_loss": 0.5})(**inputs)
+    assert set(outputs.loss_terms) == {"roi_loss", "proposal_loss"}
     torch.testing.assert_close(
         outputs.loss, outputs.loss_terms["roi_loss"] + 0.5 * outputs.loss_terms["proposal_loss"]
     )

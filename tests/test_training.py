@@ -181,7 +181,7 @@ def test_throughput_options_train_to_the_same_losses(tmp_path, synth_folder, opt
         if (
             name == "option" and "model" in option
         ):  # transformers has no public reader of a built tower's attention backend
-            towers = (trainer.unwrapped.vision_model, trainer.unwrapped.text_model)
+            towers = (trainer.unwrapped.model.vision_model, trainer.unwrapped.model.text_model)
             assert all(tower.config._attn_implementation == "eager" for tower in towers)
         trainer.train()
         losses[name] = losses_by_step(tmp_path / name)
@@ -197,20 +197,21 @@ def test_stages_freeze_weight_and_restart_the_optimizer(tmp_path, synth_folder, 
         write_config(tmp_path / "c.yaml", tiny_training_config(tmp_path / "out", synth_folder))
     )
     seen = []
-    original = StageCallback.on_stage_begin
+    original = StageCallback.apply_stage
 
-    def recording(self, index, stage, total, resumed=False):
-        original(self, index, stage, total, resumed)
-        model, optimizer = self.trainer.unwrapped, self.trainer.optimizer
-        frozen = {name.split(".")[0] for name, p in model.named_parameters() if not p.requires_grad}
-        seen.append(
-            (index, frozen, float(model.roi_processor.gate.detach()), optimizer, len(optimizer.state))
-        )
+    def recording(self, index, model, optimizer, resumed=False):
+        counts = original(self, index, model, optimizer, resumed)
+        base = model.model
+        frozen = {name.split(".")[0] for name, p in base.named_parameters() if not p.requires_grad}
+        gate = float(base.roi_processor.gate.detach())
+        seen.append((index, frozen, gate, optimizer, len(optimizer.state), dict(model.loss_weights)))
+        return counts
 
-    monkeypatch.setattr(StageCallback, "on_stage_begin", recording)
+    monkeypatch.setattr(StageCallback, "apply_stage", recording)
     trainer = Trainer(config)
     folder = trainer.train()
     assert [entry[1] for entry in seen] == [{"roi_processor"}, {"roi_processor"}, set(), set()]
+    assert [entry[5] for entry in seen] == [stage.loss_weights for stage in config.stages]
     assert (
         seen[2][2] == 0.0
     )  # the gate is still at its initial 0 when the ROI stage switches the processor on
@@ -237,15 +238,9 @@ def test_stages_freeze_weight_and_restart_the_optimizer(tmp_path, synth_folder, 
     assert held == {id(p) for p in trainer.unwrapped.parameters()}
     assert (folder / "model.safetensors").is_file() and (folder / "training_config.yaml").is_file()
     assert (tmp_path / "out" / "loss_curves.png").is_file()
-    # The model config is the one source of the loss weights: the saved model records its last stage's.
+    # The weights are the stages': the saved model carries none of them.
     saved = json.loads((folder / "config.json").read_text())
-    assert {name: saved[f"{name}_weight"] for name in expected[3] | {"fused_global_loss"}} == {
-        "global_loss": 1.0,
-        "fused_global_loss": 0.0,
-        "summary_loss": 0.5,
-        "roi_loss": 1.0,
-        "neg_loss": 1.0,
-    }
+    assert not [key for key in saved if key.endswith("_loss_weight")]
     assert isinstance(load_config(folder / "training_config.yaml"), TrainConfig)
     assert load_config(folder / "training_config.yaml").stages == config.stages
 
@@ -513,17 +508,16 @@ def test_clipping_sees_unscaled_gradients_and_an_inf_step_is_skipped(tmp_path, s
             trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
             trainer.accelerator.native_amp = name == "scaled"
         for index in range(len(trainer.config.stages)):
-            trainer.begin_stage(index)
+            trainer.state.global_step = trainer.callback.start_of(index)
+            trainer.step_begins()
             # A frozen tower runs in eval mode and its caption outputs are cached; a training one has no cache.
             frozen_text = index == 3
-            assert trainer.unwrapped.text_model.training != frozen_text
+            assert trainer.unwrapped.model.text_model.training != frozen_text
             assert (trainer.unwrapped.caption_cache is not None) == frozen_text
-            if index < 3:
-                trainer.end_stage()
         stage = trainer.config.stages[3]
         before = [p.detach().clone() for p in trainer.unwrapped.parameters()]
         stepped = _first_adam_step_oracle(trainer.optimizer.optimizer, trainer.config)
-        metrics = trainer.training_step(trainer._stage_batch(_first_batch(trainer, 3), stage), stage)
+        metrics = trainer.training_step(trainer._stage_batch(_first_batch(trainer, 3), stage))
         assert not trainer.accelerator.optimizer_step_was_skipped
         after = [p.detach().clone() for p in trainer.unwrapped.parameters()]
         if name == "plain":
@@ -540,63 +534,58 @@ def test_clipping_sees_unscaled_gradients_and_an_inf_step_is_skipped(tmp_path, s
     for expected, actual in zip(runs["plain"][1], runs["scaled"][1], strict=True):
         torch.testing.assert_close(actual, expected, atol=1e-7, rtol=1e-5)
 
-    # An inf gradient: the prepared optimizer skips the step, the schedule does not advance, the scale halves.
+    # An inf gradient: the prepared optimizer skips the step and the scale halves.
     trainer = runs["scaled"][2]
     scaler = trainer.accelerator.scaler
     assert scaler.get_scale() == 2.0**10
-    parameter = trainer.unwrapped.visual_projection.weight
+    parameter = trainer.unwrapped.model.visual_projection.weight
     hook = parameter.register_hook(lambda grad: torch.full_like(grad, float("inf")))
     before = [p.detach().clone() for p in trainer.unwrapped.parameters()]
-    learning_rate = trainer.optimizer.param_groups[0]["lr"]
     cached = len(trainer.unwrapped.caption_cache)
     assert cached > 0  # filled by the first step of the stage
     stage = trainer.config.stages[3]
-    metrics = trainer.training_step(trainer._stage_batch(_first_batch(trainer, 3), stage), stage)
+    metrics = trainer.training_step(trainer._stage_batch(_first_batch(trainer, 3), stage))
     hook.remove()
     assert len(trainer.unwrapped.caption_cache) == cached  # the same batch: every caption came from the cache
     assert trainer.accelerator.optimizer_step_was_skipped and scaler.get_scale() == 2.0**9
     assert not math.isfinite(metrics["grad_norm"])
-    assert trainer.optimizer.param_groups[0]["lr"] == learning_rate
     assert all(
         torch.equal(b, p.detach()) for b, p in zip(before, trainer.unwrapped.parameters(), strict=True)
     )
-    # The next finite step is taken and moves the schedule on.
-    trainer.training_step(trainer._stage_batch(_first_batch(trainer, 3), stage), stage)
+    # The next finite step is taken.
+    trainer.training_step(trainer._stage_batch(_first_batch(trainer, 3), stage))
     assert not trainer.accelerator.optimizer_step_was_skipped
-    assert trainer.optimizer.param_groups[0]["lr"] != learning_rate
 
 
 def test_stage_schedule_is_transformers_cosine_with_min_lr_restarted_per_stage():
-    """Oracle: the run's one schedule gives, stage after stage, exactly the learning rates of a fresh
-    `get_cosine_with_min_lr_schedule_with_warmup` per stage (laid out over `steps × processes`, as accelerate's
-    prepared scheduler steps once per process), so training moves as it did with one schedule per stage."""
+    """Oracle: the callback's rate at every step of the run is, bit for bit, the rate of a fresh
+    `get_cosine_with_min_lr_schedule_with_warmup` for the stage the step is in, at the step's place in it."""
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
     from regionmed_clip.training.config import StageSpec
-    from regionmed_clip.training.stages import StageSchedule
 
     stages = [
         StageSpec(name="a", lr=1e-3, batch_size=1, steps=10, warmup_ratio=0.3, min_lr_ratio=0.1),
         StageSpec(name="b", lr=5e-4, batch_size=1, steps=7, warmup_ratio=0.0, min_lr_ratio=0.0),
         StageSpec(name="c", lr=2e-4, batch_size=1, steps=5, warmup_ratio=1.0, min_lr_ratio=0.5),
     ]
-    for processes in (1, 2):
-        schedule = StageSchedule(processes)
-        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        ours = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        for stage in stages:
-            schedule.begin(stage, stage.steps, ours.last_epoch)
-            reference_optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=stage.lr)
-            reference = get_cosine_with_min_lr_schedule_with_warmup(
-                reference_optimizer,
-                num_warmup_steps=int(round(stage.steps * stage.warmup_ratio)) * processes,
-                num_training_steps=stage.steps * processes,
-                min_lr_rate=stage.min_lr_ratio,
-            )
-            for _ in range(stage.steps * processes):
-                assert schedule(ours.last_epoch) == reference.get_last_lr()[0]  # bit for bit
-                for stepped in (optimizer, reference_optimizer, ours, reference):
-                    stepped.step()
+    callback = StageCallback(stages, [stage.steps for stage in stages])
+    step = 0
+    for stage in stages:
+        reference_optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=stage.lr)
+        reference = get_cosine_with_min_lr_schedule_with_warmup(
+            reference_optimizer,
+            num_warmup_steps=int(round(stage.steps * stage.warmup_ratio)),
+            num_training_steps=stage.steps,
+            min_lr_rate=stage.min_lr_ratio,
+        )
+        for _ in range(stage.steps):
+            assert callback.learning_rate(step) == reference.get_last_lr()[0]  # bit for bit
+            reference_optimizer.step()
+            reference.step()
+            step += 1
+    with pytest.raises(ValueError, match="past the last stage"):
+        callback.learning_rate(step)
 
 
 def _first_batch(trainer, index):
@@ -616,9 +605,9 @@ def test_a_batch_without_regions_has_zero_roi_slots_and_trains(synth_folder, tok
     """Rows without regions ("No Finding") give the same fields with zero ROI slots, which the model and the
     loss module take: the region terms simply have no rows (and, distributed, gather empty tensors)."""
     from regionmed_clip.data.collator import MedRegionCollator, load_rows
-    from regionmed_clip.loss_regionmed_clip import RegionMedCLIPLoss
 
     from .conftest import make_processor, tiny_model
+    from .test_losses import PAPER_TERMS, objective_of
 
     rows = [{**row, "regions": []} for row in load_rows(synth_folder, "train").select(range(3))]
     batch = MedRegionCollator(make_processor(tokenizer, roi_mode), max_length=32, max_negatives=5)(rows)
@@ -629,28 +618,26 @@ def test_a_batch_without_regions_has_zero_roi_slots_and_trains(synth_folder, tok
         0,
     )
     assert ("roi_pixel_values" in batch) == (roi_mode == "crop")
-    model = tiny_model(roi_mode).train()
+    model = tiny_model(roi_mode)
+    objective = objective_of(model, PAPER_TERMS).train()
     calls = {"vision": 0, "text": 0}
     for tower in calls:
         getattr(model, f"{tower}_model").register_forward_hook(
             lambda module, args, output, tower=tower: calls.__setitem__(tower, calls[tower] + 1)
         )
-    outputs = model(**batch)
+    outputs = objective(**batch)
     assert outputs.region_embeds.shape == (3, 0, 16)
-    terms = RegionMedCLIPLoss(model.config)(
-        outputs, batch["region_input_ids"], batch["region_attention_mask"]
-    )
     # No ROI anywhere in the batch: the region terms have nothing to compare; the image ↔ report terms remain.
-    assert set(terms) == {"global_loss", "fused_global_loss", "summary_loss"}
-    RegionMedCLIPLoss(model.config).weighted_sum(terms).backward()
-    assert model.visual_projection.weight.grad is not None
+    assert set(outputs.loss_terms) == {"global_loss", "fused_global_loss", "summary_loss"}
+    outputs.loss.backward()
+    assert model.visual_projection.weight.grad.norm() > 1e-3 * outputs.loss.detach()
 
     # As a ROI stage feeds it (no summaries): the towers still run as often as on a batch with regions (reports
     # and one caption pass; crop mode: images and one crop pass), and the empty caption embeddings stay in the
     # graph, so a process whose batch has no ROI makes the same tower calls and backward as the others.
     calls.update(vision=0, text=0)
-    roi_stage = {key: value for key, value in batch.items() if not key.startswith("summary_")}
-    outputs = model(**roi_stage)
+    objective.loss_weights = {name: weight for name, weight in PAPER_TERMS.items() if name != "summary_loss"}
+    outputs = objective(**batch)
     assert calls == {"vision": 2 if roi_mode == "crop" else 1, "text": 2}
     assert outputs.region_text_embeds.shape == (3, 0, 16) and outputs.region_text_embeds.requires_grad
     assert outputs.negative_text_embeds.shape == (3, 0, 0, 16) and outputs.negative_text_embeds.requires_grad

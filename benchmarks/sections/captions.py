@@ -41,33 +41,32 @@ def repeated_caption_batch() -> tuple[dict, dict]:
 
 def run(settings) -> list[str]:
     """ROI-stage against global-stage train step with the text tower frozen, as the demo's ROI stage runs it (the
-    text projection trains): the trainer's stage setup (frozen tower in eval mode, caption cache) and its loss
-    module with the stage's terms."""
-    from regionmed_clip.loss_regionmed_clip import RegionMedCLIPLoss
+    text projection trains): the trainer's stage setup (frozen tower in eval mode, caption cache) and the
+    pretraining objective with the stage's terms."""
+    from regionmed_clip.training import RegionMedCLIPForPreTraining
     from regionmed_clip.training.stages import set_train_modes
 
     repeats = min(settings.repeats, 3)
     torch.manual_seed(0)
     model_config = config()
     model_config.max_regions = REGIONS
-    model = RegionMedCLIPModel(model_config)
+    objective = RegionMedCLIPForPreTraining(model_config, model=RegionMedCLIPModel(model_config))
+    model = objective.model
     model.text_model.requires_grad_(False)
-    set_train_modes(model)
+    set_train_modes(objective, model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     global_batch, roi_batch = repeated_caption_batch()
-    criterion = RegionMedCLIPLoss(model.config)
 
     def step(batch, terms):
         def run_step():
+            objective.loss_weights = dict.fromkeys(terms, 1.0)
             optimizer.zero_grad(set_to_none=True)
-            outputs = model(**batch)
-            region_ids, region_mask = batch.get("region_input_ids"), batch.get("region_attention_mask")
-            criterion.weighted_sum(criterion(outputs, region_ids, region_mask, terms)).backward()
+            objective(**batch).loss.backward()
             optimizer.step()
 
         return run_step
 
-    cache = model.enable_caption_cache()
+    cache = objective.enable_caption_cache()
     roi_step = step(roi_batch, ["global_loss", "fused_global_loss", "roi_loss", "neg_loss"])
     times = interleaved(
         {

@@ -25,14 +25,21 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..data.captions import distinct_captions
 from ..data.collator import MedRegionCollator, region_passes
-from ..loss_regionmed_clip import RegionMedCLIPLoss
 
 REGION_PATHS = ("roi_processor", "global_on_crops")
 TRAINING_CONFIG = "training_config.yaml"  # what the trainer saves beside a model folder
-# The loss terms computed on the ROI processor's output (as the loss module declares them; fine-tuning's
-# `class_loss` scores the region-aware embedding too): a stage that weights one of them trains the processor.
-REGION_TERMS = (*RegionMedCLIPLoss.roi_processor_terms, "class_loss")
+# The loss terms computed on the ROI processor's output: a stage that weights one of them trains the processor.
+# They are the terms the training registry marks `trains_roi_processor` (tests/test_losses.py holds the two equal);
+# evaluation reads training configs as plain YAML and does not import the training package.
+REGION_TERMS = ("fused_global_loss", "roi_loss", "neg_loss", "class_loss")
+CAPTION_FIELDS = (
+    "region_input_ids",
+    "region_attention_mask",
+    "negative_input_ids",
+    "negative_attention_mask",
+)
 
 
 @dataclass
@@ -147,6 +154,16 @@ def text_embeddings(
     return batched_embeddings(encode, texts, batch_size, desc, progress)
 
 
+def caption_embeddings(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Normalised float32 embeddings `(N, P)` of `(N, L)` tokenised captions (N may be 0); region captions and
+    hard negatives repeat heavily, so each distinct caption goes through the text tower once."""
+    if input_ids.shape[0] == 0:
+        return torch.zeros(0, model.config.projection_dim, device=input_ids.device)
+    first, inverse = distinct_captions(input_ids, attention_mask)
+    encoded = model.get_text_features(input_ids=input_ids[first], attention_mask=attention_mask[first])
+    return torch.nn.functional.normalize(encoded.pooler_output.float(), dim=-1)[inverse]
+
+
 def _crop_processor(processor):
     """A copy of `processor` whose image processor also returns the ROI crops."""
     processor = copy.copy(processor)
@@ -245,7 +262,9 @@ def extract_features(
         for number, collated in enumerate(item["passes"]):
             batch, members, chosen = collated["batch"], collated["members"], collated["chosen"]
             roi_crops = batch.get("roi_pixel_values") if collated["crops"] is None else collated["crops"]
-            outputs = model(**model_inputs(batch, model))
+            inputs = model_inputs(batch, model)
+            captions = {name: inputs.pop(name) for name in CAPTION_FIELDS if name in inputs}
+            outputs = model(**inputs)
             if number == 0:
                 parts["global"].append(outputs.global_image_embeds.float().cpu())
                 if self_proposed > 0:
@@ -264,9 +283,20 @@ def extract_features(
                 parts["region_embeds"].append(torch.nn.functional.normalize(embeds.float(), dim=-1).cpu())
             else:
                 parts["region_embeds"].append(outputs.region_embeds[mask].float().cpu())
-            parts["region_text_embeds"].append(outputs.region_text_embeds[mask].float().cpu())
-            parts["negative_text_embeds"].append(outputs.negative_text_embeds[mask].float().cpu())
-            parts["negative_mask"].append(outputs.negative_mask[mask].cpu())
+            region_ids, region_mask = (
+                captions["region_input_ids"][mask],
+                captions["region_attention_mask"][mask],
+            )
+            parts["region_text_embeds"].append(caption_embeddings(model, region_ids, region_mask).cpu())
+            negative_ids = captions["negative_input_ids"][mask]
+            negative_mask = captions["negative_attention_mask"][mask]
+            present = negative_mask.sum(-1) > 0  # (N, M): real negatives of real ROIs
+            negatives = torch.zeros((*present.shape, model.config.projection_dim))
+            negatives[present.cpu()] = caption_embeddings(
+                model, negative_ids[present], negative_mask[present]
+            ).cpu()
+            parts["negative_text_embeds"].append(negatives)
+            parts["negative_mask"].append(present.cpu())
             parts["region_image"].append(torch.tensor(members)[mask.nonzero()[:, 0].cpu()] + start)
             parts["region_boxes"].append(batch["roi_boxes"][mask.cpu()].float())
             for image_regions in chosen:

@@ -176,7 +176,7 @@ def patch_text_similarity(model, processor, image, text: str) -> np.ndarray:
     (call `.eval()` first if it is training: dropout would make the map random).
     """
     inputs = model_inputs(processor(text=[text], images=[image], return_tensors="pt"), model)
-    patches = F.normalize(model.get_patch_features(inputs["pixel_values"]).float(), dim=-1)[0]
+    patches = F.normalize(model.get_patch_features(inputs["pixel_values"]).patch_embeds.float(), dim=-1)[0]
     text_features = model.get_text_features(
         input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
     ).pooler_output

@@ -1,7 +1,7 @@
 """Text-queried localization without boxes at test time (phrase grounding), with its controls.
 
 For each test image and each finding it has, the model is asked where the text lies given only the image
-([`RegionMedCLIPModel.localize`], what the `zero-shot-object-detection` pipeline runs). A finding is its regions
+([`RegionMedCLIPForZeroShotObjectDetection`], what the `zero-shot-object-detection` pipeline runs). A finding is its regions
 grouped by query text, of three kinds: the `caption`; the caption without its position words (`position_free`:
 "round nodule left upper" → "round nodule"), since a caption that names where the finding is gives the box prior
 below its answer without the image; and the `term` alone, where the data names terms. Its top-scoring proposal is
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data.vocabulary import without_position_words
+from ..modeling_regionmed_clip import RegionMedCLIPForZeroShotObjectDetection
 from .features import model_inputs, text_embeddings
 
 DETECTIONS_PER_QUERY = 10
@@ -155,6 +156,7 @@ def localization_metrics(
     if not texts:
         return None
     text_embeds = text_embeddings(model, processor, texts, max_length, batch_size)
+    detector = RegionMedCLIPForZeroShotObjectDetection(model.config, model=model).eval()
     index = {text: row for row, text in enumerate(texts)}
     prior = _box_prior(support_regions, kind)
     tallies = {"model": _Tally(), "objectness_only": _Tally(), "box_prior": _Tally()}
@@ -172,7 +174,7 @@ def localization_metrics(
             images, boxes=boxes, max_regions=max(map(len, boxes)), return_tensors="pt"
         )
         pixels = model_inputs({"pixel_values": inputs["pixel_values"]}, model)["pixel_values"]
-        outputs = model.localize(pixels, text_embeds.to(pixels.device))
+        outputs = detector(pixel_values=pixels, query_embeds=text_embeds.to(pixels.device))
         logits = outputs.logits.float().cpu().numpy()
         centres, extents = outputs.pred_boxes[..., :2].float(), outputs.pred_boxes[..., 2:].float()
         proposals = torch.cat((centres - extents / 2, centres + extents / 2), -1).cpu().numpy()

@@ -13,6 +13,7 @@ from typing import Literal, get_args
 import dacite
 import yaml
 
+from ..configuration_regionmed_clip import is_objective_setting
 from .losses import LOSS_TERMS, stage_inputs
 
 MixedPrecision = Literal["no", "bf16", "fp16", "auto"]
@@ -43,6 +44,12 @@ class ModelSpec:
     attn_implementation: str | None = None
 
     def __post_init__(self):
+        moved = sorted(name for name in self.config if is_objective_setting(name))
+        if moved:
+            raise ValueError(
+                f"model.config: {moved} are settings of the pretraining objective, not of the model: loss weights "
+                "go in each stage's `loss_weights`, neg_logit_scale / neg_logit_bias in the `objective` section"
+            )
         if self.pretrained is not None and self.from_dual_encoder is not None:
             raise ValueError("model: give one of pretrained / from_dual_encoder")
         if self.pretrained is None and self.from_dual_encoder is None:
@@ -90,7 +97,9 @@ class StageSpec:
             raise ValueError(f"stage {self.name}: give exactly one of epochs / steps")
         unknown = set(self.loss_weights) - set(LOSS_TERMS)
         if unknown:
-            raise ValueError(f"stage {self.name}: unknown loss terms {sorted(unknown)}; use {LOSS_TERMS}")
+            raise ValueError(
+                f"stage {self.name}: unknown loss terms {sorted(unknown)}; use {list(LOSS_TERMS)}"
+            )
         if not any(weight > 0 for weight in self.loss_weights.values()):
             raise ValueError(f"stage {self.name}: at least one loss weight must be > 0")
         if not 0.0 <= self.warmup_ratio <= 1.0:
@@ -98,7 +107,7 @@ class StageSpec:
 
     @property
     def inputs(self) -> set[str]:
-        """The batch fields the stage's weighted terms need (`losses.TERM_INPUTS`); the collator builds them and
+        """The batch fields the stage's weighted terms need (`losses.LOSS_TERMS`); the collator builds them and
         the model gets nothing else, so towers a stage does not use do not run."""
         return stage_inputs(self.loss_weights)
 
@@ -111,6 +120,15 @@ class StageSpec:
     def uses_classes(self) -> bool:
         """Whether the stage trains on class labels (`class_loss`), with class prompts as the text side."""
         return self.loss_weights.get("class_loss", 0.0) > 0
+
+
+@dataclass
+class ObjectiveSpec:
+    """Settings of the pretraining objective's terms besides their weights (which each stage sets)."""
+
+    # Scale s and bias b of L_neg = −log(1 − σ(s·N + b)); s = 1, b = 0 is exactly the paper's formula.
+    neg_logit_scale: float = 1.0
+    neg_logit_bias: float = 0.0
 
 
 @dataclass
@@ -186,6 +204,7 @@ class TrainConfig:
     resume: bool = False
     lora: LoraSpec | None = None  # PEFT LoRA fine-tuning instead of training the parameters themselves
     classification: ClassificationSpec | None = None  # needed by stages that weight `class_loss`
+    objective: ObjectiveSpec = field(default_factory=ObjectiveSpec)
 
     def __post_init__(self):
         if self.mixed_precision not in MIXED_PRECISION:

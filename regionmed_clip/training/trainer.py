@@ -15,21 +15,15 @@ import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
+from transformers import TrainerControl
 
 from .. import RegionMedCLIPImageProcessor, RegionMedCLIPModel, RegionMedCLIPProcessor
 from ..configuration_regionmed_clip import RegionMedCLIPConfig
 from ..data.collator import MedRegionCollator, load_rows
 from .config import TrainConfig, resolve_path
 from .data import batches_per_epoch, epoch_seed, stage_dataloader, stage_loader, stage_total_steps
-from .losses import class_loss, distributed_loss
-from .stages import (
-    StageCallback,
-    StageSchedule,
-    apply_stage_weights,
-    build_optimizer,
-    set_train_modes,
-    set_trainable,
-)
+from .pretraining import RegionMedCLIPForPreTraining
+from .stages import StageCallback, build_optimizer
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -114,10 +108,10 @@ def build_model(spec) -> tuple[RegionMedCLIPModel, RegionMedCLIPProcessor]:
         path = resolve_path(spec.pretrained)
         return RegionMedCLIPModel.from_pretrained(path), RegionMedCLIPProcessor.from_pretrained(path)
     if spec.from_dual_encoder is not None:
-        from ..convert import convert_processor
+        from ..convert import convert_processor, from_dual_encoder_pretrained
 
         path = resolve_path(spec.from_dual_encoder)
-        model = RegionMedCLIPModel.from_dual_encoder_pretrained(path, **spec.config)
+        model = from_dual_encoder_pretrained(path, **spec.config)
         return model, convert_processor(path, model.config, image_processor=spec.image_processor)
     towers = {}
     for tower in ("vision", "text"):
@@ -141,7 +135,10 @@ def build_model(spec) -> tuple[RegionMedCLIPModel, RegionMedCLIPProcessor]:
 
 
 class Trainer:
-    """Runs a `TrainConfig`: stages in order, each with a fresh optimizer, checkpointed atomically."""
+    """Runs a `TrainConfig`: stages in order, each with a fresh optimizer, checkpointed atomically.
+
+    The model it trains is a [`RegionMedCLIPForPreTraining`] around the configured model; the stages are applied by
+    a [`StageCallback`], the same callback transformers' `Trainer` can drive, through its hooks."""
 
     def __init__(self, config: TrainConfig):
         self.config = config
@@ -158,23 +155,18 @@ class Trainer:
         )
         set_seed(config.seed)
         self.state = TrainerState()
-        self.optimizer = self.scheduler = None  # prepared once, when the first stage begins (see stages.py)
-        self.schedule: StageSchedule | None = (
-            None  # the `lr_lambda` of `base_scheduler`, which `scheduler` wraps
-        )
-        self.base_scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
-        self.active_stage: int | None = None  # the stage whose settings are applied
-        self.callback = StageCallback(self)
+        self.control = TrainerControl()
+        self.optimizer = None  # prepared once, before the first stage (see stages.py)
         self.timings: dict[str, float] = {}
 
-        self.model, self.processor = build_model(config.model)
-        towers = (self.model.vision_model, self.model.text_model)
+        model, self.processor = build_model(config.model)
+        towers = (model.vision_model, model.text_model)
         if config.model.attn_implementation is not None:
             # Per tower: the towers are models of their own, which a composite model's setter does not reach.
             for tower in towers:
                 tower.set_attn_implementation(config.model.attn_implementation)
         if config.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+            model.gradient_checkpointing_enable()
         if config.compile_backend is not None:
             for tower in towers:
                 tower.compile(backend=config.compile_backend)
@@ -183,21 +175,27 @@ class Trainer:
         self.class_labels = self._class_labels()
         if self.class_labels is not None:
             # Saved with the model, so the classes it was tuned on travel with it.
-            self.model.config.id2label = dict(enumerate(self.class_labels))
-            self.model.config.label2id = {label: index for index, label in enumerate(self.class_labels)}
+            model.config.id2label = dict(enumerate(self.class_labels))
+            model.config.label2id = {label: index for index, label in enumerate(self.class_labels)}
+        pretraining = RegionMedCLIPForPreTraining(model.config, model=model, objective=config.objective)
         if config.lora is not None:
             from .lora import apply_lora, trainable_summary
 
             # The adapter fixes the trainable set for the whole run, and DDP is wrapped around exactly that set.
-            self.model = apply_lora(self.model, config.lora)
-            self.print(f"LoRA {trainable_summary(self.model)[2]}")
+            pretraining.detector.regionmed_clip = apply_lora(pretraining.model, config.lora)
+            self.print(f"LoRA {trainable_summary(pretraining.model)[2]}")
         else:
             # Wrapped while every parameter is trainable; stages freeze afterwards (see stages.py).
-            for parameter in self.model.parameters():
+            for parameter in pretraining.parameters():
                 parameter.requires_grad_(True)
-        self.model = self.accelerator.prepare(self.model)
-        self.criterion = distributed_loss(
-            self.unwrapped.config, self.accelerator.process_index, self.accelerator.num_processes
+        self.model = self.accelerator.prepare(pretraining)
+        self.callback = StageCallback(
+            config.stages,
+            [self.total_steps(index) for index in range(len(config.stages))],
+            lora=config.lora is not None,
+            # FSDP needs the towers to run on every process at every step (its forward gathers the shards).
+            cache_captions=self.accelerator.distributed_type != DistributedType.FSDP,
+            report=self.report_stage,
         )
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -208,11 +206,16 @@ class Trainer:
     # ---- helpers ----------------------------------------------------------------------------------------------
 
     @property
-    def unwrapped(self) -> RegionMedCLIPModel:
+    def unwrapped(self) -> RegionMedCLIPForPreTraining:
         return self.accelerator.unwrap_model(self.model)
 
     def print(self, message: str):
         self.accelerator.print(message)
+
+    def report_stage(self, message: str):
+        """The stage callback's announcement of a stage, with the batch it runs at."""
+        stage = self.config.stages[self.callback.active]
+        self.print(f"{message}, batch {stage.batch_size}x{self.accelerator.num_processes}")
 
     def _load_rows(self):
         data = self.config.data
@@ -240,34 +243,6 @@ class Trainer:
                 f"{self.config.data.path}: classification needs at least 2 labels, found {labels}"
             )
         return labels
-
-    def apply_trainable(self, stage) -> dict[str, int]:
-        """Freeze what `stage` freezes (under LoRA the adapter's trainable set stays as PEFT made it), put the
-        modules that do not learn in this stage in eval mode, and write the stage's loss weights into the model
-        config (see `apply_stage_weights`)."""
-        model = self.unwrapped
-        if self.config.lora is None:
-            counts = set_trainable(model, stage.frozen)
-        else:
-            from .lora import trainable_summary
-
-            trainable, total, _ = trainable_summary(model)
-            counts = {"trainable": trainable, "frozen": total - trainable}
-        set_train_modes(model)
-        apply_stage_weights(model.config, stage)
-        # Cached caption embeddings are valid while the text tower cannot change; a fresh cache per stage. FSDP
-        # needs the tower to run on every process at every step (its forward gathers the shards), so no cache.
-        text_model = getattr(model, "text_model", None)
-        if (
-            text_model is not None
-            and hasattr(model, "enable_caption_cache")
-            and not text_model.training
-            and self.accelerator.distributed_type != DistributedType.FSDP
-        ):
-            model.enable_caption_cache()
-        elif hasattr(model, "disable_caption_cache"):
-            model.disable_caption_cache()
-        return counts
 
     def log(self, metrics: dict):
         if self.config.report_to != "none":
@@ -317,8 +292,8 @@ class Trainer:
             self.print("resume: no checkpoint yet, starting from the beginning")
             return False
         self.state = TrainerState(**json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8")))
-        # The optimizer and schedule are prepared before `load_state` restores them: mid-stage, the Adam state and
-        # schedule of that stage; at a stage boundary, an empty state (the next stage restarts both).
+        # The optimizer is prepared before `load_state` restores it: mid-stage, the Adam state of that stage; at a
+        # stage boundary, an empty state. The learning rate follows from the restored step.
         self.prepare_optimizer()
         self.accelerator.load_state(str(checkpoint))
         self.print(
@@ -339,39 +314,23 @@ class Trainer:
         device = self.accelerator.device
         return {key: value.to(device, non_blocking=True) for key, value in batch.items() if key in inputs}
 
-    def training_step(self, batch: dict, stage) -> dict:
-        """One micro-batch, in accelerate's `accumulate` shape: the prepared optimizer and schedule step (and zero)
-        only when gradients sync, `clip_grad_norm_` unscales fp16 gradients first, and an fp16 step with inf
-        gradients is skipped together with its schedule step. With clipping on, `grad_norm` is the norm of the
-        unscaled gradients before clipping, as `clip_grad_norm_` returns it.
+    def training_step(self, batch: dict) -> dict:
+        """One micro-batch, in accelerate's `accumulate` shape: the prepared optimizer steps (and zeroes) only when
+        gradients sync, `clip_grad_norm_` unscales fp16 gradients first, and an fp16 step with inf gradients is
+        skipped. With clipping on, `grad_norm` is the norm of the unscaled gradients before clipping, as
+        `clip_grad_norm_` returns it.
 
         Returns the losses and `grad_norm` as detached tensors on the device (read them only when logging: reading
         one waits for the step's kernels) and `lr`, the learning rate the step used, as a number."""
         learning_rate = self.optimizer.param_groups[0]["lr"]
         grad_norm = None
         with self.accelerator.accumulate(self.model):
-            labels = batch.pop("labels", None)
             outputs = self.model(**batch)
-            features = outputs if labels is None else dataclasses.replace(outputs, text_embeds=None)
-            terms = self.criterion(
-                features,
-                batch.get("region_input_ids"),
-                batch.get("region_attention_mask"),
-                terms=[
-                    term for term, weight in stage.loss_weights.items() if weight > 0 and term != "class_loss"
-                ],
-            )
-            loss = self.criterion.weighted_sum(terms)
-            if labels is not None:
-                terms["class_loss"] = class_loss(
-                    outputs.image_embeds, outputs.text_embeds, labels, outputs.logit_scale
-                )
-                loss = loss + stage.loss_weights["class_loss"] * terms["class_loss"]
+            loss, terms = outputs.loss, outputs.loss_terms
             self.accelerator.backward(loss)
             if self.accelerator.sync_gradients and self.config.grad_clip:
                 grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
             self.optimizer.step()
-            self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         metrics = {f"loss/{name}": term.detach() for name, term in terms.items()}
         metrics["loss/total"] = loss.detach()
@@ -400,43 +359,23 @@ class Trainer:
         )
 
     def prepare_optimizer(self):
-        """Build and prepare the run's one AdamW and `LambdaLR` (see stages.py), once: before any stage freezes, so
-        the optimizer holds every parameter some stage trains."""
-        if self.optimizer is not None:
-            return
-        optimizer = build_optimizer(self.unwrapped, self.config)
-        self.schedule = StageSchedule(self.accelerator.num_processes)
-        self.base_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule)
-        self.optimizer, self.scheduler = self.accelerator.prepare(optimizer, self.base_scheduler)
+        """Build and prepare the run's one AdamW (see stages.py), once: before any stage freezes, so the optimizer
+        holds every parameter some stage trains."""
+        if self.optimizer is None:
+            self.optimizer = self.accelerator.prepare(build_optimizer(self.unwrapped, self.config))
 
-    def restart_optimizer(self, stage, total_steps: int):
-        """Start `stage` as if with a fresh AdamW and schedule: no Adam state, the stage's schedule from its step 0."""
-        self.optimizer.state.clear()
-        start = self.base_scheduler.last_epoch
-        self.schedule.begin(stage, total_steps, start)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.schedule(start)
-
-    def begin_stage(self, index: int, resumed: bool = False):
-        """Apply stage `index` (see `StageCallback.on_stage_begin`); unless `resumed` mid-way, its optimizer state
-        and schedule start afresh."""
+    def step_begins(self):
+        """The stage callback's `on_step_begin` for the optimizer step about to run (its stage, its rate)."""
         self.prepare_optimizer()
-        self.callback.on_stage_begin(index, self.config.stages[index], self.total_steps(index), resumed)
-        self.active_stage = index
-
-    def end_stage(self):
-        """Drop the finished stage's Adam state: the next stage starts without it, it does not stay in memory, and
-        the checkpoint at the boundary does not carry it."""
-        self.optimizer.state.clear()
-        self.active_stage = None
+        self.control = self.callback.on_step_begin(
+            self.config, self.state, self.control, model=self.unwrapped, optimizer=self.optimizer
+        )
 
     def run_stage(self, index: int, stage):
         accelerator, state = self.accelerator, self.state
         data = self.config.data
         world = accelerator.num_processes
         total = self.total_steps(index)
-        if self.active_stage != index:
-            self.begin_stage(index, resumed=state.stage_step > 0)
         classes = self.config.classification if stage.uses_classes else None
         collator = MedRegionCollator(
             self.processor,
@@ -465,21 +404,18 @@ class Trainer:
         batches = self.stage_batches(index, stage, collator)
         # A window never spans a checkpoint (its step logs), so a resumed run logs the same records.
         window = MetricSums()
+        step_begun = False
         for batch in batches if state.stage_step < total else ():
-            metrics = self.training_step(self._stage_batch(batch, stage), stage)
+            if not step_begun:
+                self.step_begins()
+                step_begun = True
+            metrics = self.training_step(self._stage_batch(batch, stage))
             state.batch_in_epoch += 1
             if state.batch_in_epoch == per_epoch:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             if accelerator.sync_gradients:
-                state.stage_step += 1
-                state.global_step += 1
-                progress.update()
-                window.add(metrics)
-                record = None
-                if self.logs_at(state.stage_step >= total):
-                    record = {**window.means(), "stage": index}
-                    progress.set_postfix(loss=f"{record['loss/total']:.3f}")
-                self.callback.on_step_end(record)
+                step_begun = False
+                self.finish_step(index, total, metrics, window, progress)
                 if state.stage_step >= total:
                     break
         batches.close()
@@ -487,8 +423,33 @@ class Trainer:
         self.timings[f"stage {index + 1} {stage.name}"] = time.perf_counter() - start
         state.stage_ends.append(state.global_step)
         state.stage, state.stage_step, state.epoch, state.batch_in_epoch = index + 1, 0, 0, 0
-        self.end_stage()
-        self.callback.on_stage_end(index, stage)
+        # The callback asked for the checkpoint at the stage's end; it is taken once the state says the stage is
+        # done, so that a run resumed from it starts the next stage.
+        if self.control.should_save:
+            self.control.should_save = False
+            self.save_checkpoint()
+        self.plot()
+
+    def finish_step(self, index: int, total: int, metrics: dict, window: MetricSums, progress) -> dict | None:
+        """After an optimizer step of stage `index` (of `total` steps): the state and the stage callback's
+        `on_step_end`, the metrics window, the log on the steps `logs_at` picks (its record is returned), and a
+        checkpoint every `checkpoint_every` steps."""
+        state = self.state
+        state.stage_step += 1
+        state.global_step += 1
+        self.control = self.callback.on_step_end(
+            self.config, state, self.control, model=self.unwrapped, optimizer=self.optimizer
+        )
+        progress.update()
+        window.add(metrics)
+        record = None
+        if self.logs_at(state.stage_step >= total):
+            record = {**window.means(), "stage": index}
+            progress.set_postfix(loss=f"{record['loss/total']:.3f}")
+            self.log(record)
+        if self.checkpoints_at():
+            self.save_checkpoint()
+        return record
 
     def stage_batches(self, index: int, stage, collator):
         """This process's batches of stage `index` from where `state` stands. Map-style rows come from one
@@ -531,12 +492,12 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         model = self.unwrapped
         if self.config.lora is not None:
-            model.save_pretrained(
+            model.model.save_pretrained(
                 self.output_dir / "adapter", is_main_process=self.accelerator.is_main_process
             )
             if self.accelerator.is_main_process:
                 self.processor.save_pretrained(self.output_dir / "adapter")
-            model = model.merge_and_unload()
+            model.detector.regionmed_clip = model.model.merge_and_unload()
         model.save_pretrained(
             folder, is_main_process=self.accelerator.is_main_process, save_function=self.accelerator.save
         )
