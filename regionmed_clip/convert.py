@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from huggingface_hub import metadata_load
 
 from .configuration_regionmed_clip import RegionMedCLIPConfig
-from .hub.card import card_front_matter
 from .image_processing_regionmed_clip import RegionMedCLIPImageProcessor
 from .modeling_regionmed_clip import RegionMedCLIPModel
 from .processing_regionmed_clip import RegionMedCLIPProcessor
@@ -27,7 +27,8 @@ class ConvertConfig:
 
     source: str = field(
         metadata={
-            "help": "CLIPModel, SiglipModel or VisionTextDualEncoderModel checkpoint: a folder or Hub id"
+            "help": "CLIPModel, SiglipModel or VisionTextDualEncoderModel checkpoint: a folder or Hub id",
+            "aliases": ["--from"],
         }
     )
     out: str = field(metadata={"help": "folder to write the RegionMed-CLIP model to"})
@@ -120,7 +121,7 @@ def source_license(model_name_or_path: str, **hub_kwargs) -> str:
             return UNKNOWN_LICENSE
     if not card.is_file():
         return UNKNOWN_LICENSE
-    front_matter = card_front_matter(card) or {}
+    front_matter = metadata_load(card) or {}
     return str(front_matter.get("license") or UNKNOWN_LICENSE)
 
 
