@@ -427,7 +427,7 @@ def test_cli_calibrate_then_run(tiny_models, raw_images, tmp_path, capsys):
         "cpu",
     ]
     common += ["--terms", "nodule", "mass", "--detection-threshold", "0.0", "--candidates-per-image", "4"]
-    common += ["--mask-quality", "stability", "--multimask", "false", "--top-k", "2"]  # MedSAM's settings
+    common += ["--mask-quality", "stability", "--no-multimask", "--top-k", "2"]  # MedSAM's settings
     boxes = tmp_path / "boxes.json"
     boxes.write_text(json.dumps({"img00.png": [[6, 6, 30, 30]], "sub/img02.png": [[0, 0, 48, 40]]}))
     calibration = tmp_path / "calibration.json"

@@ -124,6 +124,14 @@ def test_fields_parse_to_their_types_and_run_the_command():
     args = parser.parse_args(["detect", "raw/", "--device", "cpu"])
     args.run(args)
     assert seen[-1] == (Detector(device="cpu"), Reporter(images="raw/"))
+    for flags, strict in (
+        (["--strict", "false"], False),
+        (["--strict", "--no-strict"], False),
+        (["--strict"], True),
+    ):
+        args = parser.parse_args(["detect", "raw/", "--device", "cpu", *flags])
+        args.run(args)
+        assert seen[-1][1].strict is strict, flags
     with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
         parser.parse_args(["detect", "raw/", "--device", "cpu", "--mode", "slow"])
     with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):

@@ -1,11 +1,13 @@
 """Options are dataclass fields with `metadata={"help": ...}`, read by transformers' `HfArgumentParser` as in its
 example scripts: one declaration gives an option its name (the field's, with dashes or underscores, and any
-`aliases`), type, choices, default and help. `positional` in a field's metadata takes it by place instead."""
+`aliases`), type, choices, default and help; a boolean takes `--flag`, `--flag false` and `--no-flag`.
+`positional` in a field's metadata takes it by place instead."""
 
 import argparse
 from collections.abc import Callable
 
 from transformers import HfArgumentParser
+from transformers.hf_argparser import string_to_bool
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -29,7 +31,12 @@ class CommandParser(HfArgumentParser):
             if positional:
                 return super().add_argument(names[0].removeprefix("--"), **kwargs)
             kwargs.update(required=True, help=kwargs["help"] + " (required)")
-        return super().add_argument(*names, **kwargs)
+        action = super().add_argument(*names, **kwargs)
+        if kwargs.get("type") is string_to_bool and kwargs.get("default") is False:
+            # HfArgumentParser gives only a boolean that defaults to True a --no-flag; every boolean has one here.
+            no_flag = f"--no-{action.dest.replace('_', '-')}"
+            super().add_argument(no_flag, action="store_false", dest=action.dest, help=argparse.SUPPRESS)
+        return action
 
     def add_command(
         self, name: str, options: tuple[type, ...] = (), run: Callable[..., int] | None = None, **kwargs
