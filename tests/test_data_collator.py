@@ -7,8 +7,10 @@ import statistics
 import psutil
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
-from regionmed_clip.data.collator import MedRegionCollator, image_input, load_rows, make_dataloader
+from regionmed_clip.data.collator import MedRegionCollator, image_input
+from regionmed_clip.data.folder import load_rows
 
 from .conftest import make_processor, tiny_model
 from .test_losses import PAPER_TERMS, objective_of
@@ -84,8 +86,8 @@ def test_collator_pickles_and_workers_give_the_same_batches(synth_folder, tokeni
     collator = MedRegionCollator(make_processor(tokenizer, "crop"))
     assert pickle.loads(pickle.dumps(collator)).processor.tokenizer("x")["input_ids"]
     rows = load_rows(synth_folder, "train")
-    serial = list(make_dataloader(rows, collator, batch_size=8))
-    parallel = list(make_dataloader(rows, collator, batch_size=8, num_workers=2))
+    serial = list(DataLoader(rows, batch_size=8, collate_fn=collator))
+    parallel = list(DataLoader(rows, batch_size=8, collate_fn=collator, num_workers=2))
     assert len(serial) == len(parallel) == 3
     for a, b in zip(serial, parallel, strict=True):
         for key in a:
@@ -94,9 +96,9 @@ def test_collator_pickles_and_workers_give_the_same_batches(synth_folder, tokeni
 
 def test_streaming_batches_equal_in_memory_batches(synth_folder, tokenizer):
     collator = MedRegionCollator(make_processor(tokenizer))
-    in_memory = list(make_dataloader(load_rows(synth_folder, "train"), collator, batch_size=10))
+    in_memory = list(DataLoader(load_rows(synth_folder, "train"), batch_size=10, collate_fn=collator))
     streamed = list(
-        make_dataloader(load_rows(synth_folder, "train", streaming=True), collator, batch_size=10)
+        DataLoader(load_rows(synth_folder, "train", streaming=True), batch_size=10, collate_fn=collator)
     )
     assert [b["pixel_values"].shape[0] for b in streamed] == [10, 10, 4]
     for a, b in zip(in_memory, streamed, strict=True):
@@ -121,10 +123,10 @@ def test_streaming_20k_rows_keeps_memory_flat(tmp_path, tokenizer):
     data_bytes = sum(path.stat().st_size for path in (tmp_path / "data").glob("*.parquet"))
 
     gc.collect()
-    loader = make_dataloader(
+    loader = DataLoader(
         load_rows(tmp_path, "train", streaming=True),
-        MedRegionCollator(make_processor(tokenizer)),
         batch_size=250,
+        collate_fn=MedRegionCollator(make_processor(tokenizer)),
     )
     rows_seen, samples = 0, []
     for batch in loader:

@@ -7,6 +7,9 @@ import pytest
 from datasets import load_dataset
 
 from regionmed_clip.data import (
+    AnnotationSource,
+    CocoSource,
+    ImageCsvSource,
     ImportOptions,
     InvalidRowsError,
     import_annotations,
@@ -77,7 +80,8 @@ def test_paper_format_round_trip(tmp_path):
     records = _paper_records(10)
     annotations, box_file = _write_paper_input(tmp_path, records, _paper_boxes(10))
     summary = import_annotations(
-        annotations, box_file, ImportOptions(images, tmp_path / "out", modality="chest radiograph")
+        AnnotationSource(annotations, box_file),
+        ImportOptions(images, tmp_path / "out", modality="chest radiograph"),
     )
     assert summary.counts == {"train": 8, "validation": 1, "test": 1}
     rows = _all_rows(tmp_path / "out")
@@ -130,7 +134,9 @@ def test_jsonl_with_given_splits_and_box_csv(tmp_path):
         for index in (0, 3):
             writer.writerow([f"img{index}.png", 1, 2, 11, 12, 0.5])
         writer.writerows([["img1.png", 1, 1, 10, 10, ""], ["img1.png", 20, 5, 39, 29, ""]])
-    summary = import_annotations(annotations, box_csv, ImportOptions(images, tmp_path / "out"))
+    summary = import_annotations(
+        AnnotationSource(annotations, box_csv), ImportOptions(images, tmp_path / "out")
+    )
     assert summary.counts == {"train": 2, "validation": 1, "test": 1}
     rows = _all_rows(tmp_path / "out")
     assert rows["img1"][0] == "validation" and rows["img2"][0] == "test"
@@ -172,7 +178,7 @@ def test_coco_import(tmp_path):
     }
     path = tmp_path / "coco.json"
     path.write_text(json.dumps(coco))
-    import_coco(path, ImportOptions(images, tmp_path / "out", ratios=(1.0, 0.0, 0.0)))
+    import_coco(CocoSource(path), ImportOptions(images, tmp_path / "out", ratios=(1.0, 0.0, 0.0)))
     rows = _all_rows(tmp_path / "out")
     first = rows["1"][1]
     assert (
@@ -199,7 +205,9 @@ def test_csv_import_for_global_only_data(tmp_path):
             writer.writerow(
                 [f"img{index}.png", f"Normal study {index}. Nothing else.", "normal" if index else ""]
             )
-    summary = import_image_csv(csv_path, ImportOptions(images, tmp_path / "out", ratios=(0.6, 0.2, 0.2)))
+    summary = import_image_csv(
+        ImageCsvSource(csv_path), ImportOptions(images, tmp_path / "out", ratios=(0.6, 0.2, 0.2))
+    )
     assert summary.counts == {"train": 3, "validation": 1, "test": 1}
     rows = _all_rows(tmp_path / "out")
     row = rows["img1"][1]
@@ -220,7 +228,8 @@ def test_csv_fields_with_quoted_newlines_and_commas_import_and_later_lines_keep_
         writer.writerow(["img1.png", "Second study."])
         writer.writerow(["img2.png", ""])
     summary = import_image_csv(
-        csv_path, ImportOptions(images, tmp_path / "out", ratios=(1.0, 0.0, 0.0), skip_invalid=True)
+        ImageCsvSource(csv_path),
+        ImportOptions(images, tmp_path / "out", ratios=(1.0, 0.0, 0.0), skip_invalid=True),
     )
     assert summary.counts == {"train": 2}
     assert list(summary.report.invalid) == ["img2"]  # the empty report, on line 7 of the file
@@ -228,7 +237,7 @@ def test_csv_fields_with_quoted_newlines_and_commas_import_and_later_lines_keep_
     assert rows["img0"][1]["detailed_report"] == report
     csv_path.write_bytes(csv_path.read_bytes().replace(b"Second", b"S\xe9cond"))
     with pytest.raises(InvalidRowsError, match="list.csv line 6: text is not valid UTF-8 \\(byte 0xe9\\)"):
-        import_image_csv(csv_path, ImportOptions(images, tmp_path / "out2"))
+        import_image_csv(ImageCsvSource(csv_path), ImportOptions(images, tmp_path / "out2"))
 
 
 def test_split_assignment_is_seeded_and_exact():
@@ -271,11 +280,11 @@ def test_invalid_rows_are_named_or_skipped_and_counted(tmp_path, case):
     change(records[4], boxes, images)
     annotations, box_file = _write_paper_input(tmp_path, records, boxes)
     with pytest.raises(InvalidRowsError, match=f"img4: .*{message}") as error:
-        import_annotations(annotations, box_file, ImportOptions(images, tmp_path / "out"))
+        import_annotations(AnnotationSource(annotations, box_file), ImportOptions(images, tmp_path / "out"))
     assert list(error.value.report.invalid) == ["img4"]
     assert not list((tmp_path / "out" / "data").glob("*.parquet"))
     summary = import_annotations(
-        annotations, box_file, ImportOptions(images, tmp_path / "out", skip_invalid=True)
+        AnnotationSource(annotations, box_file), ImportOptions(images, tmp_path / "out", skip_invalid=True)
     )
     assert sum(summary.counts.values()) == 5 and len(summary.report.invalid) == 1
     assert "skipped 1 invalid rows" in summary.describe()
@@ -289,19 +298,19 @@ def test_non_utf8_text_names_the_row(tmp_path):
     lines[1] = lines[1].replace(b"Chest", b"Ch\xe9st")
     annotations.write_bytes(b"\n".join(lines))
     with pytest.raises(InvalidRowsError, match="annotations.jsonl line 2: text is not valid UTF-8"):
-        import_annotations(annotations, box_file, ImportOptions(images, tmp_path / "out"))
+        import_annotations(AnnotationSource(annotations, box_file), ImportOptions(images, tmp_path / "out"))
     summary = import_annotations(
-        annotations, box_file, ImportOptions(images, tmp_path / "out", skip_invalid=True)
+        AnnotationSource(annotations, box_file), ImportOptions(images, tmp_path / "out", skip_invalid=True)
     )
     assert sum(summary.counts.values()) == 3
     single = tmp_path / "single.json"
     single.write_bytes(b'[{"image": "img0.png",\n "summary_caption": "caf\xe9"}]')
     with pytest.raises(ValueError, match="single.json line 2: text is not valid UTF-8"):
-        import_annotations(single, box_file, ImportOptions(images, tmp_path / "out2"))
+        import_annotations(AnnotationSource(single, box_file), ImportOptions(images, tmp_path / "out2"))
     csv_path = tmp_path / "list.csv"
     csv_path.write_bytes(b"path,report\nimg0.png,fine report.\nimg1.png,caf\xe9 report.\n")
     with pytest.raises(InvalidRowsError, match="list.csv line 3: text is not valid UTF-8"):
-        import_image_csv(csv_path, ImportOptions(images, tmp_path / "out3"))
+        import_image_csv(ImageCsvSource(csv_path), ImportOptions(images, tmp_path / "out3"))
 
 
 def test_cli_import_reports_and_skips_invalid_rows(tmp_path):

@@ -137,6 +137,77 @@ def test_auto_strategy_makes_number_swaps_first_for_numbered_anatomy():
     assert strategy.make("fracture left vertebra")[1] == ["position"]
 
 
+ATLAS = (
+    "cerebellum 3",
+    "cerebellum 4 5",
+    "cerebellum 6",
+    "cerebellum 7b",
+    "crus1",
+    "crus2",
+    "vermis 6",
+    "vermis 7",
+    "vermis 10",
+    "hippocampus",
+    "amygdala",
+)
+
+
+def test_region_names_that_differ_only_in_their_numbers_are_each_others_number_negatives():
+    from regionmed_clip.data.negatives import NegativeStrategy, number_siblings, number_skeleton
+
+    assert number_skeleton("Cerebellum 4 5") == number_skeleton("cerebellum 7b") == "cerebellum #"
+    assert number_skeleton("crus1") == "crus#" != number_skeleton("7b")
+    assert number_skeleton("hippocampus") is None
+    assert sorted(map(sorted, number_siblings(ATLAS).values())) == [
+        ["cerebellum 3", "cerebellum 4 5", "cerebellum 6", "cerebellum 7b"],
+        ["crus1", "crus2"],
+        ["vermis 10", "vermis 6", "vermis 7"],
+    ]
+
+    strategy = NegativeStrategy(kinds=("number",), num=5, vocabulary=ATLAS)
+    # No rule of NUMBER_RULES knows these names: every negative comes from the vocabulary, nearest number first.
+    assert strategy.make("left cerebellum 4 5", term="cerebellum 4 5") == (
+        ["left cerebellum 3", "left cerebellum 6", "left cerebellum 7b"],
+        ["number"] * 3,
+    )
+    assert strategy.make("Right Crus1", term="crus1")[0] == ["Right Crus2"]  # the caption's case kept
+    assert strategy.make("vermis 6", term="vermis 6")[0] == ["vermis 7", "vermis 10"]
+    assert strategy.make("left hippocampus", term="hippocampus") == ([], [])
+    assert strategy.make("left crus3", term="crus3")[0] == ["left crus2", "left crus1"]  # a name of no file
+    assert NegativeStrategy(kinds=("number",), num=5).make("left crus1", term="crus1") == ([], [])
+    assert strategy.card_metadata()["number_siblings"][1] == ["crus1", "crus2"]
+    assert "each other's number negatives (9 names in 3 groups)" in strategy.describe()
+
+
+def test_an_atlas_imported_from_coco_gets_number_negatives_from_its_own_names(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from regionmed_clip.data import CocoSource, ImportOptions, import_coco
+    from regionmed_clip.data.folder import load_rows
+
+    Image.new("L", (64, 64)).save(tmp_path / "brain.png")
+    categories = [{"id": index, "name": f"left {name}"} for index, name in enumerate(ATLAS)]
+    coco = {
+        "images": [{"id": 1, "file_name": "brain.png", "width": 64, "height": 64, "split": "train"}],
+        "annotations": [
+            {"id": index, "image_id": 1, "category_id": index, "bbox": [index, index, 10, 10]}
+            for index in range(len(ATLAS))
+        ],
+        "categories": categories,
+    }
+    (tmp_path / "atlas.json").write_text(json.dumps(coco))
+    options = ImportOptions(image_root=str(tmp_path), out_dir=str(tmp_path / "out"), negatives="number")
+    import_coco(CocoSource(tmp_path / "atlas.json"), options)
+    negatives = {
+        region["caption"]: region["negatives"] for region in load_rows(tmp_path / "out")[0]["regions"]
+    }
+    assert negatives["left crus1"] == ["left crus2"]
+    assert negatives["left vermis 7"] == ["left vermis 6", "left vermis 10"]
+    assert negatives["left amygdala"] == []
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

@@ -12,16 +12,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from huggingface_hub import metadata_load
 from PIL import Image
 
 from regionmed_clip import caption_key
-from regionmed_clip.data import ImportOptions, InvalidRowsError, import_annotations, import_coco
-from regionmed_clip.data.collator import MedRegionCollator, load_rows, region_passes, visit_region_indices
+from regionmed_clip.data import (
+    AnnotationSource,
+    CocoSource,
+    DetectionCsvSource,
+    GroundingCsvSource,
+    ImportOptions,
+    InvalidRowsError,
+    import_annotations,
+    import_coco,
+)
+from regionmed_clip.data.collator import MedRegionCollator, region_passes, visit_region_indices
+from regionmed_clip.data.folder import load_rows
 from regionmed_clip.data.importers import import_detection_csv, import_phrase_grounding, merge_reader_boxes
 from regionmed_clip.data.negatives import NO_FINDING, NegativeStrategy, RegionTriple
 from regionmed_clip.data.vocabulary import POSITION_WORDS
 from regionmed_clip.evaluation.metrics import hard_negative_accuracy
-from regionmed_clip.hub.card import card_front_matter
 from regionmed_clip.training.data import stage_dataloader
 
 from .conftest import make_processor, random_image, tiny_model
@@ -161,7 +171,9 @@ def _rows(folder: Path) -> list[dict]:
 
 def test_coco_anatomy_imports_every_row_with_position_and_term_negatives(tmp_path):
     path, images = coco_anatomy(tmp_path)
-    summary = import_coco(path, ImportOptions(images, tmp_path / "out", negatives="adjective,position,term"))
+    summary = import_coco(
+        CocoSource(path), ImportOptions(images, tmp_path / "out", negatives="adjective,position,term")
+    )
     assert summary.report.invalid == {} and sum(summary.counts.values()) == 10
     rows = _rows(tmp_path / "out")
     regions = [region for row in rows for region in row["regions"]]
@@ -176,7 +188,7 @@ def test_coco_anatomy_imports_every_row_with_position_and_term_negatives(tmp_pat
     assert "left amygdala" in hippocampus["negatives"] and len(hippocampus["negatives"]) == 5
     assert len(set(map(caption_key, hippocampus["negatives"]))) == 5
     assert all(region["caption"] not in region["negatives"] for region in regions)
-    metadata = card_front_matter(tmp_path / "out" / "README.md")["hard_negatives"]
+    metadata = metadata_load(tmp_path / "out" / "README.md")["hard_negatives"]
     assert metadata["kinds"] == ["adjective", "position", "term"] and metadata["made"]["adjective"] == 0
     assert metadata["made"]["position"] == 80  # one laterality swap each; the term swaps make the other four
     assert sum(metadata["made"].values()) == sum(len(region["negatives"]) for region in regions)
@@ -188,12 +200,13 @@ def test_coco_anatomy_imports_every_row_with_position_and_term_negatives(tmp_pat
 def test_fewer_negatives_than_asked_are_kept_and_counted(tmp_path):
     path, images = coco_anatomy(tmp_path, count=4)
     summary = import_coco(
-        path, ImportOptions(images, tmp_path / "out", negatives="position", ratios=(1.0, 0.0, 0.0))
+        CocoSource(path),
+        ImportOptions(images, tmp_path / "out", negatives="position", ratios=(1.0, 0.0, 0.0)),
     )
     assert summary.report.invalid == {}
     rows = _rows(tmp_path / "out")
     assert all(len(region["negatives"]) == 1 for row in rows for region in row["regions"])
-    metadata = card_front_matter(tmp_path / "out" / "README.md")["hard_negatives"]
+    metadata = metadata_load(tmp_path / "out" / "README.md")["hard_negatives"]
     assert metadata["regions_with_fewer"] == 32 and metadata["made"] == {"position": 32}
 
 
@@ -226,7 +239,9 @@ def test_negative_strategies_are_seeded_and_each_kind_does_its_part():
 
 def test_detection_csv_merges_readers_and_no_finding_images_have_no_regions(tmp_path):
     path, images = vindr_csv(tmp_path)
-    summary = import_detection_csv(path, ImportOptions(images, tmp_path / "merged", ratios=(1.0, 0.0, 0.0)))
+    summary = import_detection_csv(
+        DetectionCsvSource(path), ImportOptions(images, tmp_path / "merged", ratios=(1.0, 0.0, 0.0))
+    )
     assert summary.report.invalid == {} and summary.counts == {"train": 10}
     rows = {row["id"]: row for row in load_rows(tmp_path / "merged", "train")}
     normal = rows["002a1b2c3"]
@@ -243,7 +258,8 @@ def test_detection_csv_merges_readers_and_no_finding_images_have_no_regions(tmp_
     assert first["detailed_report"] == "Findings: Aortic enlargement; Pleural effusion."
 
     import_detection_csv(
-        path, ImportOptions(images, tmp_path / "kept", ratios=(1.0, 0.0, 0.0)), readers="keep"
+        DetectionCsvSource(path, readers="keep"),
+        ImportOptions(images, tmp_path / "kept", ratios=(1.0, 0.0, 0.0)),
     )
     kept = {row["id"]: row for row in load_rows(tmp_path / "kept", "train")}
     assert sorted(region["source"] for region in kept["000a1b2c3"]["regions"]) == ["R1", "R2", "R2"]
@@ -265,12 +281,14 @@ def test_detection_csv_row_without_a_box_names_file_and_line(tmp_path):
     with open(path, "a", newline="", encoding="utf-8") as handle:
         csv.writer(handle).writerow(["001a1b2c3", "Cardiomegaly", 3, "R1", "", "", "", ""])
     with pytest.raises(InvalidRowsError, match="train.csv line 13: class 'Cardiomegaly' has no box"):
-        import_detection_csv(path, ImportOptions(images, tmp_path / "out"))
+        import_detection_csv(DetectionCsvSource(path), ImportOptions(images, tmp_path / "out"))
 
 
 def test_phrase_grounding_imports_phrases_with_one_or_more_boxes(tmp_path):
     path, images = grounding_csv(tmp_path)
-    summary = import_phrase_grounding(path, ImportOptions(images, tmp_path / "out", ratios=(1.0, 0.0, 0.0)))
+    summary = import_phrase_grounding(
+        GroundingCsvSource(path), ImportOptions(images, tmp_path / "out", ratios=(1.0, 0.0, 0.0))
+    )
     assert summary.report.invalid == {} and summary.counts == {"train": 10}
     rows = {row["id"]: row for row in load_rows(tmp_path / "out", "train")}
     two = rows["files/p3"]["regions"]
@@ -343,7 +361,8 @@ def test_triples_without_adjective_import_and_only_bad_captions_are_errors(tmp_p
         json.dumps({"img0.png": [[2, 3, 20, 25]], "img1.png": [[1, 1, 9, 9]]})
     )
     summary = import_annotations(
-        tmp_path / "a.json", tmp_path / "boxes.json", ImportOptions(images, tmp_path / "out")
+        AnnotationSource(tmp_path / "a.json", tmp_path / "boxes.json"),
+        ImportOptions(images, tmp_path / "out"),
     )
     assert summary.report.invalid == {}
     (row,) = [row for row in _rows(tmp_path / "out") if row["id"] == "img0"]
@@ -355,7 +374,8 @@ def test_triples_without_adjective_import_and_only_bad_captions_are_errors(tmp_p
     (tmp_path / "a.json").write_text(json.dumps(records))
     with pytest.raises(InvalidRowsError) as raised:
         import_annotations(
-            tmp_path / "a.json", tmp_path / "boxes.json", ImportOptions(images, tmp_path / "bad")
+            AnnotationSource(tmp_path / "a.json", tmp_path / "boxes.json"),
+            ImportOptions(images, tmp_path / "bad"),
         )
     assert "of a.json are invalid" in str(
         raised.value
@@ -368,7 +388,7 @@ def test_triples_without_adjective_import_and_only_bad_captions_are_errors(tmp_p
     }
     (tmp_path / "c.json").write_text(json.dumps(coco))
     with pytest.raises(InvalidRowsError, match="1: annotation 5 has no caption"):
-        import_coco(tmp_path / "c.json", ImportOptions(images, tmp_path / "bad2"))
+        import_coco(CocoSource(tmp_path / "c.json"), ImportOptions(images, tmp_path / "bad2"))
 
 
 NUMBERED_NEGATIVES = [
@@ -654,7 +674,7 @@ def _import_and_train(tmp_path: Path, layout: str) -> tuple[Path, Path]:
     made_by_number = "number 0," if layout != "numbered" else "number 350,"  # 10 images × 7 regions × 5
     assert f"hard negatives made: given 0, adjective 0, {made_by_number} position" in imported.stdout
     assert all(f"{split} {count}" in imported.stdout for split, count in (("train", 8), ("validation", 1)))
-    assert "hard_negatives" in card_front_matter(out / "README.md")
+    assert "hard_negatives" in metadata_load(out / "README.md")
     assert "Hard negatives (5 per region" in (out / "README.md").read_text()
 
     config = tiny_training_config(tmp_path / "run", out, batch_size=4, steps=(1, 1, 2, 2))

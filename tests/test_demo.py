@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from regionmed_clip.demo import global_only
+from regionmed_clip.experiments.demo import global_only
 from regionmed_clip.training import load_config
 
 from .test_training import ENV, ROOT, tiny_training_config

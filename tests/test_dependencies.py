@@ -26,9 +26,7 @@ EXTRAS_OF = {
     f"{PACKAGE}.training": ("train",),
     f"{PACKAGE}.data": ("train",),
     f"{PACKAGE}.evaluation": ("eval",),
-    f"{PACKAGE}.demo": ("train", "eval"),
-    f"{PACKAGE}.learning_check": ("train", "eval"),
-    f"{PACKAGE}.ablation": ("train", "eval"),
+    f"{PACKAGE}.experiments": ("train", "eval"),
 }
 # The Gradio app of the Space, outside the package: what the `demo` extra (and demo/requirements.txt) installs.
 APP = ROOT / "demo" / "app.py"

@@ -205,18 +205,19 @@ def test_feature_cache_is_reused_and_keyed_on_the_model(tmp_path, synth_folder, 
     import json
 
     import regionmed_clip.evaluation.harness as harness
+    from regionmed_clip.evaluation import EvalSettings
 
     tiny_model("pool").save_pretrained(tmp_path / "model")
     make_processor(tokenizer).save_pretrained(tmp_path / "model")
     run = dict(tasks="retrieval,region", cache_dir=tmp_path / "cache", bootstrap=0)
-    first = harness.run_evaluation(tmp_path / "model", synth_folder, tmp_path / "a", **run)
+    first = harness.run_evaluation(EvalSettings(tmp_path / "model", synth_folder, tmp_path / "a", **run))
     assert len(list((tmp_path / "cache").glob("features-*.pt"))) == 1
 
     def refuse(*args, **kwargs):
         raise AssertionError("features were extracted again")
 
     monkeypatch.setattr(harness, "extract_features", refuse)
-    second = harness.run_evaluation(tmp_path / "model", synth_folder, tmp_path / "b", **run)
+    second = harness.run_evaluation(EvalSettings(tmp_path / "model", synth_folder, tmp_path / "b", **run))
     assert (
         json.loads((tmp_path / "a" / "metrics.json").read_text())["retrieval"]
         == json.loads((tmp_path / "b" / "metrics.json").read_text())["retrieval"]
@@ -224,7 +225,40 @@ def test_feature_cache_is_reused_and_keyed_on_the_model(tmp_path, synth_folder, 
     assert first["region"]["hard_negative_accuracy"] == second["region"]["hard_negative_accuracy"]
     tiny_model("pool", seed=1).save_pretrained(tmp_path / "model")  # other weights: the cache must not match
     with pytest.raises(AssertionError, match="extracted again"):
-        harness.run_evaluation(tmp_path / "model", synth_folder, tmp_path / "c", **run)
+        harness.run_evaluation(EvalSettings(tmp_path / "model", synth_folder, tmp_path / "c", **run))
+
+
+def test_one_settings_object_is_read_by_the_tasks_and_recorded_as_run(tmp_path, synth_folder, tokenizer):
+    import dataclasses
+
+    from regionmed_clip.evaluation import EvalSettings, run_evaluation
+
+    tiny_model("pool").save_pretrained(tmp_path / "model")
+    make_processor(tokenizer).save_pretrained(tmp_path / "model")
+    settings = EvalSettings(
+        tmp_path / "model", synth_folder, tmp_path / "a", tasks="zero_shot,retrieval", bootstrap=0
+    )
+    metrics = run_evaluation(settings)
+    used = dataclasses.replace(
+        settings,
+        device="cpu",
+        max_length=metrics["text"]["max_length"],
+        region_path=metrics["embeddings"]["region_path"],
+        self_proposed=0,
+    )
+    assert metrics["provenance"]["settings"] == dataclasses.asdict(used)
+    assert metrics["text"]["max_length_source"] == "tokenizer"
+    assert (tmp_path / "a" / "roc_curves.png").is_file()
+    # No task leaves anything for another: the tasks in the other order, or alone, give the same sections.
+    reordered = run_evaluation(
+        dataclasses.replace(settings, out_dir=tmp_path / "b", tasks="retrieval,zero_shot")
+    )
+    alone = run_evaluation(dataclasses.replace(settings, out_dir=tmp_path / "c", tasks="retrieval"))
+    assert reordered["zero_shot"] == metrics["zero_shot"]
+    assert reordered["retrieval"] == alone["retrieval"] == metrics["retrieval"]
+    assert not (tmp_path / "c" / "roc_curves.png").exists()
+    with pytest.raises(ValueError, match="VQA-RAD's JSON file and image folder"):
+        dataclasses.replace(settings, vqa_rad=["vqa_rad.json"])
 
 
 def naive_grouped_rank(query, gallery, groups, target):
@@ -393,7 +427,7 @@ REGIONS_PER_IMAGE = 7
 def many_region_rows(synth_folder) -> list[dict]:
     """The synth test rows, each with 7 regions (more than the 3 slots of the tiny model), distinct captions and
     descending scores, so the evaluation order is known."""
-    from regionmed_clip.data.collator import load_rows
+    from regionmed_clip.data.folder import load_rows
 
     rows = []
     for index, row in enumerate(load_rows(synth_folder, "test")):
@@ -447,7 +481,7 @@ def test_every_region_is_scored_in_passes_and_equals_its_own_forward(synth_folde
 def test_features_collated_in_worker_processes_equal_those_collated_in_process(
     synth_folder, tokenizer, region_path
 ):
-    from regionmed_clip.data.collator import load_rows
+    from regionmed_clip.data.folder import load_rows
     from regionmed_clip.evaluation import extract_features
 
     rows = load_rows(synth_folder, "test")
@@ -549,8 +583,7 @@ def test_an_untrained_roi_branch_is_scored_through_the_global_path_on_crops(
 
     import yaml
 
-    from regionmed_clip.evaluation import extract_features
-    from regionmed_clip.evaluation.harness import run_evaluation
+    from regionmed_clip.evaluation import EvalSettings, extract_features, run_evaluation
 
     model, processor = tiny_model("pool"), make_processor(tokenizer, max_regions=3)
     with torch.no_grad():
@@ -569,7 +602,7 @@ def test_an_untrained_roi_branch_is_scored_through_the_global_path_on_crops(
     ]
     (tmp_path / "model" / "training_config.yaml").write_text(yaml.safe_dump({"stages": stages}))
     run = dict(tasks="region", bootstrap=0, device="cpu")
-    metrics = run_evaluation(tmp_path / "model", synth_folder, tmp_path / "a", **run)
+    metrics = run_evaluation(EvalSettings(tmp_path / "model", synth_folder, tmp_path / "a", **run))
     assert metrics["embeddings"]["region_path"] == "global_on_crops"
     assert metrics["embeddings"]["roi_branch_trained"] is False
     # A random ROI processor plays no part: other ROI weights give the same region figures.
@@ -578,7 +611,7 @@ def test_an_untrained_roi_branch_is_scored_through_the_global_path_on_crops(
             parameter.normal_()
         model.roi_processor.gate.zero_()
     model.save_pretrained(tmp_path / "model")
-    again = run_evaluation(tmp_path / "model", synth_folder, tmp_path / "b", **run)
+    again = run_evaluation(EvalSettings(tmp_path / "model", synth_folder, tmp_path / "b", **run))
     assert json.dumps(again["region"], sort_keys=True) == json.dumps(metrics["region"], sort_keys=True)
     # And the region embedding is the crop through the vision tower and projection.
     rows = many_region_rows(synth_folder)[:2]
@@ -598,8 +631,8 @@ def test_an_untrained_roi_branch_is_scored_through_the_global_path_on_crops(
 def test_a_trained_proposer_adds_the_self_proposed_box_free_embedding(tmp_path, synth_folder, tokenizer):
     import yaml
 
-    from regionmed_clip.data.collator import load_rows
-    from regionmed_clip.evaluation.harness import run_evaluation
+    from regionmed_clip.data.folder import load_rows
+    from regionmed_clip.evaluation import EvalSettings, run_evaluation
 
     model, processor = tiny_model("pool"), make_processor(tokenizer, max_regions=2)
     with torch.no_grad():
@@ -610,13 +643,18 @@ def test_a_trained_proposer_adds_the_self_proposed_box_free_embedding(tmp_path, 
     config = tmp_path / "model" / "training_config.yaml"
     config.write_text(yaml.safe_dump({"stages": [{**stage, "loss_weights": {"roi_loss": 1.0}}]}))
     run = dict(tasks="zero_shot,retrieval", bootstrap=0, device="cpu")
-    without = run_evaluation(tmp_path / "model", synth_folder, tmp_path / "a", **run)
+    without = run_evaluation(EvalSettings(tmp_path / "model", synth_folder, tmp_path / "a", **run))
     assert without["embeddings"]["self_proposed_regions"] == 0
     assert list(without["retrieval"]["box_free"]) == ["global"]
     weights = {"roi_loss": 1.0, "proposal_loss": 1.0}
     config.write_text(yaml.safe_dump({"stages": [{**stage, "loss_weights": weights}]}))
     metrics = run_evaluation(
-        tmp_path / "model", synth_folder, tmp_path / "b", **{**run, "tasks": "zero_shot,retrieval,few_shot"}
+        EvalSettings(
+            tmp_path / "model",
+            synth_folder,
+            tmp_path / "b",
+            **{**run, "tasks": "zero_shot,retrieval,few_shot"},
+        )
     )
     regions = model.config.max_regions
     assert metrics["embeddings"]["self_proposed_regions"] == regions
@@ -651,17 +689,19 @@ def test_a_trained_proposer_adds_the_self_proposed_box_free_embedding(tmp_path, 
 def test_texts_are_cut_at_the_training_max_length_and_the_cuts_are_counted(tmp_path, synth_folder, tokenizer):
     import yaml
 
-    from regionmed_clip.data.collator import load_rows
-    from regionmed_clip.evaluation.harness import run_evaluation
+    from regionmed_clip.data.folder import load_rows
+    from regionmed_clip.evaluation import EvalSettings, run_evaluation
 
     model, processor = tiny_model("pool"), make_processor(tokenizer)
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
-    default = run_evaluation(tmp_path / "model", synth_folder, tmp_path / "a", tasks="retrieval", bootstrap=0)
+    default = run_evaluation(
+        EvalSettings(tmp_path / "model", synth_folder, tmp_path / "a", tasks="retrieval", bootstrap=0)
+    )
     assert default["text"]["max_length"] == 64 and default["text"]["max_length_source"] == "tokenizer"
     (tmp_path / "model" / "training_config.yaml").write_text(yaml.safe_dump({"data": {"max_length": 12}}))
     metrics = run_evaluation(
-        tmp_path / "model", synth_folder, tmp_path / "b", tasks="retrieval,region", bootstrap=0
+        EvalSettings(tmp_path / "model", synth_folder, tmp_path / "b", tasks="retrieval,region", bootstrap=0)
     )
     assert (
         metrics["text"]["max_length"] == 12 and metrics["text"]["max_length_source"] == "training_config.yaml"
@@ -681,7 +721,9 @@ def test_texts_are_cut_at_the_training_max_length_and_the_cuts_are_counted(tmp_p
     }
     assert metrics["text"]["truncated"]["reports"] > 0  # synth reports are longer than 12 tokens
     assert metrics["text"]["num_texts"]["reports"] == len(reports)
-    given = run_evaluation(tmp_path / "model", synth_folder, tmp_path / "c", tasks="retrieval", max_length=20)
+    given = run_evaluation(
+        EvalSettings(tmp_path / "model", synth_folder, tmp_path / "c", tasks="retrieval", max_length=20)
+    )
     assert given["text"]["max_length"] == 20 and given["text"]["max_length_source"] == "given"
 
 
@@ -704,8 +746,8 @@ def test_evaluation_moves_the_model_and_its_batches_to_the_resolved_device(
     tmp_path, synth_folder, tokenizer, monkeypatch
 ):
     from regionmed_clip import RegionMedCLIPModel
+    from regionmed_clip.evaluation import EvalSettings, run_evaluation
     from regionmed_clip.evaluation.features import model_inputs
-    from regionmed_clip.evaluation.harness import run_evaluation
 
     tiny_model("pool").save_pretrained(tmp_path / "model")
     make_processor(tokenizer).save_pretrained(tmp_path / "model")
@@ -721,7 +763,7 @@ def test_evaluation_moves_the_model_and_its_batches_to_the_resolved_device(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(RegionMedCLIPModel, "to", record)
     with pytest.raises(Moved):
-        run_evaluation(tmp_path / "model", synth_folder, tmp_path / "eval", tasks="retrieval")
+        run_evaluation(EvalSettings(tmp_path / "model", synth_folder, tmp_path / "eval", tasks="retrieval"))
     assert moved == [torch.device("cuda")]
     # Batches follow the model's parameters, floating tensors in its dtype (a meta model stands in for a GPU one).
     monkeypatch.undo()
@@ -734,7 +776,7 @@ def test_evaluation_moves_the_model_and_its_batches_to_the_resolved_device(
 
 
 def test_split_regions_match_the_boxes_and_captions_the_features_hold(synth_folder, tokenizer):
-    from regionmed_clip.data.collator import load_rows
+    from regionmed_clip.data.folder import load_rows
     from regionmed_clip.evaluation import extract_features
     from regionmed_clip.evaluation.harness import split_regions
 
@@ -766,8 +808,8 @@ def test_hard_negative_accuracy_from_scores_counts_ties_as_misses_and_leaves_out
 def test_controls_without_training_regions_are_reported_as_skipped(tmp_path, synth_folder, tokenizer):
     import shutil
 
-    from regionmed_clip.data.collator import load_rows
-    from regionmed_clip.evaluation.harness import run_evaluation
+    from regionmed_clip.data.folder import load_rows
+    from regionmed_clip.evaluation import EvalSettings, run_evaluation
 
     data = tmp_path / "data"
     shutil.copytree(synth_folder, data)
@@ -775,7 +817,7 @@ def test_controls_without_training_regions_are_reported_as_skipped(tmp_path, syn
     tiny_model("pool").save_pretrained(tmp_path / "model")
     make_processor(tokenizer).save_pretrained(tmp_path / "model")
     metrics = run_evaluation(
-        tmp_path / "model", data, tmp_path / "eval", tasks="region,grounding", bootstrap=0
+        EvalSettings(tmp_path / "model", data, tmp_path / "eval", tasks="region,grounding", bootstrap=0)
     )
     assert metrics["region"]["controls"] == {
         "box_only": {"skipped": "the train split has no regions to fit it on"},

@@ -10,7 +10,8 @@ import torch
 import yaml
 
 from regionmed_clip import RegionMedCLIPModel
-from regionmed_clip.data.collator import MedRegionCollator, load_rows
+from regionmed_clip.data.collator import MedRegionCollator
+from regionmed_clip.data.folder import load_rows
 from regionmed_clip.training import Trainer
 from regionmed_clip.training.config import LoraSpec
 from regionmed_clip.training.finetune import FinetuneArgs, finetune_config

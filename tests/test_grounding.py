@@ -1,7 +1,7 @@
 """Region grounding: the pointing game against naive loops, patch-to-text maps against a per-patch recomputation,
 the heatmap overlay, the `explain` command end to end, and the metric over a MedRegion-synth split."""
 
-import argparse
+import dataclasses
 import math
 
 import numpy as np
@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from regionmed_clip.cli.evaluate import add_explain_command
-from regionmed_clip.data.collator import load_rows
+from regionmed_clip.cli import main
+from regionmed_clip.data.folder import load_rows
 from regionmed_clip.data.vocabulary import without_position_words
 from regionmed_clip.evaluation.grounding import (
     grounding_metrics,
@@ -135,16 +135,19 @@ def test_position_free_pointing_matches_a_naive_recomputation(tmp_path, synth_fo
     """`grounding.position_free`: the model's ROI embeddings against its embeddings of the captions without their
     position words, one text at a time, scored by the naive loop; the box-only control fitted on the same
     position-free training captions."""
+    from regionmed_clip.evaluation import EvalSettings, run_evaluation
     from regionmed_clip.evaluation.controls import BoxOnlyControl
     from regionmed_clip.evaluation.features import extract_features
     from regionmed_clip.evaluation.grounding import region_slots
-    from regionmed_clip.evaluation.harness import run_evaluation, split_regions
+    from regionmed_clip.evaluation.harness import split_regions
 
     model, processor = tiny_model(), make_processor(tokenizer)
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
     metrics = run_evaluation(
-        tmp_path / "model", synth_folder, tmp_path / "eval", tasks="grounding", split="train", bootstrap=0
+        EvalSettings(
+            tmp_path / "model", synth_folder, tmp_path / "eval", tasks="grounding", split="train", bootstrap=0
+        )
     )
     section = metrics["grounding"]["position_free"]
 
@@ -187,7 +190,7 @@ def test_position_free_pointing_is_skipped_when_no_caption_has_a_position_word(
 ):
     import shutil
 
-    from regionmed_clip.evaluation.harness import run_evaluation
+    from regionmed_clip.evaluation import EvalSettings, run_evaluation
 
     from .test_evaluation import write_split
 
@@ -200,7 +203,9 @@ def test_position_free_pointing_is_skipped_when_no_caption_has_a_position_word(
     write_split(data, "test", rows)
     tiny_model().save_pretrained(tmp_path / "model")
     make_processor(tokenizer).save_pretrained(tmp_path / "model")
-    metrics = run_evaluation(tmp_path / "model", data, tmp_path / "eval", tasks="grounding", bootstrap=0)
+    metrics = run_evaluation(
+        EvalSettings(tmp_path / "model", data, tmp_path / "eval", tasks="grounding", bootstrap=0)
+    )
     assert metrics["grounding"]["position_free"] == {
         "skipped": "no region caption of the split has a position word"
     }
@@ -212,7 +217,7 @@ def test_regions_whose_caption_is_all_position_words_are_left_out_and_counted(
 ):
     import shutil
 
-    from regionmed_clip.evaluation.harness import run_evaluation
+    from regionmed_clip.evaluation import EvalSettings, run_evaluation
 
     from .test_evaluation import write_split
 
@@ -228,7 +233,9 @@ def test_regions_whose_caption_is_all_position_words_are_left_out_and_counted(
     tiny_model().save_pretrained(tmp_path / "model")
     make_processor(tokenizer).save_pretrained(tmp_path / "model")
     metrics = run_evaluation(
-        tmp_path / "model", data, tmp_path / "eval", tasks="grounding", split="train", bootstrap=0
+        EvalSettings(
+            tmp_path / "model", data, tmp_path / "eval", tasks="grounding", split="train", bootstrap=0
+        )
     )
     section = metrics["grounding"]["position_free"]
     assert emptied > 0 and section["num_captions_emptied"] == emptied
@@ -298,26 +305,24 @@ def test_explain_command_end_to_end(tmp_path, tokenizer, capsys):
     make_processor(tokenizer).save_pretrained(model_dir)
     random_image(64, 48, 2).save(image_path)
 
-    parser = argparse.ArgumentParser()
-    add_explain_command(parser.add_subparsers(dest="command", required=True))
-    defaults = parser.parse_args(["explain", "--model", "m", "--image", "i", "--text", "t"])
-    assert defaults.out == "heatmap.png" and defaults.device == "auto"
-    args = parser.parse_args(
-        [
-            "explain",
-            "--model",
-            str(model_dir),
-            "--image",
-            str(image_path),
-            "--text",
-            "oval cyst",
-            "--out",
-            str(out),
-            "--device",
-            "cpu",
-        ]
+    assert (
+        main(
+            [
+                "explain",
+                "--model",
+                str(model_dir),
+                "--image",
+                str(image_path),
+                "--text",
+                "oval cyst",
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
     )
-    assert args.run(args) == 0
     assert out.is_file() and str(out) in capsys.readouterr().out
     with Image.open(out) as png:
         assert png.format == "PNG"
@@ -341,7 +346,7 @@ def test_grounding_metrics_on_synth_rows(tokenizer, synth_folder):
 
 def test_explain_puts_the_model_on_the_resolved_device(tmp_path, tokenizer, monkeypatch):
     from regionmed_clip import RegionMedCLIPModel
-    from regionmed_clip.evaluation.grounding import explain
+    from regionmed_clip.evaluation.grounding import ExplainArgs, explain
 
     tiny_model().save_pretrained(tmp_path / "model")
     make_processor(tokenizer).save_pretrained(tmp_path / "model")
@@ -355,8 +360,10 @@ def test_explain_puts_the_model_on_the_resolved_device(tmp_path, tokenizer, monk
 
     monkeypatch.setattr(RegionMedCLIPModel, "to", record)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    explain(tmp_path / "model", tmp_path / "scan.png", "oval cyst", tmp_path / "a.png")
+    args = ExplainArgs(tmp_path / "model", tmp_path / "scan.png", "oval cyst", tmp_path / "a.png")
+    assert ExplainArgs("m", "i", "t").out == "heatmap.png" and args.device == "auto"
+    explain(args)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    explain(tmp_path / "model", tmp_path / "scan.png", "oval cyst", tmp_path / "b.png")
-    explain(tmp_path / "model", tmp_path / "scan.png", "oval cyst", tmp_path / "c.png", device="cpu")
+    explain(dataclasses.replace(args, out=tmp_path / "b.png"))
+    explain(dataclasses.replace(args, out=tmp_path / "c.png", device="cpu"))
     assert moved == [torch.device("cpu"), torch.device("cuda"), torch.device("cpu")]

@@ -2,7 +2,6 @@
 model card's figures, and fast, clear failures. Every process runs under a guard that fails any connection or
 name lookup beyond 127.0.0.1, and each test checks that the guard never fired."""
 
-import argparse
 import inspect
 import json
 import math
@@ -23,9 +22,9 @@ from datasets import Image as ImageFeature
 from huggingface_hub import HfApi
 from transformers import AutoModel, AutoProcessor
 
-from regionmed_clip.cli.publish import register as add_publish_command
-from regionmed_clip.data.collator import load_rows
-from regionmed_clip.hub import PublishError, finite_timeouts, model_files, publish
+from regionmed_clip.cli import main
+from regionmed_clip.data.folder import load_rows
+from regionmed_clip.hub import PublishArgs, PublishError, finite_timeouts, model_files, publish
 
 from .conftest import make_processor, random_image, tiny_model
 from .hub_server import (
@@ -158,10 +157,12 @@ def model_folder(tmp_path_factory, tokenizer, synth_folder) -> Path:
 
 @pytest.fixture(scope="module")
 def metrics(model_folder, synth_folder, tmp_path_factory) -> Path:
-    from regionmed_clip.evaluation.harness import run_evaluation
+    from regionmed_clip.evaluation import EvalSettings, run_evaluation
 
     out = tmp_path_factory.mktemp("eval")
-    run_evaluation(model_folder, synth_folder, out, tasks="zero_shot,retrieval,region", bootstrap=10)
+    run_evaluation(
+        EvalSettings(model_folder, synth_folder, out, tasks="zero_shot,retrieval,region", bootstrap=10)
+    )
     return out / "metrics.json"
 
 
@@ -215,8 +216,8 @@ def in_process_hub(monkeypatch, tmp_path):
 def test_online_cases_pass_in_an_online_process(tmp_path):
     """The cases that publish from the test process itself run in a child pytest whose environment is online:
     huggingface_hub reads HF_HUB_OFFLINE, HF_TOKEN_PATH and HF_HUB_DISABLE_XET once, when it is imported, and this
-    suite runs offline. Each case names its endpoint through `publish(endpoint=...)`, and no saved token exists
-    in the child's HF_HOME."""
+    suite runs offline. Each case names its endpoint through `PublishArgs(endpoint=...)`, and no saved token
+    exists in the child's HF_HOME."""
     env = {key: value for key, value in os.environ.items() if key not in CLEARED_ENV}
     env.update(
         HF_HUB_OFFLINE="0",
@@ -344,7 +345,9 @@ def test_published_card_holds_the_real_evaluation_figures(hub, published, metric
 def test_private_revision_and_an_existing_repo_get_new_commits(hub, model_folder, metrics, in_process_hub):
     repo_id = "loopback-user/private-tiny"
     [first] = publish(
-        str(model_folder), repo_id, metrics=str(metrics), private=True, revision="v1", endpoint=hub.url
+        PublishArgs(
+            str(model_folder), repo_id, metrics=str(metrics), private=True, revision="v1", endpoint=hub.url
+        )
     )
     repo = hub.repo(repo_id)
     assert first.created and repo.private
@@ -352,7 +355,14 @@ def test_private_revision_and_an_existing_repo_get_new_commits(hub, model_folder
     assert set(repo.resolve("main").files) == {".gitattributes"}  # nothing went to the default branch
     assert "README.md" in repo.resolve("v1").files
     [second] = publish(
-        str(model_folder), repo_id, private=True, revision="v1", commit_message="card only", endpoint=hub.url
+        PublishArgs(
+            str(model_folder),
+            repo_id,
+            private=True,
+            revision="v1",
+            commit_message="card only",
+            endpoint=hub.url,
+        )
     )
     assert not second.created and second.commit_oid != first.commit_oid
     assert repo.commits[second.commit_oid].parent == first.commit_oid
@@ -365,10 +375,7 @@ def test_private_revision_and_an_existing_repo_get_new_commits(hub, model_folder
 
 
 def _run_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser()
-    add_publish_command(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["publish", *argv])
-    return args.run(args)
+    return main(["publish", *argv])
 
 
 @hub_online
@@ -389,7 +396,7 @@ def test_an_endpoint_that_never_answers_fails_within_the_timeout(model_folder, i
     with silent_endpoint() as endpoint:
         started = time.perf_counter()
         with pytest.raises(PublishError, match="did not answer within 2 s"):
-            publish(str(model_folder), "loopback-user/never", timeout=2.0, endpoint=endpoint)
+            publish(PublishArgs(str(model_folder), "loopback-user/never", timeout=2.0, endpoint=endpoint))
         assert time.perf_counter() - started < 8
 
 
@@ -406,10 +413,10 @@ def test_finite_timeouts_bound_calls_that_pass_timeout_none(in_process_hub):
 def test_refused_endpoint_and_rejected_token_fail_fast(hub, model_folder, in_process_hub, monkeypatch):
     started = time.perf_counter()
     with pytest.raises(PublishError, match="cannot reach the Hub endpoint"):
-        publish(str(model_folder), "loopback-user/never", endpoint=closed_endpoint())
+        publish(PublishArgs(str(model_folder), "loopback-user/never", endpoint=closed_endpoint()))
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_valid_token")
     with pytest.raises(PublishError, match="rejected the token"):
-        publish(str(model_folder), "loopback-user/never", endpoint=hub.url)
+        publish(PublishArgs(str(model_folder), "loopback-user/never", endpoint=hub.url))
     assert time.perf_counter() - started < 5
     assert ("model", "loopback-user/never") not in hub.repos
 
@@ -418,16 +425,20 @@ def test_refused_endpoint_and_rejected_token_fail_fast(hub, model_folder, in_pro
 def test_folders_are_checked_before_anything_is_sent(tmp_path, model_folder, hub, in_process_hub):
     requests = len(hub.requests)
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        publish(str(tmp_path), "loopback-user/never", endpoint=hub.url)
+        publish(PublishArgs(str(tmp_path), "loopback-user/never", endpoint=hub.url))
     with pytest.raises(ValueError, match="go together"):
-        publish(str(model_folder), "loopback-user/never", dataset=str(tmp_path), endpoint=hub.url)
+        publish(
+            PublishArgs(str(model_folder), "loopback-user/never", dataset=str(tmp_path), endpoint=hub.url)
+        )
     with pytest.raises(FileNotFoundError, match="dataset card"):
         publish(
-            str(model_folder),
-            "loopback-user/never",
-            dataset=str(tmp_path),
-            dataset_repo_id="loopback-user/d",
-            endpoint=hub.url,
+            PublishArgs(
+                str(model_folder),
+                "loopback-user/never",
+                dataset=str(tmp_path),
+                dataset_repo_id="loopback-user/d",
+                endpoint=hub.url,
+            )
         )
     assert len(hub.requests) == requests
 

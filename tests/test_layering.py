@@ -7,8 +7,11 @@ function body counts as much as one at the top of a file. The rules:
 - the remote-code unit (the files `save_pretrained` copies next to the weights) imports only its own files, the
   standard library, torch, transformers, numpy, PIL and their hard dependencies (an optional import guarded by
   `except ImportError`, such as pydicom for DICOM files, is allowed);
-- `training` and `evaluation` do not import each other;
-- only `cli` registers commands: nothing outside it imports argparse, and nothing imports `cli`.
+- the layers of `LAYERS`, lowest first: a module imports from its own sub-package and from lower layers only, never
+  from a higher layer, and sub-packages of one layer (`training`, `evaluation`, `annotation`) do not import each
+  other. So `data` imports nothing of `training`, `evaluation`, `hub`, the experiments or the CLI; `hub` may import
+  `data`, `training` and `evaluation`;
+- only `cli` registers commands: nothing outside it imports argparse.
 """
 
 import ast
@@ -104,21 +107,50 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def layer_violations(root: Path, package: str) -> list[str]:
-    """What breaks the command and package rules: argparse or `cli` imported outside `cli`, and imports between
-    `training` and `evaluation`."""
+#: The package's layers, lowest first. Layer 0 is the package's own top-level modules: the remote-code unit, the
+#: package `__init__` that registers it with the Auto classes, and `convert` (checkpoints → a model folder).
+LAYERS = (
+    ("",),
+    ("data",),
+    ("training", "evaluation", "annotation"),
+    ("hub",),
+    ("experiments",),
+    ("cli",),
+)
+
+
+def layer_violations(root: Path, package: str, layers=LAYERS) -> list[str]:
+    """What breaks the layer rules: an import from a higher layer, an import between two sub-packages of one
+    layer, a sub-package `layers` does not place, and argparse imported outside `cli`."""
+    rank = {name: index for index, layer in enumerate(layers) for name in layer}
     problems = []
     files = _files(root, package)
+    subpackages = {
+        path.relative_to(root).parts[0] for path in files.values() if len(path.relative_to(root).parts) > 1
+    }
     for module, path in files.items():
+        source = _sub_package(module, subpackages)
+        if source not in rank:
+            problems.append(f"{module} is in no layer: add {package}.{source} to LAYERS")
+            continue
         targets = imports_of(path, module, path.name == "__init__.py", set(files))
-        if not _in(module, f"{package}.cli"):
-            if "argparse" in targets:
-                problems.append(f"{module} imports argparse: commands belong in {package}.cli")
-            problems += [f"{module} imports {t}" for t in sorted(targets) if _in(t, f"{package}.cli")]
-        for source, other in (("training", "evaluation"), ("evaluation", "training")):
-            if _in(module, f"{package}.{source}"):
-                problems += [f"{module} imports {t}" for t in sorted(targets) if _in(t, f"{package}.{other}")]
+        if source != "cli" and "argparse" in targets:
+            problems.append(f"{module} imports argparse: commands belong in {package}.cli")
+        for target in sorted(t for t in targets if _in(t, package)):
+            other = _sub_package(target, subpackages)
+            if other == source or other not in rank:
+                continue
+            if rank[other] > rank[source]:
+                problems.append(f"{module} imports {target}, a higher layer")
+            elif rank[other] == rank[source]:
+                problems.append(f"{module} imports {target}, a sub-package of its own layer")
     return problems
+
+
+def _sub_package(module: str, subpackages: set[str]) -> str:
+    """The sub-package `module` belongs to ("" for the package's top-level modules)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in subpackages else ""
 
 
 def remote_code_files() -> set[Path]:
@@ -250,22 +282,34 @@ def test_the_remote_code_unit_imports_only_torch_transformers_numpy_pil_and_itse
                 )
 
 
-def test_only_cli_registers_commands_and_training_and_evaluation_stay_apart():
+def test_no_module_imports_a_higher_layer_or_a_peer_and_only_cli_registers_commands():
     assert layer_violations(PACKAGE_DIR, "regionmed_clip") == []
 
 
 def test_the_layer_rules_catch_each_violation(tmp_path):
-    package = tmp_path / "synthetic"
-    for folder in ("cli", "training", "evaluation"):
-        (package / folder).mkdir(parents=True)
-        (package / folder / "__init__.py").write_text("")
-    (package / "__init__.py").write_text("")
-    (package / "cli" / "commands.py").write_text("import argparse\n")
-    (package / "hub.py").write_text("def add_command(subparsers):\n    import argparse\n")
-    (package / "annotation.py").write_text("from .cli import commands\n")
-    (package / "evaluation" / "ablation.py").write_text("def run():\n    from ..training import trainer\n")
+    package = write_package(
+        tmp_path / "synthetic",
+        {
+            "__init__.py": "",
+            "convert.py": "",
+            "data/__init__.py": "",
+            "data/folder.py": "def front_matter():\n    from ..hub import card\n",
+            "training/__init__.py": "",
+            "training/run.py": "from ..data import folder\n",
+            "evaluation/__init__.py": "",
+            "evaluation/ablation.py": "def run():\n    from ..training import run\n",
+            "annotation/__init__.py": "from .. import convert\n",
+            "hub/__init__.py": "",
+            "hub/card.py": "from ..training import run\nfrom ..data import folder\n",
+            "hub/publish.py": "def add_command(subparsers):\n    import argparse\n",
+            "experiments/__init__.py": "from ..hub import card\n",
+            "cli/__init__.py": "import argparse\nfrom ..experiments import demo\n",
+            "scripts/__init__.py": "",
+        },
+    )
     assert layer_violations(package, "synthetic") == [
-        "synthetic.annotation imports synthetic.cli.commands",
-        "synthetic.evaluation.ablation imports synthetic.training",
-        "synthetic.hub imports argparse: commands belong in synthetic.cli",
+        "synthetic.data.folder imports synthetic.hub.card, a higher layer",
+        "synthetic.evaluation.ablation imports synthetic.training.run, a sub-package of its own layer",
+        "synthetic.hub.publish imports argparse: commands belong in synthetic.cli",
+        "synthetic.scripts is in no layer: add synthetic.scripts to LAYERS",
     ]

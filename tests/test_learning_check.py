@@ -1,4 +1,5 @@
-"""`make learning-check`: aggregation against naive references, and the check's figures pinned.
+"""`make learning-check` (`regionmed_clip.experiments.learning_check`): aggregation against naive references, and
+the check's figures pinned.
 
 Pins (tests/pins/*.json) are the check's own output (`summary`: mean and std per figure over seeds 0, 1, 2). A new
 run of one or two of those seeds must land within `PIN_STDS` standard deviations of the pinned mean (plus a floor
@@ -19,8 +20,8 @@ import numpy as np
 import pytest
 import yaml
 
-from regionmed_clip.demo import HEADLINE, evaluated_on
-from regionmed_clip.learning_check import (
+from regionmed_clip.experiments.demo import HEADLINE, evaluated_on
+from regionmed_clip.experiments.learning_check import (
     REGION_ANNOTATIONS,
     SHUFFLED,
     aggregate,
@@ -235,7 +236,7 @@ def test_learning_check_on_a_tiny_budget_writes_its_outputs_and_stays_within_the
 
 
 def test_shuffled_region_copy_permutes_whole_annotations_and_keeps_everything_else(tmp_path, synth_folder):
-    from regionmed_clip.data.collator import load_rows
+    from regionmed_clip.data.folder import load_rows
 
     out = tmp_path / "shuffled"
     counts = shuffled_region_copy(Path(synth_folder), out, seed=3)

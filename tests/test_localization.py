@@ -79,7 +79,7 @@ def test_contrast_to_noise_matches_the_formula():
 
 def test_cli_eval_localization_scores_every_finding_beside_its_controls(tmp_path, synth_folder, tokenizer):
     from regionmed_clip.cli import main
-    from regionmed_clip.data.collator import load_rows
+    from regionmed_clip.data.folder import load_rows
     from regionmed_clip.data.vocabulary import without_position_words
 
     model = tiny_model("pool")
@@ -112,7 +112,7 @@ def test_cli_locate_draws_the_pipelines_best_boxes_over_the_heatmap(tmp_path, sy
     from transformers import pipeline
 
     from regionmed_clip.cli import main
-    from regionmed_clip.data.collator import load_rows
+    from regionmed_clip.data.folder import load_rows
 
     model = tiny_model("pool")
     with torch.no_grad():
@@ -130,9 +130,10 @@ def test_cli_locate_draws_the_pipelines_best_boxes_over_the_heatmap(tmp_path, sy
     expected = pipeline("zero-shot-object-detection", model=str(tmp_path / "model"))(
         row["image"].convert("RGB"), candidate_labels=[text], threshold=0.0, top_k=2
     )
-    from regionmed_clip.evaluation.grounding import locate
+    from regionmed_clip.evaluation.grounding import LocateArgs, locate
 
-    result = locate(tmp_path / "model", image, text, out=tmp_path / "again.png", top_k=2)
+    assert LocateArgs("m", "i", "t").out == "locate.png"
+    result = locate(LocateArgs(tmp_path / "model", image, text, out=tmp_path / "again.png", top_k=2))
     assert [d["box"] for d in result["detections"]] == [d["box"] for d in expected]
     assert [d["score"] for d in result["detections"]] == pytest.approx(
         [d["score"] for d in expected], abs=1e-6

@@ -1,21 +1,16 @@
-"""eval/recipe_stability.py: each recipe's config is a valid training config, and the collapse rule."""
+"""`regionmed-clip recipe-stability`: each recipe's config is a valid training config, and the collapse rule."""
 
-import importlib
 import math
 
 import pytest
 
+from regionmed_clip.experiments import recipe_stability as script
 from regionmed_clip.training.config import load_config
-
-
-def load_script():
-    return importlib.import_module("eval.recipe_stability")
 
 
 def test_every_recipe_writes_a_training_config_that_changes_only_its_own_settings(tmp_path):
     import yaml
 
-    script = load_script()
     for name, (lr, betas, warmup) in script.RECIPES.items():
         path = tmp_path / "config.yaml"
         path.write_text(yaml.safe_dump(script.recipe_config(tmp_path, "data", lr, betas, warmup, 30, 16)))
@@ -28,7 +23,6 @@ def test_every_recipe_writes_a_training_config_that_changes_only_its_own_setting
 
 
 def test_a_global_stage_that_never_goes_below_ln_batch_is_collapsed_and_one_that_learns_is_not():
-    script = load_script()
     chance = math.log(16)
     warmup = [(1, 0, 0.5)]  # the warm-up stage's losses are not judged
     flat = warmup + [(2 + i, 1, chance + (0.04 if i % 2 else -0.03)) for i in range(20)]

@@ -8,7 +8,8 @@ import torch
 from transformers import Trainer as HFTrainer
 from transformers import TrainerCallback, TrainingArguments
 
-from regionmed_clip.data.collator import MedRegionCollator, load_rows
+from regionmed_clip.data.collator import MedRegionCollator
+from regionmed_clip.data.folder import load_rows
 from regionmed_clip.training import RegionMedCLIPForPreTraining, StageCallback, Trainer, load_config
 from regionmed_clip.training.trainer import build_model
 

@@ -604,7 +604,8 @@ def _first_batch(trainer, index):
 def test_a_batch_without_regions_has_zero_roi_slots_and_trains(synth_folder, tokenizer, roi_mode):
     """Rows without regions ("No Finding") give the same fields with zero ROI slots, which the model and the
     loss module take: the region terms simply have no rows (and, distributed, gather empty tensors)."""
-    from regionmed_clip.data.collator import MedRegionCollator, load_rows
+    from regionmed_clip.data.collator import MedRegionCollator
+    from regionmed_clip.data.folder import load_rows
 
     from .conftest import make_processor, tiny_model
     from .test_losses import PAPER_TERMS, objective_of
@@ -658,7 +659,8 @@ def test_one_stage_loader_serves_every_epoch_from_the_same_workers(synth_folder,
     """The stage loader's two workers collate all three epochs (no worker restarts at an epoch boundary), each batch
     with its own epoch's region draw, and its batches are those of the per-epoch loaders, also when it starts
     mid-epoch as a resumed run does."""
-    from regionmed_clip.data.collator import MedRegionCollator, load_rows
+    from regionmed_clip.data.collator import MedRegionCollator
+    from regionmed_clip.data.folder import load_rows
     from regionmed_clip.training.data import batches_per_epoch, epoch_seed, stage_dataloader, stage_loader
 
     from .conftest import make_processor

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from regionmed_clip.data.collator import load_rows
+from regionmed_clip.data.folder import load_rows
 from regionmed_clip.evaluation.vqa import (
     VQAExample,
     evaluate_vqa,

@@ -13,26 +13,10 @@ from dataclasses import dataclass, field
 import torch
 
 from benchmarks.fresh import run_job
+from regionmed_clip.experiments.paper_towers import BERT_BASE, VIT_B16
 
 HEADING = "## Memory and throughput of the shipped configs"
 
-VIT_B16 = {
-    "model_type": "vit",
-    "hidden_size": 768,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "intermediate_size": 3072,
-    "image_size": 224,
-    "patch_size": 16,
-}
-BERT_BASE = {
-    "model_type": "bert",
-    "hidden_size": 768,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "intermediate_size": 3072,
-    "vocab_size": 30522,
-}
 SO400M = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27, "num_attention_heads": 16}
 CARDS_GB = (24, 40, 80)
 

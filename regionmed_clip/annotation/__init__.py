@@ -11,7 +11,7 @@ recipe, which was never released).
 Models are loaded inside functions, so importing this package is cheap; it needs the `train` extra (`datasets`).
 """
 
-from .calibration import CalibrationResult, calibrate, calibrate_folder, match_image
+from .calibration import CalibrationResult, CalibrationSet, calibrate, calibrate_folder, match_image
 from .pipeline import AnnotateConfig, AnnotateSummary, annotate, split_of
 from .proposals import Proposal, ProposalConfig, RoiProposer, box_iou, joint_score, mask_to_box, nms
 from .reports import (
@@ -30,6 +30,7 @@ __all__ = [
     "AnnotateSummary",
     "AnnotationStore",
     "CalibrationResult",
+    "CalibrationSet",
     "PipelineGenerator",
     "Proposal",
     "ProposalConfig",

@@ -161,30 +161,42 @@ def calibrate(
     )
 
 
+@dataclass
+class CalibrationSet:
+    """The hand-labelled images `calibrate_folder` calibrates the proposal threshold on, and where it writes."""
+
+    images: str = field(metadata={"help": "Folder of the labelled images"})
+    boxes: str = field(
+        metadata={
+            "help": "Their boxes in pixels, keyed by file name relative to `images` (JSON or CSV; see "
+            "`regionmed_clip.data.read_box_file`); an image listed with no boxes has no lesion"
+        }
+    )
+    out: str = field(
+        default="calibration.json",
+        metadata={"help": "Where the calibration report goes; pass it to `annotate run --calibration`"},
+    )
+    iou_threshold: float = field(
+        default=0.5, metadata={"help": "IoU at which a proposal finds a labelled box"}
+    )
+
+
 def calibrate_folder(
-    images: str | os.PathLike,
-    boxes: str | os.PathLike,
-    out: str | os.PathLike = "calibration.json",
-    iou_threshold: float = 0.5,
-    proposals: ProposalConfig | None = None,
-    proposer=None,
-    progress: bool = True,
+    labelled: CalibrationSet, proposals: ProposalConfig | None = None, proposer=None, progress: bool = True
 ) -> CalibrationResult:
-    """Run the proposer on the labelled images and save the calibrated threshold to `out` (JSON).
+    """Run the proposer on the labelled images and save the calibrated threshold to `labelled.out` (JSON).
 
     Args:
-        images: Folder of the labelled images.
-        boxes: Their boxes in pixels, keyed by file name relative to `images` (JSON or CSV; see
-            `regionmed_clip.data.read_box_file`); an image listed with no boxes has no lesion.
-        out: Where the calibration report goes; pass it to `annotate run --calibration`.
-        iou_threshold: IoU at which a proposal finds a labelled box.
-        proposals: Detector / segmenter settings; the threshold is only valid for these.
+        labelled: The labelled images, their boxes, where the report goes and the IoU of a match.
+        proposals: Detector / segmenter settings; the threshold is only valid for these (their own
+            `score_threshold` is what calibration chooses, so it is not read).
         proposer: An object with `propose(images, score_threshold)` (default: `RoiProposer(proposals)`).
+        progress: Show a progress bar.
     """
     from tqdm.auto import tqdm
 
     proposals = proposals or ProposalConfig()
-    images = Path(images)
+    images, boxes = Path(labelled.images), labelled.boxes
     table = read_box_file(boxes)
     if not table:
         raise ValueError(f"{boxes} lists no images")
@@ -201,11 +213,11 @@ def calibrate_folder(
         image, _ = read_image(by_name[name])
         found = proposer.propose([image], score_threshold=0.0)[0]
         predictions[name] = [(proposal.box, proposal.score) for proposal in found]
-    labelled = {name: [entry["bbox"] for entry in entries] for name, entries in table.items()}
-    result = calibrate(predictions, labelled, iou_threshold)
+    truth = {name: [entry["bbox"] for entry in entries] for name, entries in table.items()}
+    result = calibrate(predictions, truth, labelled.iou_threshold)
     result.settings = proposals.scoring_settings()
-    result.save(out)
+    result.save(labelled.out)
     return result
 
 
-__all__ = ["CalibrationResult", "calibrate", "calibrate_folder", "match_image"]
+__all__ = ["CalibrationResult", "CalibrationSet", "calibrate", "calibrate_folder", "match_image"]

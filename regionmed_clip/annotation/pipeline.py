@@ -43,8 +43,8 @@ class AnnotateConfig:
             "help": "calibration.json from `annotate calibrate`: its threshold replaces score_threshold"
         },
     )
-    ratios: tuple[float, float, float] = field(
-        default=(0.8, 0.1, 0.1), metadata={"help": "Train / validation / test shares"}
+    ratios: list[float] = field(
+        default_factory=lambda: [0.8, 0.1, 0.1], metadata={"help": "Train / validation / test shares"}
     )
     seed: int = field(default=0, metadata={"help": "Split hash and negative-generator seed"})
     retry_failed: bool = field(

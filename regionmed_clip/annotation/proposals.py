@@ -48,8 +48,9 @@ class ProposalConfig:
         default="wanglab/medsam-vit-base",
         metadata={"help": "SAM-family checkpoint taking box prompts (MedSAM, SAM, ...)"},
     )
-    terms: tuple[str, ...] = field(
-        default=TERMS, metadata={"help": "Lesion terms used as text prompts (the vocabulary's)"}
+    terms: list[str] = field(
+        default_factory=lambda: list(TERMS),
+        metadata={"help": "Lesion terms used as text prompts (the vocabulary's)"},
     )
     prompt_template: str = field(
         default="{term}.",

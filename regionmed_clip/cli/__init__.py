@@ -1,24 +1,25 @@
-"""The `regionmed-clip` command. Commands are registered here and only here, one module per group; their
-options are generated from the typed configs and functions of the domain modules (`options.add_options`), so a
-field or parameter is the one place an option is defined, documented and defaulted."""
+"""The `regionmed-clip` command. Commands are registered here and only here, one module per command group; each
+command's options are the fields of the typed configs of the domain modules, read by `HfArgumentParser`
+(`options.CommandParser`), so a field is the one place an option is defined, documented and defaulted."""
 
-import argparse
 import importlib
 import sys
 
-# One module per command group, each with `register(subparsers)`. They are imported when the parser is built, not
+from .options import CommandParser
+
+# One module per command group, each with `register(commands)`. They are imported when the parser is built, not
 # here: `python -m regionmed_clip.cli.train` (the training process) must not find itself already imported.
-COMMAND_MODULES = ("data", "train", "evaluate", "annotate", "publish", "convert", "demo", "learning_check")
+COMMAND_MODULES = ("data", "train", "evaluate", "annotate", "publish", "convert", "experiments")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> CommandParser:
+    parser = CommandParser(
         prog="regionmed-clip",
-        description="RegionMed-CLIP: build datasets, train, fine-tune, evaluate, annotate, publish and convert.",
+        description="RegionMed-CLIP: build datasets, train, fine-tune, evaluate, annotate, publish and convert; "
+        "run the demo and the experiments.",
     )
-    subparsers = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
-        importlib.import_module(f"{__name__}.{name}").register(subparsers)
+        importlib.import_module(f"{__name__}.{name}").register(parser)
     return parser
 
 

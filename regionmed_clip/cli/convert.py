@@ -2,25 +2,24 @@
 
 import inspect
 
-from .options import add_options
+from .options import CommandParser
 
 
-def register(subparsers) -> None:
+def register(commands: CommandParser) -> None:
     from ..convert import ConvertConfig, convert
 
-    parser = subparsers.add_parser(
-        "convert",
-        help="convert a CLIP / SigLIP / VisionTextDualEncoder checkpoint into a RegionMed-CLIP model folder",
-        description=inspect.getdoc(convert),
-    )
-    options = add_options(parser, ConvertConfig, aliases={"source": "--from"})
-
-    def run(args) -> int:
-        out = convert(options.build(args))
+    def run(config: ConvertConfig) -> int:
+        out = convert(config)
         print(f"wrote {out}: model, processor, remote code, README.md")
         return 0
 
-    parser.set_defaults(run=run)
+    commands.add_command(
+        "convert",
+        (ConvertConfig,),
+        run,
+        help="convert a CLIP / SigLIP / VisionTextDualEncoder checkpoint into a RegionMed-CLIP model folder",
+        description=inspect.getdoc(convert),
+    )
 
 
 __all__ = ["register"]

@@ -1,28 +1,19 @@
 """`regionmed-clip publish`: a model folder (and its dataset) to the Hugging Face Hub."""
 
-import argparse
 import inspect
 import sys
 
-from .options import add_options
+from .options import CommandParser
 
 
-def register(subparsers) -> argparse.ArgumentParser:
-    """Add `regionmed-clip publish` (options from `publish`'s signature; the token is never an option, so it
-    stays out of shell histories)."""
-    from ..hub.publish import PublishError, publish
+def register(commands: CommandParser) -> None:
+    """Add `regionmed-clip publish` (options from `PublishArgs`; the token is never an option, so it stays out of
+    shell histories)."""
+    from ..hub.publish import PublishArgs, PublishError, publish
 
-    parser = subparsers.add_parser(
-        "publish",
-        help="upload a model folder (and its dataset) to the Hugging Face Hub",
-        description=inspect.getdoc(publish).split("\n\nArgs:")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    options = add_options(parser, publish, skip=("token",))
-
-    def run(args) -> int:
+    def run(args: PublishArgs) -> int:
         try:
-            results = options.build(args)
+            results = publish(args)
         except PublishError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
@@ -30,8 +21,13 @@ def register(subparsers) -> argparse.ArgumentParser:
             print(result.describe())
         return 0
 
-    parser.set_defaults(run=run)
-    return parser
+    commands.add_command(
+        "publish",
+        (PublishArgs,),
+        run,
+        help="upload a model folder (and its dataset) to the Hugging Face Hub",
+        description=inspect.getdoc(publish),
+    )
 
 
 __all__ = ["register"]

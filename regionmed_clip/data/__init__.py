@@ -1,10 +1,16 @@
-"""MedRegion data: the row schema on `datasets`, importers, hard negatives, MedRegion-synth and the collator.
+"""MedRegion data: the row schema on `datasets`, importers, hard negatives, MedRegion-synth, dataset folders
+(written, read and checked) and the collator.
 
 Needs the `train` extra (`datasets`, `pyarrow`); the model package itself does not import this.
 """
 
 from .folder import ShardedParquetWriter, write_dataset_card
 from .importers import (
+    AnnotationSource,
+    CocoSource,
+    DetectionCsvSource,
+    GroundingCsvSource,
+    ImageCsvSource,
     ImportOptions,
     ImportSummary,
     import_annotations,
@@ -27,7 +33,12 @@ from .schema import (
 )
 
 __all__ = [
+    "AnnotationSource",
+    "CocoSource",
+    "DetectionCsvSource",
     "FEATURES",
+    "GroundingCsvSource",
+    "ImageCsvSource",
     "VQA_FEATURES",
     "ImportOptions",
     "ImportSummary",

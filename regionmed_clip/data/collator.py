@@ -5,19 +5,12 @@ row itself, so it works the same with `num_workers > 0`, with a map-style `Datas
 `load_dataset(..., streaming=True)`, where rows are read shard by shard and never all held in memory.
 """
 
-import gc
 import logging
 import math
-import os
 import random
 from collections.abc import Collection
-from pathlib import Path
 
 import torch
-from datasets import load_dataset
-
-from ..hub.card import card_front_matter
-from .schema import SPLITS, InvalidRowsError, ValidationReport, validate_rows
 
 logger = logging.getLogger(__name__)
 REGION_SAMPLING = ("top", "cycle")
@@ -237,107 +230,3 @@ class MedRegionCollator:
                 f"row {row.get('id')!r}: label {label!r} is not one of the classes {sorted(self.label_index)}"
             )
         return self.label_index[label]
-
-
-def local_data_files(folder: Path, config: str, split: str) -> str:
-    """The parquet pattern of `split` of `config` in a local dataset folder, from its card's `configs` YAML."""
-    card = folder / "README.md"
-    directory = "data" if config == "default" else config
-    metadata = (card_front_matter(card) if card.is_file() else None) or {}
-    for entry in metadata.get("configs", []):
-        if entry.get("config_name") == config:
-            for files in entry.get("data_files", []):
-                if files.get("split") == split:
-                    return str(folder / files["path"])
-    return str(folder / directory / f"{split}-*.parquet")
-
-
-def load_rows(
-    path: str | os.PathLike, split: str = "train", streaming: bool = False, config: str = "default"
-):
-    """A split of a dataset folder (or Hub id): a `Dataset`, or with `streaming=True` an `IterableDataset` that
-    reads parquet shards lazily.
-
-    A local folder is read through the parquet builder with explicit data files: `datasets` 5.2 keys its cache
-    for a folder loaded by path on the file patterns only, so a folder regenerated in place would come back stale
-    from `load_dataset(folder)`; explicit files are keyed on their modification times. The schema comes from the
-    parquet files' own metadata.
-    """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    folder = Path(path)
-    if folder.is_dir():
-        files = local_data_files(folder, config, split)
-        return load_dataset("parquet", data_files={split: files}, split=split, streaming=streaming)
-    return load_dataset(str(path), config, split=split, streaming=streaming)
-
-
-def validate_folder(path: str | os.PathLike, split: tuple[str, ...] = ()) -> dict:
-    """Check every row of a dataset folder (or Hub id), streaming it split by split.
-
-    Args:
-        path: Dataset folder or Hub id.
-        split: The splits to check; with none given, every split present.
-
-    Returns `{split: ValidationReport}`; a split with invalid rows has them listed in its report.
-    """
-    from datasets import get_dataset_split_names
-
-    reports = {}
-    for name in split or get_dataset_split_names(str(path)):
-        reports[name] = ValidationReport()
-        rows = load_rows(path, name, streaming=True)
-        try:
-            for _ in validate_rows(rows, report=reports[name]):
-                pass
-        except InvalidRowsError:
-            pass  # the report holds the invalid rows, which the caller lists
-        finally:
-            # A streamed parquet split can leave pyarrow scanner threads behind. Collected now, while Arrow is
-            # alive, they end cleanly; left to interpreter shutdown they abort the process after its work is done
-            # ("terminate called without an active exception": huggingface/datasets#7566, apache/arrow#45214;
-            # datasets collects them itself only for pyarrow <= 24).
-            del rows
-            gc.collect()
-    return reports
-
-
-def shuffled_stream(rows, seed: int, buffer_size: int = 1000):
-    """A streaming dataset shuffled through a `buffer_size` buffer fed from one shard at a time (in shuffled order).
-
-    `datasets`' default feeds the buffer from up to 10 shards at once through a thread pool whose shutdown sleeps
-    5 s (its workaround for apache/arrow#45214) whenever an iteration ends or stops early: at every epoch end,
-    every stage end and every resume, and 8× the cost of 20 batches of map-style data.
-    """
-    return rows.shuffle(seed=seed, buffer_size=buffer_size, max_buffer_input_shards=1)
-
-
-def make_dataloader(
-    rows,
-    collator: MedRegionCollator,
-    batch_size: int,
-    shuffle: bool = False,
-    seed: int = 0,
-    num_workers: int = 0,
-    shuffle_buffer: int = 1000,
-    drop_last: bool = False,
-) -> torch.utils.data.DataLoader:
-    """A DataLoader over a `Dataset` or a streaming `IterableDataset` (shuffled through a buffer when streaming)."""
-    from datasets import IterableDataset
-
-    if isinstance(rows, IterableDataset):
-        if shuffle:
-            rows = shuffled_stream(rows, seed, shuffle_buffer)
-        return torch.utils.data.DataLoader(
-            rows, batch_size=batch_size, collate_fn=collator, num_workers=num_workers, drop_last=drop_last
-        )
-    generator = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(
-        rows,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
-        collate_fn=collator,
-        num_workers=num_workers,
-        drop_last=drop_last,
-    )

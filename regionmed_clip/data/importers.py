@@ -15,11 +15,12 @@ term) whose term vocabulary is the dataset's own region names or classes; the da
 and what each kind made. Images may be PNG, JPEG, TIFF (16-bit too) or DICOM (stored as the decoded PNG; see
 `schema.stored_image`).
 
-Every importer is a function of its input file(s), an [`ImportOptions`] (the options every importer shares:
-where the images are, where to write, the split, the hard-negative strategy) and its format's own options. It
-reads its input once to learn the row ids (for the split), then streams the rows through the validator into
-parquet shards. A row that cannot be built or fails validation is reported by id; with `skip_invalid=True` it is
-left out and counted instead.
+Every importer is a function of its source (a dataclass per format: the input file(s) and the format's own
+options, e.g. [`CocoSource`]) and an [`ImportOptions`] (the options every importer shares: where the images are,
+where to write, the split, the hard-negative strategy); `regionmed-clip data import-*` reads both from the command
+line. It reads its input once to learn the row ids (for the split), then streams the rows through the validator
+into parquet shards. A row that cannot be built or fails validation is reported by id; with `skip_invalid=True` it
+is left out and counted instead.
 """
 
 import csv
@@ -93,10 +94,8 @@ class ImportOptions:
     """The options every importer shares; the `regionmed-clip data import-*` commands read them from the command
     line (`--image-root`, `--out-dir`, ...)."""
 
-    image_root: str | os.PathLike = field(metadata={"help": "Folder the image file names are relative to"})
-    out_dir: str | os.PathLike = field(
-        metadata={"help": "The dataset folder to write (parquet shards and a dataset card)"}
-    )
+    image_root: str = field(metadata={"help": "Folder the image file names are relative to"})
+    out_dir: str = field(metadata={"help": "The dataset folder to write (parquet shards and a dataset card)"})
     modality: str | None = field(
         default=None,
         metadata={
@@ -104,8 +103,8 @@ class ImportOptions:
             "radiograph for the detection and phrase-grounding CSVs, else unknown)"
         },
     )
-    ratios: tuple[float, float, float] = field(
-        default=(0.8, 0.1, 0.1),
+    ratios: list[float] = field(
+        default_factory=lambda: [0.8, 0.1, 0.1],
         metadata={
             "help": "Train / validation / test shares of a seeded split, for rows without a `split` field"
         },
@@ -407,20 +406,26 @@ def _regions_report(captions: list[str]) -> str:
     return "Findings: " + "; ".join(captions) + "." if captions else f"{NO_FINDING}."
 
 
-def import_annotations(
-    annotations: str | os.PathLike, boxes: str | os.PathLike, options: ImportOptions
-) -> ImportSummary:
+@dataclass
+class AnnotationSource:
+    """The paper's annotation file and its boxes, for `import_annotations`."""
+
+    annotations: str = field(metadata={"help": "The annotation JSON (a list of records) or JSONL file"})
+    boxes: str = field(
+        metadata={
+            "help": "The box file: pixel boxes per image file name or id (JSON or CSV; see `read_box_file`)"
+        }
+    )
+
+
+def import_annotations(source: AnnotationSource, options: ImportOptions) -> ImportSummary:
     """Import the paper's annotation JSON / JSONL and a box file (see `read_box_file`) into a dataset folder.
 
     `region_extraction` may be one "adjective|term|position" string or a list of them, paired in order with the
     image's boxes; the adjective and position may be empty ("|hippocampus|left"); "No Finding" means no regions. A
     record's `split`, `modality`, `label` and `id` fields are used when present.
-
-    Args:
-        annotations: The annotation JSON (a list of records) or JSONL file.
-        boxes: The box file: pixel boxes per image file name or id (JSON or CSV; see `read_box_file`).
     """
-    annotations = Path(annotations)
+    annotations, boxes = Path(source.annotations), source.boxes
     box_table = read_box_file(boxes)
     terms = []
     for row_id, record in _annotation_records(annotations):
@@ -478,12 +483,21 @@ def import_annotations(
 # ---- COCO --------------------------------------------------------------------------------------------------------
 
 
-def import_coco(
-    annotations: str | os.PathLike,
-    options: ImportOptions,
-    caption_field: str = "caption",
-    report_field: str = "report",
-) -> ImportSummary:
+@dataclass
+class CocoSource:
+    """A COCO-style detection file and where its captions and reports are, for `import_coco`."""
+
+    annotations: str = field(
+        metadata={"help": "The COCO JSON (`images`, `annotations` with `bbox` [x, y, w, h], `categories`)"}
+    )
+    caption_field: str = field(
+        default="caption",
+        metadata={"help": "The annotation field holding a region's caption (else its category name)"},
+    )
+    report_field: str = field(default="report", metadata={"help": "The image field holding its report"})
+
+
+def import_coco(source: CocoSource, options: ImportOptions) -> ImportSummary:
     """Import a COCO-style detection JSON: one row per image, one region per annotation with a `bbox`.
 
     A region's caption is the annotation's `caption_field`, or its category name (anatomical names such as "left
@@ -493,13 +507,9 @@ def import_coco(
     among the terms of the file's categories and captions. The image's report is its `report_field` (or
     `caption`), else the list of its region captions; the summary is the report's first sentence. Images may carry
     `split`, `modality` and `label`.
-
-    Args:
-        annotations: The COCO JSON (`images`, `annotations` with `bbox` [x, y, w, h], `categories`).
-        caption_field: The annotation field holding a region's caption (else its category name).
-        report_field: The image field holding its report.
     """
-    annotations = Path(annotations)
+    annotations = Path(source.annotations)
+    caption_field, report_field = source.caption_field, source.report_field
     data = json.loads(annotations.read_text(encoding="utf-8"))
     categories = {category["id"]: category["name"] for category in data.get("categories", [])}
     by_image: dict = {}
@@ -682,15 +692,42 @@ def merge_reader_boxes(
     return merged
 
 
-def import_detection_csv(
-    csv_path: str | os.PathLike,
-    options: ImportOptions,
-    image_column: str = "image_id",
-    class_column: str = "class_name",
-    reader_column: str = "rad_id",
-    readers: Literal["merge", "keep"] = "merge",
-    iou_threshold: float = 0.4,
-) -> ImportSummary:
+@dataclass
+class DetectionCsvSource:
+    """A VinDr-CXR-style detection CSV, its columns and how its readers' boxes combine, for
+    `import_detection_csv`."""
+
+    csv_path: str = field(metadata={"help": "The detection CSV, one row per box"})
+    image_column: str = field(
+        default="image_id",
+        metadata={
+            "help": "The column naming each row's image (a file in `image_root`, with or without its suffix)"
+        },
+    )
+    class_column: str = field(
+        default="class_name",
+        metadata={
+            "help": "The column holding each box's class name (\"No finding\" rows mark a reader's normal read)"
+        },
+    )
+    reader_column: str = field(
+        default="rad_id", metadata={"help": "The column naming the reader who drew the box"}
+    )
+    readers: Literal["merge", "keep"] = field(
+        default="merge",
+        metadata={
+            "help": "merge (fuse the readers' boxes of one finding) or keep (every reader's box is a region)"
+        },
+    )
+    iou_threshold: float = field(
+        default=0.4,
+        metadata={
+            "help": "With `--readers merge`, the overlap at which two readers' boxes mark the same finding"
+        },
+    )
+
+
+def import_detection_csv(source: DetectionCsvSource, options: ImportOptions) -> ImportSummary:
     """Import a VinDr-CXR-style detection CSV: `image_id, class_name, x_min, y_min, x_max, y_max` (pixels), one
     row per box, `rad_id` naming the reader.
 
@@ -702,18 +739,12 @@ def import_detection_csv(
     a class but no box (VinDr's test labels) is an error naming the file and line. The report is the list of the
     image's findings, or "No Finding."; the `label` is the image's most frequent class, or "No Finding". The
     `term` negatives swap among the file's class names.
-
-    Args:
-        csv_path: The detection CSV, one row per box.
-        image_column: The column naming each row's image (a file in `image_root`, with or without its suffix).
-        class_column: The column holding each box's class name ("No finding" rows mark a reader's normal read).
-        reader_column: The column naming the reader who drew the box.
-        readers: "merge" (fuse the readers' boxes of one finding) or "keep" (every reader's box is a region).
-        iou_threshold: With `readers="merge"`, the overlap at which two readers' boxes mark the same finding.
     """
+    image_column, class_column, reader_column = source.image_column, source.class_column, source.reader_column
+    readers, iou_threshold = source.readers, source.iou_threshold
     if readers not in ("merge", "keep"):
         raise ValueError(f'readers must be "merge" or "keep", got {readers!r}')
-    csv_path = Path(csv_path)
+    csv_path = Path(source.csv_path)
     columns = ("x_min", "y_min", "x_max", "y_max")
     grouped = _table_records(csv_path, image_column)
     classes = [record.get(class_column) or "" for rows in grouped.values() for _, record in rows]
@@ -786,14 +817,32 @@ def import_detection_csv(
     )
 
 
-def import_phrase_grounding(
-    csv_path: str | os.PathLike,
-    options: ImportOptions,
-    image_column: str = "path",
-    phrase_column: str = "label_text",
-    category_column: str = "category_name",
-    box_columns: tuple[str, str, str, str] = ("x", "y", "w", "h"),
-) -> ImportSummary:
+@dataclass
+class GroundingCsvSource:
+    """An MS-CXR-style phrase-grounding CSV and its columns, for `import_phrase_grounding`."""
+
+    csv_path: str = field(metadata={"help": "The phrase-grounding CSV, one row per box"})
+    image_column: str = field(
+        default="path", metadata={"help": "The column holding each image's path, relative to `image_root`"}
+    )
+    phrase_column: str = field(
+        default="label_text", metadata={"help": "The column holding the grounded phrase (the region caption)"}
+    )
+    category_column: str = field(
+        default="category_name",
+        metadata={"help": "The column holding the phrase's finding class (the region term; may be absent)"},
+    )
+    box_columns: list[str] = field(
+        default_factory=lambda: ["x", "y", "w", "h"],
+        metadata={"help": "The four columns of a box: x, y, width, height in pixels"},
+    )
+
+    def __post_init__(self):
+        if len(self.box_columns) != 4:
+            raise ValueError(f"box_columns names the x, y, width and height columns, got {self.box_columns}")
+
+
+def import_phrase_grounding(source: GroundingCsvSource, options: ImportOptions) -> ImportSummary:
     """Import an MS-CXR-style phrase-grounding CSV (`dicom_id, category_name, label_text, path, x, y, w, h, …`):
     one row per box, the boxes of a phrase on consecutive rows.
 
@@ -802,15 +851,14 @@ def import_phrase_grounding(
     `category_column` value ("Pleural effusion") when there is one, and the `term` negatives swap among the
     file's categories where the phrase names its category. The report lists the image's phrases, the summary is
     the first. Boxes are `x, y, width, height` pixels (`box_columns`).
-
-    Args:
-        csv_path: The phrase-grounding CSV, one row per box.
-        image_column: The column holding each image's path, relative to `image_root`.
-        phrase_column: The column holding the grounded phrase (the region caption).
-        category_column: The column holding the phrase's finding class (the region term; may be absent).
-        box_columns: The four columns of a box: x, y, width, height in pixels.
     """
-    csv_path = Path(csv_path)
+    csv_path = Path(source.csv_path)
+    image_column, phrase_column, category_column = (
+        source.image_column,
+        source.phrase_column,
+        source.category_column,
+    )
+    box_columns = source.box_columns
     grouped = _table_records(csv_path, image_column)
     strategy = options.strategy(
         record.get(category_column) or "" for rows in grouped.values() for _, record in rows
@@ -867,23 +915,26 @@ def _csv_records(path: Path, path_column: str):
             yield (Path(record[path_column]).stem if record.get(path_column) else where), record
 
 
-def import_image_csv(
-    csv_path: str | os.PathLike,
-    options: ImportOptions,
-    path_column: str = "path",
-    report_column: str = "report",
-    label_column: str = "label",
-) -> ImportSummary:
+@dataclass
+class ImageCsvSource:
+    """A CSV listing images with their reports, and its columns, for `import_image_csv`."""
+
+    csv_path: str = field(metadata={"help": "The CSV file"})
+    path_column: str = field(
+        default="path", metadata={"help": "The column holding each image's path, relative to `image_root`"}
+    )
+    report_column: str = field(default="report", metadata={"help": "The column holding each image's report"})
+    label_column: str = field(
+        default="label", metadata={"help": "The column holding each image's class label (optional)"}
+    )
+
+
+def import_image_csv(source: ImageCsvSource, options: ImportOptions) -> ImportSummary:
     """Import an image folder with a CSV of `path, report[, label][, split][, summary][, modality]` as global-only
     rows (no regions). The summary is the `summary` column, else the report's first sentence.
-
-    Args:
-        csv_path: The CSV file.
-        path_column: The column holding each image's path, relative to `image_root`.
-        report_column: The column holding each image's report.
-        label_column: The column holding each image's class label (optional).
     """
-    csv_path = Path(csv_path)
+    csv_path = Path(source.csv_path)
+    path_column, report_column, label_column = source.path_column, source.report_column, source.label_column
 
     def build(row_id: str, record: dict) -> dict:
         report = str(record.get(report_column) or "")

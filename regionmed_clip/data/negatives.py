@@ -7,11 +7,13 @@ vocabulary group in a seeded order; with `swap_position=True` the first negative
 Anatomy and detection data have no lesion adjectives, so `NegativeStrategy` chooses, per dataset, among five kinds
 tried in the order given: `given` (negatives read from the file), `adjective` (the paper's swap), `number` (a
 numbered name moved to its neighbours: "L4" → "L3" / "L5", "rib 5" → "rib 4" / "rib 6", "BI-RADS 4" →
-"BI-RADS 3" / "BI-RADS 5", by the rules of `NUMBER_RULES`), `position` (laterality / position mirrored:
-left↔right, upper↔lower, …) and `term` (the region's name replaced by another name from the dataset's own
-vocabulary of region names or classes: "left hippocampus" → "left amygdala"). A region for which the kinds find
-fewer negatives than asked keeps the ones found (the loss masks missing slots). The same caption and seed always
-give the same negatives, whatever else is processed, because each random stream is seeded from the caption itself.
+"BI-RADS 3" / "BI-RADS 5", by the rules of `NUMBER_RULES`; and the region's name replaced by the dataset's own
+names that differ from it only in their numbers, `number_siblings`: "cerebellum 4 5" → "cerebellum 3", "crus1" →
+"crus2"), `position` (laterality / position mirrored: left↔right, upper↔lower, …) and `term` (the region's name
+replaced by another name from the dataset's own vocabulary of region names or classes: "left hippocampus" → "left
+amygdala"). A region for which the kinds find fewer negatives than asked keeps the ones found (the loss masks
+missing slots). The same caption and seed always give the same negatives, whatever else is processed, because each
+random stream is seeded from the caption itself.
 
 Two captions are the same when their `caption_key`s are (the tokenizer's view: digits and every script count,
 case and punctuation do not), so "fracture L5" is a negative of "fracture L4", and a caption in any script has
@@ -21,7 +23,7 @@ negatives of its own.
 import random
 import re
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ..processing_regionmed_clip import caption_key
@@ -108,6 +110,11 @@ def _replace(caption: str, span: re.Match, word: str) -> str:
     if span.group()[0].isupper():
         word = word[0].upper() + word[1:]
     return caption[: span.start()] + word + caption[span.end() :]
+
+
+def _term_span(caption: str, term: str) -> re.Match | None:
+    """Where `term` stands in the caption as whole words (case-insensitively)."""
+    return re.search(rf"(?<![^\W_]){re.escape(term)}(?![^\W_])", caption, flags=re.IGNORECASE)
 
 
 def _swap_positions(caption: str) -> str | None:
@@ -205,6 +212,54 @@ def _number_swaps(caption: str) -> list[str]:
     return [candidate for rule in NUMBER_RULES for candidate in rule.swaps(caption)]
 
 
+def number_skeleton(name: str) -> str | None:
+    """`name` with its numbers taken out, or None when it has none: a word holding a digit keeps only the letters
+    before it ("crus1" → "crus#", "7b" → "#"), and bare numbers in a row count as one ("cerebellum 4 5" →
+    "cerebellum #"). Names with one skeleton differ only in their numbers."""
+    words, numbered = [], False
+    for word in WORD.findall(name.lower()):
+        digit = next((index for index, char in enumerate(word) if char.isdecimal()), None)
+        if digit is None:
+            words.append(word)
+            continue
+        numbered = True
+        stem = word[:digit] + "#"
+        if stem != "#" or not words or words[-1] != "#":
+            words.append(stem)
+    return " ".join(words) if numbered else None
+
+
+def _first_number(name: str) -> int:
+    return int(re.search(r"\d+", name).group())
+
+
+def number_siblings(vocabulary: Iterable[str]) -> dict[str, tuple[str, ...]]:
+    """The numbered names of a dataset's vocabulary grouped by `number_skeleton`: each group's names differ from each
+    other only in their numbers ("cerebellum 3", "cerebellum 4 5", "cerebellum 7b"; "crus1", "crus2"), so an
+    atlas's numbered parts are each other's `number` negatives without a rule of `NUMBER_RULES` for the atlas.
+    Groups of one name are left out."""
+    groups: dict[str, dict[str, str]] = {}
+    for name in vocabulary:
+        skeleton = number_skeleton(name)
+        if skeleton is not None:
+            groups.setdefault(skeleton, {}).setdefault(caption_key(name), name)
+    return {skeleton: tuple(names.values()) for skeleton, names in groups.items() if len(names) > 1}
+
+
+def _sibling_swaps(caption: str, term: str, siblings: dict[str, tuple[str, ...]]) -> list[str]:
+    """The caption with its `term` replaced by each name of its `number_siblings` group, the nearest number first
+    (then by name): "left cerebellum 4 5" → "left cerebellum 3", "left cerebellum 6", "left cerebellum 7b"."""
+    skeleton = number_skeleton(term) if term else None
+    found = _term_span(caption, term) if skeleton in siblings else None
+    if found is None:
+        return []
+    first = _first_number(term)
+    others = [name for name in siblings[skeleton] if caption_key(name) != caption_key(term)]
+    others.sort(key=lambda name: (abs(_first_number(name) - first), name))
+    lower = found.group().islower()
+    return [_replace(caption, found, name.lower() if lower else name) for name in others]
+
+
 def generate_negatives(
     caption: str,
     adjective: str | None = None,
@@ -250,9 +305,7 @@ def generate_negatives(
 
 def _swap_terms(caption: str, term: str, vocabulary: Sequence[str], rng: random.Random) -> list[str]:
     """The caption with its `term` (found case-insensitively) replaced by each other vocabulary term, seeded order."""
-    if not term:
-        return []
-    found = re.search(rf"(?<![^\W_]){re.escape(term)}(?![^\W_])", caption, flags=re.IGNORECASE)
+    found = _term_span(caption, term) if term else None
     if found is None:
         return []
     others = sorted({other for other in vocabulary if other and other.lower() != term.lower()})
@@ -295,6 +348,9 @@ class NegativeStrategy:
     seed: int = 0
     made: Counter = field(default_factory=Counter)
     short_regions: int = 0
+    siblings: dict[str, tuple[str, ...]] = field(
+        init=False, repr=False
+    )  # `number_siblings` of the vocabulary
 
     def __post_init__(self):
         unknown = [kind for kind in self.kinds if kind not in NEGATIVE_KINDS]
@@ -302,6 +358,7 @@ class NegativeStrategy:
             raise ValueError(f"negative kinds must be some of {NEGATIVE_KINDS}, got {list(self.kinds)}")
         if self.num < 0:
             raise ValueError(f"the number of negatives must be non-negative, got {self.num}")
+        self.siblings = number_siblings(self.vocabulary)
 
     @classmethod
     def from_text(cls, text: str, **kwargs) -> "NegativeStrategy":
@@ -326,7 +383,7 @@ class NegativeStrategy:
             elif kind == "adjective":
                 candidates = _adjective_swaps(caption, adjective or None, rng)
             elif kind == "number":
-                candidates = _number_swaps(caption)
+                candidates = _number_swaps(caption) + _sibling_swaps(caption, term, self.siblings)
             elif kind == "position":
                 candidates = _mirrored_positions(caption)
             else:
@@ -364,6 +421,11 @@ class NegativeStrategy:
             text += (
                 f" Numbered names moved to their neighbours: {', '.join(rule.name for rule in NUMBER_RULES)}."
             )
+            if self.siblings:
+                text += (
+                    f" Region names that differ only in their numbers are each other's number negatives "
+                    f"({sum(map(len, self.siblings.values()))} names in {len(self.siblings)} groups)."
+                )
         if "term" in self.kinds:
             shown = ", ".join(sorted(self.vocabulary)[:20]) + (" …" if len(self.vocabulary) > 20 else "")
             text += f" Term vocabulary ({len(self.vocabulary)} names): {shown}."
@@ -378,4 +440,9 @@ class NegativeStrategy:
             "made": {kind: self.made.get(kind, 0) for kind in self.kinds},
             "regions_with_fewer": self.short_regions,
             **({"number_rules": [rule.name for rule in NUMBER_RULES]} if "number" in self.kinds else {}),
+            **(
+                {"number_siblings": [list(names) for names in self.siblings.values()]}
+                if "number" in self.kinds and self.siblings
+                else {}
+            ),
         }

@@ -42,7 +42,9 @@ class SynthConfig:
 
     out: str = field(metadata={"help": "Output folder (a Hub-style dataset folder)"})
     train: int = field(default=2000, metadata={"help": "Rows of the training split"})
-    validation: int = field(default=250, metadata={"help": "Rows of the validation split"})
+    validation: int = field(
+        default=250, metadata={"help": "Rows of the validation split", "aliases": ["--val"]}
+    )
     test: int = field(default=250, metadata={"help": "Rows of the test split"})
     image_size: int = field(default=192, metadata={"help": "Side of the square images, in pixels"})
     seed: int = field(default=0, metadata={"help": "Seed of every random draw"})

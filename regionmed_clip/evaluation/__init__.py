@@ -9,12 +9,14 @@ from .grounding import patch_text_similarity, pointing_accuracy
 from .harness import TASKS, region_metrics, retrieval_metrics, run_evaluation
 from .metrics import hard_negative_accuracy, macro_auc, recall_at_k, retrieval_ranks, text_groups
 from .report import CardFigure, model_index_figures
+from .settings import EvalSettings
 from .vqa import VQAExample, evaluate_vqa, load_slake, load_synth_vqa, load_vqa_rad
 
 __all__ = [
     "BoxOnlyControl",
     "CardFigure",
     "DEFAULT_TEMPLATES",
+    "EvalSettings",
     "SplitFeatures",
     "VQAExample",
     "TASKS",

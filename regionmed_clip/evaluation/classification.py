@@ -66,6 +66,11 @@ def bootstrap_ci(
     return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
 
 
+def zero_shot_scores(image_embeds: torch.Tensor, prototypes: torch.Tensor) -> np.ndarray:
+    """`(N, C)` cosine similarities of the images to the class prototypes: the zero-shot scores."""
+    return (torch.nn.functional.normalize(image_embeds.float(), dim=-1) @ prototypes.t()).numpy()
+
+
 def zero_shot(
     image_embeds: torch.Tensor,
     labels: np.ndarray,
@@ -74,7 +79,7 @@ def zero_shot(
     seed: int = 0,
 ) -> dict:
     """Zero-shot macro / per-class AUC, accuracy and a bootstrap 95 % CI; `labels` are class indices."""
-    scores = (torch.nn.functional.normalize(image_embeds.float(), dim=-1) @ prototypes.t()).numpy()
+    scores = zero_shot_scores(image_embeds, prototypes)
     auc = macro_auc(scores, labels)
     return {
         "macro_auc": auc["macro_auc"],

@@ -10,6 +10,7 @@ out of every caption ([`pointing_ceiling`] bounds that game), where only what a 
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -240,59 +241,56 @@ def save_heatmap_overlay(
     return out_path
 
 
-def explain(
-    model_path: str | os.PathLike,
-    image: str | os.PathLike,
-    text: str,
-    out: str | os.PathLike = "heatmap.png",
-    device: str = "auto",
-) -> Path:
-    """Load a saved model folder (or Hub id), map where `text` matches `image`, and save the overlay to `out`.
+@dataclass
+class ExplainArgs:
+    """What `explain` maps: a model, an image and a text, and where the overlay goes."""
 
-    Runs in float32 on `device`; float32 keeps the map the same on every machine up to the device's rounding.
+    model_path: str = field(metadata={"help": "Model folder or Hub id", "aliases": ["--model"]})
+    image: str = field(metadata={"help": "Image file (PNG, JPEG, DICOM, ...)"})
+    text: str = field(metadata={"help": "The text to locate, e.g. a region caption"})
+    out: str = field(default="heatmap.png", metadata={"help": "The PNG to write"})
+    device: str = field(
+        default="auto",
+        metadata={"help": "`auto` (CUDA when available, else the CPU), `cpu`, `cuda` or `cuda:N`"},
+    )
+
+
+@dataclass
+class LocateArgs(ExplainArgs):
+    """What `locate` finds: `explain`'s model, image and text, and how many boxes it draws."""
+
+    out: str = field(default="locate.png", metadata={"help": "The PNG to write"})
+    top_k: int = field(default=3, metadata={"help": "Boxes to return and draw"})
+
+
+def explain(args: ExplainArgs) -> Path:
+    """Load a saved model folder (or Hub id), map where the text matches the image, and save the overlay to
+    `args.out`.
+
+    Runs in float32 on `args.device`; float32 keeps the map the same on every machine up to the device's rounding.
     One image and one text go through at a time.
-
-    Args:
-        model_path: Model folder or Hub id.
-        image: Image file (PNG, JPEG, DICOM, ...).
-        text: The text to locate, e.g. a region caption.
-        out: The PNG to write.
-        device: `auto` (CUDA when available, else the CPU), `cpu`, `cuda` or `cuda:N`.
     """
+    model_path, image, text = args.model_path, args.image, args.text
     from transformers import AutoModel, AutoProcessor
 
     import regionmed_clip  # noqa: F401  (registers the Auto classes)
 
     # dtype pinned: transformers 5 otherwise loads a checkpoint in the dtype it was saved in (e.g. bf16).
-    model = AutoModel.from_pretrained(model_path, dtype=torch.float32).to(resolve_device(device)).eval()
+    model = AutoModel.from_pretrained(model_path, dtype=torch.float32).to(resolve_device(args.device)).eval()
     processor = AutoProcessor.from_pretrained(model_path)
     similarity = patch_text_similarity(model, processor, image, text)
-    return save_heatmap_overlay(image, similarity, out, title=text)
+    return save_heatmap_overlay(image, similarity, args.out, title=text)
 
 
-def locate(
-    model_path: str | os.PathLike,
-    image: str | os.PathLike,
-    text: str,
-    out: str | os.PathLike = "locate.png",
-    top_k: int = 3,
-    device: str = "auto",
-) -> dict:
-    """Find `text` in `image` without boxes: the `top_k` best boxes of the `zero-shot-object-detection` pipeline,
-    drawn with their scores over the heatmap `explain` draws, into `out`.
+def locate(args: LocateArgs) -> dict:
+    """Find the text in the image without boxes: the `top_k` best boxes of the `zero-shot-object-detection`
+    pipeline, drawn with their scores over the heatmap `explain` draws, into `args.out`.
 
-    Runs in float32 on `device`. Returns `{"detections": [{"score", "label", "box"}, ...], "out": path}`, boxes in
-    the image's pixels. A score is the query's share over the image's proposals (see
+    Runs in float32 on `args.device`. Returns `{"detections": [{"score", "label", "box"}, ...], "out": path}`,
+    boxes in the image's pixels. A score is the query's share over the image's proposals (see
     [`RegionMedCLIPForZeroShotObjectDetection`]): where the finding most likely is, not whether it is there.
-
-    Args:
-        model_path: Model folder or Hub id.
-        image: Image file (PNG, JPEG, DICOM, ...).
-        text: The finding to find, e.g. a region caption.
-        out: The PNG to write.
-        top_k: Boxes to return and draw.
-        device: `auto` (CUDA when available, else the CPU), `cpu`, `cuda` or `cuda:N`.
     """
+    model_path, image, text = args.model_path, args.image, args.text
     from PIL import Image
     from transformers import AutoModel, AutoProcessor, pipeline
 
@@ -300,22 +298,26 @@ def locate(
 
     from ..image_processing_regionmed_clip import decode_image
 
-    target = resolve_device(device)
+    target = resolve_device(args.device)
     # transformers' pipeline reads images with its own loader, which knows no DICOM: it gets the decoded pixels.
     picture = Image.fromarray((decode_image(image) * 255).round().astype(np.uint8))
     detector = pipeline(
         "zero-shot-object-detection", model=str(model_path), dtype=torch.float32, device=target
     )
-    detections = detector(picture, candidate_labels=[text], threshold=0.0, top_k=top_k)
+    detections = detector(picture, candidate_labels=[text], threshold=0.0, top_k=args.top_k)
     model = AutoModel.from_pretrained(model_path, dtype=torch.float32).to(target).eval()
     similarity = patch_text_similarity(model, AutoProcessor.from_pretrained(model_path), image, text)
     boxes = [tuple(result["box"][key] for key in ("xmin", "ymin", "xmax", "ymax")) for result in detections]
     scores = ", ".join(f"{result['score']:.2f}" for result in detections)
-    path = save_heatmap_overlay(image, similarity, out, title=f"{text} (top boxes: {scores})", boxes=boxes)
+    path = save_heatmap_overlay(
+        image, similarity, args.out, title=f"{text} (top boxes: {scores})", boxes=boxes
+    )
     return {"detections": detections, "out": str(path)}
 
 
 __all__ = [
+    "ExplainArgs",
+    "LocateArgs",
     "explain",
     "locate",
     "grounding_metrics",

@@ -1,9 +1,9 @@
 """One evaluation harness for every task of the paper: features are extracted once per model and split and every
-task reads them. `regionmed-clip eval` and `eval/*.py` are thin wrappers around `run_evaluation`.
+task reads them. `regionmed-clip eval` is a thin wrapper around `run_evaluation`, which takes one [`EvalSettings`].
 
-Each task is one function in `TASKS` that takes the shared [`EvalContext`] and returns its section of
-metrics.json. Image-level sections (`zero_shot`, `few_shot`, `retrieval`) are split by what the image embedding
-needs at test time:
+Each task is one function in `TASKS` that reads the shared [`EvalContext`] (the settings, the model, the features)
+and returns its section of metrics.json, changing nothing. Image-level sections (`zero_shot`, `few_shot`,
+`retrieval`) are split by what the image embedding needs at test time:
 
 - `box_free`: from the image alone, as `get_image_features` without boxes (`global`: z_global; `self-proposed`:
   the region-aware embedding with regions the model proposes itself, for a model whose proposer and ROI branch
@@ -22,14 +22,13 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 
 from ..data.vocabulary import without_position_words
 from ..processing_regionmed_clip import caption_key
-from .classification import class_prototypes, few_shot, load_templates, zero_shot
+from .classification import class_prototypes, few_shot, load_templates, zero_shot, zero_shot_scores
 from .controls import BoxOnlyControl, TextPrior
 from .device import resolve_device
 from .features import (
@@ -42,33 +41,22 @@ from .features import (
 )
 from .metrics import caption_targets, hard_negative_accuracy, recall_at_k, retrieval_ranks, text_groups
 from .report import dataset_hash, provenance, write_outputs
+from .settings import EvalSettings
 
 FEATURES_FORMAT = 2  # bumped whenever SplitFeatures changes, so an old cache is never read as a new one
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class EvalContext:
-    """What every task reads: the model, the split's features and the run's settings."""
+    """What every task reads, and only reads: the run's settings, the model and the split's features."""
 
+    settings: EvalSettings
     model: torch.nn.Module
     processor: object
-    data_path: str | Path
     rows: object
     features: SplitFeatures
     feature_settings: dict  # the `extract_features` settings `features` came from; other splits reuse them
     fingerprint: dict
-    split: str
-    support_split: str
-    templates: str | Path | None
-    shots: tuple[int, ...]
-    episodes: int
-    bootstrap: int
-    seed: int
-    batch_size: int
-    cache_dir: str | Path | None
-    vqa_rad: tuple[str, str] | None
-    slake: str | None
-    roc: dict | None = None
 
     @functools.cached_property
     def classes(self) -> dict | None:
@@ -77,7 +65,7 @@ class EvalContext:
         names = sorted({self.features.labels[i] for i in labelled})
         if not names:
             return None
-        template_set, display = load_templates(self.templates)
+        template_set, display = load_templates(self.settings.templates)
         return {
             "names": names,
             "rows": labelled,
@@ -94,7 +82,7 @@ class EvalContext:
     @functools.cached_property
     def training_regions(self) -> dict:
         """The support split's regions, which the no-image controls are fitted on."""
-        return split_regions(self.data_path, self.support_split)
+        return split_regions(self.settings.data_path, self.settings.support_split)
 
     def embeddings(self) -> dict[str, dict[str, torch.Tensor]]:
         """The image embeddings of the split, box-free ones first."""
@@ -107,7 +95,8 @@ def split_regions(data_path: str | Path, split: str) -> dict:
     each region)."""
     from datasets import Image
 
-    from ..data.collator import image_input, load_rows, region_passes
+    from ..data.collator import image_input, region_passes
+    from ..data.folder import load_rows
 
     rows = load_rows(data_path, split).cast_column("image", Image(decode=False))
     boxes, captions, terms, negatives, images = [], [], [], [], []
@@ -193,39 +182,60 @@ def task_zero_shot(ctx: EvalContext) -> dict | None:
         section[group] = {}
         for name, embeds in embeddings.items():
             result = zero_shot(
-                embeds[classes["rows"]], classes["labels"], classes["prototypes"], ctx.bootstrap, ctx.seed
+                embeds[classes["rows"]],
+                classes["labels"],
+                classes["prototypes"],
+                ctx.settings.bootstrap,
+                ctx.settings.seed,
             )
-            scores = result.pop("scores")
+            result.pop("scores")
             result["per_class_auc"] = {classes["names"][i]: v for i, v in result["per_class_auc"].items()}
             section[group][name] = result
-            if ctx.roc is None:  # the first box-free embedding: the figure a user without boxes gets
-                ctx.roc = {
-                    "scores": scores,
-                    "labels": classes["labels"],
-                    "classes": classes["names"],
-                    "name": name,
-                }
     return section
+
+
+def zero_shot_roc(ctx: EvalContext) -> dict | None:
+    """What roc_curves.png draws: the zero-shot scores of the first box-free embedding (the figure a user without
+    boxes gets), with the labels and class names; None when no image has a label."""
+    classes = ctx.classes
+    if classes is None:
+        return None
+    name, embeds = next(item for group in ctx.embeddings().values() for item in group.items())
+    return {
+        "scores": zero_shot_scores(embeds[classes["rows"]], classes["prototypes"]),
+        "labels": classes["labels"],
+        "classes": classes["names"],
+        "name": name,
+    }
 
 
 def task_few_shot(ctx: EvalContext) -> dict | None:
     """k-shot AUC of every image embedding, support drawn from `support_split` (Tables 5–6)."""
-    from ..data.collator import load_rows
+    from ..data.folder import load_rows
 
     classes = ctx.classes
     if classes is None:
         return None
     support_rows = _support_rows(
-        load_rows(ctx.data_path, ctx.support_split), classes["names"], 5 * max(ctx.shots), ctx.seed
+        load_rows(ctx.settings.data_path, ctx.settings.support_split),
+        classes["names"],
+        5 * max(ctx.settings.shots),
+        ctx.settings.seed,
     )
     key = {
         **ctx.fingerprint,
         "format": FEATURES_FORMAT,
-        "split": ctx.support_split,
+        "split": ctx.settings.support_split,
         "rows": support_rows["id"],
     }
     support = cached_features(
-        ctx.model, ctx.processor, support_rows, key, ctx.cache_dir, ctx.batch_size, **ctx.feature_settings
+        ctx.model,
+        ctx.processor,
+        support_rows,
+        key,
+        ctx.settings.cache_dir,
+        ctx.settings.batch_size,
+        **ctx.feature_settings,
     )
     support_labels = np.array([classes["names"].index(label) for label in support.labels])
     support_embeddings = {"box_free": support.box_free, "gt_boxes": support.gt_boxes}
@@ -234,7 +244,7 @@ def task_few_shot(ctx: EvalContext) -> dict | None:
         section[group] = {}
         for name, embeds in embeddings.items():
             section[group][name] = {}
-            for k in ctx.shots:
+            for k in ctx.settings.shots:
                 try:
                     section[group][name][f"{k}-shot"] = few_shot(
                         support_embeddings[group][name],
@@ -243,8 +253,8 @@ def task_few_shot(ctx: EvalContext) -> dict | None:
                         classes["labels"],
                         classes["prototypes"],
                         k,
-                        ctx.episodes,
-                        ctx.seed,
+                        ctx.settings.episodes,
+                        ctx.settings.seed,
                     )
                 except ValueError as error:  # a class with fewer than k support images: reported, not fatal
                     section[group][name][f"{k}-shot"] = {"skipped": str(error)}
@@ -283,9 +293,11 @@ def task_region(ctx: EvalContext) -> dict | None:
             )
         }
     else:
-        controls["box_only"] = {"skipped": f"the {ctx.support_split} split has no regions to fit it on"}
+        controls["box_only"] = {
+            "skipped": f"the {ctx.settings.support_split} split has no regions to fit it on"
+        }
     if any(train["negatives"]) and features.negative_mask.any():
-        prior = TextPrior(train["captions"], train["negatives"], seed=ctx.seed)
+        prior = TextPrior(train["captions"], train["negatives"], seed=ctx.settings.seed)
         controls["text_only_prior"] = {
             "hard_negative_accuracy": prior.hard_negative_accuracy(
                 features.region_captions, features.region_negatives
@@ -293,7 +305,7 @@ def task_region(ctx: EvalContext) -> dict | None:
         }
     else:
         controls["text_only_prior"] = {
-            "skipped": f"no hard negatives in the {ctx.support_split} split or in the evaluated one"
+            "skipped": f"no hard negatives in the {ctx.settings.support_split} split or in the evaluated one"
         }
     section["controls"] = controls
     return section
@@ -322,7 +334,7 @@ def task_grounding(ctx: EvalContext) -> dict | None:
         train["boxes"],
         train["captions"],
         (features.region_boxes.numpy(), features.region_captions, features.region_image),
-        ctx.support_split,
+        ctx.settings.support_split,
     )
     section["position_free"] = _position_free_pointing(ctx)
     return section
@@ -342,7 +354,7 @@ def _position_free_pointing(ctx: EvalContext) -> dict:
     keep = torch.tensor([bool(caption) for caption in captions], dtype=torch.bool)
     kept = [caption for caption in captions if caption]
     distinct = list(dict.fromkeys(kept))
-    embeds = text_embeddings(ctx.model, ctx.processor, distinct, features.max_length, ctx.batch_size)
+    embeds = text_embeddings(ctx.model, ctx.processor, distinct, features.max_length, ctx.settings.batch_size)
     index = {caption: row for row, caption in enumerate(distinct)}
     region_image = features.region_image[keep]
     section = pointing_from_regions(
@@ -357,7 +369,7 @@ def _position_free_pointing(ctx: EvalContext) -> dict:
         ctx.training_regions["boxes"][fitted],
         [caption for caption in train_captions if caption],
         (features.region_boxes.numpy()[keep.numpy()], kept, region_image),
-        ctx.support_split,
+        ctx.settings.support_split,
     )
     return section
 
@@ -379,20 +391,20 @@ def task_vqa(ctx: EvalContext) -> dict:
     from .vqa import evaluate_vqa, load_slake, load_synth_vqa, load_vqa_rad
 
     sets = {}
-    folder = Path(ctx.data_path)
+    folder = Path(ctx.settings.data_path)
     if folder.is_dir() and (folder / "vqa").is_dir():
         sets["MedRegion-synth"] = load_synth_vqa(folder)
-    if ctx.vqa_rad is not None:
-        sets["VQA-RAD"] = load_vqa_rad(*ctx.vqa_rad)
-    if ctx.slake is not None:
-        sets["SLAKE"] = load_slake(ctx.slake)
+    if ctx.settings.vqa_rad is not None:
+        sets["VQA-RAD"] = load_vqa_rad(*ctx.settings.vqa_rad)
+    if ctx.settings.slake is not None:
+        sets["SLAKE"] = load_slake(ctx.settings.slake)
     return {
         name: evaluate_vqa(
             ctx.model,
             ctx.processor,
             examples,
-            seed=ctx.seed,
-            embed_batch_size=ctx.batch_size,
+            seed=ctx.settings.seed,
+            embed_batch_size=ctx.settings.batch_size,
             max_length=ctx.features.max_length,
         )
         for name, examples in sets.items()
@@ -413,7 +425,7 @@ def task_localization(ctx: EvalContext) -> dict | None:
             ctx.rows,
             ctx.training_regions,
             kind=kind,
-            batch_size=ctx.batch_size,
+            batch_size=ctx.settings.batch_size,
             max_length=ctx.features.max_length,
         )
         if figures is not None:
@@ -517,122 +529,60 @@ def resolve_max_length(
     return tokenizer_limit(processor, model), "tokenizer"
 
 
-def run_evaluation(
-    model_path: str | Path,
-    data_path: str | Path,
-    out_dir: str | Path,
-    tasks: str | list[str] = "all",
-    split: str = "test",
-    support_split: str = "train",
-    templates: str | Path | None = None,
-    shots: tuple[int, ...] = (1, 5),
-    episodes: int = 5,
-    bootstrap: int = 1000,
-    seed: int = 0,
-    batch_size: int = 32,
-    device: str = "auto",
-    max_length: int | None = None,
-    region_path: Literal["auto", "roi_processor", "global_on_crops"] = "auto",
-    self_proposed: int | None = None,
-    vqa_rad: tuple[str, str] | None = None,
-    slake: str | None = None,
-    cache_dir: str | Path | None = None,
-    num_workers: int = 0,
-) -> dict:
+def run_evaluation(settings: EvalSettings) -> dict:
     """Evaluate a saved model on a dataset folder (or Hub id) and write metrics.json, metrics.md, roc_curves.png.
 
     Image-level figures come first without boxes (`box_free`), then with the data's boxes (`gt_boxes`); region
     figures cover every region of the split and stand next to measured no-image controls fitted on
-    `support_split`. Texts are cut at `max_length` and the cuts are counted. `vqa_rad` and `slake` add those
-    public VQA sets to the synthetic one. With `cache_dir`, the features of each (model, data, split, settings)
-    are stored there and reused by later runs.
-
-    Args:
-        model_path: Model folder or Hub id.
-        data_path: Dataset folder or Hub id (the MedRegion layout).
-        out_dir: Where metrics.json, metrics.md and roc_curves.png go.
-        tasks: Comma-separated tasks (zero_shot, few_shot, retrieval, region, grounding, localization, vqa), or
-            `all`.
-        split: The split evaluated.
-        support_split: The split few-shot support images are drawn from, and the no-image controls fitted on.
-        templates: A YAML file of prompt `templates` and `class_names` (default: the medical template set).
-        shots: Support images per class of the few-shot episodes.
-        episodes: Seeded few-shot episodes per shot count.
-        bootstrap: Bootstrap resamples of the zero-shot AUC's 95 % confidence interval.
-        seed: Seed of the episodes, the bootstrap, the controls and the VQA head.
-        batch_size: Images per forward pass (and texts per VQA encoder pass).
-        device: `auto` (CUDA when available, else the CPU), `cpu`, `cuda` or `cuda:N`.
-        max_length: Token limit of every text (default: the model's training_config.yaml, else the tokenizer's).
-        region_path: How regions are embedded: `auto` (the global path on crops for a model whose ROI branch was
-            never trained, else the ROI processor), `roi_processor` or `global_on_crops`.
-        self_proposed: Regions the model proposes itself for the box-free `self-proposed` embedding (0: none).
-            Default: `max_regions` for a model whose training config weights `proposal_loss` and trains the ROI
-            branch, else 0.
-        vqa_rad: VQA-RAD's JSON file and image folder.
-        slake: SLAKE's folder.
-        cache_dir: A folder that keeps the features of each (model, data, split, settings) for later runs.
-        num_workers: Processes that decode and collate the feature batches while the model runs (0: none).
+    `settings.support_split`. Texts are cut at `max_length` and the cuts are counted. `vqa_rad` and `slake` add
+    those public VQA sets to the synthetic one. With `cache_dir`, the features of each (model, data, split,
+    settings) are stored there and reused by later runs. metrics.json records the settings the run used, its
+    automatic choices resolved. From Python: `run_evaluation(EvalSettings(model, data, out_dir, tasks="retrieval"))`.
     """
     from transformers import AutoModel, AutoProcessor
 
     import regionmed_clip  # noqa: F401  (registers the Auto classes)
 
-    from ..data.collator import load_rows
+    from ..data.folder import load_rows
 
-    names = parse_tasks(tasks)
-    target = resolve_device(device)
-    model = AutoModel.from_pretrained(model_path).to(target).eval()
-    processor = AutoProcessor.from_pretrained(model_path)
-    training_config = read_training_config(model_path)
+    names = parse_tasks(settings.tasks)
+    target = resolve_device(settings.device)
+    model = AutoModel.from_pretrained(settings.model_path).to(target).eval()
+    processor = AutoProcessor.from_pretrained(settings.model_path)
+    training_config = read_training_config(settings.model_path)
     trained, reason = roi_branch_status(model, training_config)
-    if region_path == "auto":
-        region_path = "roi_processor" if trained else "global_on_crops"
+    length, length_source = resolve_max_length(settings.max_length, training_config, processor, model)
+    self_proposed = settings.self_proposed
     if self_proposed is None:
         self_proposed = model.config.max_regions if trained and _trains_proposer(training_config) else 0
-    length, length_source = resolve_max_length(max_length, training_config, processor, model)
-    rows = load_rows(data_path, split)
-    fingerprint = {"model": model_fingerprint(model_path), "data": dataset_hash(data_path)}
-    settings = {"max_length": length, "region_path": region_path, "self_proposed": self_proposed}
-    key = {**fingerprint, "format": FEATURES_FORMAT, "split": split}
-    features = cached_features(model, processor, rows, key, cache_dir, batch_size, num_workers, **settings)
-    ctx = EvalContext(
+    region_path = settings.region_path
+    if region_path == "auto":
+        region_path = "roi_processor" if trained else "global_on_crops"
+    settings = dataclasses.replace(
+        settings,
+        tasks=",".join(names),
+        device=str(target),
+        max_length=length,
+        region_path=region_path,
+        self_proposed=self_proposed,
+    )
+    rows = load_rows(settings.data_path, settings.split)
+    fingerprint = {"model": model_fingerprint(settings.model_path), "data": dataset_hash(settings.data_path)}
+    feature_settings = {"max_length": length, "region_path": region_path, "self_proposed": self_proposed}
+    key = {**fingerprint, "format": FEATURES_FORMAT, "split": settings.split}
+    features = cached_features(
         model,
         processor,
-        data_path,
         rows,
-        features,
-        settings,
-        fingerprint,
-        split,
-        support_split,
-        templates,
-        tuple(shots),
-        episodes,
-        bootstrap,
-        seed,
-        batch_size,
-        cache_dir,
-        vqa_rad,
-        slake,
+        key,
+        settings.cache_dir,
+        settings.batch_size,
+        settings.num_workers,
+        **feature_settings,
     )
+    ctx = EvalContext(settings, model, processor, rows, features, feature_settings, fingerprint)
     metrics: dict = {
-        "provenance": provenance(
-            model_path,
-            data_path,
-            {
-                "split": split,
-                "support_split": support_split,
-                "tasks": names,
-                "seed": seed,
-                "shots": list(shots),
-                "episodes": episodes,
-                "bootstrap": bootstrap,
-                "templates": str(templates) if templates else "default",
-                "device": str(target),
-                "batch_size": batch_size,
-            },
-            fingerprint,
-        ),
+        "provenance": provenance(settings, fingerprint),
         "num_images": len(features.report_embeds),
         "embeddings": {
             "box_free": list(features.box_free),
@@ -655,5 +605,5 @@ def run_evaluation(
         section = TASKS[name](ctx)
         if section is not None:
             metrics[name] = section
-    write_outputs(metrics, out_dir, ctx.roc)
+    write_outputs(metrics, settings.out_dir, zero_shot_roc(ctx) if "zero_shot" in names else None)
     return metrics

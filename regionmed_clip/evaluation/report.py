@@ -3,7 +3,7 @@
 import hashlib
 import json
 import platform
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -24,8 +24,9 @@ def dataset_hash(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def provenance(model_path, data_path, settings: dict, fingerprint: dict) -> dict:
-    """Where the figures come from: model and data with their sha256 (`fingerprint`), settings, versions."""
+def provenance(settings, fingerprint: dict) -> dict:
+    """Where the figures come from: model and data with their sha256 (`fingerprint`), the run's `EvalSettings`,
+    versions."""
     versions = {}
     for package in PACKAGES:
         try:
@@ -33,11 +34,11 @@ def provenance(model_path, data_path, settings: dict, fingerprint: dict) -> dict
         except metadata.PackageNotFoundError:
             versions[package] = None
     return {
-        "model": str(model_path),
+        "model": settings.model_path,
         "model_sha256": fingerprint["model"],
-        "data": str(data_path),
+        "data": settings.data_path,
         "data_sha256": fingerprint["data"],
-        "settings": settings,
+        "settings": asdict(settings),
         "versions": versions,
         "python": platform.python_version(),
     }

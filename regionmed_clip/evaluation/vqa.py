@@ -26,7 +26,8 @@ import torch
 from PIL import Image as PILImage
 from tqdm.auto import tqdm
 
-from ..data.collator import image_input, load_rows
+from ..data.collator import image_input
+from ..data.folder import load_rows
 from .features import batched_embeddings, text_embeddings
 
 ANSWER_TYPES = ("OPEN", "CLOSED")

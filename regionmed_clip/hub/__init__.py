@@ -2,6 +2,7 @@
 
 from .card import MODEL_CARD_TEMPLATE, eval_results, fill_template, render_model_card
 from .publish import (
+    PublishArgs,
     PublishError,
     PublishResult,
     check_access,
@@ -15,6 +16,7 @@ from .publish import (
 
 __all__ = [
     "MODEL_CARD_TEMPLATE",
+    "PublishArgs",
     "PublishError",
     "PublishResult",
     "check_access",

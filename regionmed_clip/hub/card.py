@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 import yaml
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, metadata_load
 from safetensors import safe_open
 
 # The top-level model_card.md, reached through a link inside the package so that wheels carry it as package data.
@@ -29,15 +29,6 @@ TAGS = (
 _PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
 
-def card_front_matter(card: str | os.PathLike) -> dict | None:
-    """The YAML front matter of a card (`README.md`), or `None` when the card has none; bad YAML raises
-    `yaml.YAMLError`."""
-    text = Path(card).read_text(encoding="utf-8")
-    if not text.startswith("---"):
-        return None
-    return yaml.safe_load(text.split("---", 2)[1]) or {}
-
-
 def fill_template(template: str, values: dict[str, str]) -> str:
     """Replace every `{{ name }}` of `template`; a placeholder without a value is an error, never left in."""
     missing = sorted(set(_PLACEHOLDER.findall(template)) - set(values))
@@ -49,8 +40,8 @@ def fill_template(template: str, values: dict[str, str]) -> str:
 def _card_dataset_name(folder: Path) -> str | None:
     """`pretty_name` from a dataset folder's card."""
     try:
-        return (card_front_matter(folder / "README.md") or {}).get("pretty_name")
-    except (OSError, AttributeError, yaml.YAMLError):
+        return (metadata_load(folder / "README.md") or {}).get("pretty_name")
+    except (OSError, ValueError, yaml.YAMLError):
         return None
 
 

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import httpx2
 import yaml
-from huggingface_hub import CommitOperationAdd, HfApi, get_session, get_token
+from huggingface_hub import CommitOperationAdd, HfApi, get_session, get_token, metadata_load
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, validate_repo_id
 
-from .card import card_front_matter, render_model_card
+from .card import render_model_card
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 ACCESS_CHECK_TIMEOUT_S = 10.0  # the first request: long enough for a slow link, short enough to fail fast
@@ -118,8 +118,8 @@ def dataset_files(dataset_dir: str | os.PathLike) -> list[Path]:
             f"{folder} has no README.md dataset card; write it with `regionmed-clip data`"
         )
     try:
-        metadata = card_front_matter(card)
-    except yaml.YAMLError as error:
+        metadata = metadata_load(card)
+    except (ValueError, yaml.YAMLError) as error:
         raise ValueError(f"{card} has no readable YAML front matter: {error}") from error
     if metadata is None:
         raise ValueError(f"{card} has no readable YAML front matter: it does not start with '---'")
@@ -289,41 +289,57 @@ def publish_model(
     return _push(api, repo_id, "model", files, private, revision, message)
 
 
-def publish(
-    model: str,
-    repo_id: str,
-    dataset: str | None = None,
-    dataset_repo_id: str | None = None,
-    metrics: str | None = None,
-    private: bool = False,
-    revision: str | None = None,
-    commit_message: str | None = None,
-    timeout: float = 60.0,
-    endpoint: str | None = None,
-    token: str | None = None,
-) -> list[PublishResult]:
+@dataclasses.dataclass
+class PublishArgs:
+    """What `publish` uploads and where (the token is never one of them: it stays out of shell histories)."""
+
+    model: str = dataclasses.field(
+        metadata={"help": "The saved model folder (weights, config, remote code, processor)"}
+    )
+    repo_id: str = dataclasses.field(metadata={"help": "The model repository on the Hub, `ORG/NAME`"})
+    dataset: str | None = dataclasses.field(
+        default=None,
+        metadata={"help": "A dataset folder (parquet shards and card) to publish with the model"},
+    )
+    dataset_repo_id: str | None = dataclasses.field(
+        default=None, metadata={"help": "The dataset repository on the Hub, `ORG/NAME` (with --dataset)"}
+    )
+    metrics: str | None = dataclasses.field(
+        default=None,
+        metadata={"help": "The metrics.json of `regionmed-clip eval` whose figures go into the model card"},
+    )
+    private: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "Create new repositories as private (an existing one keeps its visibility)"},
+    )
+    revision: str | None = dataclasses.field(
+        default=None, metadata={"help": "The branch to push to, created from `main` when missing"}
+    )
+    commit_message: str | None = dataclasses.field(
+        default=None, metadata={"help": "The message of the model repository's commit"}
+    )
+    timeout: float = dataclasses.field(
+        default=60.0, metadata={"help": "Limit of each HTTP request, in seconds"}
+    )
+    endpoint: str | None = dataclasses.field(
+        default=None,
+        metadata={"help": "The Hub to publish to (default: HF_ENDPOINT, else the Hugging Face Hub)"},
+    )
+
+
+def publish(args: PublishArgs, token: str | None = None) -> list[PublishResult]:
     """Publish a trained model folder to the Hugging Face Hub, optionally with its dataset.
 
     The model repository gets the safetensors weights, `config.json` with `auto_map`, the remote-code files,
     the processor files, `training_config.yaml` and a `README.md` rendered from `model_card.md` with the
     figures of `metrics` (the metrics.json of `regionmed-clip eval`; without it, those of a card already in
     the folder). The dataset folder (parquet shards and card) goes to `dataset_repo_id` first, so the model
-    card can name it. The endpoint is `endpoint`, else `HF_ENDPOINT`; the token comes from HF_TOKEN or
-    `hf auth login`. An existing repository gets a new commit; `revision` names a branch, created when missing.
-
-    Args:
-        model: The saved model folder (weights, config, remote code, processor).
-        repo_id: The model repository on the Hub, `ORG/NAME`.
-        dataset: A dataset folder (parquet shards and card) to publish with the model.
-        dataset_repo_id: The dataset repository on the Hub, `ORG/NAME` (with `dataset`).
-        metrics: The metrics.json of `regionmed-clip eval` whose figures go into the model card.
-        private: Create new repositories as private (an existing one keeps its visibility).
-        revision: The branch to push to, created from `main` when missing.
-        commit_message: The message of the model repository's commit.
-        timeout: Limit of each HTTP request, in seconds.
-        endpoint: The Hub to publish to (default: HF_ENDPOINT, else the Hugging Face Hub).
-        token: A Hub token (default: HF_TOKEN or the one saved by `hf auth login`).
+    card can name it. The endpoint is `endpoint`, else `HF_ENDPOINT`; the token is `token`, else HF_TOKEN or the
+    one `hf auth login` saved. An existing repository gets a new commit; `revision` names a branch, created when
+    missing.
     """
+    model, repo_id, dataset, dataset_repo_id = args.model, args.repo_id, args.dataset, args.dataset_repo_id
+    private, revision, timeout = args.private, args.revision, args.timeout
     for name in (repo_id, dataset_repo_id):
         if name is not None:
             validate_repo_id(name)
@@ -334,19 +350,22 @@ def publish(
     model_files(model)
     if dataset is not None:
         dataset_files(dataset)
-    card = render_model_card(model, metrics, repo_id=repo_id, dataset_id=dataset_repo_id, dataset_dir=dataset)
+    card = render_model_card(
+        model, args.metrics, repo_id=repo_id, dataset_id=dataset_repo_id, dataset_dir=dataset
+    )
     token = _resolve_token(token)
-    api = HfApi(endpoint=endpoint, token=token)
+    api = HfApi(endpoint=args.endpoint, token=token)
     results = []
     with finite_timeouts(timeout):
         check_access(api.endpoint, token, min(timeout, ACCESS_CHECK_TIMEOUT_S))
         if dataset is not None:
             results.append(publish_dataset(api, dataset, dataset_repo_id, private, revision))
-        results.append(publish_model(api, model, repo_id, card, private, revision, commit_message))
+        results.append(publish_model(api, model, repo_id, card, private, revision, args.commit_message))
     return results
 
 
 __all__ = [
+    "PublishArgs",
     "PublishError",
     "PublishResult",
     "check_access",

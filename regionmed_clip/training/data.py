@@ -130,7 +130,7 @@ def stage_dataloader(
         return DataLoader(rows, batch_sampler=sampler, collate_fn=collator, **options)
     from datasets.distributed import split_dataset_by_node
 
-    from ..data.collator import shuffled_stream
+    from ..data.folder import shuffled_stream
 
     shard = split_dataset_by_node(shuffled_stream(rows, seed), rank=rank, world_size=world)
     if skip:

@@ -61,8 +61,9 @@ class FinetuneArgs:
     lr: float = field(default=1e-4, metadata={"help": "Peak learning rate (linear warm-up, cosine decay)."})
     batch_size: int = field(default=32, metadata={"help": "Images per process and step."})
     warmup_ratio: float = field(default=0.1, metadata={"help": "Share of the run spent warming up."})
-    frozen: tuple[str, ...] = field(
-        default=(), metadata={"help": "Module-name prefixes kept frozen (`full` only), e.g. `text_model`."}
+    frozen: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Module-name prefixes kept frozen (`full` only), e.g. `text_model`."},
     )
     lora_r: int = field(default=LoraSpec.r, metadata={"help": "LoRA rank."})
     lora_alpha: float = field(
@@ -74,8 +75,8 @@ class FinetuneArgs:
         default=ClassificationSpec.template,
         metadata={"help": "Classification prompt for each class name (`{}` is the name)."},
     )
-    labels: tuple[str, ...] = field(
-        default=(),
+    labels: list[str] = field(
+        default_factory=list,
         metadata={
             "help": "Classification classes in order (default: the sorted labels of the training split)."
         },
@@ -95,6 +96,10 @@ class FinetuneArgs:
     )
     report_to: str = field(
         default=TrainConfig.report_to, metadata={"help": "An Accelerate tracker name, or `none`."}
+    )
+    resume: bool = field(
+        default=False,
+        metadata={"help": "Continue the run in `output_dir` from its latest complete checkpoint."},
     )
 
     def __post_init__(self):

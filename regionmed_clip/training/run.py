@@ -4,6 +4,7 @@ demo and the ablation), and a helper that runs one in a subprocess."""
 import os
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -11,20 +12,23 @@ import torch
 from .config import load_config
 from .trainer import training_function
 
-# The module `accelerate launch -m` runs for one training process: the command line of `run_training`, which
-# the `cli` package declares.
+# The module `accelerate launch -m` runs for one training process: the command line of `TrainingRun`, which the
+# `cli` package reads.
 PROCESS_MODULE = "regionmed_clip.cli.train"
 
 
-def run_training(config: str, output_dir: str | None = None, resume: bool = False) -> Path:
-    """Train RegionMed-CLIP through the progressive stages of a YAML config; returns the saved model folder.
+@dataclass
+class TrainingRun:
+    """One training run: its config file, where it goes, and whether it continues a run that stopped."""
 
-    Args:
-        config: Training YAML (configs/demo.yaml, configs/paper.yaml).
-        output_dir: Overrides the config's output_dir.
-        resume: Continue from the latest complete checkpoint.
-    """
-    folder = training_function(load_config(config, output_dir=output_dir, resume=resume or None))
+    config: str = field(metadata={"help": "Training YAML (configs/demo.yaml, configs/paper.yaml)"})
+    output_dir: str | None = field(default=None, metadata={"help": "Overrides the config's output_dir"})
+    resume: bool = field(default=False, metadata={"help": "Continue from the latest complete checkpoint"})
+
+
+def run_training(run: TrainingRun) -> Path:
+    """Train RegionMed-CLIP through the progressive stages of a YAML config; returns the saved model folder."""
+    folder = training_function(load_config(run.config, output_dir=run.output_dir, resume=run.resume or None))
     # An explicit teardown: leaving the gloo / NCCL group to interpreter exit can abort the process there.
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -19,7 +19,8 @@ from transformers import TrainerControl
 
 from .. import RegionMedCLIPImageProcessor, RegionMedCLIPModel, RegionMedCLIPProcessor
 from ..configuration_regionmed_clip import RegionMedCLIPConfig
-from ..data.collator import MedRegionCollator, load_rows
+from ..data.collator import MedRegionCollator
+from ..data.folder import load_rows
 from .config import TrainConfig, resolve_path
 from .data import batches_per_epoch, epoch_seed, stage_dataloader, stage_loader, stage_total_steps
 from .pretraining import RegionMedCLIPForPreTraining

@@ -1,8 +1,8 @@
-"""`make learning-check`: the demo's comparison (4-stage model against the same model trained global-only for the
-same steps) over several seeds, with mean ± std of every evaluation figure.
+"""`make learning-check` (`regionmed-clip learning-check`): the demo's comparison (4-stage model against the same
+model trained global-only for the same steps) over several seeds, with mean ± std of every evaluation figure.
 
-Each seed is one [`train_and_compare`] of `regionmed_clip.demo` (the same training processes and evaluation harness
-as `make demo`, nothing re-implemented) with the config's `seed` replaced; the data split is the config's and is
+Each seed is one [`train_and_compare`] of the demo (`experiments.demo`: the same training processes and evaluation
+harness as `make demo`, nothing re-implemented) with the config's `seed` replaced; the data split is the config's and is
 shared by all seeds. Written to the output folder: `learning_check.json` (every figure of every seed, and per model
 its mean, sample standard deviation (ddof = 1) and values), `learning_check.md` (the headline table, box-free
 figures first, then every figure) and `learning_check.png` (the headline figures with ±1 std error bars).
@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.collator import local_data_files
+from ..data.folder import local_data_files
+from ..training.config import load_config
 from .demo import (
     AWARE,
     COMPARED_TASKS,
@@ -40,7 +41,6 @@ from .demo import (
     train_and_compare,
     train_or_reuse,
 )
-from .training.config import load_config
 
 SHUFFLED = "4-stage, shuffled region labels"
 #: The box-free localization figures the 4-stage model must earn, by query kind and metric, and the measured
@@ -169,7 +169,7 @@ def scale_steps(config, factor: float):
 
 def _shuffled_control(seed_config, data: Path, bootstrap: int, reuse_trained: bool) -> dict:
     """The control model of one seed: the 4-stage recipe on the shuffled copy `data`, evaluated on the real data."""
-    from .evaluation.harness import run_evaluation
+    from ..evaluation import EvalSettings, run_evaluation
 
     out = Path(seed_config.output_dir)
     control = dataclasses.replace(
@@ -178,12 +178,14 @@ def _shuffled_control(seed_config, data: Path, bootstrap: int, reuse_trained: bo
         data=dataclasses.replace(seed_config.data, path=str(data), synth=None),
     )
     return run_evaluation(
-        train_or_reuse(control, reuse_trained),
-        seed_config.data.path,
-        out / "eval" / "shuffled-regions",
-        tasks=COMPARED_TASKS,
-        seed=seed_config.seed,
-        bootstrap=bootstrap,
+        EvalSettings(
+            train_or_reuse(control, reuse_trained),
+            seed_config.data.path,
+            out / "eval" / "shuffled-regions",
+            tasks=COMPARED_TASKS,
+            seed=seed_config.seed,
+            bootstrap=bootstrap,
+        )
     )
 
 
@@ -348,32 +350,58 @@ def plot(result: dict, path: Path) -> None:
     plt.close(figure)
 
 
-def learning_check(
-    config: str = "configs/demo.yaml",
-    output_dir: str = "outputs/learning-check",
-    seeds: tuple[int, ...] = (0, 1, 2),
-    bootstrap: int = 1000,
-    steps_scale: float = 1.0,
-    reuse_trained: bool = False,
-    shuffled_control: bool = False,
-) -> dict:
-    """The demo's comparison over several seeds; writes `learning_check.json`, `.md` and `.png` and returns the
-    result.
+@dataclasses.dataclass
+class LearningCheckArgs:
+    """The options of `regionmed-clip learning-check` (`make learning-check`)."""
 
-    Args:
-        config: The training YAML of the four-stage model (the demo's by default).
-        output_dir: Folder of the outputs, with one `seed-N/` folder of trainings per seed.
-        seeds: The seeds to train and evaluate both models with.
-        bootstrap: Bootstrap resamples of the zero-shot confidence interval (0: none).
-        steps_scale: Multiplies every stage's steps (1: the config's budget; less for a cheaper screening).
-        reuse_trained: Evaluate the models a finished run of the same config left in the output folder instead of
-            retraining them.
-        shuffled_control: Also train, per seed, the 4-stage recipe on the data with its training split's region
-            annotations permuted across regions, and report it beside both models (one more training per seed).
-    """
-    run_config = load_config(config)
-    if steps_scale != 1.0:
-        run_config = scale_steps(run_config, steps_scale)
+    config: str = dataclasses.field(
+        default="configs/demo.yaml",
+        metadata={"help": "The training YAML of the four-stage model (the demo's by default)"},
+    )
+    output_dir: str = dataclasses.field(
+        default="outputs/learning-check",
+        metadata={"help": "Folder of the outputs, with one `seed-N/` folder of trainings per seed"},
+    )
+    seeds: list[int] = dataclasses.field(
+        default_factory=lambda: [0, 1, 2],
+        metadata={"help": "The seeds to train and evaluate both models with"},
+    )
+    bootstrap: int = dataclasses.field(
+        default=1000, metadata={"help": "Bootstrap resamples of the zero-shot confidence interval (0: none)"}
+    )
+    steps_scale: float = dataclasses.field(
+        default=1.0,
+        metadata={
+            "help": "Multiplies every stage's steps (1: the config's budget; less for a cheaper screening)"
+        },
+    )
+    reuse_trained: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "Evaluate the models a finished run of the same config left in the output folder instead of "
+            "retraining them"
+        },
+    )
+    shuffled_control: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "Also train, per seed, the 4-stage recipe on the data with its training split's region "
+            "annotations permuted across regions, and report it beside both models (one more training per seed)"
+        },
+    )
+
+
+def learning_check(args: LearningCheckArgs) -> dict:
+    """The demo's comparison over several seeds; writes `learning_check.json`, `.md` and `.png` and returns the
+    result."""
+    run_config = load_config(args.config)
+    if args.steps_scale != 1.0:
+        run_config = scale_steps(run_config, args.steps_scale)
     return run_learning_check(
-        run_config, Path(output_dir), list(seeds), bootstrap, reuse_trained, shuffled_control
+        run_config,
+        Path(args.output_dir),
+        list(args.seeds),
+        args.bootstrap,
+        args.reuse_trained,
+        args.shuffled_control,
     )

@@ -1,4 +1,5 @@
-"""The B / W / W+G / W+G+R / W+G+R+F ablation (the paper's Figure 5) on one data set and one step budget.
+"""`make ablation` (`regionmed-clip ablation`): the B / W / W+G / W+G+R / W+G+R+F ablation (the paper's Figure 5)
+on one data set and one step budget.
 
 B is plain contrastive training: one stage, the global loss only, constant learning rate, the ROI processor unused.
 The others are the first 1–4 progressive stages of the training config, their step counts scaled so every variant
@@ -10,9 +11,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-from .evaluation.harness import run_evaluation
-from .training.config import TrainConfig, load_config
-from .training.run import train_in_subprocess
+from ..evaluation import EvalSettings, run_evaluation
+from ..training.config import TrainConfig, load_config
+from ..training.run import train_in_subprocess
 
 VARIANTS = ("B", "W", "W+G", "W+G+R", "W+G+R+F")
 # Box-free figures first: what a user without boxes gets; the region figures need the data's boxes.
@@ -77,24 +78,41 @@ def _chart(results: dict, path: Path) -> None:
     plt.close(figure)
 
 
-def run_ablation(config_path: str | Path, out_dir: str | Path, variants=VARIANTS) -> dict:
-    """Train and evaluate every variant; write ablation.json, ablation.md and ablation.png to `out_dir`."""
-    config = load_config(config_path)
-    out = Path(out_dir)
+@dataclasses.dataclass
+class AblationArgs:
+    """The options of `regionmed-clip ablation` (`make ablation`)."""
+
+    config: str = dataclasses.field(
+        default="configs/demo.yaml",
+        metadata={"help": "The training YAML whose four stages (given in `steps`) the variants are cut from"},
+    )
+    out: str = dataclasses.field(
+        default="outputs/ablation",
+        metadata={"help": "Folder of the outputs, with one folder of training and evaluation per variant"},
+    )
+
+
+def run_ablation(args: AblationArgs) -> dict:
+    """Train and evaluate every variant; write ablation.json, ablation.md and ablation.png to `args.out`. A
+    variant whose model a finished run left in its folder is evaluated again, not retrained."""
+    config = load_config(args.config)
+    out = Path(args.out)
     configs = ablation_configs(config, out)
     results = {}
-    for name in variants:
+    for name in VARIANTS:
         variant = configs[name]
         folder = Path(variant.output_dir)
         if not (folder / "model" / "model.safetensors").is_file():
             train_in_subprocess(variant)
         metrics = run_evaluation(
-            folder / "model",
-            config.data.path,
-            folder / "eval",
-            tasks="zero_shot,retrieval,region",
-            bootstrap=0,
-            seed=config.seed,
+            EvalSettings(
+                folder / "model",
+                config.data.path,
+                folder / "eval",
+                tasks="zero_shot,retrieval,region",
+                bootstrap=0,
+                seed=config.seed,
+            )
         )
         results[name] = {label: float(get(metrics)) for label, get in HEADLINE.items()}
         print(f"{name}: " + ", ".join(f"{label} {value:.3f}" for label, value in results[name].items()))

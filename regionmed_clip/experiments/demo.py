@@ -1,4 +1,5 @@
-"""`make demo`: MedRegion-synth → four-stage training → evaluation → a model folder with a report.
+"""`make demo` (`regionmed-clip demo`): MedRegion-synth → four-stage training → evaluation → a model folder with a
+report.
 
 Also trains the same model global-only for the same number of steps and compares the two on the held-out split,
 box-free figures first (the global embedding, what a user without boxes gets), then the figures that take the
@@ -16,8 +17,8 @@ import json
 import time
 from pathlib import Path
 
-from .training.config import load_config
-from .training.run import train_in_subprocess
+from ..training.config import load_config
+from ..training.run import train_in_subprocess
 
 #: The names of the compared models in every result, table and plot.
 AWARE, PLAIN = "4-stage (region-aware)", "global-only"
@@ -286,7 +287,7 @@ def train_and_compare(
     timings["train global-only baseline"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    from .evaluation.harness import run_evaluation
+    from ..evaluation import EvalSettings, run_evaluation
 
     folders = {AWARE: model_folder, PLAIN: baseline_folder}
     baseline_tasks = tasks if tasks != "all" else COMPARED_TASKS
@@ -295,26 +296,38 @@ def train_and_compare(
         folders.items(), ("4-stage", "global-only"), (tasks, baseline_tasks), strict=True
     ):
         results[name] = run_evaluation(
-            folder,
-            config.data.path,
-            out / "eval" / slug,
-            tasks=model_tasks,
-            seed=config.seed,
-            bootstrap=bootstrap,
+            EvalSettings(
+                folder,
+                config.data.path,
+                out / "eval" / slug,
+                tasks=model_tasks,
+                seed=config.seed,
+                bootstrap=bootstrap,
+            )
         )
     timings["evaluate both models"] = time.perf_counter() - start
     return Comparison(folders=folders, results=results, timings=timings)
 
 
-def run_demo(config: str = "configs/demo.yaml", output_dir: str | None = None) -> Path:
-    """Data (MedRegion-synth unless the config names another dataset), four-stage training, evaluation and the model
-    card; returns the model folder.
+@dataclasses.dataclass
+class DemoArgs:
+    """The options of `regionmed-clip demo` (`make demo`)."""
 
-    Args:
-        config: The training YAML of the four-stage model (its data section makes MedRegion-synth).
-        output_dir: Overrides the config's output_dir.
-    """
-    config = load_config(config, output_dir=output_dir)
+    config: str = dataclasses.field(
+        default="configs/demo.yaml",
+        metadata={
+            "help": "The training YAML of the four-stage model (its data section makes MedRegion-synth)"
+        },
+    )
+    output_dir: str | None = dataclasses.field(
+        default=None, metadata={"help": "Overrides the config's output_dir"}
+    )
+
+
+def run_demo(args: DemoArgs) -> Path:
+    """Data (MedRegion-synth unless the config names another dataset), four-stage training, evaluation and the model
+    card; returns the model folder."""
+    config = load_config(args.config, output_dir=args.output_dir)
     out = Path(config.output_dir)
     started = time.perf_counter()
     comparison = train_and_compare(config)
@@ -325,8 +338,8 @@ def run_demo(config: str = "configs/demo.yaml", output_dir: str | None = None) -
 
     from transformers import pipeline
 
-    from .data.collator import load_rows
-    from .hub import render_model_card
+    from ..data.folder import load_rows
+    from ..hub import render_model_card
 
     card = render_model_card(model_folder, metrics=out / "eval" / "4-stage" / "metrics.json")
     (Path(model_folder) / "README.md").write_text(card, encoding="utf-8")

@@ -1,6 +1,6 @@
 """Does a recipe train paper-sized random towers, or does its global loss sit at ln(batch)?
 
-`python -m eval.recipe_stability [--out outputs/recipe-stability] [--steps 60] [--batch 32]` (from the repository root)
+`regionmed-clip recipe-stability [--out outputs/recipe-stability] [--steps 60] [--batch 32]`
 
 A global image <-> report InfoNCE loss that sits at exactly ln(batch) means every image scores every report alike:
 the embeddings carry nothing. This trains, through `regionmed-clip train` (the real entry point), a random ViT-B/16
@@ -14,7 +14,7 @@ where another does not is the recipe, not a defect of the model or the loss.
 Writes `recipe_stability.json` (every logged loss per recipe), `.md` (the verdict table) and `.png` (the curves).
 """
 
-import argparse
+import dataclasses
 import json
 import math
 import subprocess
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.sections.memory import BERT_BASE, VIT_B16
+from .paper_towers import BERT_BASE, VIT_B16
 
 VIT_B16_AT_64 = {**VIT_B16, "image_size": 64}
 #: name → (global-stage lr, AdamW betas, global-stage warm-up ratio)
@@ -159,16 +159,28 @@ def plot(result: dict, path: Path) -> None:
     plt.close(figure)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+@dataclasses.dataclass
+class RecipeStabilityArgs:
+    """The options of `regionmed-clip recipe-stability`."""
+
+    out: str = dataclasses.field(
+        default="outputs/recipe-stability", metadata={"help": "Folder of the outputs, one folder per recipe"}
     )
-    parser.add_argument("--out", default="outputs/recipe-stability")
-    parser.add_argument("--data", default="outputs/demo/medregion-synth", help="made there if missing")
-    parser.add_argument("--steps", type=int, default=60, help="global-stage steps")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--recipes", nargs="*", choices=list(RECIPES), default=list(RECIPES))
-    args = parser.parse_args()
+    data: str = dataclasses.field(
+        default="outputs/demo/medregion-synth",
+        metadata={"help": "The MedRegion-synth folder the recipes train on (made there if missing)"},
+    )
+    steps: int = dataclasses.field(default=60, metadata={"help": "Global-stage steps"})
+    batch: int = dataclasses.field(default=32, metadata={"help": "Images per step"})
+    recipes: list[str] = dataclasses.field(
+        default_factory=lambda: list(RECIPES),
+        metadata={"help": "The recipes to run, by name", "choices": list(RECIPES), "metavar": "RECIPE"},
+    )
+
+
+def run_recipe_stability(args: RecipeStabilityArgs) -> dict:
+    """Train every recipe of `args.recipes`, judge each, and write recipe_stability.json, .md and .png to
+    `args.out`; returns the result."""
     out = Path(args.out)
     result = {
         "batch": args.batch,
@@ -182,9 +194,4 @@ def main() -> int:
     (out / "recipe_stability.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     (out / "recipe_stability.md").write_text(markdown(result), encoding="utf-8")
     plot(result, out / "recipe_stability.png")
-    print(markdown(result))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return result
