@@ -677,8 +677,8 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         ```
         """
         if position_ids is None:
-            input_ids, attention_mask, token_type_ids = self._pad_text(
-                input_ids, attention_mask, token_type_ids
+            input_ids, attention_mask, token_type_ids = _pad_text(
+                self.config, input_ids, attention_mask, token_type_ids
             )
         outputs = self.text_model(
             input_ids=input_ids,
@@ -742,7 +742,7 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             proposal_logits=proposal_logits,
         )
         if roi_boxes is not None:
-            roi_mask = self._check_regions(pixel_values, roi_boxes, roi_mask)
+            roi_mask = _region_mask(pixel_values, roi_boxes, roi_mask)
             features.update(
                 self._region_features(
                     vision_outputs, pixel_values, pooled, grid, roi_boxes, roi_mask, roi_pixel_values
@@ -783,7 +783,7 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         if getattr(self.config.vision_config, "patch_size", None) is None:
             raise ValueError(f"The {self.config.vision_config.model_type} vision tower has no patch grid.")
         last_hidden_state = self.vision_model(pixel_values=pixel_values, return_dict=True).last_hidden_state
-        grid = self._patch_grid(last_hidden_state, pixel_values)
+        grid = _patch_grid(self.vision_model, last_hidden_state, pixel_values)
         return RegionMedCLIPPatchFeatures(
             last_hidden_state=last_hidden_state,
             patch_embeds=self.visual_projection(grid.permute(0, 2, 3, 1)),
@@ -863,7 +863,7 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
             logits_per_image = self.logit_scale.exp() * image["image_embeds"] @ text_embeds.t()
             logits_per_text = logits_per_image.t()
         if return_loss:
-            loss = self._image_text_loss(logits_per_image)
+            loss = _image_text_loss(logits_per_image, self.config.loss_objective, self.logit_bias)
         output = RegionMedCLIPOutput(
             loss=loss,
             logits_per_image=logits_per_image,
@@ -877,60 +877,6 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
 
     # ---- internals ----------------------------------------------------------------------------------------------
 
-    def _image_text_loss(self, logits_per_image: torch.Tensor | None) -> torch.Tensor:
-        if logits_per_image is None or logits_per_image.shape[0] != logits_per_image.shape[1]:
-            raise ValueError(
-                "return_loss=True pairs image i with text i: pass as many texts as images (got logits "
-                f"{None if logits_per_image is None else tuple(logits_per_image.shape)})."
-            )
-        if self.config.loss_objective == "sigmoid":
-            return sigmoid_loss(logits_per_image + self.logit_bias)
-        return contrastive_loss(logits_per_image)
-
-    def _pad_text(self, input_ids, attention_mask, token_type_ids):
-        """Right-pad text inputs to `config.text_pad_length` (when set) as the tokenizer pads to `max_length`:
-        `text_config.pad_token_id` in the ids, 0 in the masks."""
-        missing = (self.config.text_pad_length or 0) - input_ids.shape[1]
-        if missing <= 0:
-            return input_ids, attention_mask, token_type_ids
-        pad_id = self.config.text_config.pad_token_id
-        if pad_id is None:
-            raise ValueError("text_pad_length is set but text_config has no pad_token_id to pad with.")
-        input_ids = F.pad(input_ids, (0, missing), value=pad_id)
-        if attention_mask is not None:
-            attention_mask = F.pad(attention_mask, (0, missing), value=0)
-        if token_type_ids is not None:
-            token_type_ids = F.pad(token_type_ids, (0, missing), value=0)
-        return input_ids, attention_mask, token_type_ids
-
-    def _patch_grid(self, last_hidden_state: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The patch tokens of the global forward as a `(B, D, H', W')` grid, after the tower's final layer norm.
-
-        The one source of patch features: RoIAlign in `pool` mode, the dense region features, the proposer and its
-        pool, and [`~RegionMedCLIPModel.get_patch_features`] all read this grid. CLIP's vision tower returns its
-        tokens before the `post_layernorm` its pooled token passes through, so that norm is applied here:
-        `visual_projection` (of a converted CLIP) has only ever seen normed features. Other towers (ViT, SigLIP,
-        DINOv2) return their tokens after their final norm already.
-        """
-        if self.config.vision_config.model_type in _PRE_NORM_TOKEN_TOWERS:
-            norms = [
-                module
-                for name, module in self.vision_model.named_modules()
-                if name.endswith("post_layernorm")
-            ]
-            last_hidden_state = norms[0](last_hidden_state)
-        patch_size = self.config.vision_config.patch_size
-        patch_h, patch_w = patch_size if isinstance(patch_size, (list, tuple)) else (patch_size, patch_size)
-        grid_h, grid_w = pixel_values.shape[-2] // patch_h, pixel_values.shape[-1] // patch_w
-        num_prefix = last_hidden_state.shape[1] - grid_h * grid_w
-        if num_prefix < 0:
-            raise ValueError(
-                f"The vision tower returned {last_hidden_state.shape[1]} tokens, fewer than the {grid_h}x{grid_w} "
-                "patch grid; roi_mode='pool' cannot place boxes on it. Use roi_mode='crop'."
-            )
-        patches = last_hidden_state[:, num_prefix:]
-        return patches.transpose(1, 2).reshape(patches.shape[0], -1, grid_h, grid_w)
-
     def _global_features(
         self, vision_outputs, pixel_values: torch.Tensor, with_grid: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -943,23 +889,12 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         proposer_pool = self.config.global_pool == "cls_proposer"
         if getattr(self.config.vision_config, "patch_size", None) is None or not (with_grid or proposer_pool):
             return pooled, None, None
-        grid = self._patch_grid(vision_outputs.last_hidden_state, pixel_values)
+        grid = _patch_grid(self.vision_model, vision_outputs.last_hidden_state, pixel_values)
         proposal_logits = self.region_proposer(grid)
         if proposer_pool:
             weights = proposal_logits[..., 0].flatten(1).softmax(-1).to(grid.dtype)  # (B, H'·W')
             pooled = pooled + torch.einsum("bn,bdn->bd", weights, grid.flatten(2))
         return pooled, grid, proposal_logits
-
-    def _check_regions(self, pixel_values: torch.Tensor, roi_boxes: torch.Tensor, roi_mask) -> torch.Tensor:
-        """The boolean ROI mask (default: every slot real), once the boxes' shape is checked."""
-        if roi_boxes.dim() != 3 or roi_boxes.shape[-1] != 4 or roi_boxes.shape[0] != pixel_values.shape[0]:
-            raise ValueError(
-                f"roi_boxes must be (batch={pixel_values.shape[0]}, K, 4) normalised x0,y0,x1,y1; got "
-                f"{tuple(roi_boxes.shape)}."
-            )
-        if roi_mask is None:
-            return torch.ones(roi_boxes.shape[:2], dtype=torch.bool, device=roi_boxes.device)
-        return roi_mask.bool()
 
     def _region_features(
         self, vision_outputs, pixel_values, pooled, grid, roi_boxes, roi_mask, roi_pixel_values
@@ -979,10 +914,11 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
                     "roi_pixel_values were given but the model has roi_mode='pool', which pools ROIs from the "
                     "global forward. Build the processor with roi_mode='pool' or load the model with roi_mode='crop'."
                 )
-            grid = self._patch_grid(context, pixel_values)
-            roi_features = self._roi_align(grid, roi_boxes) * roi_mask[..., None]
+            roi_features = _roi_align(self.config, grid, roi_boxes) * roi_mask[..., None]
         else:
-            roi_features = self._crop_features(roi_boxes, roi_mask, roi_pixel_values)
+            roi_features = _crop_features(
+                self.vision_model, roi_boxes, roi_mask, roi_pixel_values, self.training
+            )
         fused, pooled_regions = self.roi_processor(
             roi_features.to(context.dtype), roi_boxes, roi_mask, context
         )
@@ -991,46 +927,11 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
         )
         if grid is not None:
             patch_features = (
-                roi_features if self.config.roi_mode == "pool" else self._roi_align(grid, roi_boxes)
+                roi_features if self.config.roi_mode == "pool" else _roi_align(self.config, grid, roi_boxes)
             )
             features["dense_region_embeds"] = self.visual_projection(patch_features.to(context.dtype))
         features["pooler_output"] = self.visual_projection(pooled + pooled_regions)
         return features
-
-    def _roi_align(self, grid: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        return roi_align(grid, boxes, self.config.roi_align_size, self.config.roi_sampling_ratio)
-
-    def _crop_features(self, roi_boxes, roi_mask, roi_pixel_values) -> torch.Tensor:
-        """`crop` mode: the real ROIs' crops through the vision tower, all of the batch in one forward, scattered
-        back to their `(B, K, D)` slots (zeros in padded ones)."""
-        if roi_pixel_values is None:
-            raise ValueError(
-                "roi_mode='crop' needs roi_pixel_values (B, K, C, H, W): call the processor with `boxes=`, whose "
-                "image processor crops every box from the original image."
-            )
-        if roi_pixel_values.dim() == 4:
-            # Flat: only the real ROIs' crops, in the order `roi_mask` lists them (what the training collator
-            # sends). Counting the mask reads it back from the device, so training trusts the collator's count.
-            crops = roi_pixel_values
-            if not self.training and crops.shape[0] != int(roi_mask.sum()):
-                raise ValueError(
-                    f"roi_pixel_values holds {crops.shape[0]} flat crops but roi_mask marks {int(roi_mask.sum())} "
-                    "real ROIs; give one crop per real ROI, in roi_mask order."
-                )
-        elif roi_pixel_values.shape[:2] != roi_boxes.shape[:2]:
-            raise ValueError(
-                f"roi_pixel_values has {tuple(roi_pixel_values.shape[:2])} (batch, slots) but roi_boxes has "
-                f"{tuple(roi_boxes.shape[:2])}."
-            )
-        else:
-            crops = roi_pixel_values[roi_mask]
-        # A batch without any real crop encodes one blank placeholder, cut away again: every process then runs the
-        # tower as often whatever its batch holds, which a sharded tower (FSDP) requires.
-        real = crops.shape[0]  # the crops' count from their shape: reading `roi_mask.sum()` would wait again
-        if real == 0:
-            crops = crops.new_zeros((1, *crops.shape[1:]))
-        pooled = pooled_output(self.vision_model(pixel_values=crops, return_dict=True))
-        return _scatter(pooled[:real], roi_mask)
 
 
 class RegionMedCLIPForZeroShotObjectDetection(RegionMedCLIPPreTrainedModel):
@@ -1127,6 +1028,115 @@ def tower_from_config(config) -> PreTrainedModel:
 
 # Vision towers whose `last_hidden_state` precedes the final layer norm their pooled token passes through.
 _PRE_NORM_TOKEN_TOWERS = ("clip_vision_model",)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The model's internals
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _image_text_loss(logits_per_image: torch.Tensor | None, objective: str, logit_bias) -> torch.Tensor:
+    """`return_loss`: the contrastive loss of a square `logits_per_image` (image i pairs with text i)."""
+    if logits_per_image is None or logits_per_image.shape[0] != logits_per_image.shape[1]:
+        raise ValueError(
+            "return_loss=True pairs image i with text i: pass as many texts as images (got logits "
+            f"{None if logits_per_image is None else tuple(logits_per_image.shape)})."
+        )
+    if objective == "sigmoid":
+        return sigmoid_loss(logits_per_image + logit_bias)
+    return contrastive_loss(logits_per_image)
+
+
+def _pad_text(config: RegionMedCLIPConfig, input_ids, attention_mask, token_type_ids):
+    """Right-pad text inputs to `config.text_pad_length` (when set) as the tokenizer pads to `max_length`:
+    `text_config.pad_token_id` in the ids, 0 in the masks."""
+    missing = (config.text_pad_length or 0) - input_ids.shape[1]
+    if missing <= 0:
+        return input_ids, attention_mask, token_type_ids
+    pad_id = config.text_config.pad_token_id
+    if pad_id is None:
+        raise ValueError("text_pad_length is set but text_config has no pad_token_id to pad with.")
+    input_ids = F.pad(input_ids, (0, missing), value=pad_id)
+    if attention_mask is not None:
+        attention_mask = F.pad(attention_mask, (0, missing), value=0)
+    if token_type_ids is not None:
+        token_type_ids = F.pad(token_type_ids, (0, missing), value=0)
+    return input_ids, attention_mask, token_type_ids
+
+
+def _patch_grid(vision_model: PreTrainedModel, last_hidden_state: torch.Tensor, pixel_values: torch.Tensor):
+    """The patch tokens of the global forward as a `(B, D, H', W')` grid, after the tower's final layer norm.
+
+    The one source of patch features: RoIAlign in `pool` mode, the dense region features, the proposer and its
+    pool, and [`~RegionMedCLIPModel.get_patch_features`] all read this grid. CLIP's vision tower returns its
+    tokens before the `post_layernorm` its pooled token passes through, so that norm is applied here:
+    `visual_projection` (of a converted CLIP) has only ever seen normed features. Other towers (ViT, SigLIP,
+    DINOv2) return their tokens after their final norm already.
+    """
+    config = vision_model.config
+    if config.model_type in _PRE_NORM_TOKEN_TOWERS:
+        norms = [module for name, module in vision_model.named_modules() if name.endswith("post_layernorm")]
+        last_hidden_state = norms[0](last_hidden_state)
+    patch_size = config.patch_size
+    patch_h, patch_w = patch_size if isinstance(patch_size, (list, tuple)) else (patch_size, patch_size)
+    grid_h, grid_w = pixel_values.shape[-2] // patch_h, pixel_values.shape[-1] // patch_w
+    num_prefix = last_hidden_state.shape[1] - grid_h * grid_w
+    if num_prefix < 0:
+        raise ValueError(
+            f"The vision tower returned {last_hidden_state.shape[1]} tokens, fewer than the {grid_h}x{grid_w} "
+            "patch grid; roi_mode='pool' cannot place boxes on it. Use roi_mode='crop'."
+        )
+    patches = last_hidden_state[:, num_prefix:]
+    return patches.transpose(1, 2).reshape(patches.shape[0], -1, grid_h, grid_w)
+
+
+def _region_mask(pixel_values: torch.Tensor, roi_boxes: torch.Tensor, roi_mask) -> torch.Tensor:
+    """The boolean ROI mask (default: every slot real), once the boxes' shape is checked."""
+    if roi_boxes.dim() != 3 or roi_boxes.shape[-1] != 4 or roi_boxes.shape[0] != pixel_values.shape[0]:
+        raise ValueError(
+            f"roi_boxes must be (batch={pixel_values.shape[0]}, K, 4) normalised x0,y0,x1,y1; got "
+            f"{tuple(roi_boxes.shape)}."
+        )
+    if roi_mask is None:
+        return torch.ones(roi_boxes.shape[:2], dtype=torch.bool, device=roi_boxes.device)
+    return roi_mask.bool()
+
+
+def _roi_align(config: RegionMedCLIPConfig, grid: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    return roi_align(grid, boxes, config.roi_align_size, config.roi_sampling_ratio)
+
+
+def _crop_features(vision_model, roi_boxes, roi_mask, roi_pixel_values, training: bool) -> torch.Tensor:
+    """`crop` mode: the real ROIs' crops through the vision tower, all of the batch in one forward, scattered back
+    to their `(B, K, D)` slots (zeros in padded ones)."""
+    if roi_pixel_values is None:
+        raise ValueError(
+            "roi_mode='crop' needs roi_pixel_values (B, K, C, H, W): call the processor with `boxes=`, whose "
+            "image processor crops every box from the original image."
+        )
+    if roi_pixel_values.dim() == 4:
+        # Flat: only the real ROIs' crops, in the order `roi_mask` lists them (what the training collator sends).
+        # Counting the mask reads it back from the device, so training trusts the collator's count.
+        crops = roi_pixel_values
+        if not training and crops.shape[0] != int(roi_mask.sum()):
+            raise ValueError(
+                f"roi_pixel_values holds {crops.shape[0]} flat crops but roi_mask marks {int(roi_mask.sum())} "
+                "real ROIs; give one crop per real ROI, in roi_mask order."
+            )
+    elif roi_pixel_values.shape[:2] != roi_boxes.shape[:2]:
+        raise ValueError(
+            f"roi_pixel_values has {tuple(roi_pixel_values.shape[:2])} (batch, slots) but roi_boxes has "
+            f"{tuple(roi_boxes.shape[:2])}."
+        )
+    else:
+        crops = roi_pixel_values[roi_mask]
+    # A batch without any real crop encodes one blank placeholder, cut away again: every process then runs the
+    # tower as often whatever its batch holds, which a sharded tower (FSDP) requires.
+    real = crops.shape[0]  # the crops' count from their shape: reading `roi_mask.sum()` would wait again
+    if real == 0:
+        crops = crops.new_zeros((1, *crops.shape[1:]))
+    pooled = pooled_output(vision_model(pixel_values=crops, return_dict=True))
+    return _scatter(pooled[:real], roi_mask)
 
 
 def _normalized_image_outputs(features: "RegionMedCLIPImageFeatures") -> dict:
