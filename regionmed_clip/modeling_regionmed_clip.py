@@ -76,15 +76,23 @@ def objectness_peaks(proposal_logits: torch.Tensor) -> torch.Tensor:
     return peaks.flatten(1)
 
 
-def patch_boxes(proposal_logits: torch.Tensor) -> torch.Tensor:
-    """The box `(B, H'·W', 4)` (x0, y0, x1, y1 fractions) the proposer predicts at every patch: the patch centre
-    plus its predicted edge distances, widened to at least one patch and clipped to the image."""
-    batch_size, grid_h, grid_w = proposal_logits.shape[:3]
-    centres = patch_centres(grid_h, grid_w, proposal_logits.device)[None]  # (1, P, 2)
-    distances = proposal_logits[..., 1:].float().sigmoid().reshape(batch_size, -1, 4)
-    half = torch.tensor([0.5 / grid_w, 0.5 / grid_h], device=proposal_logits.device)
-    low = (centres - torch.maximum(distances[..., :2], half)).clamp(0.0, 1.0)
-    high = (centres + torch.maximum(distances[..., 2:], half)).clamp(0.0, 1.0)
+def patch_boxes(edge_logits: torch.Tensor, at_least_one_patch: bool = True) -> torch.Tensor:
+    """The box `(B, H'·W', 4)` (x0, y0, x1, y1 fractions) every patch predicts from its `(B, H', W', 4)` edge logits
+    (FCOS's: the sigmoids are the distances from the patch centre to the left, top, right and bottom edges, as
+    fractions of the image), clipped to the image; with `at_least_one_patch`, widened to at least one patch first
+    (what RoIAlign of a self-proposed region needs), else as predicted (the detector's boxes, which may be smaller
+    than a patch)."""
+    batch_size, grid_h, grid_w = edge_logits.shape[:3]
+    dtype = torch.promote_types(edge_logits.dtype, torch.float32)  # fp32 at least: edges are small fractions
+    centres = patch_centres(grid_h, grid_w, edge_logits.device, dtype)[None]  # (1, P, 2)
+    distances = edge_logits.to(dtype).sigmoid().reshape(batch_size, -1, 4)
+    if at_least_one_patch:
+        half = torch.tensor([0.5 / grid_w, 0.5 / grid_h], device=edge_logits.device, dtype=dtype)
+        distances = torch.cat(
+            (torch.maximum(distances[..., :2], half), torch.maximum(distances[..., 2:], half)), -1
+        )
+    low = (centres - distances[..., :2]).clamp(0.0, 1.0)
+    high = (centres + distances[..., 2:]).clamp(0.0, 1.0)
     return torch.cat((low, high), dim=-1)
 
 
@@ -102,7 +110,7 @@ def propose_regions(proposal_logits: torch.Tensor, num_regions: int) -> torch.Te
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices
     order = order.gather(1, torch.sort((~peaks).gather(1, order).to(torch.uint8), dim=1, stable=True).indices)
     chosen = order[:, :num_regions]  # (B, K)
-    return patch_boxes(proposal_logits).gather(1, chosen[..., None].expand(-1, -1, 4))
+    return patch_boxes(proposal_logits[..., 1:]).gather(1, chosen[..., None].expand(-1, -1, 4))
 
 
 def crop_regions(pixel_values: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
@@ -212,6 +220,8 @@ class RegionMedCLIPOutput(ModelOutput):
             coordinates); zeros in padded slots. `None` without ROIs or for a tower without a patch grid.
         proposal_logits (`torch.FloatTensor` of shape `(image_batch_size, grid_height, grid_width, 5)`, *optional*):
             The region proposer's objectness logit and 4 edge-distance logits per patch, with ROIs.
+        patch_embeds (`torch.FloatTensor` of shape `(image_batch_size, grid_height, grid_width, projection_dim)`, *optional*):
+            With ROIs, the projected (not normalised) patch features, as `get_patch_features` gives them.
         text_model_output (`BaseModelOutputWithPooling`):
             Output of the text tower.
         vision_model_output (`BaseModelOutputWithPooling`):
@@ -229,6 +239,7 @@ class RegionMedCLIPOutput(ModelOutput):
     region_boxes: torch.FloatTensor | None = None
     dense_region_embeds: torch.FloatTensor | None = None
     proposal_logits: torch.FloatTensor | None = None
+    patch_embeds: torch.FloatTensor | None = None
     text_model_output: BaseModelOutputWithPooling | None = None
     vision_model_output: BaseModelOutputWithPooling | None = None
 
@@ -279,6 +290,8 @@ class RegionMedCLIPImageFeatures(BaseModelOutputWithPooling):
             Projected (not normalised) RoIAlign features of the patch tokens, the input of L_dense.
         proposal_logits (`torch.FloatTensor` of shape `(batch_size, grid_height, grid_width, 5)`, *optional*):
             The region proposer's per-patch objectness and edge-distance logits.
+        patch_embeds (`torch.FloatTensor` of shape `(batch_size, grid_height, grid_width, projection_dim)`, *optional*):
+            With ROIs, the projected (not normalised) patch features, as `get_patch_features` gives them.
     """
 
     global_embeds: torch.FloatTensor | None = None
@@ -287,6 +300,7 @@ class RegionMedCLIPImageFeatures(BaseModelOutputWithPooling):
     region_boxes: torch.FloatTensor | None = None
     dense_region_embeds: torch.FloatTensor | None = None
     proposal_logits: torch.FloatTensor | None = None
+    patch_embeds: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -317,10 +331,8 @@ class RegionMedCLIPObjectDetectionOutput(ModelOutput):
 
     Args:
         logits (`torch.FloatTensor` of shape `(batch_size, num_patches, num_queries)`):
-            For the box each patch proposes: `logit_scale · cos(box embedding, query) + log σ(objectness)`, where
-            the box embedding is the RoIAlign of the projected patch features over the box (the box-free
-            `dense_region_embeds`). Patches that are not an objectness peak (the largest of their 3 × 3
-            neighbourhood) hold the dtype's lowest value: each peak stands for the boxes around it.
+            The class head's logit of the box each patch proposes, per query: its sigmoid is the box's score for the
+            query (see [`RegionMedCLIPForZeroShotObjectDetection`]).
         pred_boxes (`torch.FloatTensor` of shape `(batch_size, num_patches, 4)`):
             Each patch's proposed box as normalised `(center_x, center_y, width, height)`.
         objectness_logits (`torch.FloatTensor` of shape `(batch_size, num_patches)`):
@@ -458,48 +470,63 @@ class RegionMedCLIPRoiProcessor(nn.Module):
         return hidden, self.gate * pooled
 
 
-class RegionMedCLIPQueryHead(nn.Module):
-    """The detector's class head: scores the box every patch proposes against every text query.
+class RegionMedCLIPClassHead(nn.Module):
+    """The detector's class head, OWL-ViT's: scores the box every patch proposes against every text query.
 
-    A box's embedding is the RoIAlign of the projected patch features over it (the box-free region embedding that
-    pretraining aligns with region captions); its logit for a query is `logit_scale · cos(box, query)` plus the log
-    of the proposer's objectness. Only objectness peaks (the largest of their 3 × 3 neighbourhood) keep a logit, so
-    that one finding gives one box.
+    A patch's logit for a query is `(cos(patch, query) + shift) · scale`, the cosine of its projected feature (the
+    feature the patch–text heatmap shows) with the query, shifted and scaled by two linear maps of that feature, so
+    each patch learns how much its cosine says (OWL-ViT's `logit_shift` / `logit_scale`). Trained by the
+    pretraining objective's detection term with IoU-aware targets (the IoU of the patch's box with a finding the
+    query describes, 0 where the image holds none), its sigmoid is a per-box score that is low on images without
+    the finding and ranks well-fitting boxes above loose ones.
     """
+
+    # Where the shift and the scale start (their maps start at zero): a scale of 10 (elu(9) + 1), so a cosine can
+    # move the logit, and a shift that puts a patch of cosine 0 at logit −4.6 (sigmoid 0.01, focal losses' prior:
+    # most boxes hold nothing), so early training is not swamped by negatives.
+    initial_shift, initial_scale = -0.46, 9.0
 
     def __init__(self, config: RegionMedCLIPConfig):
         super().__init__()
-        self.roi_align_size = config.roi_align_size
-        self.roi_sampling_ratio = config.roi_sampling_ratio
+        # The two maps' weights and biases are the module's own, as the region proposer's (see there and
+        # `_init_weights`): rows `shift`, `scale`.
+        self.weight = nn.Parameter(torch.zeros(2, config.projection_dim))
+        self.bias = nn.Parameter(torch.zeros(2))
 
-    def forward(
-        self,
-        patch_embeds: torch.Tensor,
-        boxes: torch.Tensor,
-        proposal_logits: torch.Tensor,
-        query_embeds: torch.Tensor,
-        logit_scale: torch.Tensor,
-    ) -> torch.Tensor:
-        """
-        Args:
-            patch_embeds: `(B, H', W', P)` projected patch features.
-            boxes: `(B, H'·W', 4)` each patch's box as x0, y0, x1, y1 fractions.
-            proposal_logits: `(B, H', W', 5)` the proposer's output.
-            query_embeds: `(Q, P)` normalised text queries.
-            logit_scale: the scale of the logits (`exp` of the model's `logit_scale`).
+    def forward(self, patch_embeds: torch.Tensor, query_embeds: torch.Tensor) -> torch.Tensor:
+        """`(B, N, P)` projected patch features (not normalised) and `(Q, P)` normalised queries → `(B, N, Q)`
+        logits."""
+        shift, scale = F.linear(patch_embeds, self.weight, self.bias).unbind(-1)
+        cosine = F.normalize(patch_embeds, dim=-1) @ query_embeds.t()
+        shift, scale = shift + self.initial_shift, F.elu(scale + self.initial_scale) + 1
+        return (cosine + shift[..., None]) * scale[..., None]
 
-        Returns:
-            `(B, H'·W', Q)` logits, the dtype's lowest value where a patch is not an objectness peak.
-        """
-        box_embeds = roi_align(
-            patch_embeds.permute(0, 3, 1, 2), boxes, self.roi_align_size, self.roi_sampling_ratio
-        )
-        logits = logit_scale * F.normalize(box_embeds, dim=-1) @ query_embeds.t()
-        objectness = proposal_logits[..., 0].flatten(1)
-        logits = logits + F.logsigmoid(objectness.to(logits.dtype))[..., None]
-        return logits.masked_fill(
-            ~objectness_peaks(proposal_logits)[..., None], torch.finfo(logits.dtype).min
-        )
+
+class RegionMedCLIPBoxHead(nn.Module):
+    """The detector's box head, OWL-ViT's: a 3-layer MLP on each projected patch feature giving the 4 edge logits of
+    the box the patch proposes (the sigmoids are the distances from the patch centre to the box's edges, FCOS's
+    parametrisation, so a box can be smaller than a patch). Trained by the detection term with L1 + GIoU against
+    the box each patch is assigned. The region proposer's boxes (one linear map, in the base model) serve
+    `auto_regions`; this head's are the detector's."""
+
+    # The output layer starts at zero with every edge at sigmoid(−2.75) ≈ 0.06 of the image from the centre, the
+    # size of a small finding.
+    initial_edge = -2.75
+
+    def __init__(self, config: RegionMedCLIPConfig):
+        super().__init__()
+        width = config.projection_dim
+        self.fc1 = nn.Linear(width, width)
+        self.fc2 = nn.Linear(width, width)
+        self.activation_fn = ACT2FN["gelu"]
+        # The output layer's weight and bias are the module's own (see `_init_weights`).
+        self.weight = nn.Parameter(torch.zeros(4, width))
+        self.bias = nn.Parameter(torch.zeros(4))
+
+    def forward(self, patch_embeds: torch.Tensor) -> torch.Tensor:
+        """`(..., P)` projected patch features → `(..., 4)` edge logits."""
+        hidden = self.activation_fn(self.fc2(self.activation_fn(self.fc1(patch_embeds))))
+        return F.linear(hidden, self.weight, self.bias) + self.initial_edge
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -548,6 +575,18 @@ class RegionMedCLIPPreTrainedModel(PreTrainedModel):
             init.normal_(module.pool_score.weight, std=hidden_size**-0.5 * factor)
             init.zeros_(module.pool_score.bias)
             init.zeros_(module.gate)
+        elif isinstance(module, RegionMedCLIPClassHead):
+            # Zero: every patch starts with the head's initial shift and scale (see there).
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, RegionMedCLIPBoxHead):
+            # Its hidden layers as the ROI processor's (set here for the same reason); the output starts at zero, at
+            # the head's initial edges.
+            for layer in (module.fc1, module.fc2):
+                init.normal_(layer.weight, std=layer.in_features**-0.5 * factor)
+                init.zeros_(layer.bias)
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
         elif isinstance(module, RegionMedCLIPRegionProposer):
             # Set here for the same reason as the ROI processor's layers (no parameters of its own).
             # Zero: an untrained proposer scores every patch alike (the proposer-pooled global feature then starts
@@ -930,6 +969,7 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
                 roi_features if self.config.roi_mode == "pool" else _roi_align(self.config, grid, roi_boxes)
             )
             features["dense_region_embeds"] = self.visual_projection(patch_features.to(context.dtype))
+            features["patch_embeds"] = self.visual_projection(grid.permute(0, 2, 3, 1))
         features["pooler_output"] = self.visual_projection(pooled + pooled_regions)
         return features
 
@@ -940,13 +980,18 @@ class RegionMedCLIPForZeroShotObjectDetection(RegionMedCLIPPreTrainedModel):
     class head, so that `pipeline("zero-shot-object-detection", model=folder)` finds a finding by its description.
     Any saved RegionMed-CLIP folder loads as this class (the base model's weights sit under `regionmed_clip`).
 
-    Every patch proposes one box: the region proposer's, which stays in the base model because the base reads it
-    itself (`auto_regions` proposes box-free ROIs with it, and `global_pool="cls_proposer"` pools z_global with its
-    objectness); the detector reads its map through `get_patch_features`. The class head
-    ([`RegionMedCLIPQueryHead`]) scores each box against each query. `post_process_object_detection` of the image
-    processor turns a query's logits into a softmax over the image's proposals: the scores of one query over one
-    image sum to 1 and say where the finding is most likely to be, given that it is there; they do not say whether
-    it is there.
+    Every patch proposes one box, from its box head ([`RegionMedCLIPBoxHead`]: the patch centre and four predicted
+    edge distances). The region proposer, a one-layer map of objectness and boxes, stays in the base model because
+    the base reads it itself (`auto_regions` proposes box-free ROIs with it, and `global_pool="cls_proposer"` pools
+    z_global with its objectness); the detector reports its objectness beside its own boxes, reading it through
+    `get_patch_features`. The class head ([`RegionMedCLIPClassHead`]) scores each box against each query, and as for
+    OWL-ViT a score is the sigmoid of its logit, per box and query: about the IoU of the box with a finding the
+    query describes (the detection term's targets), near 0 on an image without one, so a pipeline `threshold`
+    filters absent findings. `post_process_object_detection` of the image processor applies it, suppresses
+    overlapping boxes of one query, and maps the boxes back to the original image.
+
+    What the grid resolves: one box per patch, so a finding smaller than a patch is found from the patch holding its
+    centre (its box can still be smaller than the patch), and two findings centred in one patch get one box.
 
     Args:
         config ([`RegionMedCLIPConfig`]): Model configuration.
@@ -965,7 +1010,8 @@ class RegionMedCLIPForZeroShotObjectDetection(RegionMedCLIPPreTrainedModel):
     def __init__(self, config: RegionMedCLIPConfig, model: RegionMedCLIPModel | None = None):
         super().__init__(config)
         self.regionmed_clip = model if model is not None else RegionMedCLIPModel(config)
-        self.class_head = RegionMedCLIPQueryHead(config)
+        self.class_head = RegionMedCLIPClassHead(config)
+        self.box_head = RegionMedCLIPBoxHead(config)
         self.post_init()
 
     def forward(
@@ -997,11 +1043,9 @@ class RegionMedCLIPForZeroShotObjectDetection(RegionMedCLIPPreTrainedModel):
             query_embeds = F.normalize(text.pooler_output, dim=-1)
         patches = self.regionmed_clip.get_patch_features(pixel_values)
         patch_embeds, proposal_logits = patches.patch_embeds, patches.proposal_logits
-        boxes = patch_boxes(proposal_logits).to(patch_embeds.dtype)  # (B, P, 4) corners
+        boxes = patch_boxes(self.box_head(patch_embeds), at_least_one_patch=False).to(patch_embeds.dtype)
         query_embeds = query_embeds.to(patch_embeds.dtype)
-        logits = self.class_head(
-            patch_embeds, boxes, proposal_logits, query_embeds, self.regionmed_clip.logit_scale.exp()
-        )
+        logits = self.class_head(patch_embeds.flatten(1, 2), query_embeds)
         centres, extents = (boxes[..., :2] + boxes[..., 2:]) / 2, boxes[..., 2:] - boxes[..., :2]
         outputs = RegionMedCLIPObjectDetectionOutput(
             logits=logits,
@@ -1155,6 +1199,7 @@ def _normalized_image_outputs(features: "RegionMedCLIPImageFeatures") -> dict:
         region_boxes=features.region_boxes,
         dense_region_embeds=per_region(features.dense_region_embeds),
         proposal_logits=None if mask is None else features.proposal_logits,
+        patch_embeds=features.patch_embeds,
     )
 
 

@@ -200,6 +200,8 @@ class RegionMedCLIPProcessor(ProcessorMixin):
             *self.image_processor.model_input_names,
             "region_input_ids",
             "region_attention_mask",
+            "term_input_ids",
+            "term_attention_mask",
             "negative_input_ids",
             "negative_attention_mask",
             "summary_input_ids",
@@ -236,6 +238,7 @@ class RegionMedCLIPProcessor(ProcessorMixin):
         images=None,
         boxes=None,
         region_text: list[list[str]] | None = None,
+        term_text: list[list[str]] | None = None,
         negative_text: list[list[list[str]]] | None = None,
         summary_text: list[str] | None = None,
         padding: bool | str | None = None,
@@ -250,6 +253,8 @@ class RegionMedCLIPProcessor(ProcessorMixin):
             images (*optional*): One image or a list (any input [`RegionMedCLIPImageProcessor`] accepts).
             boxes (`list`, *optional*): Per image, its ROI boxes `(x0, y0, x1, y1)` in original pixels.
             region_text (`list[list[str]]`, *optional*): Per image, one region caption per box.
+            term_text (`list[list[str]]`, *optional*): Per image, each box's term (the finding's name, e.g.
+                "nodule"): with the captions, the queries the detector is trained on.
             negative_text (`list[list[list[str]]]`, *optional*): Per image, per box, its hard-negative captions
                 (the number may vary; missing ones are padded with all-zero attention masks).
             summary_text (`list[str]`, *optional*): Per image, its summary caption.
@@ -260,7 +265,8 @@ class RegionMedCLIPProcessor(ProcessorMixin):
 
         Returns:
             `BatchEncoding` with `input_ids`, `attention_mask`, `pixel_values`, `roi_boxes`, `roi_mask`,
-            `roi_pixel_values` (crop mode), `region_input_ids` / `region_attention_mask` `(B, max_regions, L)`, and
+            `roi_pixel_values` (crop mode), `region_input_ids` / `region_attention_mask` and `term_input_ids` /
+            `term_attention_mask` `(B, max_regions, L)`, and
             `negative_input_ids` / `negative_attention_mask` `(B, max_regions, M, L)`, `summary_input_ids` /
             `summary_attention_mask`, each present when its input is.
         """
@@ -277,15 +283,17 @@ class RegionMedCLIPProcessor(ProcessorMixin):
             data.update(image_inputs)
         elif boxes is not None:
             raise ValueError("boxes were given without images.")
-        if region_text is not None or negative_text is not None:
+        if region_text is not None or term_text is not None or negative_text is not None:
             if "roi_mask" not in data:
-                raise ValueError("region_text / negative_text need images and boxes.")
+                raise ValueError("region_text / term_text / negative_text need images and boxes.")
             slots = data["roi_mask"].shape[1]
-        if region_text is not None:
-            captions = self._captions_per_box(region_text, boxes, "region_text")
+        for name, texts in (("region", region_text), ("term", term_text)):
+            if texts is None:
+                continue
+            captions = self._captions_per_box(texts, boxes, f"{name}_text")
             flat = [caption for image_captions in captions for caption in image_captions]
             encoded = self._tokenize(flat, padding, truncation, max_length) if flat else None
-            data["region_input_ids"], data["region_attention_mask"] = _scatter_rows(
+            data[f"{name}_input_ids"], data[f"{name}_attention_mask"] = _scatter_rows(
                 encoded, [[(slot,) for slot in range(len(c))] for c in captions], (slots,)
             )
         if negative_text is not None:

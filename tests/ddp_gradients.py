@@ -44,7 +44,12 @@ def main() -> None:
     accelerator.backward(loss)
     rois = accelerator.gather(batch["roi_mask"].sum().reshape(1)).tolist()  # real ROIs of each process
     if accelerator.is_main_process:
-        parameters = trainer.unwrapped.model.named_parameters()
+        # The base model's parameters by their own names, and the detector's head under its full name.
+        parameters = [*trainer.unwrapped.model.named_parameters()]
+        parameters += [
+            (f"detector.class_head.{n}", p)
+            for n, p in trainer.unwrapped.detector.class_head.named_parameters()
+        ]
         gradients = {n: p.grad.detach().clone() for n, p in parameters if p.grad is not None}
         torch.save(
             {

@@ -49,7 +49,9 @@ def fixed_inputs(processor, synth_folder):
     rows = load_rows(synth_folder, "validation").select(range(4))
     batch = MedRegionCollator(processor, max_length=64)(list(rows))
     return {
-        key: value for key, value in batch.items() if not key.startswith(("summary_", "region_", "negative_"))
+        key: value
+        for key, value in batch.items()
+        if not key.startswith(("summary_", "region_", "term_", "negative_"))
     }
 
 

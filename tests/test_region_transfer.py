@@ -12,6 +12,8 @@ from regionmed_clip.modeling_regionmed_clip import crop_regions, propose_regions
 from regionmed_clip.training.losses import (
     caption_groups_from_ids,
     dense_region_loss,
+    detection_loss,
+    generalized_box_iou,
     global_region_loss,
     multi_positive_contrastive_loss,
     region_proposal_loss,
@@ -152,35 +154,101 @@ def test_dense_embeddings_are_projected_roi_align_of_the_patch_tokens_in_both_mo
         torch.testing.assert_close(outputs.loss_terms["dense_loss"], reference)
 
 
-def naive_proposal_loss(logits, boxes, mask):
-    """Targets patch by patch and box by box, then the BCE mean plus the L1 mean over positives."""
-    batch_size, grid_h, grid_w = logits.shape[:3]
-    bce, l1, positives, patches = 0.0, 0.0, 0, 0
+def naive_assignment(boxes, mask, b, i, j, grid_h, grid_w):
+    """FCOS's rule for patch (i, j) of image b: the smallest real box whose inside holds the patch centre, or whose
+    centre lies in the patch; None for a negative patch."""
+    cx, cy = (j + 0.5) / grid_w, (i + 0.5) / grid_h
+    hits = []
+    for k in range(boxes.shape[1]):
+        if not mask[b, k]:
+            continue
+        x0, y0, x1, y1 = boxes[b, k].tolist()
+        centre_cell = (
+            min(int((x0 + x1) / 2 * grid_w), grid_w - 1) == j
+            and min(int((y0 + y1) / 2 * grid_h), grid_h - 1) == i
+        )
+        if (x0 < cx < x1 and y0 < cy < y1) or centre_cell:
+            hits.append(((x1 - x0) * (y1 - y0), k))
+    return None if not hits else min(hits)[1]
+
+
+def naive_box(edge_logits, b, i, j, grid_h, grid_w):
+    """Patch (i, j)'s predicted box: its centre and the four sigmoid edge distances, clipped to the image."""
+    cx, cy = (j + 0.5) / grid_w, (i + 0.5) / grid_h
+    d = torch.sigmoid(edge_logits[b, i, j])
+    return torch.stack((cx - d[0], cy - d[1], cx + d[2], cy + d[3])).clamp(0.0, 1.0)
+
+
+def naive_giou(box, other):
+    """IoU and GIoU of two boxes, written out."""
+    inter_w = torch.clamp(torch.minimum(box[2], other[2]) - torch.maximum(box[0], other[0]), min=0)
+    inter_h = torch.clamp(torch.minimum(box[3], other[3]) - torch.maximum(box[1], other[1]), min=0)
+    inter = inter_w * inter_h
+    union = (box[2] - box[0]) * (box[3] - box[1]) + (other[2] - other[0]) * (other[3] - other[1]) - inter
+    hull = (torch.maximum(box[2], other[2]) - torch.minimum(box[0], other[0])) * (
+        torch.maximum(box[3], other[3]) - torch.minimum(box[1], other[1])
+    )
+    return inter / union, inter / union - (hull - union) / hull
+
+
+def naive_box_loss(edge_logits, boxes, mask):
+    """Over the positive patches of annotated images: the L1 mean of the edge distances plus the GIoU-loss mean."""
+    batch_size, grid_h, grid_w = edge_logits.shape[:3]
+    l1, giou_loss, positives = 0.0, 0.0, 0
     for b in range(batch_size):
-        real = [boxes[b, k].tolist() for k in range(boxes.shape[1]) if mask[b, k]]
-        if not real:
+        for i in range(grid_h):
+            for j in range(grid_w):
+                k = naive_assignment(boxes, mask, b, i, j, grid_h, grid_w)
+                if k is None:
+                    continue
+                cx, cy = (j + 0.5) / grid_w, (i + 0.5) / grid_h
+                x0, y0, x1, y1 = boxes[b, k].tolist()
+                wanted = torch.tensor([cx - x0, cy - y0, x1 - cx, y1 - cy], dtype=edge_logits.dtype)
+                l1 = l1 + (torch.sigmoid(edge_logits[b, i, j]) - wanted).abs().sum()
+                box = naive_box(edge_logits, b, i, j, grid_h, grid_w)
+                giou_loss = giou_loss + 1 - naive_giou(box, boxes[b, k])[1]
+                positives += 1
+    return l1 / (4 * positives) + giou_loss / positives
+
+
+def naive_proposal_loss(logits, boxes, mask):
+    """Targets patch by patch and box by box, then the BCE mean plus the box loss."""
+    batch_size, grid_h, grid_w = logits.shape[:3]
+    bce, patches = 0.0, 0
+    for b in range(batch_size):
+        if not mask[b].any():
             continue
         for i in range(grid_h):
             for j in range(grid_w):
-                cx, cy = (j + 0.5) / grid_w, (i + 0.5) / grid_h
-                hits = []
-                for x0, y0, x1, y1 in real:
-                    centre_cell = (
-                        min(int((x0 + x1) / 2 * grid_w), grid_w - 1) == j
-                        and min(int((y0 + y1) / 2 * grid_h), grid_h - 1) == i
-                    )
-                    if (x0 < cx < x1 and y0 < cy < y1) or centre_cell:
-                        hits.append(((x1 - x0) * (y1 - y0), (x0, y0, x1, y1)))
-                target = 1.0 if hits else 0.0
+                target = 0.0 if naive_assignment(boxes, mask, b, i, j, grid_h, grid_w) is None else 1.0
                 z = logits[b, i, j, 0]
                 bce = bce + torch.clamp(z, min=0) - z * target + torch.log1p(torch.exp(-torch.abs(z)))
                 patches += 1
-                if hits:
-                    x0, y0, x1, y1 = min(hits, key=lambda hit: hit[0])[1]
-                    wanted = torch.tensor([cx - x0, cy - y0, x1 - cx, y1 - cy], dtype=logits.dtype)
-                    l1 = l1 + (torch.sigmoid(logits[b, i, j, 1:]) - wanted).abs().sum()
-                    positives += 1
-    return bce / patches + l1 / (4 * positives)
+    return bce / patches + naive_box_loss(logits[..., 1:], boxes, mask)
+
+
+def naive_detection_loss(class_logits, box_logits, boxes, mask, answers, beta=2.0):
+    """The box loss of the box head, plus, patch by patch and query by query: the target is the IoU of the patch's
+    box with the box it is assigned where that box answers the query, else 0; BCE · |σ − target|^β summed over
+    annotated images, over the number of positive pairs."""
+    batch_size, grid_h, grid_w = box_logits.shape[:3]
+    total, positives = 0.0, 0
+    for b in range(batch_size):
+        if not mask[b].any():
+            continue
+        for i in range(grid_h):
+            for j in range(grid_w):
+                k = naive_assignment(boxes, mask, b, i, j, grid_h, grid_w)
+                iou = None
+                if k is not None:
+                    iou = naive_giou(naive_box(box_logits.detach(), b, i, j, grid_h, grid_w), boxes[b, k])[0]
+                for q in range(class_logits.shape[-1]):
+                    target = iou if k is not None and answers[b, k, q] else 0.0
+                    positives += int(k is not None and bool(answers[b, k, q]))
+                    z = class_logits[b, i * grid_w + j, q]
+                    bce = torch.clamp(z, min=0) - z * target + torch.log1p(torch.exp(-torch.abs(z)))
+                    total = total + bce * (torch.sigmoid(z) - target).abs() ** beta
+    return naive_box_loss(box_logits, boxes, mask) + total / max(positives, 1)
 
 
 def test_region_proposal_loss_matches_naive_loop_forward_and_backward():
@@ -200,6 +268,47 @@ def test_region_proposal_loss_matches_naive_loop_forward_and_backward():
     torch.testing.assert_close(value, expected)
     torch.testing.assert_close(grad, expected_grad)
     assert torch.all(grad[2] == 0)  # the image without boxes is not taught that it has none
+
+
+def test_generalized_box_iou_matches_its_definition():
+    generator = torch.Generator().manual_seed(2)
+    corners = torch.rand(6, 2, 2, generator=generator, dtype=torch.float64).sort(dim=1).values
+    boxes = corners.reshape(6, 4)  # x0, y0, x1, y1 with x0 < x1, y0 < y1
+    others = boxes.flip(0)
+    iou, giou = generalized_box_iou(boxes, others)
+    for index in range(6):
+        expected = naive_giou(boxes[index], others[index])
+        torch.testing.assert_close((iou[index], giou[index]), expected)
+    assert giou[0] < iou[0]  # disjoint or not, the enclosing box costs
+
+
+def test_detection_loss_matches_naive_loop_forward_and_backward():
+    generator = torch.Generator().manual_seed(3)
+    box_logits = torch.randn(3, 4, 5, 4, generator=generator, dtype=torch.float64)
+    class_logits = torch.randn(3, 20, 3, generator=generator, dtype=torch.float64)
+    boxes = torch.tensor(
+        [
+            [[0.1, 0.1, 0.9, 0.8], [0.3, 0.2, 0.6, 0.5]],
+            [[0.41, 0.42, 0.44, 0.45], [0.0, 0.0, 0.0, 0.0]],
+            [[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]],
+        ],
+        dtype=torch.float64,
+    )
+    mask = torch.tensor([[True, True], [True, False], [False, False]])
+    # Box 0 of image 0 answers queries 0 and 2, its box 1 query 1; image 1's box answers query 2 (image 1 holds
+    # nothing query 0 or 1 asks for: every patch of it is a negative of those); image 2 is unannotated.
+    answers = torch.zeros(3, 2, 3, dtype=torch.bool)
+    answers[0, 0, [0, 2]] = True
+    answers[0, 1, 1] = True
+    answers[1, 0, 2] = True
+    value, grads = _grads(lambda z, e: detection_loss(z, e, boxes, mask, answers), class_logits, box_logits)
+    expected, expected_grads = _grads(
+        lambda z, e: naive_detection_loss(z, e, boxes, mask, answers), class_logits, box_logits
+    )
+    torch.testing.assert_close(value, expected)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad)
+        assert torch.all(grad[2] == 0)  # the unannotated image is not taught that it holds nothing
 
 
 def test_proposal_loss_through_the_objective_uses_the_given_boxes():

@@ -352,7 +352,9 @@ def test_two_process_gradients_equal_one_process_on_the_same_global_batch(
     for processes, batch in ((1, 8), (2, 4)):
         raw = tiny_training_config(tmp_path / f"out{processes}", synth_folder, batch)
         raw["model"]["config"].update(loss_objective=objective, global_pool="cls_proposer")
-        raw["stages"][2]["loss_weights"].update(dense_loss=1.0, global_region_loss=1.0, proposal_loss=1.0)
+        raw["stages"][2]["loss_weights"].update(
+            dense_loss=1.0, global_region_loss=1.0, proposal_loss=1.0, detection_loss=1.0
+        )
         config = write_config(tmp_path / f"{processes}.yaml", raw)
         launcher = LAUNCH_TWO if processes == 2 else [sys.executable]
         extra = ["--no-regions-after", "4"] if empty_rank else []
@@ -379,11 +381,13 @@ def test_two_process_gradients_equal_one_process_on_the_same_global_batch(
         "dense_loss",
         "global_region_loss",
         "proposal_loss",
+        "detection_loss",
     }
     torch.testing.assert_close(results[2]["loss"], results[1]["loss"], atol=1e-6, rtol=1e-6)
     one, two = results[1]["gradients"], results[2]["gradients"]
     assert set(one) == set(two) and any(name.startswith("roi_processor.") for name in one)
     assert any(name.startswith("region_proposer.") for name in one)
+    assert any(name.startswith("detector.class_head.") for name in one)
     for name in one:
         torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=1e-4, msg=name)
 

@@ -194,6 +194,13 @@ class MedRegionCollator:
                 inputs["region_text"] = [
                     [region["caption"] for region in image_regions] for image_regions in regions
                 ]
+            if self._builds("term_input_ids"):
+                # A region without a term (an anatomy or detection dataset names its regions by their caption)
+                # is asked for by its caption.
+                inputs["term_text"] = [
+                    [region.get("term") or region["caption"] for region in image_regions]
+                    for image_regions in regions
+                ]
             if self._builds("negative_input_ids"):
                 inputs["negative_text"] = [
                     [list(region["negatives"] or [])[: self.max_negatives] for region in image_regions]

@@ -37,6 +37,8 @@ REGION_TERMS = ("fused_global_loss", "roi_loss", "neg_loss", "class_loss")
 CAPTION_FIELDS = (
     "region_input_ids",
     "region_attention_mask",
+    "term_input_ids",
+    "term_attention_mask",
     "negative_input_ids",
     "negative_attention_mask",
 )

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..modeling_regionmed_clip import contrastive_loss, patch_centres, sigmoid_loss
+from ..modeling_regionmed_clip import contrastive_loss, patch_boxes, patch_centres, sigmoid_loss
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Loss functions
@@ -191,7 +191,7 @@ def global_region_loss(
 
 def region_proposal_targets(
     boxes: torch.Tensor, box_mask: torch.Tensor, grid_h: int, grid_w: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FCOS-style targets of the region proposer on a `grid_h × grid_w` patch grid.
 
     A patch is positive for a real box when its centre lies strictly inside the box, or when it is the patch that
@@ -204,7 +204,8 @@ def region_proposal_targets(
         box_mask: `(B, K)` true for real boxes.
 
     Returns:
-        objectness `(B, H'·W')` in {0, 1} and distances `(B, H'·W', 4)` (zeros where the patch is negative).
+        objectness `(B, H'·W')` in {0, 1}, distances `(B, H'·W', 4)` (zeros where the patch is negative) and the
+        index `(B, H'·W')` of the box each patch is assigned (meaningless where the patch is negative).
     """
     centres = patch_centres(grid_h, grid_w, boxes.device, boxes.dtype)  # (N, 2)
     cx, cy = centres[:, 0][None, :, None], centres[:, 1][None, :, None]  # (1, N, 1)
@@ -219,34 +220,111 @@ def region_proposal_targets(
     objectness = assigned.any(-1).to(boxes.dtype)
     distances = torch.stack((cx - x0, cy - y0, x1 - cx, y1 - cy), dim=-1).expand(*assigned.shape, 4)
     distances = distances.gather(2, smallest[..., None].expand(-1, -1, 1, 4)).squeeze(2)
-    return objectness, distances * objectness[..., None]
+    return objectness, distances * objectness[..., None], smallest.squeeze(-1)
+
+
+def generalized_box_iou(boxes: torch.Tensor, others: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """IoU and generalised IoU of matching boxes `(..., 4)` and `(..., 4)` (x0, y0, x1, y1), elementwise: GIoU is
+    IoU minus the share of the smallest enclosing box that neither covers (Rezatofighi et al., 2019)."""
+    area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+    other_area = (others[..., 2] - others[..., 0]) * (others[..., 3] - others[..., 1])
+    low, high = torch.maximum(boxes[..., :2], others[..., :2]), torch.minimum(boxes[..., 2:], others[..., 2:])
+    intersection = (high - low).clamp(min=0).prod(-1)
+    union = area + other_area - intersection
+    iou = intersection / union.clamp(min=1e-12)
+    enclosing = torch.maximum(boxes[..., 2:], others[..., 2:]) - torch.minimum(
+        boxes[..., :2], others[..., :2]
+    )
+    enclosing = enclosing.prod(-1)
+    return iou, iou - (enclosing - union) / enclosing.clamp(min=1e-12)
 
 
 def region_proposal_loss(
     proposal_logits: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tensor
 ) -> torch.Tensor:
-    """L_proposal: binary cross-entropy of every patch's objectness (mean over patches) plus the L1 error of the
-    predicted edge distances (mean over positive patches and the 4 edges), FCOS without its centreness branch.
+    """L_proposal: binary cross-entropy of every patch's objectness (mean over patches), plus the box loss of
+    positive patches ([`box_regression_loss`]): FCOS's targets with the L1 + GIoU box loss of DETR and OWL-ViT.
 
     Only images with at least one real box count: an image without boxes in the data is unannotated, not known to be
     free of findings. Without any real box the loss is 0 (still a function of the logits). Both means are masked
     sums over the whole batch, so no step waits for the device to count the annotated images or positive patches.
 
     Args:
-        proposal_logits: `(B, H', W', 5)`: objectness logit, then the 4 distance logits (σ gives the fraction).
+        proposal_logits: `(B, H', W', 5)`: objectness logit, then the 4 edge logits (see `patch_boxes`).
         boxes: `(B, K, 4)` ground-truth boxes; `box_mask` `(B, K)` true for real ones.
     """
     batch_size, grid_h, grid_w = proposal_logits.shape[:3]
     logits = proposal_logits.reshape(batch_size, grid_h * grid_w, 5)
     annotated = box_mask.bool().any(-1)
-    objectness, distances = region_proposal_targets(boxes.to(logits.dtype), box_mask, grid_h, grid_w)
-    cross_entropy = F.binary_cross_entropy_with_logits(logits[..., 0], objectness, reduction="none")
+    boxes = boxes.to(logits.dtype)
+    targets = region_proposal_targets(boxes, box_mask, grid_h, grid_w)
+    cross_entropy = F.binary_cross_entropy_with_logits(logits[..., 0], targets[0], reduction="none")
     cross_entropy = torch.where(annotated[:, None], cross_entropy, 0.0)
     loss = cross_entropy.sum() / (annotated.sum() * cross_entropy.shape[1]).clamp(min=1)
-    # Only annotated images have positive patches (the targets come from their boxes).
+    box_loss, _ = box_regression_loss(proposal_logits[..., 1:], boxes, targets)
+    return loss + box_loss
+
+
+def box_regression_loss(
+    edge_logits: torch.Tensor, boxes: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The box loss of the patches a box is assigned (FCOS's rule, `targets` from [`region_proposal_targets`]): the
+    L1 error of the 4 predicted edge distances (mean over positive patches and edges) plus the GIoU loss 1 − GIoU of
+    the predicted box against the assigned one (mean over positive patches), so a box learns to fit its finding, not
+    only to have edges near its edges. Also returns every patch's IoU with its assigned box `(B, H'·W')`.
+
+    Args:
+        edge_logits: `(B, H', W', 4)` the patches' edge logits (see `patch_boxes`).
+        boxes: `(B, K, 4)` the ground-truth boxes the targets were made from.
+    """
+    objectness, distances, assigned = targets
     positive = objectness.bool()
-    error = torch.where(positive[..., None], (logits[..., 1:].sigmoid() - distances).abs(), 0.0)
-    return loss + error.sum() / (positive.sum() * 4).clamp(min=1)
+    count = positive.sum().clamp(min=1)
+    predicted = edge_logits.reshape(distances.shape).sigmoid()
+    l1 = torch.where(positive[..., None], (predicted - distances).abs(), 0.0).sum() / (count * 4)
+    corners = patch_boxes(edge_logits, at_least_one_patch=False).to(boxes.dtype)
+    iou, giou = generalized_box_iou(corners, boxes.gather(1, assigned[..., None].expand(-1, -1, 4)))
+    return l1 + torch.where(positive, 1 - giou, 0.0).sum() / count, iou
+
+
+def detection_loss(
+    logits: torch.Tensor,
+    box_logits: torch.Tensor,
+    boxes: torch.Tensor,
+    box_mask: torch.Tensor,
+    answers: torch.Tensor,
+    beta: float = 2.0,
+) -> torch.Tensor:
+    """L_detection: the detector's box loss ([`box_regression_loss`] of its box head) plus its class logits of every
+    patch's box for every query, trained with IoU-aware targets (GFL's quality focal loss, Li et al., 2020): where
+    a patch is assigned a box (FCOS's rule, [`region_proposal_targets`]) that answers the query, the target is the
+    IoU of the patch's predicted box with it; for every other patch and query, 0. A query no box of an image answers
+    teaches every patch of that image to score it low, which is what makes a score say whether the finding is
+    there; the IoU makes a well-fitting box outrank a loose one. Each class term is BCE(logit, target) ·
+    |σ(logit) − target|^β, summed over the number of (patch, query) positives.
+
+    Only images with at least one real box count (as for L_proposal: an image without boxes is unannotated).
+
+    Args:
+        logits: `(B, H'·W', Q)` the class head's logits.
+        box_logits: `(B, H', W', 4)` the box head's edge logits.
+        boxes: `(B, K, 4)` ground-truth boxes, x0, y0, x1, y1 fractions; `box_mask` `(B, K)` true for real ones.
+        answers: `(B, K, Q)` bool, true where box k of an image answers query q.
+    """
+    grid_h, grid_w = box_logits.shape[1:3]
+    boxes = boxes.to(logits.dtype)
+    targets = region_proposal_targets(boxes, box_mask, grid_h, grid_w)
+    objectness, _, assigned = targets
+    box_loss, iou = box_regression_loss(box_logits, boxes, targets)
+    answered = (
+        answers.gather(1, assigned[..., None].expand(-1, -1, answers.shape[-1]))
+        & objectness.bool()[..., None]
+    )
+    quality = answered * iou.detach()[..., None]
+    modulation = (logits.sigmoid() - quality).abs().pow(beta)
+    loss = F.binary_cross_entropy_with_logits(logits, quality, reduction="none") * modulation
+    loss = torch.where(box_mask.bool().any(-1)[:, None, None], loss, 0.0)
+    return box_loss + loss.sum() / answered.sum().clamp(min=1)
 
 
 def caption_groups_from_ids(
@@ -351,7 +429,9 @@ class GatheredBatch:
         form: The contrastive form of the model (`config.loss_objective`): `"infonce"` or `"sigmoid"`.
         logit_scale / logit_bias: The model's scale (already exponentiated) and its sigmoid bias (None for InfoNCE).
         region_input_ids / region_attention_mask: The region captions, to group identical ones.
+        term_input_ids / term_attention_mask: The region terms, to group them with the captions as queries.
         labels: `(B,)` class indices of classification fine-tuning; the text side is then `class_embeds`.
+        detector: The detector whose heads (`class_head`, `box_head`) the detection term trains.
     """
 
     def __init__(
@@ -363,14 +443,20 @@ class GatheredBatch:
         logit_bias: torch.Tensor | None = None,
         region_input_ids=None,
         region_attention_mask=None,
+        term_input_ids=None,
+        term_attention_mask=None,
         labels: torch.Tensor | None = None,
+        detector=None,
     ):
         self.fields = fields
         self.gather = gather
         self.form = form
         self.region_input_ids = region_input_ids
         self.region_attention_mask = region_attention_mask
+        self.term_input_ids = term_input_ids
+        self.term_attention_mask = term_attention_mask
         self.labels = labels
+        self.detector = detector
         self.region_mask = fields.get("region_mask")
         self.contrastive = {"logit_scale": logit_scale, "logit_bias": logit_bias}
         self._gathered = {}
@@ -399,14 +485,33 @@ class GatheredBatch:
                 self._gathered[key] = self.gather(tensor, with_grad)
         return self._gathered[key]
 
+    def _region_ids(self, input_ids, attention_mask) -> torch.Tensor:
+        """The attended token ids `(N, L)` of the real ROI slots of every process."""
+        ids = input_ids[self.region_mask]
+        if attention_mask is not None:
+            ids = ids * attention_mask[self.region_mask]
+        return self.gather(ids, False)
+
     @cached_property
     def _caption_grouping(self) -> tuple[torch.Tensor, int] | tuple[None, None]:
         if self.region_input_ids is None or self.region_mask is None:
             return None, None
-        ids = self.region_input_ids[self.region_mask]
-        if self.region_attention_mask is not None:
-            ids = ids * self.region_attention_mask[self.region_mask]
-        return caption_groups_from_ids(self.gather(ids, False), with_count=True)
+        ids = self._region_ids(self.region_input_ids, self.region_attention_mask)
+        return caption_groups_from_ids(ids, with_count=True)
+
+    @cached_property
+    def query_groups(self) -> tuple[torch.Tensor, int] | tuple[None, None]:
+        """The detection queries of the global batch: group ids `(2N,)` of the real ROIs' region captions, then
+        their terms (equal for identical texts, a term and a caption included), and how many distinct there are."""
+        if self.region_input_ids is None or self.term_input_ids is None or self.region_mask is None:
+            return None, None
+        captions = self._region_ids(self.region_input_ids, self.region_attention_mask)
+        terms = self._region_ids(self.term_input_ids, self.term_attention_mask)
+        length = max(captions.shape[1], terms.shape[1])
+        ids = torch.cat(
+            [F.pad(captions, (0, length - captions.shape[1])), F.pad(terms, (0, length - terms.shape[1]))]
+        )
+        return caption_groups_from_ids(ids, with_count=True)
 
     @property
     def caption_groups(self) -> torch.Tensor | None:
@@ -497,6 +602,34 @@ def _proposal_term(batch: GatheredBatch, objective) -> torch.Tensor | None:
     return region_proposal_loss(logits, boxes, present)
 
 
+def _detection_term(batch: GatheredBatch, objective) -> torch.Tensor | None:
+    patches = batch.rows("patch_embeds")
+    captions, terms = batch.region_rows("region_text_embeds"), batch.region_rows("term_embeds")
+    groups, count = batch.query_groups
+    if patches is None or captions is None or terms is None or groups is None:
+        return None
+    present = batch.rows("region_mask")
+    if present.shape[1] == 0 or captions.shape[0] == 0:
+        return None
+    # One embedding per distinct query (its first text), and for every ROI slot the queries its box answers: its
+    # caption's and its term's (a padded slot answers none: its group is the dropped last column).
+    order = torch.arange(groups.shape[0], device=groups.device)
+    first = torch.full((count,), groups.shape[0], device=groups.device).scatter_reduce(
+        0, groups, order, "amin"
+    )
+    queries = torch.cat([captions, terms])[first]
+    answers = present.new_zeros((*present.shape, count + 1))
+    for field_groups in groups.split(captions.shape[0]):
+        slots = present.new_full(present.shape, count, dtype=groups.dtype)
+        slots[present] = field_groups
+        answers.scatter_(2, slots[..., None], True)
+    logits = batch.detector.class_head(patches.flatten(1, 2), queries)
+    box_logits = batch.detector.box_head(patches)
+    return detection_loss(
+        logits, box_logits, batch.rows("region_boxes", with_grad=False), present, answers[..., :count]
+    )
+
+
 def _class_term(batch: GatheredBatch, objective) -> torch.Tensor | None:
     # Computed on this process's images: every process holds the same prompts, and DDP's gradient average over
     # equal local batches gives the global mean.
@@ -568,6 +701,10 @@ LOSS_TERMS: dict[str, LossTerm] = {
     "global_region_loss": LossTerm((*_ROI_INPUTS, *_REGION_CAPTIONS), _global_region_term),
     # The region proposer's objectness and boxes against the given boxes (per image).
     "proposal_loss": LossTerm(_ROI_INPUTS, _proposal_term),
+    # The detector: every patch's box scored against every region caption and term of the global batch.
+    "detection_loss": LossTerm(
+        (*_ROI_INPUTS, *_REGION_CAPTIONS, "term_input_ids", "term_attention_mask"), _detection_term
+    ),
     # Classification fine-tuning: the image (region-aware where it has regions) ↔ one prompt per class.
     "class_loss": LossTerm(
         ("pixel_values", "input_ids", "attention_mask", *_ROI_INPUTS[1:], "labels"),
@@ -589,7 +726,10 @@ __all__ = [
     "PaddedGather",
     "caption_groups_from_ids",
     "class_loss",
+    "box_regression_loss",
     "dense_region_loss",
+    "detection_loss",
+    "generalized_box_iou",
     "global_contrastive_loss",
     "global_region_loss",
     "hard_negative_loss",

@@ -32,6 +32,7 @@ GATHERED_FIELDS = (
     "region_boxes",
     "dense_region_embeds",
     "proposal_logits",
+    "patch_embeds",
 )
 #: The paper's loss (its eq. 8 without the summary term) until a stage sets other weights.
 DEFAULT_LOSS_WEIGHTS = {"global_loss": 1.0, "fused_global_loss": 1.0, "roi_loss": 1.0, "neg_loss": 1.0}
@@ -90,6 +91,8 @@ class RegionMedCLIPForPreTrainingOutput(RegionMedCLIPOutput):
             L2-normalised embeddings of the summary captions.
         region_text_embeds (`torch.FloatTensor` of shape `(image_batch_size, max_rois, projection_dim)`, *optional*):
             L2-normalised region-caption embeddings, aligned with `region_embeds`; zeros in padded slots.
+        term_embeds (`torch.FloatTensor` of shape `(image_batch_size, max_rois, projection_dim)`, *optional*):
+            L2-normalised embeddings of each region's term (the finding's name), as `region_text_embeds`.
         negative_text_embeds (`torch.FloatTensor` of shape `(image_batch_size, max_rois, num_negatives, projection_dim)`, *optional*):
             L2-normalised hard-negative caption embeddings; zeros where `negative_mask` is False.
         negative_mask (`torch.BoolTensor` of shape `(image_batch_size, max_rois, num_negatives)`, *optional*):
@@ -100,6 +103,7 @@ class RegionMedCLIPForPreTrainingOutput(RegionMedCLIPOutput):
     class_embeds: torch.FloatTensor | None = None
     summary_embeds: torch.FloatTensor | None = None
     region_text_embeds: torch.FloatTensor | None = None
+    term_embeds: torch.FloatTensor | None = None
     negative_text_embeds: torch.FloatTensor | None = None
     negative_mask: torch.BoolTensor | None = None
 
@@ -227,6 +231,8 @@ class RegionMedCLIPForPreTraining(RegionMedCLIPPreTrainedModel):
         summary_attention_mask: torch.Tensor | None = None,
         region_input_ids: torch.LongTensor | None = None,
         region_attention_mask: torch.Tensor | None = None,
+        term_input_ids: torch.LongTensor | None = None,
+        term_attention_mask: torch.Tensor | None = None,
         negative_input_ids: torch.LongTensor | None = None,
         negative_attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
@@ -237,6 +243,8 @@ class RegionMedCLIPForPreTraining(RegionMedCLIPPreTrainedModel):
             pixel_values, roi_boxes, roi_mask, roi_pixel_values: As for [`RegionMedCLIPModel`].
             summary_input_ids / summary_attention_mask: One summary caption per image.
             region_input_ids / region_attention_mask: `(B, max_rois, L)` one region caption per ROI slot.
+            term_input_ids / term_attention_mask: `(B, max_rois, L)` each region's term (the finding's name); with
+                the captions, the queries of the detection term.
             negative_input_ids / negative_attention_mask: `(B, max_rois, M, L)` hard negatives of each ROI (a row
                 whose mask is all 0 is padding).
             labels: `(B,)` the class of each image, for `class_loss`.
@@ -252,6 +260,8 @@ class RegionMedCLIPForPreTraining(RegionMedCLIPPreTrainedModel):
             summary_attention_mask=summary_attention_mask,
             region_input_ids=region_input_ids,
             region_attention_mask=region_attention_mask,
+            term_input_ids=term_input_ids,
+            term_attention_mask=term_attention_mask,
             negative_input_ids=negative_input_ids,
             negative_attention_mask=negative_attention_mask,
             labels=labels,
@@ -276,7 +286,10 @@ class RegionMedCLIPForPreTraining(RegionMedCLIPPreTrainedModel):
             logit_bias=self.model.logit_bias,
             region_input_ids=inputs.get("region_input_ids"),
             region_attention_mask=inputs.get("region_attention_mask"),
+            term_input_ids=inputs.get("term_input_ids"),
+            term_attention_mask=inputs.get("term_attention_mask"),
             labels=labels,
+            detector=self.detector,
         )
         self._check_pairs(fields)
         terms = {}
@@ -318,13 +331,20 @@ class RegionMedCLIPForPreTraining(RegionMedCLIPPreTrainedModel):
             mask = inputs.get("summary_attention_mask", torch.ones_like(ids))
             fields["summary_embeds"], slots["summary_embeds"] = (ids, mask), None
         region_ids, negative_ids = inputs.get("region_input_ids"), inputs.get("negative_input_ids")
-        if (region_ids is not None or negative_ids is not None) and region_mask is None:
-            raise ValueError("region / negative captions were given without ROIs; pass roi_boxes too.")
-        if region_ids is not None:
-            fields["region_text_embeds"] = self._region_caption_rows(
-                region_ids, inputs.get("region_attention_mask"), region_mask
+        term_ids = inputs.get("term_input_ids")
+        if (
+            region_ids is not None or negative_ids is not None or term_ids is not None
+        ) and region_mask is None:
+            raise ValueError(
+                "region captions, terms or negatives were given without ROIs; pass roi_boxes too."
             )
-            slots["region_text_embeds"] = region_mask
+        for field, name, ids in (
+            ("region_text_embeds", "region", region_ids),
+            ("term_embeds", "term", term_ids),
+        ):
+            if ids is not None:
+                rows = self._region_caption_rows(name, ids, inputs.get(f"{name}_attention_mask"), region_mask)
+                fields[field], slots[field] = rows, region_mask
         negative_mask = None
         if negative_ids is not None:
             mask = inputs.get("negative_attention_mask", torch.ones_like(negative_ids))
@@ -346,20 +366,21 @@ class RegionMedCLIPForPreTraining(RegionMedCLIPPreTrainedModel):
         return {**placed, "negative_mask": negative_mask}
 
     def _region_caption_rows(
-        self, input_ids, attention_mask, region_mask
+        self, name: str, input_ids, attention_mask, region_mask
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The `(N, L)` captions of the real ROIs, checked: one per slot, and (outside training) none empty."""
+        """The `(N, L)` texts (`name`: region captions or terms) of the real ROIs, checked: one per slot, and
+        (outside training) none empty."""
         if input_ids.shape[:2] != region_mask.shape:
             raise ValueError(
-                f"region_input_ids has (batch, slots) {tuple(input_ids.shape[:2])}, expected "
-                f"{tuple(region_mask.shape)} (one caption per ROI slot)."
+                f"{name}_input_ids has (batch, slots) {tuple(input_ids.shape[:2])}, expected "
+                f"{tuple(region_mask.shape)} (one per ROI slot)."
             )
         ids = input_ids[region_mask]
         mask = torch.ones_like(ids) if attention_mask is None else attention_mask[region_mask]
         # Reading the check back would make every training step wait for the device, so training skips it: there
         # the captions come from the processor, which gives every box its caption's special tokens at least.
         if not self.training and not bool((mask.sum(-1) > 0).all()):
-            raise ValueError("A real ROI has an empty region caption; every box needs one.")
+            raise ValueError(f"A real ROI has an empty {name} text; every box needs one.")
         return ids, mask
 
     def _encode_captions(self, fields: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
