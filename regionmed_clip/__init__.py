@@ -26,7 +26,7 @@ from .modeling_regionmed_clip import (
     RegionMedCLIPPreTrainedModel,
     RegionMedCLIPTextFeatures,
 )
-from .pipeline_regionmed_clip import ZeroShotRegionClassificationPipeline
+from .pipeline_regionmed_clip import ZeroShotRegionClassificationPipeline, ZeroShotRegionDetectionPipeline
 from .processing_regionmed_clip import RegionMedCLIPProcessor, caption_key, with_paper_normalizer
 
 __version__ = "0.1.0"
@@ -61,6 +61,7 @@ __all__ = [
     "RegionMedCLIPProcessor",
     "RegionMedCLIPTextFeatures",
     "ZeroShotRegionClassificationPipeline",
+    "ZeroShotRegionDetectionPipeline",
     "caption_key",
     "decode_image",
     "with_paper_normalizer",

@@ -230,18 +230,27 @@ class RegionMedCLIPConfig(PretrainedConfig):
                 "modeling_regionmed_clip.RegionMedCLIPForZeroShotObjectDetection",
             )
             self.auto_map = auto_map
-            # The region pipeline travels with the model file (a relative import of it); naming it here lets
-            # `pipeline("zero-shot-region-classification", model=folder, trust_remote_code=True)` find it.
+            # The pipelines travel with the model file (a relative import of it); naming them here lets
+            # `pipeline("zero-shot-region-classification" or "zero-shot-region-detection", model=folder,
+            # trust_remote_code=True)` find them. Neither is named `zero-shot-object-detection`: a folder naming a
+            # built-in task makes transformers refuse that task without `trust_remote_code=True`.
             pipelines = dict(getattr(self, "custom_pipelines", None) or {})
-            pipelines.setdefault(
-                "zero-shot-region-classification",
-                {
-                    "impl": "pipeline_regionmed_clip.ZeroShotRegionClassificationPipeline",
-                    "pt": ["AutoModel"],
-                    "tf": [],
-                    "type": "multimodal",
-                },
-            )
+            for task, (name, model_class) in {
+                "zero-shot-region-classification": ("ZeroShotRegionClassificationPipeline", "AutoModel"),
+                "zero-shot-region-detection": (
+                    "ZeroShotRegionDetectionPipeline",
+                    "AutoModelForZeroShotObjectDetection",
+                ),
+            }.items():
+                pipelines.setdefault(
+                    task,
+                    {
+                        "impl": f"pipeline_regionmed_clip.{name}",
+                        "pt": [model_class],
+                        "tf": [],
+                        "type": "multimodal",
+                    },
+                )
             self.custom_pipelines = pipelines
         self._check_combinations()
 

@@ -287,6 +287,55 @@ def validate_boxes(boxes, height: int, width: int, where: str) -> tuple[np.ndarr
     return result, clipped
 
 
+def box_iou(boxes_a: torch.Tensor, boxes_b: torch.Tensor) -> torch.Tensor:
+    """Pairwise IoU `(N, M)` of boxes `(N, 4)` and `(M, 4)` in [x0, y0, x1, y1]; a pair with no area is 0."""
+    area_a = (boxes_a[:, 2] - boxes_a[:, 0]).clamp(min=0) * (boxes_a[:, 3] - boxes_a[:, 1]).clamp(min=0)
+    area_b = (boxes_b[:, 2] - boxes_b[:, 0]).clamp(min=0) * (boxes_b[:, 3] - boxes_b[:, 1]).clamp(min=0)
+    top_left = torch.maximum(boxes_a[:, None, :2], boxes_b[None, :, :2])
+    bottom_right = torch.minimum(boxes_a[:, None, 2:], boxes_b[None, :, 2:])
+    overlap = (bottom_right - top_left).clamp(min=0).prod(-1)
+    union = area_a[:, None] + area_b[None, :] - overlap
+    return torch.where(union > 0, overlap / union.clamp(min=torch.finfo(overlap.dtype).tiny), 0.0)
+
+
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Greedy non-maximum suppression (torchvision's semantics, which cannot be a dependency here).
+
+    Returns the indices of the kept boxes, best score first; a box is suppressed when its IoU with a kept,
+    higher-scored box is greater than `iou_threshold`. Ties in score keep the earlier box first. Memory is O(N):
+    IoUs are computed one kept box against the survivors, since detectors return thousands of candidates.
+    """
+    if boxes.numel() == 0:
+        return torch.zeros(0, dtype=torch.long)
+    boxes = boxes.float()
+    remaining = torch.argsort(scores, descending=True, stable=True)
+    keep = []
+    while remaining.numel():
+        best = remaining[0]
+        keep.append(best)
+        rest = remaining[1:]
+        if not rest.numel():
+            break
+        overlaps = box_iou(boxes[best][None], boxes[rest])[0]
+        remaining = rest[overlaps <= iou_threshold]
+    return torch.stack(keep)
+
+
+def batched_nms(
+    boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou_threshold: float
+) -> torch.Tensor:
+    """`nms` within each group (`groups` `(N,)`, e.g. the query of each box), never across groups, as torchvision's
+    `batched_nms`: the indices of the kept boxes, best score first."""
+    kept = [
+        members[nms(boxes[members], scores[members], iou_threshold)]
+        for members in (torch.nonzero(groups == group).flatten() for group in groups.unique())
+    ]
+    if not kept:
+        return torch.zeros(0, dtype=torch.long)
+    keep = torch.cat(kept)
+    return keep[torch.argsort(scores[keep], descending=True, stable=True)]
+
+
 def _reject_unsupported(settings: dict):
     unsupported = [name for name in ("do_rescale", "do_center_crop", "do_pad") if settings.get(name)]
     if unsupported:
@@ -387,42 +436,61 @@ class RegionMedCLIPImageProcessor(_ImageProcessorBase):
                 images, boxes=boxes, return_tensors=return_tensors, **settings
             )
 
-    def post_process_object_detection(self, outputs, threshold: float = 0.1, target_sizes=None) -> list[dict]:
-        """Boxes and scores of [`RegionMedCLIPForZeroShotObjectDetection`]'s outputs, as OWL-ViT's image processor
-        returns them (what transformers' `zero-shot-object-detection` pipeline reads).
+    def post_process_object_detection(
+        self, outputs, threshold: float = 0.1, target_sizes=None, nms_threshold: float = 0.3
+    ) -> list[dict]:
+        """Boxes, scores and labels of [`RegionMedCLIPForZeroShotObjectDetection`]'s outputs, in the form OWL-ViT's
+        image processor returns them (what transformers' `zero-shot-object-detection` pipeline reads).
 
-        A score is a query's softmax over the image's proposals (its `logits` over the patches): the share of the
-        query's match that falls on that box, so one query's scores over one image sum to 1; each proposal keeps
-        its best query (`labels`). Proposals scoring at most `threshold` are left out.
+        A score is the sigmoid of the detector's logit for one box and one query: a probability-like score that the
+        box holds the query's finding, low on an image without it. Each (box, query) pair is scored on its own,
+        so `threshold` filters absent findings as OWL-ViT's does, and a box that matches several queries is
+        reported once per query (each time with that query's score and label). A logit at `-inf` or the dtype's
+        lowest value scores 0.
+
+        Every patch proposes a box, so the patches around a finding propose overlapping boxes of it: non-maximum
+        suppression, per query, keeps the best-scored of the boxes that overlap by an IoU above `nms_threshold`. The
+        default, 0.3, is OWL-ViT's for its image-guided detection: transformers' pipeline passes none, and two
+        findings of one kind rarely overlap more than that. `nms_threshold=1.0` keeps every box.
+
+        Boxes are cut to the model's view and mapped back through this processor's own view of each image (its
+        resize, and with `shortest_edge` its center crop): the exact inverse of how `boxes=` inputs are mapped in.
 
         Args:
-            outputs: The model's output (`logits`, `pred_boxes`).
-            threshold: Keep proposals scoring above this.
-            target_sizes: `(batch_size, 2)` tensor or list of `(height, width)`: boxes in those pixels (the original
-                images'), else in normalised coordinates.
+            outputs: The model's output (`logits` `(batch_size, num_patches, num_queries)`, `pred_boxes`
+                `(batch_size, num_patches, 4)` as normalised `(center_x, center_y, width, height)` of the view).
+            threshold: Keep (box, query) pairs scoring above this.
+            target_sizes: `(batch_size, 2)` tensor or list of `(height, width)` of the original images: boxes in
+                their pixels. Without it, boxes are fractions of the model's view.
+            nms_threshold: IoU above which a box is suppressed by a better-scored box of the same query.
 
         Returns:
-            Per image, a dict with `scores` `(N,)`, `labels` `(N,)` (query index) and `boxes` `(N, 4)` as absolute
-            `(x0, y0, x1, y1)`.
+            Per image, a dict with `scores` `(N,)`, `labels` `(N,)` (query index) and `boxes` `(N, 4)` as
+            `(x0, y0, x1, y1)`, best score first.
         """
         logits, boxes = outputs["logits"], outputs["pred_boxes"]
-        scores, labels = logits.float().softmax(dim=1).max(dim=-1)  # (B, P)
-        centre, extent = boxes[..., :2].float(), boxes[..., 2:].float()
-        corners = torch.cat((centre - extent / 2, centre + extent / 2), dim=-1)
         if target_sizes is not None:
-            sizes = torch.as_tensor(target_sizes, dtype=torch.float32, device=corners.device).reshape(-1, 2)
-            if len(sizes) != len(corners):
-                raise ValueError(f"Got {len(sizes)} target sizes for {len(corners)} images.")
-            height, width = sizes.unbind(-1)
-            corners = corners * torch.stack((width, height, width, height), dim=-1)[:, None, :]
-        return [
-            {
-                "scores": score[score > threshold],
-                "labels": label[score > threshold],
-                "boxes": box[score > threshold],
-            }
-            for score, label, box in zip(scores, labels, corners, strict=True)
-        ]
+            target_sizes = torch.as_tensor(target_sizes).reshape(-1, 2).tolist()
+            if len(target_sizes) != len(logits):
+                raise ValueError(f"Got {len(target_sizes)} target sizes for {len(logits)} images.")
+        scores = logits.float().sigmoid()
+        centre, extent = boxes[..., :2].float(), boxes[..., 2:].float()
+        corners = torch.cat((centre - extent / 2, centre + extent / 2), dim=-1).clamp(0.0, 1.0)
+        size = SizeDict(**get_size_dict(self.size))
+        # Without a resize the processor keeps the whole image (see `_preprocess_image_like_inputs`).
+        shortest_edge = self.shortest_edge if self.do_resize else None
+        results = []
+        for index, (image_scores, image_boxes) in enumerate(zip(scores, corners, strict=True)):
+            patches, queries = torch.nonzero(image_scores > threshold, as_tuple=True)
+            candidate_scores, candidate_boxes = image_scores[patches, queries], image_boxes[patches]
+            keep = batched_nms(candidate_boxes, candidate_scores, queries, nms_threshold)
+            image_boxes = candidate_boxes[keep]
+            if target_sizes is not None:
+                height, width = (int(value) for value in target_sizes[index])
+                scale, offset = self._view_frame(height, width, size, shortest_edge)
+                image_boxes = image_boxes * image_boxes.new_tensor(scale) + image_boxes.new_tensor(offset)
+            results.append({"scores": candidate_scores[keep], "labels": queries[keep], "boxes": image_boxes})
+        return results
 
     @staticmethod
     def _view(height: int, width: int, size, shortest_edge: int | None) -> tuple[int, int, int, int]:
@@ -439,6 +507,19 @@ class RegionMedCLIPImageProcessor(_ImageProcessorBase):
                 f"shortest_edge={shortest_edge} is smaller than the crop size {size.height}x{size.width}."
             )
         return (*resized, (resized[0] - size.height) // 2, (resized[1] - size.width) // 2)
+
+    @classmethod
+    def _view_frame(
+        cls, height: int, width: int, size, shortest_edge: int | None
+    ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """`(scale, offset)`, each in box order `(x, y, x, y)`: the point at fractions `f` of the model's view (see
+        `_view`) is at pixel `offset + f * scale` of the original image. Boxes go into the view by its inverse
+        (`_in_view`) and predicted boxes come back by it (`post_process_object_detection`)."""
+        resized_height, resized_width, top, left = cls._view(height, width, size, shortest_edge)
+        # One division each, so that without a crop the scale is the image's size exactly.
+        scale = (size.width * width / resized_width, size.height * height / resized_height)
+        offset = (left * width / resized_width, top * height / resized_height)
+        return scale * 2, offset * 2
 
     def _to_pixel_values(
         self,
@@ -519,18 +600,12 @@ class RegionMedCLIPImageProcessor(_ImageProcessorBase):
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     @staticmethod
-    def _in_view(box, height: int, width: int, view, size) -> tuple[tuple | None, bool]:
-        """A pixel box of the original image as fractions of the model's view (see `_view`), clipped to it, and
-        whether it was clipped; `None` for a box wholly outside the view."""
-        x0, y0, x1, y1 = box
-        if view == (size.height, size.width, 0, 0):
-            return (x0 / width, y0 / height, x1 / width, y1 / height), False
-        resized_height, resized_width, top, left = view
-        scaled = (
-            (x0 * resized_width / width - left) / size.width,
-            (y0 * resized_height / height - top) / size.height,
-            (x1 * resized_width / width - left) / size.width,
-            (y1 * resized_height / height - top) / size.height,
+    def _in_view(box, frame) -> tuple[tuple | None, bool]:
+        """A pixel box of the original image as fractions of the model's view, given the view's `_view_frame`,
+        clipped to it, and whether it was clipped; `None` for a box wholly outside the view."""
+        scale, offset = frame
+        scaled = tuple(
+            (value - start) / extent for value, extent, start in zip(box, scale, offset, strict=True)
         )
         clipped = tuple(min(max(value, 0.0), 1.0) for value in scaled)
         if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
@@ -568,11 +643,9 @@ class RegionMedCLIPImageProcessor(_ImageProcessorBase):
                     f"{where} has {len(pixel_boxes)} boxes but max_regions={max_regions}; keep the "
                     f"{max_regions} most relevant or raise max_regions (model config and processor)."
                 )
-            view = self._view(image_height, image_width, to_pixels["size"], shortest_edge)
+            frame = self._view_frame(image_height, image_width, to_pixels["size"], shortest_edge)
             for slot, (x0, y0, x1, y1) in enumerate(pixel_boxes):
-                fractions, cut = self._in_view(
-                    (x0, y0, x1, y1), image_height, image_width, view, to_pixels["size"]
-                )
+                fractions, cut = self._in_view((x0, y0, x1, y1), frame)
                 if fractions is None:
                     raise ValueError(
                         f"{where} box {slot} {(x0, y0, x1, y1)}: lies outside the center crop the model sees "
@@ -593,4 +666,4 @@ class RegionMedCLIPImageProcessor(_ImageProcessorBase):
         return regions
 
 
-__all__ = ["RegionMedCLIPImageProcessor", "decode_image", "validate_boxes"]
+__all__ = ["RegionMedCLIPImageProcessor", "batched_nms", "box_iou", "decode_image", "nms", "validate_boxes"]

@@ -19,8 +19,10 @@ from transformers.utils import ModelOutput
 
 from .configuration_regionmed_clip import RegionMedCLIPConfig
 
-# Imported so that it travels with this file: `save_pretrained` copies a model file's relative imports, which puts the
-# region pipeline (named in the config's `custom_pipelines`) in every saved folder.
+# Imported so that they travel with this file: `save_pretrained` copies a model file's relative imports, which puts the
+# pipelines (named in the config's `custom_pipelines`) in every saved folder. transformers 4.57 copies a local folder's
+# files only one import deep when it loads the model, so the pipelines' own imports are made here too.
+from .image_processing_regionmed_clip import decode_image  # noqa: F401
 from .pipeline_regionmed_clip import ZeroShotRegionClassificationPipeline  # noqa: F401
 
 try:

@@ -4,10 +4,10 @@ transformers, pillow, numpy and pydicom (never this package).
     python tests/remote_code_check.py FOLDER INPUTS.json WORKDIR
 
 Loads FOLDER (saved by the main environment) through the Auto classes with `trust_remote_code=True`, scores the
-inputs of INPUTS.json with the model, the zero-shot pipeline, the region pipeline and the zero-shot-object-detection
-pipeline, computes the image–text loss of `return_loss=True`, saves and reloads the model and processor under
-WORKDIR, and prints one JSON report on the last line of stdout. `tests/test_remote_code_compat.py`
-compares the report with the main environment's own scores.
+inputs of INPUTS.json with the model, the zero-shot pipeline, the region pipeline, the zero-shot-object-detection
+pipeline and the region detection pipeline, computes the image–text loss of `return_loss=True`, saves and reloads the
+model and processor under WORKDIR, and prints one JSON report on the last line of stdout.
+`tests/test_remote_code_compat.py` compares the report with the main environment's own scores.
 """
 
 import json
@@ -60,6 +60,11 @@ def main(folder: str, inputs_path: str, workdir: str) -> dict:
 
     detector = pipeline("zero-shot-object-detection", model=folder, trust_remote_code=True)
     detection = detector(images[0], candidate_labels=labels, threshold=0.0)
+    # Every image and the DICOM path in one call, the labels as one string.
+    region_detector = pipeline("zero-shot-region-detection", model=folder, trust_remote_code=True)
+    region_detection = region_detector(
+        images + inputs["paths"], candidate_labels=", ".join(labels), threshold=0.0, top_k=4
+    )
 
     # CLIPModel's `return_loss`: image i paired with label i, with its boxes.
     paired = processor(text=labels[: len(images)], images=images, boxes=boxes, return_tensors="pt")
@@ -80,12 +85,15 @@ def main(folder: str, inputs_path: str, workdir: str) -> dict:
         "transformers": transformers.__version__,
         "fields": {name: getattr(config, name) for name in own_fields},
         "resaved_fields": {name: getattr(reloaded_model.config, name) for name in own_fields},
-        "classes": [type(config).__module__, type(model).__module__, type(processor).__module__],
+        "classes": [
+            type(component).__module__ for component in (config, model, processor, regions, region_detector)
+        ],
         "logits": logits_of(model, processor),
         "loss": loss,
         "zero_shot": zero_shot,
         "region": region_results,
         "detection": detection,
+        "region_detection": region_detection,
         "resaved_logits": logits_of(reloaded_model, reloaded_processor),
         "eager_towers": [
             eager.config.vision_config._attn_implementation,

@@ -10,6 +10,8 @@ from PIL import Image
 from transformers.image_processing_backends import PilBackend
 
 from regionmed_clip import RegionMedCLIPImageProcessor, decode_image
+from regionmed_clip.image_processing_regionmed_clip import batched_nms
+from regionmed_clip.modeling_regionmed_clip import RegionMedCLIPObjectDetectionOutput
 
 from .conftest import random_image
 
@@ -253,3 +255,116 @@ def test_image_processor_from_model_config():
     assert dict(image_processor.size) == {"height": 32, "width": 32}
     assert (image_processor.roi_mode, image_processor.max_regions) == ("crop", 5)
     assert tuple(image_processor.image_mean) == (0.1, 0.1, 0.1)
+
+
+def detections(logits, corners):
+    """The detector's outputs for given logits `(B, P, Q)` and boxes `(B, P, 4)` as x0, y0, x1, y1 of the view."""
+    corners = torch.as_tensor(corners, dtype=torch.float32)
+    centre, extent = (corners[..., :2] + corners[..., 2:]) / 2, corners[..., 2:] - corners[..., :2]
+    return RegionMedCLIPObjectDetectionOutput(
+        logits=torch.as_tensor(logits, dtype=torch.float32), pred_boxes=torch.cat((centre, extent), dim=-1)
+    )
+
+
+def test_post_processing_scores_every_box_for_every_query_by_its_sigmoid():
+    lowest = torch.finfo(torch.float32).min
+    outputs = detections(
+        [[[2.0, -1.0], [0.5, 3.0], [lowest, float("-inf")]]],
+        [[[0.0, 0.0, 0.25, 0.5], [0.5, 0.5, 1.0, 1.0], [0.0, 0.5, 0.5, 1.0]]],
+    )
+    (found,) = processor().post_process_object_detection(outputs, threshold=0.0)
+    # Best first; the box of patch 1 is reported for both queries, each with its own score; patch 2 scores 0.
+    torch.testing.assert_close(found["scores"], torch.tensor([3.0, 2.0, 0.5, -1.0]).sigmoid())
+    assert found["labels"].tolist() == [1, 0, 0, 1]
+    torch.testing.assert_close(
+        found["boxes"],
+        torch.tensor(
+            [[0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 0.25, 0.5], [0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 0.25, 0.5]]
+        ),
+    )
+    (kept,) = processor().post_process_object_detection(outputs, threshold=float(torch.tensor(0.5).sigmoid()))
+    assert kept["labels"].tolist() == [1, 0]
+
+
+def test_post_processing_suppresses_overlapping_boxes_within_each_query_only():
+    # IoU of boxes 0 and 1: 0.6; of 1 and 2: 0.23; of 0 and 2: 0.07; box 3 overlaps none (exact binary fractions).
+    boxes = [
+        [0.0, 0.0, 0.5, 0.5],
+        [0.0, 0.125, 0.5, 0.625],
+        [0.0, 0.4375, 0.5, 0.9375],
+        [0.625, 0.625, 1.0, 1.0],
+    ]
+    outputs = detections([[[3.0, 1.0], [2.0, 2.0], [1.0, 3.0], [0.0, 0.0]]], [boxes])
+
+    def kept(nms_threshold):
+        (found,) = processor().post_process_object_detection(
+            outputs, threshold=0.0, nms_threshold=nms_threshold
+        )
+        pairs = zip(found["labels"].tolist(), found["boxes"].tolist(), strict=True)
+        return sorted((query, boxes.index(box)) for query, box in pairs)
+
+    # Query 0: box 0 suppresses box 1. Query 1: box 2 does not suppress box 1 (0.23 < 0.3), which suppresses box 0.
+    assert kept(0.3) == [(0, 0), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
+    # At 0.2, box 2 suppresses box 1 for query 1, so box 0 stays.
+    assert kept(0.2) == [(0, 0), (0, 2), (0, 3), (1, 0), (1, 2), (1, 3)]
+    assert kept(1.0) == [(query, box) for query in (0, 1) for box in range(4)]
+
+
+def test_batched_nms_is_nms_within_each_group():
+    from .test_annotation_units import naive_nms
+
+    generator = torch.Generator().manual_seed(0)
+    corner = torch.rand(40, 2, generator=generator)
+    boxes = torch.cat((corner, corner + 0.05 + 0.3 * torch.rand(40, 2, generator=generator)), dim=-1)
+    scores = torch.rand(40, generator=generator)
+    groups = torch.randint(0, 3, (40,), generator=generator)
+    kept = batched_nms(boxes, scores, groups, 0.3)
+    assert scores[kept].tolist() == sorted(scores[kept].tolist(), reverse=True)
+    for group in range(3):
+        members = torch.nonzero(groups == group).flatten()
+        expected = naive_nms(boxes[members].tolist(), scores[members].tolist(), 0.3)
+        assert sorted(kept[groups[kept] == group].tolist()) == sorted(members[expected].tolist())
+
+
+def clip_view(width: int, height: int, shortest_edge: int, crop: int) -> tuple[float, ...]:
+    """The part of an image that CLIP's preprocessing shows, in its pixels: the shorter side resized to
+    `shortest_edge` (the longer one rounded down), then the center `crop` square (its offset rounded down)."""
+    if width <= height:
+        resized_width, resized_height = shortest_edge, int(shortest_edge * height / width)
+    else:
+        resized_width, resized_height = int(shortest_edge * width / height), shortest_edge
+    left, top = (resized_width - crop) // 2, (resized_height - crop) // 2
+    x_scale, y_scale = width / resized_width, height / resized_height
+    return (left * x_scale, top * y_scale, (left + crop) * x_scale, (top + crop) * y_scale)
+
+
+@pytest.mark.parametrize("shortest_edge", [None, 24], ids=["resize", "shortest-edge-and-center-crop"])
+@pytest.mark.parametrize(("width", "height"), [(200, 100), (90, 150)])
+def test_boxes_given_to_the_processor_come_back_from_post_processing_where_they_were(
+    shortest_edge, width, height
+):
+    """Every box the processor maps into the model's view, read back by post-processing as a predicted box, is
+    where it was in the original image, clipped to the part of the image the view shows."""
+    image_processor = processor(shortest_edge=shortest_edge, max_regions=3)
+    inside = (0.3 * width, 0.35 * height, 0.6 * width, 0.55 * height)
+    across_the_crop = (0.02 * width, 0.25 * height, 0.55 * width, 0.97 * height)
+    boxes = [inside, across_the_crop, (0, 0, width, height)]
+    inputs = image_processor(random_image(width, height, 10), boxes=[boxes], return_tensors="pt")
+    outputs = detections((torch.eye(3) * 20 - 10)[None], inputs["roi_boxes"])
+    (found,) = image_processor.post_process_object_detection(
+        outputs, threshold=0.5, target_sizes=[(height, width)]
+    )
+    view = (0, 0, width, height) if shortest_edge is None else clip_view(width, height, shortest_edge, 16)
+    expected = [
+        (max(x0, view[0]), max(y0, view[1]), min(x1, view[2]), min(y1, view[3])) for x0, y0, x1, y1 in boxes
+    ]
+    if shortest_edge is not None:
+        assert expected[1] != across_the_crop and expected[2] != boxes[2]
+    by_label = found["boxes"][torch.argsort(found["labels"])]
+    np.testing.assert_allclose(by_label.numpy(), np.array(expected), rtol=0, atol=1e-3)
+
+
+def test_a_box_at_the_left_quarter_of_a_center_crop_comes_back_inside_the_crop():
+    outputs = detections([[[5.0]]], [[[0.0, 0.0, 0.25, 1.0]]])
+    (found,) = processor(shortest_edge=16).post_process_object_detection(outputs, target_sizes=[(100, 200)])
+    torch.testing.assert_close(found["boxes"], torch.tensor([[50.0, 0.0, 75.0, 100.0]]))

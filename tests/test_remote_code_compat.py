@@ -16,9 +16,14 @@ import pydicom.data
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoModel, AutoProcessor, pipeline
+from transformers import AutoModel, AutoProcessor, ZeroShotObjectDetectionPipeline, pipeline
 
-from regionmed_clip import RegionMedCLIPForZeroShotObjectDetection, ZeroShotRegionClassificationPipeline
+from regionmed_clip import (
+    RegionMedCLIPForZeroShotObjectDetection,
+    ZeroShotRegionClassificationPipeline,
+    ZeroShotRegionDetectionPipeline,
+    decode_image,
+)
 from regionmed_clip.training import RegionMedCLIPForPreTraining
 
 from .conftest import make_processor, random_image, tiny_model
@@ -89,12 +94,13 @@ def _assert_matches_forward(results, folder, images, boxes):
             )
 
 
-def test_saved_folder_ships_the_region_pipeline(folder):
+def test_saved_folder_ships_both_pipelines(folder):
     assert (folder / "pipeline_regionmed_clip.py").is_file()
-    config = json.loads((folder / "config.json").read_text())
-    assert config["custom_pipelines"]["zero-shot-region-classification"]["impl"] == (
-        "pipeline_regionmed_clip.ZeroShotRegionClassificationPipeline"
-    )
+    pipelines = json.loads((folder / "config.json").read_text())["custom_pipelines"]
+    assert {task: spec["impl"] for task, spec in pipelines.items()} == {
+        "zero-shot-region-classification": "pipeline_regionmed_clip.ZeroShotRegionClassificationPipeline",
+        "zero-shot-region-detection": "pipeline_regionmed_clip.ZeroShotRegionDetectionPipeline",
+    }
 
 
 def test_region_pipeline_scores_equal_the_models_forward_in_batches(folder, images):
@@ -204,54 +210,123 @@ def _assert_report_matches(report, expected):
             )
     assert report["eager_towers"] == ["eager", "eager"]
     _assert_same_detections(report["detection"], expected["detection"])
+    assert len(report["region_detection"]) == 3 and all(report["region_detection"])
+    for got, want in zip(report["region_detection"], expected["region_detection"], strict=True):
+        _assert_same_detections(got, want)
 
 
-def _expected_detections(folder, image, label):
-    """Per proposal of one label (a peak of the objectness map): the softmax score and the box in pixels, from the
-    detection model's own forward."""
+def _expected_detections(folder, images, labels):
+    """Per image, the detections (at threshold 0) that the image processor's post-processing makes of the
+    detector's own forward, with every label as a query, in the image's pixels."""
     model = RegionMedCLIPForZeroShotObjectDetection.from_pretrained(folder).eval()
     processor = AutoProcessor.from_pretrained(folder)
     with torch.no_grad():
-        outputs = model(
-            **processor.tokenizer(label, return_tensors="pt"),
-            pixel_values=processor.image_processor(image, return_tensors="pt")["pixel_values"],
-        )
-    peaks = outputs.logits[0, :, 0] > torch.finfo(outputs.logits.dtype).min
-    scores = outputs.logits[0, :, 0].softmax(0)[peaks]
-    centre, extent = outputs.pred_boxes[0, peaks, :2], outputs.pred_boxes[0, peaks, 2:]
-    corners = torch.cat((centre - extent / 2, centre + extent / 2), -1) * torch.tensor(
-        [image.width, image.height, image.width, image.height]
+        outputs = model(**processor(text=labels, images=images, return_tensors="pt"))
+    sizes = [decode_image(image).shape[:2] for image in images]
+    found = processor.image_processor.post_process_object_detection(
+        outputs, threshold=0.0, target_sizes=sizes
     )
-    return scores, corners
+    return [
+        [
+            {
+                "score": score,
+                "label": labels[label],
+                "box": dict(zip(("xmin", "ymin", "xmax", "ymax"), box, strict=True)),
+            }
+            for score, label, box in zip(
+                image["scores"].tolist(), image["labels"].tolist(), image["boxes"].int().tolist(), strict=True
+            )
+        ]
+        for image in found
+    ]
 
 
-def test_zero_shot_object_detection_pipeline_finds_text_queries_with_the_models_boxes(folder, images):
+@pytest.fixture(scope="module")
+def region_detector(folder):
+    return pipeline(
+        "zero-shot-region-detection", model=str(folder), pipeline_class=ZeroShotRegionDetectionPipeline
+    )
+
+
+def test_zero_shot_object_detection_stays_transformers_pipeline_with_the_same_detections(folder, images):
     image = Image.open(images[0][1]).convert("RGB")
     detector = pipeline("zero-shot-object-detection", model=str(folder))
+    assert isinstance(detector, ZeroShotObjectDetectionPipeline)
     assert isinstance(detector.model, RegionMedCLIPForZeroShotObjectDetection)
-    labels = LABELS[:2]
-    results = detector(image, candidate_labels=labels, threshold=0.0)
-    for label in labels:
-        found = [result for result in results if result["label"] == label]
-        scores, corners = _expected_detections(folder, image, label)
-        assert 1 < len(found) == len(scores) < 36  # every proposal, and fewer proposals than patches
-        assert sum(result["score"] for result in found) == pytest.approx(1.0, abs=1e-5)
-        best = found[0]
-        assert best["score"] == pytest.approx(float(scores.max()), abs=1e-6)
-        box = corners[scores.argmax()]
-        assert [best["box"][key] for key in ("xmin", "ymin", "xmax", "ymax")] == [int(v) for v in box]
-    top = detector(image, candidate_labels=labels, threshold=0.2)
-    assert all(result["score"] > 0.2 for result in top) and len(top) < len(results)
+    results = detector(image, candidate_labels=LABELS, threshold=0.0)
+    (expected,) = _expected_detections(folder, [image], LABELS)
+    assert len({result["label"] for result in results}) == len(LABELS)
+    _assert_same_detections(results, expected)
+    middle = len(results) // 2
+    cut = (results[middle - 1]["score"] + results[middle]["score"]) / 2
+    top = detector(image, candidate_labels=LABELS, threshold=cut)
+    _assert_same_detections(top, [result for result in expected if result["score"] > cut])
+    assert 0 < len(top) < len(results)
 
 
-def test_zero_shot_object_detection_runs_from_the_folder_where_the_package_cannot_be_imported(
+def test_region_detection_finds_one_label_list_in_a_list_of_images_and_dicom_paths(
+    folder, images, region_detector
+):
+    dicom, png = images[0]
+    inputs = [png, random_image(30, 50, 4), dicom]
+    results = region_detector(inputs, candidate_labels=LABELS, threshold=0.0, batch_size=2)
+    assert len(results) == len(inputs) and all(results)
+    for got, want in zip(results, _expected_detections(folder, inputs, LABELS), strict=True):
+        _assert_same_detections(got, want)
+    _assert_same_detections(region_detector(png, candidate_labels=LABELS, threshold=0.0), results[0])
+
+
+def test_region_detection_takes_labels_as_one_string_and_keeps_the_top_k(images, region_detector):
+    png = images[0][1]
+    every = region_detector(png, candidate_labels=LABELS, threshold=0.0)
+    assert region_detector(png, candidate_labels=" , ".join(LABELS) + ",", threshold=0.0) == every
+    top = region_detector(png, candidate_labels=LABELS, threshold=0.0, top_k=2)
+    assert len(every) > 2 and top == every[:2]
+    with pytest.raises(ValueError, match="candidate_labels"):
+        region_detector(png, candidate_labels=" , ")
+
+
+def test_region_detection_encodes_the_labels_once_per_call(images, region_detector):
+    towers = region_detector.model.regionmed_clip
+    texts, forwards = [], []
+    hooks = [
+        towers.text_model.register_forward_hook(lambda module, args, output: texts.append(len(output[0]))),
+        towers.vision_model.register_forward_hook(
+            lambda module, args, output: forwards.append(len(output[0]))
+        ),
+    ]
+    try:
+        region_detector([images[0][1]] * 3, candidate_labels=[*LABELS, LABELS[0]], batch_size=2)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert texts == [len(LABELS)]  # one forward of the distinct labels
+    assert forwards == [2, 1]
+
+
+def test_region_detection_runs_under_the_zero_shot_object_detection_task_name(
+    folder, images, region_detector
+):
+    named = pipeline(
+        "zero-shot-object-detection", model=str(folder), pipeline_class=ZeroShotRegionDetectionPipeline
+    )
+    png = images[0][1]
+    assert named(png, candidate_labels=LABELS) == region_detector(png, candidate_labels=LABELS)
+
+
+def test_both_detection_pipelines_run_from_the_folder_where_the_package_cannot_be_imported(
     folder, images, tmp_path
 ):
+    dicom, png = images[0]
     code = BLOCK_PACKAGE + (
         "import json\nfrom PIL import Image\nfrom transformers import pipeline\n"
-        f"p = pipeline('zero-shot-object-detection', model={str(folder)!r}, trust_remote_code=True)\n"
-        f"image = Image.open({images[0][1]!r}).convert('RGB')\n"
-        f"print(json.dumps(p(image, candidate_labels={LABELS!r}, threshold=0.0)))\n"
+        f"builtin = pipeline('zero-shot-object-detection', model={str(folder)!r}, trust_remote_code=True)\n"
+        f"region = pipeline('zero-shot-region-detection', model={str(folder)!r}, trust_remote_code=True)\n"
+        f"image = Image.open({png!r}).convert('RGB')\n"
+        "print(json.dumps({"
+        f"'builtin': builtin(image, candidate_labels={LABELS!r}, threshold=0.0), "
+        f"'region': region([{png!r}, {dicom!r}], candidate_labels={', '.join(LABELS)!r}, threshold=0.0, top_k=4)"
+        "}))\n"
     )
     env = {
         **os.environ,
@@ -264,10 +339,12 @@ def test_zero_shot_object_detection_runs_from_the_folder_where_the_package_canno
     )
     assert result.returncode == 0, result.stderr[-3000:]
     remote = json.loads(result.stdout.strip().splitlines()[-1])
-    local = pipeline("zero-shot-object-detection", model=str(folder))(
-        Image.open(images[0][1]).convert("RGB"), candidate_labels=LABELS, threshold=0.0
-    )
-    _assert_same_detections(remote, local)
+    png_detections, dicom_detections = _expected_detections(folder, [png, dicom], LABELS)
+    _assert_same_detections(remote["builtin"], png_detections)
+    assert len(remote["region"]) == 2
+    for got, want in zip(remote["region"], (png_detections, dicom_detections), strict=True):
+        assert len(got) == 4
+        _assert_same_detections(got, want[:4])
 
 
 def _assert_same_detections(got: list[dict], want: list[dict]):

@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from ..data.vocabulary import TERMS
+from ..image_processing_regionmed_clip import box_iou, nms
 
 MaskQuality = Literal["stability", "predicted_iou"]
 MASK_QUALITIES = get_args(MaskQuality)
@@ -124,40 +125,6 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
-
-
-def box_iou(boxes_a: torch.Tensor, boxes_b: torch.Tensor) -> torch.Tensor:
-    """Pairwise IoU `(N, M)` of boxes `(N, 4)` and `(M, 4)` in [x0, y0, x1, y1]; a pair with no area is 0."""
-    area_a = (boxes_a[:, 2] - boxes_a[:, 0]).clamp(min=0) * (boxes_a[:, 3] - boxes_a[:, 1]).clamp(min=0)
-    area_b = (boxes_b[:, 2] - boxes_b[:, 0]).clamp(min=0) * (boxes_b[:, 3] - boxes_b[:, 1]).clamp(min=0)
-    top_left = torch.maximum(boxes_a[:, None, :2], boxes_b[None, :, :2])
-    bottom_right = torch.minimum(boxes_a[:, None, 2:], boxes_b[None, :, 2:])
-    overlap = (bottom_right - top_left).clamp(min=0).prod(-1)
-    union = area_a[:, None] + area_b[None, :] - overlap
-    return torch.where(union > 0, overlap / union.clamp(min=torch.finfo(overlap.dtype).tiny), 0.0)
-
-
-def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
-    """Greedy non-maximum suppression (torchvision's semantics, which cannot be a dependency here).
-
-    Returns the indices of the kept boxes, best score first; a box is suppressed when its IoU with a kept,
-    higher-scored box is greater than `iou_threshold`. Ties in score keep the earlier box first. Memory is O(N):
-    IoUs are computed one kept box against the survivors, since detectors return thousands of candidates.
-    """
-    if boxes.numel() == 0:
-        return torch.zeros(0, dtype=torch.long)
-    boxes = boxes.float()
-    remaining = torch.argsort(scores, descending=True, stable=True)
-    keep = []
-    while remaining.numel():
-        best = remaining[0]
-        keep.append(best)
-        rest = remaining[1:]
-        if not rest.numel():
-            break
-        overlaps = box_iou(boxes[best][None], boxes[rest])[0]
-        remaining = rest[overlaps <= iou_threshold]
-    return torch.stack(keep)
 
 
 def mask_to_box(mask: torch.Tensor) -> list[float] | None:
