@@ -111,10 +111,24 @@ def test_fewer_than_three_seeds_give_no_verdict_and_the_report_names_its_dataset
     assert evaluated_on(synth) == "the test split of MedRegion-synth (outputs/synth)"
 
 
-def test_localization_is_judged_against_each_of_its_controls():
-    def entry(mean, std):
-        return {"mean": mean, "std": std}
+def entry(mean: float, std: float) -> dict:
+    return {"mean": mean, "std": std}
 
+
+def three_seed_result(summary: dict, **verdicts) -> dict:
+    """What `markdown` reads of a learning check over seeds 0, 1, 2 with `summary`, given its control verdicts."""
+    return {
+        "seeds": [0, 1, 2],
+        "steps": {"global": 10},
+        "dataset": "the test split of D",
+        "summary": summary,
+        "verdict": verdict(summary, seeds=3),
+        **verdicts,
+        "seconds": 60.0,
+    }
+
+
+def test_localization_is_judged_against_each_of_its_controls():
     kind = "position_free/"
     summary = {
         "4-stage (region-aware)": {
@@ -150,25 +164,13 @@ def test_localization_is_judged_against_each_of_its_controls():
     heatmap = judged[("pointing", "global-only heatmap's peak")]  # margin 0.08, bar 2 × 0.03
     assert heatmap["bar"] == pytest.approx(0.06) and heatmap["beats"] is True
     assert all(row["beats"] is None and row["bar"] is None for row in localization_verdict(summary, seeds=2))
-    result = {
-        "seeds": [0, 1, 2],
-        "steps": {"global": 10},
-        "dataset": "the test split of D",
-        "summary": summary,
-        "verdict": verdict(summary, seeds=3),
-        "localization_verdict": rows,
-        "seconds": 60.0,
-    }
-    table = markdown(result)
+    table = markdown(three_seed_result(summary, localization_verdict=rows))
     assert "## Localization without boxes against its controls" in table
     assert "| position_free | pointing | 0.600 ± 0.020 | box prior" in table
     assert table.count("| position_free |") == len(rows)
 
 
 def test_detection_of_terms_is_judged_by_ap50_and_presence_against_every_control():
-    def entry(mean, std):
-        return {"mean": mean, "std": std}
-
     aware, plain = {}, {}
     for kind in ("term", "position_free"):
         aware.update(
@@ -199,16 +201,7 @@ def test_detection_of_terms_is_judged_by_ap50_and_presence_against_every_control
     assert heatmap["bar"] == pytest.approx(0.04) and heatmap["beats"] is True
     presence = judged[("presence AUC", "the model's heatmap peak")]  # margin 0.015, bar 2 × 0.01
     assert presence["margin"] == pytest.approx(0.015) and presence["beats"] is False
-    result = {
-        "seeds": [0, 1, 2],
-        "steps": {"global": 10},
-        "dataset": "the test split of D",
-        "summary": summary,
-        "verdict": verdict(summary, seeds=3),
-        "detection_verdict": rows,
-        "seconds": 60.0,
-    }
-    table = markdown(result)
+    table = markdown(three_seed_result(summary, detection_verdict=rows))
     assert "| term | presence AUC | 0.920 ± 0.010 | 0.600 ± 0.000 | 0.500 ± 0.000 | 0.905 ± 0.000 |" in table
     assert "| position_free | AR@100 | 0.600 ± 0.010 | – | – | – | – |" in table
     assert table.count("| term | AP50 | 0.550 ± 0.020 | ") == 1 + len(

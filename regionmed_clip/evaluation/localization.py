@@ -237,6 +237,7 @@ def run_queries(
     text_embeds = text_embeddings(detector.base_model, processor, texts, max_length, batch_size)
     prior = _box_prior(support_regions, kind)
     run = QueryRun(texts, len(rows), every_image, {}, {method: {} for method in DETECTION_METHODS}, [], [])
+    found = run.detections
     for start in tqdm(
         range(0, len(rows), batch_size), desc=f"{kind} queries", leave=False, disable=not progress
     ):
@@ -255,7 +256,6 @@ def run_queries(
         )
         pixels = model_inputs({"pixel_values": inputs["pixel_values"]}, detector)["pixel_values"]
         outputs = detector(pixel_values=pixels, query_embeds=text_embeds.to(pixels.device))
-        found = run.detections
         for query in sorted({query for queries in asked for query in queries}):
             ranked = post_processed(processor, outputs, outputs.logits[..., query : query + 1], nms_threshold)
             for slot, row in enumerate(members):
