@@ -69,6 +69,7 @@ def test_demo_program_writes_model_report_and_metrics(tmp_path):
     box_free = [name for name in figures if name.endswith("(box-free)")]
     assert figures[: len(box_free)] == box_free
     assert {"finding pointing, term (box-free)", "finding AP50, term (box-free)"} <= set(box_free)
+    assert {"detection AP50, term (box-free)", "detection presence AUC, term (box-free)"} <= set(box_free)
     assert all(name.endswith("(GT boxes at test)") for name in figures[len(box_free) :])
     assert "hard-negative accuracy (GT boxes at test)" in figures
     # The 4-stage model's proposer was trained: its self-proposed box-free rows follow z_global's.
@@ -108,6 +109,22 @@ def test_demo_program_writes_model_report_and_metrics(tmp_path):
         "| region → caption R@1 (GT boxes"
     )
     assert "Zero-shot classification" in report and "VQA" in report
+    # Detection: the 4-stage model beside each control and the global-only model's detector.
+    assert "## Detection: every test image asked every query" in report
+    row = next(line for line in report.splitlines() if line.startswith("| term | presence AUC |"))
+    assert row.count("|") == 8 and "–" not in row
+    # Presence scores as the pipeline gives them, for every term of the split on one test image.
+    from regionmed_clip.data.folder import load_rows
+
+    rows = load_rows(tmp_path / "synth", "test")
+    terms = {region["term"] for row in rows for region in row["regions"] or []}
+    presence = metrics["presence_example"]["scores"]
+    assert {entry["label"] for entry in presence} == terms
+    assert all(0.0 <= entry["score"] <= 1.0 for entry in presence)
+    assert {entry["label"] for entry in presence if entry["in_image"]} == {
+        region["term"] for region in rows[0]["regions"] or []
+    }
+    assert "## Presence scores on test image 0" in report
     assert "total" in result.stdout
     assert os.path.getsize(out / "comparison.png") > 1000
     card = (out / "model" / "README.md").read_text()

@@ -294,6 +294,24 @@ def test_save_heatmap_overlay_writes_a_png_shaped_like_the_image(tmp_path, width
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100
 
 
+def test_save_heatmap_overlay_writes_each_box_label_at_its_box(tmp_path):
+    similarity = np.linspace(-0.3, 0.6, 16, dtype=np.float32).reshape(4, 4)
+    image = random_image(90, 90, 1, mode="L")
+
+    def drawn(box, labels):
+        path = save_heatmap_overlay(image, similarity, tmp_path / "map.png", boxes=[box], box_labels=labels)
+        with Image.open(path) as png:
+            return np.asarray(png.convert("RGB")).astype(int)
+
+    centres = []
+    for box in ((5, 5, 30, 30), (55, 55, 85, 85)):
+        changed = np.argwhere(np.abs(drawn(box, ["0.93"]) - drawn(box, None)).sum(-1) > 0)
+        assert len(changed) > 20  # the label's pixels
+        centres.append(changed.mean(0))
+    # The label goes with its box: lower and further right for the box at the lower right.
+    assert (centres[1] > centres[0] + 20).all()
+
+
 def test_save_heatmap_overlay_rejects_a_flat_map(tmp_path):
     with pytest.raises(ValueError, match="similarity"):
         save_heatmap_overlay(random_image(20, 20, 0), np.zeros(16), tmp_path / "x.png")

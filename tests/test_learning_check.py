@@ -25,6 +25,7 @@ from regionmed_clip.experiments.learning_check import (
     REGION_ANNOTATIONS,
     SHUFFLED,
     aggregate,
+    detection_verdict,
     flat_figures,
     localization_verdict,
     markdown,
@@ -110,10 +111,24 @@ def test_fewer_than_three_seeds_give_no_verdict_and_the_report_names_its_dataset
     assert evaluated_on(synth) == "the test split of MedRegion-synth (outputs/synth)"
 
 
-def test_localization_is_judged_against_each_of_its_controls():
-    def entry(mean, std):
-        return {"mean": mean, "std": std}
+def entry(mean: float, std: float) -> dict:
+    return {"mean": mean, "std": std}
 
+
+def three_seed_result(summary: dict, **verdicts) -> dict:
+    """What `markdown` reads of a learning check over seeds 0, 1, 2 with `summary`, given its control verdicts."""
+    return {
+        "seeds": [0, 1, 2],
+        "steps": {"global": 10},
+        "dataset": "the test split of D",
+        "summary": summary,
+        "verdict": verdict(summary, seeds=3),
+        **verdicts,
+        "seconds": 60.0,
+    }
+
+
+def test_localization_is_judged_against_each_of_its_controls():
     kind = "position_free/"
     summary = {
         "4-stage (region-aware)": {
@@ -123,6 +138,7 @@ def test_localization_is_judged_against_each_of_its_controls():
             f"localization/{kind}ap50": entry(0.10, 0.01),
             f"localization/{kind}controls/objectness_only/ap50": entry(0.05, 0.01),
             f"localization/{kind}controls/box_prior/ap50": entry(0.01, 0.0),
+            f"localization/{kind}heatmap_pointing_accuracy": entry(0.50, 0.02),
         },
         "global-only": {
             f"localization/{kind}pointing_accuracy": entry(0.30, 0.05),
@@ -137,6 +153,7 @@ def test_localization_is_judged_against_each_of_its_controls():
         ("pointing", "box prior"),
         ("pointing", "global-only model"),
         ("pointing", "global-only heatmap's peak"),
+        ("pointing", "the model's own heatmap peak"),
         ("AP50", "objectness only"),
         ("AP50", "box prior"),
         ("AP50", "global-only model"),
@@ -147,19 +164,49 @@ def test_localization_is_judged_against_each_of_its_controls():
     heatmap = judged[("pointing", "global-only heatmap's peak")]  # margin 0.08, bar 2 × 0.03
     assert heatmap["bar"] == pytest.approx(0.06) and heatmap["beats"] is True
     assert all(row["beats"] is None and row["bar"] is None for row in localization_verdict(summary, seeds=2))
-    result = {
-        "seeds": [0, 1, 2],
-        "steps": {"global": 10},
-        "dataset": "the test split of D",
-        "summary": summary,
-        "verdict": verdict(summary, seeds=3),
-        "localization_verdict": rows,
-        "seconds": 60.0,
-    }
-    table = markdown(result)
+    table = markdown(three_seed_result(summary, localization_verdict=rows))
     assert "## Localization without boxes against its controls" in table
     assert "| position_free | pointing | 0.600 ± 0.020 | box prior" in table
     assert table.count("| position_free |") == len(rows)
+
+
+def test_detection_of_terms_is_judged_by_ap50_and_presence_against_every_control():
+    aware, plain = {}, {}
+    for kind in ("term", "position_free"):
+        aware.update(
+            {
+                f"detection/{kind}/ap": entry(0.3, 0.01),
+                f"detection/{kind}/ap50": entry(0.55, 0.02),
+                f"detection/{kind}/ar@100": entry(0.6, 0.01),
+                f"detection/{kind}/presence_auc": entry(0.92, 0.01),
+            }
+        )
+        for control, ap50, presence in (
+            ("objectness_only", 0.10, 0.60),
+            ("box_prior", 0.02, 0.50),
+            ("heatmap_peak", 0.50, 0.905),
+        ):
+            aware[f"detection/{kind}/controls/{control}/ap50"] = entry(ap50, 0.01)
+            aware[f"detection/{kind}/controls/{control}/presence_auc"] = entry(presence, 0.0)
+        plain.update(
+            {f"detection/{kind}/ap50": entry(0.0, 0.0), f"detection/{kind}/presence_auc": entry(0.5, 0.05)}
+        )
+    summary = {"4-stage (region-aware)": aware, "global-only": plain}
+    rows = detection_verdict(summary, seeds=3)
+    judged = {(row["metric"], row["control"].split(" (")[0].split(",")[0]): row for row in rows}
+    controls = {"objectness only", "box prior", "the model's heatmap peak", "global-only model"}
+    assert set(judged) == {(metric, control) for metric in ("AP50", "presence AUC") for control in controls}
+    assert {row["query"] for row in rows} == {"term"}  # position-free queries are tabled, not judged
+    heatmap = judged[("AP50", "the model's heatmap peak")]  # margin 0.05, bar 2 × 0.02
+    assert heatmap["bar"] == pytest.approx(0.04) and heatmap["beats"] is True
+    presence = judged[("presence AUC", "the model's heatmap peak")]  # margin 0.015, bar 2 × 0.01
+    assert presence["margin"] == pytest.approx(0.015) and presence["beats"] is False
+    table = markdown(three_seed_result(summary, detection_verdict=rows))
+    assert "| term | presence AUC | 0.920 ± 0.010 | 0.600 ± 0.000 | 0.500 ± 0.000 | 0.905 ± 0.000 |" in table
+    assert "| position_free | AR@100 | 0.600 ± 0.010 | – | – | – | – |" in table
+    assert table.count("| term | AP50 | 0.550 ± 0.020 | ") == 1 + len(
+        controls
+    )  # the table, then each verdict
 
 
 def tiny_check_config(tmp_path: Path) -> Path:

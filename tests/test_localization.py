@@ -1,4 +1,5 @@
-"""Text-queried localization without boxes: its metrics against naive references, and the harness task."""
+"""Finding a finding without boxes (phrase grounding and detection): the metrics against hand-computed figures and
+naive references, and the harness tasks."""
 
 import json
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from regionmed_clip.evaluation.localization import average_precision, box_iou, contrast_to_noise
+from regionmed_clip.evaluation.localization import box_iou, coco_box_metrics, contrast_to_noise, presence_auc
 
 from .conftest import make_processor, tiny_model
 
@@ -19,30 +20,13 @@ def naive_iou(a, b):
     return inter / union
 
 
-def naive_ap50(detections, truths):
-    """VOC all-point AP: greedy matching in score order, then the area under the monotone precision envelope."""
-    used = [[False] * len(boxes) for boxes in truths]
-    hits = []
-    for _, query, box in sorted(detections, key=lambda item: -item[0]):
-        best, best_iou = None, 0.5
-        for index, truth in enumerate(truths[query]):
-            overlap = naive_iou(box, truth)
-            if not used[query][index] and overlap >= best_iou:
-                best, best_iou = index, overlap
-        if best is not None:
-            used[query][best] = True
-        hits.append(best is not None)
-    total = sum(len(boxes) for boxes in truths)
-    ap, previous_recall = 0.0, 0.0
-    for rank in range(len(hits)):
-        recall = sum(hits[: rank + 1]) / total
-        envelope = max(sum(hits[: k + 1]) / (k + 1) for k in range(rank, len(hits)))
-        ap += (recall - previous_recall) * envelope
-        previous_recall = recall
-    return ap
+def naive_auc(scores, positive):
+    """P(a positive outscores a negative), a tie counting half: the ROC AUC by its definition."""
+    pairs = [(p, n) for p in scores[positive] for n in scores[~positive]]
+    return sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in pairs) / len(pairs)
 
 
-def test_box_iou_and_ap50_match_naive_references():
+def test_box_iou_matches_a_naive_reference():
     rng = np.random.default_rng(0)
     corners = rng.uniform(0, 0.6, (30, 2))
     boxes = np.concatenate([corners, corners + rng.uniform(0.05, 0.4, (30, 2))], axis=1)
@@ -50,20 +34,45 @@ def test_box_iou_and_ap50_match_naive_references():
     for i in range(10):
         for j in range(20):
             assert iou[i, j] == pytest.approx(naive_iou(boxes[i], boxes[10 + j]))
-    truths = [boxes[:2], boxes[2:3], boxes[3:6]]
-    detections = []
-    for query, truth in enumerate(truths):
-        for box in truth:  # a near copy of every truth box (a hit) and a random box (mostly a miss)
-            detections.append((float(rng.uniform()), query, box + rng.normal(0, 0.01, 4)))
-            detections.append((float(rng.uniform()), query, boxes[rng.integers(6, 30)]))
-    assert average_precision(detections, truths) == pytest.approx(naive_ap50(detections, truths))
-    perfect = [(1.0, query, box) for query, truth in enumerate(truths) for box in truth]
-    assert average_precision(perfect, truths) == pytest.approx(1.0)
-    # A duplicate of a matched box is a false positive, not a second hit.
-    assert average_precision([*perfect, (0.5, 0, truths[0][0])], truths) == pytest.approx(1.0)
-    assert average_precision([(0.9, 0, truths[0][0]), (0.95, 0, truths[0][0])], truths) == pytest.approx(
-        1 / 6
-    )
+
+
+def test_coco_box_metrics_give_the_hand_computed_figures():
+    """Two images, two categories. Category 0 has a box on each image: a perfect detection on image 0 (0.9), its
+    duplicate (0.8, a false positive) and a miss on image 1 (0.7): precision 1 up to recall 1/2, so COCO's 101
+    recall points give 51/101 at every IoU threshold and AR 1/2. Category 1 has one box, on image 1: first a
+    detection on image 0, which lacks the category (0.95, a false positive), then one of IoU 0.72 on image 1 (0.6):
+    precision 1/2 at recall 1 for the thresholds 0.50 … 0.70 and nothing at 0.75 … 0.95, so AP50 1/2, AP@[.5:.95]
+    5/10 × 1/2 and AR 5/10."""
+    a, b, c = np.array([0.1, 0.1, 0.3, 0.3]), np.array([0.5, 0.5, 0.8, 0.9]), np.array([0.0, 0.0, 0.4, 0.4])
+    assert naive_iou(c, [0.0, 0.0, 0.4, 0.288]) == pytest.approx(0.72)
+    truths = {(0, 0): a[None], (1, 0): b[None], (1, 1): c[None]}
+    detections = {
+        (0, 0): (np.array([0.9, 0.8]), np.stack([a, a])),
+        (1, 0): (np.array([0.7]), np.array([[0.0, 0.6, 0.2, 0.8]])),
+        (0, 1): (np.array([0.95]), c[None]),
+        (1, 1): (np.array([0.6]), np.array([[0.0, 0.0, 0.4, 0.288]])),
+    }
+    figures = coco_box_metrics(truths, detections, num_images=2)
+    assert figures["ap50"] == pytest.approx((51 / 101 + 1 / 2) / 2)
+    assert figures["ap"] == pytest.approx((51 / 101 + 1 / 4) / 2)
+    assert figures["ar@100"] == pytest.approx((1 / 2 + 1 / 2) / 2)
+    # Without the false positive on the image that lacks category 1, that category is perfect up to IoU 0.70.
+    del detections[0, 1]
+    assert coco_box_metrics(truths, detections, num_images=2)["ap50"] == pytest.approx((51 / 101 + 1) / 2)
+    assert coco_box_metrics(truths, {}, num_images=2) == {"ap": 0.0, "ap50": 0.0, "ar@100": 0.0}
+    assert all(np.isnan(v) for v in coco_box_metrics({}, detections, num_images=2).values())
+
+
+def test_presence_auc_matches_a_naive_reference_and_leaves_out_one_class_queries():
+    rng = np.random.default_rng(2)
+    scores = rng.integers(0, 4, size=(12, 5)).astype(float) / 4  # ties on purpose
+    holds = rng.uniform(size=(12, 5)) < 0.4
+    holds[:, 3] = True  # every image holds query 3, none query 4: neither has an AUC
+    holds[:, 4] = False
+    holds[0, :3], holds[1, :3] = True, False  # both classes in each of the others
+    result = presence_auc(scores, holds)
+    expected = np.mean([naive_auc(scores[:, q], holds[:, q]) for q in range(3)])
+    assert result == {"presence_auc": pytest.approx(expected), "num_presence_queries": 3}
 
 
 def test_contrast_to_noise_matches_the_formula():
@@ -77,27 +86,38 @@ def test_contrast_to_noise_matches_the_formula():
     assert np.isnan(contrast_to_noise(heatmap, np.ones_like(inside)))
 
 
-def test_cli_eval_localization_scores_every_finding_beside_its_controls(tmp_path, synth_folder, tokenizer):
+def saved_detector(folder, tokenizer):
+    """A tiny detector saved as a model folder, its proposer drawn so that it has several peaks (it starts at
+    zero)."""
+    from regionmed_clip import RegionMedCLIPForZeroShotObjectDetection
+
+    model = tiny_model("pool")
+    with torch.no_grad():
+        model.region_proposer.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(0))
+    RegionMedCLIPForZeroShotObjectDetection(model.config, model=model).save_pretrained(folder)
+    make_processor(tokenizer, "pool").save_pretrained(folder)
+    return folder
+
+
+def test_cli_eval_finds_every_finding_in_both_protocols_beside_their_controls(
+    tmp_path, synth_folder, tokenizer
+):
     from regionmed_clip.cli import main
     from regionmed_clip.data.folder import load_rows
     from regionmed_clip.data.vocabulary import without_position_words
 
-    model = tiny_model("pool")
-    with torch.no_grad():  # a proposer with several peaks (it starts at zero)
-        model.region_proposer.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(0))
-    model.save_pretrained(tmp_path / "model")
-    make_processor(tokenizer, "pool").save_pretrained(tmp_path / "model")
-    arguments = ["eval", "--model", str(tmp_path / "model"), "--data", str(synth_folder), "--tasks"]
-    assert main([*arguments, "localization", "--out", str(tmp_path / "eval"), "--bootstrap", "0"]) == 0
+    model = saved_detector(tmp_path / "model", tokenizer)
+    arguments = ["eval", "--model", str(model), "--data", str(synth_folder), "--bootstrap", "0"]
+    assert main([*arguments, "--tasks", "localization,detection", "--out", str(tmp_path / "eval")]) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    section = metrics["localization"]
     rows = load_rows(synth_folder, "test")
+    section = metrics["localization"]
     findings = sum(len({region["caption"] for region in row["regions"] or []}) for row in rows)
     assert section["caption"]["num_queries"] == findings
-    position_free = sum(
-        len({without_position_words(region["caption"]) for region in row["regions"] or []}) for row in rows
-    )
-    assert section["position_free"]["num_queries"] == position_free
+    position_free = [
+        {without_position_words(region["caption"]) for region in row["regions"] or []} for row in rows
+    ]
+    assert section["position_free"]["num_queries"] == sum(map(len, position_free))
     for kind in ("caption", "position_free", "term"):
         figures = section[kind]
         assert set(figures["controls"]) == {"objectness_only", "box_prior"}
@@ -105,7 +125,60 @@ def test_cli_eval_localization_scores_every_finding_beside_its_controls(tmp_path
             assert 0.0 <= figures[key] <= 1.0, (kind, key)
         for control in figures["controls"].values():
             assert set(control) == {"pointing_accuracy", "mean_iou", "ap50"}
-    assert "## Localization without boxes" in (tmp_path / "eval" / "metrics.md").read_text()
+    # Detection asks every image every query: the split's distinct position-free captions and terms.
+    detection = metrics["detection"]
+    assert set(detection) == {"position_free", "term"}
+    assert detection["position_free"]["num_queries"] == len(set().union(*position_free))
+    terms = {region["term"] for row in rows for region in row["regions"] or []}
+    assert detection["term"]["num_queries"] == len(terms)
+    for figures in detection.values():
+        assert figures["num_images"] == len(rows)
+        assert set(figures["controls"]) == {"objectness_only", "box_prior", "heatmap_peak"}
+        for result in (figures, *figures["controls"].values()):
+            assert {"ap", "ap50", "ar@100", "presence_auc"} <= set(result)
+            assert all(0.0 <= result[key] <= 1.0 for key in ("ap", "ap50", "ar@100", "presence_auc"))
+        # No image: the prior scores a query alike on every image, which tells no image from another.
+        assert figures["controls"]["box_prior"]["presence_auc"] == 0.5
+    table = (tmp_path / "eval" / "metrics.md").read_text()
+    assert "## Phrase grounding without boxes" in table and "## Detection without boxes" in table
+    # Detection alone asks its own kinds only.
+    assert main([*arguments, "--tasks", "detection", "--out", str(tmp_path / "alone")]) == 0
+    alone = json.loads((tmp_path / "alone" / "metrics.json").read_text())
+    assert "localization" not in alone and alone["detection"] == detection
+
+
+def test_detection_scores_what_the_pipeline_gives_a_user(tmp_path, synth_folder, tokenizer):
+    """Each (image, query) of the evaluation holds the pipeline's detections for that label: the same scores, and
+    the same boxes once the pipeline's pixels are read as fractions of the image (the processor stretches it)."""
+    from transformers import AutoProcessor, pipeline
+
+    from regionmed_clip import RegionMedCLIPForZeroShotObjectDetection
+    from regionmed_clip.data.folder import load_rows
+    from regionmed_clip.evaluation.harness import split_regions
+    from regionmed_clip.evaluation.localization import run_queries
+
+    folder = saved_detector(tmp_path / "model", tokenizer)
+    rows = load_rows(synth_folder, "test")
+    detector = RegionMedCLIPForZeroShotObjectDetection.from_pretrained(folder).eval()
+    run = run_queries(
+        detector,
+        AutoProcessor.from_pretrained(folder),
+        rows,
+        split_regions(synth_folder, "train"),
+        kind="term",
+        every_image=True,
+        progress=False,
+    )
+    users = pipeline("zero-shot-object-detection", model=str(folder))
+    for image in (0, 1):
+        picture = rows[image]["image"].convert("RGB")
+        for query, text in enumerate(run.texts[:2]):
+            expected = users(picture, candidate_labels=[text], threshold=0.0)
+            scores, boxes = run.detections["model"][image, query]
+            assert scores == pytest.approx([d["score"] for d in expected], abs=1e-5)
+            size = np.array(picture.size * 2)
+            pixels = np.array([[d["box"][k] for k in ("xmin", "ymin", "xmax", "ymax")] for d in expected])
+            assert np.abs(boxes * size - pixels).max() <= 1.0  # the pipeline rounds to whole pixels
 
 
 def test_cli_locate_draws_the_pipelines_best_boxes_over_the_heatmap(tmp_path, synth_folder, tokenizer):

@@ -191,6 +191,7 @@ def save_heatmap_overlay(
     out_path: str | os.PathLike,
     title: str | None = None,
     boxes: Sequence[Sequence[float]] | None = None,
+    box_labels: Sequence[str] | None = None,
 ) -> Path:
     """Draw `similarity` (a `(H', W')` patch map) over `image` and save it as a PNG; returns the path.
 
@@ -198,8 +199,8 @@ def save_heatmap_overlay(
     model's input size. Colours span the map's own minimum to maximum (patch cosines of one text often vary over a
     narrow band, and a fixed [-1, 1] scale would show a flat colour); the colour bar gives the cosine values.
     `boxes` are `(x0, y0, x1, y1)` in original pixels, drawn as outlines; pixel coordinates are edges, as the
-    processor reads them, so a box `(0, 0, W, H)` frames the whole image. The figure follows the image's aspect
-    ratio.
+    processor reads them, so a box `(0, 0, W, H)` frames the whole image; `box_labels` (one per box) are written at
+    their upper left corners. The figure follows the image's aspect ratio.
     """
     import matplotlib
 
@@ -224,8 +225,11 @@ def save_heatmap_overlay(
     extent = (0, width, height, 0)  # pixel edges, so box coordinates land where the processor puts them
     axis.imshow(pixels, extent=extent, interpolation="nearest")
     overlay = axis.imshow(upsampled, cmap="jet", alpha=0.45, extent=extent, interpolation="bilinear")
-    for x0, y0, x1, y1 in boxes or ():
+    boxes = list(boxes or ())
+    for (x0, y0, x1, y1), label in zip(boxes, box_labels or [None] * len(boxes), strict=True):
         axis.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="white", linewidth=1.5))
+        if label is not None:
+            axis.text(x0, y0, label, color="black", fontsize=8, va="top", backgroundcolor="white")
     axis.set_xlim(0, width)
     axis.set_ylim(height, 0)
     axis.set_axis_off()
@@ -284,11 +288,11 @@ def explain(args: ExplainArgs) -> Path:
 
 def locate(args: LocateArgs) -> dict:
     """Find the text in the image without boxes: the `top_k` best boxes of the `zero-shot-object-detection`
-    pipeline, drawn with their scores over the heatmap `explain` draws, into `args.out`.
+    pipeline, each drawn with its presence score over the heatmap `explain` draws, into `args.out`.
 
     Runs in float32 on `args.device`. Returns `{"detections": [{"score", "label", "box"}, ...], "out": path}`,
-    boxes in the image's pixels. A score is the query's share over the image's proposals (see
-    [`RegionMedCLIPForZeroShotObjectDetection`]): where the finding most likely is, not whether it is there.
+    boxes in the image's pixels. A box's score is the detector's for that box and query (see
+    [`RegionMedCLIPForZeroShotObjectDetection`]), as the pipeline returns it.
     """
     model_path, image, text = args.model_path, args.image, args.text
     from PIL import Image
@@ -308,9 +312,14 @@ def locate(args: LocateArgs) -> dict:
     model = AutoModel.from_pretrained(model_path, dtype=torch.float32).to(target).eval()
     similarity = patch_text_similarity(model, AutoProcessor.from_pretrained(model_path), image, text)
     boxes = [tuple(result["box"][key] for key in ("xmin", "ymin", "xmax", "ymax")) for result in detections]
-    scores = ", ".join(f"{result['score']:.2f}" for result in detections)
+    scores = [f"{result['score']:.2f}" for result in detections]
     path = save_heatmap_overlay(
-        image, similarity, args.out, title=f"{text} (top boxes: {scores})", boxes=boxes
+        image,
+        similarity,
+        args.out,
+        title=f"{text} (presence score of each box: {', '.join(scores)})",
+        boxes=boxes,
+        box_labels=scores,
     )
     return {"detections": detections, "out": str(path)}
 

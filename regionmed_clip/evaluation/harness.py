@@ -11,8 +11,9 @@ and returns its section of metrics.json, changing nothing. Image-level sections 
 - `gt_boxes`: with the split's ground-truth boxes as input (`region-aware`: z_fused). Labelled "GT boxes at test".
 
 Region-level sections (`region`, `grounding`) need boxes by definition; each carries `controls`, the same metric
-measured by a model that sees no image (see `controls.py`), trained on `support_split`. `localization` finds each
-finding from its text and the image alone (box-free), beside an objectness-only and a box-prior control.
+measured by a model that sees no image (see `controls.py`), trained on `support_split`. `localization` (phrase
+grounding: each image asked about the findings it holds) and `detection` (every image asked every query) find a
+finding from its text and the image alone (box-free), each beside its measured controls.
 """
 
 import dataclasses
@@ -84,6 +85,45 @@ class EvalContext:
         """The support split's regions, which the no-image controls are fitted on."""
         return split_regions(self.settings.data_path, self.settings.support_split)
 
+    @functools.cached_property
+    def detector(self) -> torch.nn.Module:
+        """The model folder loaded as its detector ([`RegionMedCLIPForZeroShotObjectDetection`], its own saved head
+        included), on the model's device and in its dtype."""
+        from ..modeling_regionmed_clip import RegionMedCLIPForZeroShotObjectDetection
+
+        detector = RegionMedCLIPForZeroShotObjectDetection.from_pretrained(
+            self.settings.model_path, dtype=self.model.dtype
+        )
+        return detector.to(self.model.device).eval()
+
+    @functools.cached_property
+    def query_runs(self) -> dict:
+        """One detector pass per query kind the `localization` and `detection` tasks read (`run_queries`): every
+        image asked every query for the kinds of `detection`, else each image about its own findings; a kind the
+        split has no query of is absent."""
+        from .localization import DETECTION_KINDS, QUERY_KINDS, run_queries
+
+        tasks = parse_tasks(self.settings.tasks)
+        detect = "detection" in tasks
+        kinds = [
+            kind for kind in QUERY_KINDS if "localization" in tasks or (detect and kind in DETECTION_KINDS)
+        ]
+        runs = {
+            kind: run_queries(
+                self.detector,
+                self.processor,
+                self.rows,
+                self.training_regions,
+                kind=kind,
+                every_image=detect and kind in DETECTION_KINDS,
+                batch_size=self.settings.batch_size,
+                max_length=self.features.max_length,
+                nms_threshold=self.settings.nms_threshold,
+            )
+            for kind in kinds
+        }
+        return {kind: run for kind, run in runs.items() if run is not None}
+
     def embeddings(self) -> dict[str, dict[str, torch.Tensor]]:
         """The image embeddings of the split, box-free ones first."""
         return {"box_free": self.features.box_free, "gt_boxes": self.features.gt_boxes}
@@ -91,8 +131,8 @@ class EvalContext:
 
 def split_regions(data_path: str | Path, split: str) -> dict:
     """Every region of a split without decoding its pixels, in evaluation order: `boxes` `(N, 4)` as fractions
-    of the image, `captions`, `terms` (empty where a region names none), `negatives` and `image` (the row index of
-    each region)."""
+    of the image, `captions`, `terms` (empty where a region names none), `negatives`, `image` (the row index of
+    each region) and `num_images` (the split's rows, with regions or without)."""
     from datasets import Image
 
     from ..data.collator import image_input, region_passes
@@ -118,6 +158,7 @@ def split_regions(data_path: str | Path, split: str) -> dict:
         "terms": terms,
         "negatives": negatives,
         "image": torch.tensor(images, dtype=torch.long),
+        "num_images": len(rows),
     }
 
 
@@ -412,25 +453,23 @@ def task_vqa(ctx: EvalContext) -> dict:
 
 
 def task_localization(ctx: EvalContext) -> dict | None:
-    """Text-queried localization from the image alone (see `localization.py`), queried by each finding's caption,
-    by the caption without its position words, and (where the data names terms) by its term alone; each beside
-    its objectness-only and box-prior controls."""
-    from .localization import QUERY_KINDS, localization_metrics
+    """Phrase grounding from the image alone (see `localization.py`): each image asked about the findings it
+    holds, by each finding's caption, by the caption without its position words and (where the data names them)
+    by its term; the top detection's pointing, IoU and AP50 and the heatmap's pointing, beside the objectness-only
+    and box-prior controls."""
+    from .localization import phrase_grounding
 
-    section = {}
-    for kind in QUERY_KINDS:
-        figures = localization_metrics(
-            ctx.model,
-            ctx.processor,
-            ctx.rows,
-            ctx.training_regions,
-            kind=kind,
-            batch_size=ctx.settings.batch_size,
-            max_length=ctx.features.max_length,
-        )
-        if figures is not None:
-            section[kind] = figures
-    return section or None
+    return {kind: phrase_grounding(run) for kind, run in ctx.query_runs.items()} or None
+
+
+def task_detection(ctx: EvalContext) -> dict | None:
+    """Detection from the image alone (see `localization.py`): every image asked every position-free caption and
+    term of the split; COCO AP, AP50 and AR@100 and the presence AUC, beside the objectness-only, box-prior and
+    heatmap-peak controls."""
+    from .localization import DETECTION_KINDS, detection
+
+    runs = ctx.query_runs
+    return {kind: detection(runs[kind]) for kind in DETECTION_KINDS if kind in runs} or None
 
 
 TASKS: dict[str, Callable[[EvalContext], dict | None]] = {
@@ -440,6 +479,7 @@ TASKS: dict[str, Callable[[EvalContext], dict | None]] = {
     "region": task_region,
     "grounding": task_grounding,
     "localization": task_localization,
+    "detection": task_detection,
     "vqa": task_vqa,
 }
 

@@ -1,41 +1,64 @@
-"""Text-queried localization without boxes at test time (phrase grounding), with its controls.
+"""Finding a finding from its text and the image alone (no boxes at test), in two protocols, each beside its
+controls.
 
-For each test image and each finding it has, the model is asked where the text lies given only the image
-([`RegionMedCLIPForZeroShotObjectDetection`], what the `zero-shot-object-detection` pipeline runs). A finding is its regions
-grouped by query text, of three kinds: the `caption`; the caption without its position words (`position_free`:
-"round nodule left upper" → "round nodule"), since a caption that names where the finding is gives the box prior
-below its answer without the image; and the `term` alone, where the data names terms. Its top-scoring proposal is
-scored against the finding's ground-truth boxes:
+A split's queries are its findings' texts, of three kinds: the `caption`; the caption without its position words
+(`position_free`: "round nodule left upper" → "round nodule"), since a caption that names where the finding is
+gives the box prior below its answer without the image; and the `term` alone, where the data names terms. Every
+image goes once through the model folder's [`RegionMedCLIPForZeroShotObjectDetection`] (its own head included)
+with every query of a kind, and each (image, query) gets what the image processor's
+`post_process_object_detection` returns for that query alone, as transformers' `zero-shot-object-detection`
+pipeline asks one label at a time: scores and boxes, the boxes as fractions of the model's input view (where the
+processor also puts the ground-truth boxes), best first, at most `MAX_DETECTIONS`.
 
-- `pointing_accuracy`: the top box's centre lies inside one of the finding's boxes;
-- `mean_iou`: the top box's best IoU with the finding's boxes;
-- `ap50`: average precision at IoU 0.5 over the split, every query contributing its `DETECTIONS_PER_QUERY` best
-  proposals ranked by score, a proposal counting once per ground-truth box (VOC's all-point interpolation);
-- `heatmap_pointing_accuracy` and `cnr`: the patch–text similarity map (what `explain` draws), upsampled to the
-  model's input size: its maximum inside one of the boxes, and its contrast-to-noise ratio inside against outside
-  the boxes, |μ_in − μ_out| / √(σ_in² + σ_out²), as BioViL and MS-CXR report it.
+- **Phrase grounding** (the `localization` task): each image is asked only about the findings it holds, and its
+  best detection is scored against the finding's boxes: `pointing_accuracy` (its centre inside one of them),
+  `mean_iou` (its best IoU with them) and `ap50` (COCO's AP at IoU 0.5, each (image, finding) one COCO image of
+  one category with its `GROUNDING_DETECTIONS` best detections, so one ranking pools all queries). Beside them the
+  model's patch–text heatmap (what `explain` draws), upsampled to the input size: `heatmap_pointing_accuracy` (its
+  peak inside one of the boxes) and `cnr` (|μ_in − μ_out| / √(σ_in² + σ_out²) inside against outside the boxes,
+  as BioViL and MS-CXR report it).
+- **Detection** (the `detection` task, the kinds of `DETECTION_KINDS`): every image is asked every query of the
+  split, images without the finding included, and each query is a COCO category: `ap` (AP@[.5:.95]), `ap50` and
+  `ar@100` (AR with at most 100 detections per image and query) by pycocotools, COCO's own evaluation; and
+  `presence_auc`, per query the ROC AUC of an image's best score against whether the image holds the finding,
+  macro over the queries. A query that every image holds, or none, has no AUC and is left out
+  (`num_presence_queries` counts the queries scored).
 
-Controls, measured on the same queries:
+Controls, scored by the same figures on the same queries:
 
-- `objectness_only`: the same proposals ranked by the proposer's objectness alone (the text ignored);
-- `box_prior`: no image, the mean box of the query's text over the support split's regions (the mean of all its
-  regions for a text it lacks), one detection per query.
+- `objectness_only`: the same boxes scored by the proposer's objectness alone (the text ignored), through the
+  same post-processing;
+- `box_prior`: no image: the training split's mean box of the query text (the mean of all its regions for a
+  text it lacks) as the one detection, scored by the share of training images that hold the text;
+- `heatmap_peak` (detection; phrase grounding has the heatmap's own pointing): the box proposed at the patch
+  where the model's heatmap for the query peaks, scored by that peak cosine.
 
-The third control, the global-only baseline's heatmap, is the baseline model's own `heatmap_*` figures (the
-comparison of `make demo` / `make learning-check` evaluates it with the same task).
+The global-only baseline is a detector of its own: `make demo` and `make learning-check` evaluate it with the same
+tasks.
 """
+
+import contextlib
+import dataclasses
+import io
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers.image_transforms import center_to_corners_format
 
 from ..data.vocabulary import without_position_words
-from ..modeling_regionmed_clip import RegionMedCLIPForZeroShotObjectDetection
 from .features import model_inputs, text_embeddings
+from .metrics import macro_auc
 
-DETECTIONS_PER_QUERY = 10
 QUERY_KINDS = ("caption", "position_free", "term")
+#: The kinds the detection protocol asks of every image. A whole caption names where its finding is and is close
+#: to unique to its image, so it stays a phrase-grounding query.
+DETECTION_KINDS = ("position_free", "term")
+MAX_DETECTIONS = 100  # kept per (image, query): COCO's largest maxDets, so `ar@100` is COCO's AR
+GROUNDING_DETECTIONS = 10  # a phrase-grounding query's best detections in its AP50
+GROUNDING_METHODS = ("model", "objectness_only", "box_prior")
+DETECTION_METHODS = ("model", "objectness_only", "box_prior", "heatmap_peak")
 
 
 def box_iou(boxes: np.ndarray, others: np.ndarray) -> np.ndarray:
@@ -48,29 +71,63 @@ def box_iou(boxes: np.ndarray, others: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area[:, None] + other_area[None, :] - inter, 1e-12)
 
 
-def average_precision(detections: list[tuple[float, int, np.ndarray]], truths: list[np.ndarray]) -> float:
-    """AP at IoU 0.5 of `detections` (score, query index, box) against `truths[query]` `(G, 4)`: detections in
-    descending score, each matched to the unmatched truth box of its query it overlaps most (IoU ≥ 0.5), precision
-    made monotone and integrated over recall (VOC's all-point interpolation)."""
-    total = sum(len(boxes) for boxes in truths)
-    if total == 0 or not detections:
-        return float("nan")
-    matched = [np.zeros(len(boxes), dtype=bool) for boxes in truths]
-    hits = []
-    for _, query, box in sorted(detections, key=lambda item: -item[0]):
-        overlaps = box_iou(box[None], truths[query])[0]
-        overlaps[matched[query]] = -1.0
-        best = int(overlaps.argmax()) if len(overlaps) else -1
-        hit = best >= 0 and overlaps[best] >= 0.5
-        if hit:
-            matched[query][best] = True
-        hits.append(hit)
-    hits = np.asarray(hits, dtype=float)
-    recall = np.cumsum(hits) / total
-    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
-    precision = np.maximum.accumulate(precision[::-1])[::-1]
-    steps = np.diff(np.concatenate(([0.0], recall)))
-    return float((steps * precision).sum())
+def coco_box_metrics(truths: dict, detections: dict, num_images: int) -> dict:
+    """COCO's box AP@[.5:.95], AP50 and AR@100 of `detections` against `truths`, by pycocotools' `COCOeval` over one
+    area range (all boxes: the size bins are in pixels, these boxes in fractions).
+
+    Args:
+        truths: `(image, category)` → `(G, 4)` ground-truth boxes as x0, y0, x1, y1.
+        detections: `(image, category)` → `(scores (N,), boxes (N, 4))`; COCO reads the 100 best of each.
+        num_images: the images are `0 … num_images - 1`; every detection on one without a truth of its category is
+            a false positive.
+
+    Returns:
+        `{"ap", "ap50", "ar@100"}`, COCO's means over the categories that have a ground-truth box; NaN when none
+        has, 0 when there is no detection.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    def xywh(box) -> list[float]:
+        x0, y0, x1, y1 = (float(value) for value in box)
+        return [x0, y0, x1 - x0, y1 - y0]
+
+    annotations = [
+        {"image_id": image, "category_id": category, "bbox": xywh(box), "iscrowd": 0}
+        for (image, category), boxes in truths.items()
+        for box in boxes
+    ]
+    if not annotations:
+        return {"ap": float("nan"), "ap50": float("nan"), "ar@100": float("nan")}
+    results = [
+        [image, *xywh(box), float(score), category]
+        for (image, category), (scores, boxes) in detections.items()
+        for score, box in zip(scores, boxes, strict=True)
+    ]
+    if not results:
+        return {"ap": 0.0, "ap50": 0.0, "ar@100": 0.0}
+    for number, annotation in enumerate(annotations, start=1):  # COCOeval reads id 0 as "unmatched"
+        annotation.update(id=number, area=annotation["bbox"][2] * annotation["bbox"][3])
+    ground = COCO()
+    ground.dataset = {
+        "info": {},  # pycocotools before 2.0.11 copies it into the results
+        "images": [{"id": image} for image in range(num_images)],
+        "categories": [{"id": category} for category in sorted({key[1] for key in truths})],
+        "annotations": annotations,
+    }
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools reports its progress on stdout
+        ground.createIndex()
+        evaluation = COCOeval(ground, ground.loadRes(np.asarray(results, dtype=np.float64)), "bbox")
+        evaluation.params.areaRng, evaluation.params.areaRngLbl = [[0.0, float("inf")]], ["all"]
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    # summarize's stats: 0 AP@[.5:.95], 1 AP50, 8 AR at maxDets[2] (100), each over all areas
+    return {
+        "ap": float(evaluation.stats[0]),
+        "ap50": float(evaluation.stats[1]),
+        "ar@100": float(evaluation.stats[8]),
+    }
 
 
 def contrast_to_noise(heatmap: np.ndarray, inside: np.ndarray) -> float:
@@ -103,133 +160,233 @@ def _queries(rows, kind: str) -> list[list[tuple[str, list]]]:
     return per_row
 
 
-def _top_and_ranked(
-    logits: np.ndarray, boxes: np.ndarray
-) -> tuple[np.ndarray, list[tuple[float, np.ndarray]]]:
-    """The top proposal's box and the `DETECTIONS_PER_QUERY` best proposals (softmax score, box) of one query."""
-    scores = torch.from_numpy(logits).softmax(0).numpy()
-    order = np.argsort(-scores, kind="stable")[:DETECTIONS_PER_QUERY]
-    return boxes[order[0]], [(float(scores[i]), boxes[i]) for i in order]
+def split_queries(rows, kind: str) -> list[str]:
+    """The distinct queries of `kind` of a split, in the order they first occur."""
+    return list(dict.fromkeys(text for groups in _queries(rows, kind) for text, _ in groups))
 
 
-class _Tally:
-    """Pointing, IoU and AP50 of one way of choosing boxes over every query."""
+@dataclasses.dataclass
+class QueryRun:
+    """What one detector pass over a split gives for the queries of one kind: the figures of both protocols read
+    it. Boxes are x0, y0, x1, y1 fractions of the model's input view; `(image, query)` indexes the split's rows and
+    `texts`."""
 
-    def __init__(self):
-        self.points, self.ious, self.detections, self.truths = [], [], [], []
+    texts: list[str]
+    num_images: int
+    every_image: bool  # every image asked every query (detection), or only about the findings it holds
+    truths: dict  # (image, query) → (G, 4) the finding's boxes, for the pairs whose image holds the finding
+    detections: (
+        dict  # method → (image, query) → (scores (N,), boxes (N, 4)), best first, for every pair asked
+    )
+    heatmap_hits: list  # per pair of `truths`: the upsampled heatmap peaks inside the finding's boxes
+    cnrs: list  # per pair of `truths`: the heatmap's contrast-to-noise ratio over the finding's boxes
 
-    def add(self, top: np.ndarray, ranked: list[tuple[float, np.ndarray]], truth: np.ndarray):
-        centre = (top[:2] + top[2:]) / 2
-        inside = (truth[:, :2] <= centre).all(-1) & (centre <= truth[:, 2:]).all(-1)
-        self.points.append(bool(inside.any()))
-        self.ious.append(float(box_iou(top[None], truth).max()))
-        query = len(self.truths)
-        self.truths.append(truth)
-        self.detections.extend((score, query, box) for score, box in ranked)
 
-    def figures(self) -> dict:
-        return {
-            "pointing_accuracy": float(np.mean(self.points)),
-            "mean_iou": float(np.mean(self.ious)),
-            "ap50": average_precision(self.detections, self.truths),
-        }
+def post_processed(processor, outputs, logits: torch.Tensor, nms_threshold: float | None = None) -> list:
+    """What a user gets for one query: the image processor's `post_process_object_detection` of the detector's
+    `outputs` with `logits` `(batch, num_patches, 1)` in place of theirs, boxes in the model's view
+    (`target_sizes=None`), every score above 0, best first, at most `MAX_DETECTIONS`. `nms_threshold` None leaves
+    the processor's default, which the pipeline applies. Returns per image `(scores (N,), boxes (N, 4))` arrays."""
+    view = type(outputs)(**{**outputs, "logits": logits})
+    options = {} if nms_threshold is None else {"nms_threshold": nms_threshold}
+    results = processor.image_processor.post_process_object_detection(
+        view, threshold=0.0, target_sizes=None, **options
+    )
+    ranked = []
+    for result in results:
+        scores = result["scores"].float().cpu().numpy()
+        order = np.argsort(-scores, kind="stable")[:MAX_DETECTIONS]
+        ranked.append((scores[order], result["boxes"].float().cpu().numpy()[order]))
+    return ranked
+
+
+def _objectness_logits(outputs) -> torch.Tensor:
+    """`(batch, num_patches, 1)`: each box's objectness logit as its one query logit, the text ignored; a box the
+    detector gives no score (a logit at the dtype's lowest value or −inf) gets none here either, so both rank
+    the same boxes."""
+    logits = outputs.logits
+    dropped = (logits <= torch.finfo(logits.dtype).min).all(-1, keepdim=True)
+    return outputs.objectness_logits[..., None].to(logits.dtype).masked_fill(dropped, float("-inf"))
 
 
 @torch.no_grad()
-def localization_metrics(
-    model,
+def run_queries(
+    detector,
     processor,
     rows,
     support_regions: dict,
     kind: str = "caption",
+    every_image: bool = False,
     batch_size: int = 32,
     max_length: int | None = None,
+    nms_threshold: float | None = None,
     progress: bool = True,
-) -> dict | None:
-    """The figures of the module's docstring for the queries of `kind` (`caption`, `position_free` or `term`) over
-    `rows`; None when no region of `rows` gives a query of that kind. `support_regions` is `split_regions` of the support split (its
-    `boxes` as fractions and the texts of `kind` in `captions` or `terms`)."""
+) -> QueryRun | None:
+    """Ask `detector` ([`RegionMedCLIPForZeroShotObjectDetection`]) the queries of `kind` on every row of `rows`:
+    every query of the split with `every_image` (detection), else each row's own findings (phrase grounding); rows
+    without a finding are then skipped. Every method of `DETECTION_METHODS` answers each pair asked. None when no
+    region of `rows` gives a query of that kind. `support_regions` is `split_regions` of the split the box prior
+    is fitted on."""
     from ..data.collator import image_input
 
-    queries = _queries(rows, kind)
-    texts = list(dict.fromkeys(text for per_row in queries for text, _ in per_row))
+    per_row = _queries(rows, kind)
+    texts = list(dict.fromkeys(text for groups in per_row for text, _ in groups))
     if not texts:
         return None
-    text_embeds = text_embeddings(model, processor, texts, max_length, batch_size)
-    detector = RegionMedCLIPForZeroShotObjectDetection(model.config, model=model).eval()
-    index = {text: row for row, text in enumerate(texts)}
+    index = {text: number for number, text in enumerate(texts)}
+    text_embeds = text_embeddings(detector.base_model, processor, texts, max_length, batch_size)
     prior = _box_prior(support_regions, kind)
-    tallies = {"model": _Tally(), "objectness_only": _Tally(), "box_prior": _Tally()}
-    heat_points, cnrs = [], []
+    run = QueryRun(texts, len(rows), every_image, {}, {method: {} for method in DETECTION_METHODS}, [], [])
+    found = run.detections
     for start in tqdm(
-        range(0, len(rows), batch_size), desc="localization", leave=False, disable=not progress
+        range(0, len(rows), batch_size), desc=f"{kind} queries", leave=False, disable=not progress
     ):
-        members = [i for i in range(start, min(start + batch_size, len(rows))) if queries[i]]
+        members = [i for i in range(start, min(start + batch_size, len(rows))) if every_image or per_row[i]]
         if not members:
             continue
-        images = [image_input(rows[i]["image"]) for i in members]
-        # The processor maps each finding's pixel boxes into the model's view (as for training inputs).
-        boxes = [[box for _, group in queries[i] for box in group] for i in members]
+        held = [[index[text] for text, _ in per_row[i]] for i in members]
+        asked = [range(len(texts)) if every_image else queries for queries in held]
+        # The processor maps each finding's pixel boxes into the model's view, as for training inputs.
+        boxes = [[box for _, group in per_row[i] for box in group] for i in members]
         inputs = processor.image_processor(
-            images, boxes=boxes, max_regions=max(map(len, boxes)), return_tensors="pt"
+            [image_input(rows[i]["image"]) for i in members],
+            boxes=boxes,
+            max_regions=max(map(len, boxes)),
+            return_tensors="pt",
         )
-        pixels = model_inputs({"pixel_values": inputs["pixel_values"]}, model)["pixel_values"]
+        pixels = model_inputs({"pixel_values": inputs["pixel_values"]}, detector)["pixel_values"]
         outputs = detector(pixel_values=pixels, query_embeds=text_embeds.to(pixels.device))
-        logits = outputs.logits.float().cpu().numpy()
-        centres, extents = outputs.pred_boxes[..., :2].float(), outputs.pred_boxes[..., 2:].float()
-        proposals = torch.cat((centres - extents / 2, centres + extents / 2), -1).cpu().numpy()
-        peaks = (outputs.logits[..., 0] > torch.finfo(outputs.logits.dtype).min).cpu().numpy()
-        objectness = outputs.objectness_logits.float().cpu().numpy()
-        size = pixels.shape[-2:]
-        heatmaps = F.interpolate(outputs.similarity.float(), size=size, mode="bilinear", align_corners=False)
-        heatmaps = heatmaps.cpu().numpy()
+        for query in sorted({query for queries in asked for query in queries}):
+            ranked = post_processed(processor, outputs, outputs.logits[..., query : query + 1], nms_threshold)
+            for slot, row in enumerate(members):
+                if query in asked[slot]:
+                    found["model"][row, query] = ranked[slot]
+        objectness = post_processed(processor, outputs, _objectness_logits(outputs), nms_threshold)
+        peak_scores, peak_patches = outputs.similarity.float().flatten(2).max(-1)  # (batch, queries)
+        corners = center_to_corners_format(outputs.pred_boxes.float())
+        peak_boxes = corners.gather(1, peak_patches[..., None].expand(-1, -1, 4)).cpu().numpy()
+        peak_scores = peak_scores.cpu().numpy()
         roi_boxes = inputs["roi_boxes"].numpy()
         for slot, row in enumerate(members):
-            used = 0
-            for text, group in queries[row]:
-                truth = roi_boxes[slot, used : used + len(group)]
-                used += len(group)
-                query = index[text]
-                top, ranked = _top_and_ranked(logits[slot, :, query], proposals[slot])
-                tallies["model"].add(top, ranked, truth)
-                top, ranked = _top_and_ranked(
-                    np.where(peaks[slot], objectness[slot], -np.inf), proposals[slot]
+            for query in asked[slot]:
+                found["objectness_only"][row, query] = objectness[slot]
+                mean_box, frequency = prior.get(texts[query], prior[None])
+                found["box_prior"][row, query] = (np.array([frequency]), mean_box[None])
+                found["heatmap_peak"][row, query] = (
+                    peak_scores[slot, query, None],
+                    peak_boxes[slot, query, None],
                 )
-                tallies["objectness_only"].add(top, ranked, truth)
-                mean_box = prior.get(text, prior[None])
-                tallies["box_prior"].add(mean_box, [(1.0, mean_box)], truth)
-                heatmap = heatmaps[slot, query]
-                inside = _box_mask(truth, size)
-                peak = np.unravel_index(np.argmax(heatmap), heatmap.shape)
-                heat_points.append(bool(inside[peak]))
-                cnrs.append(contrast_to_noise(heatmap, inside))
-    model_figures = tallies["model"].figures()
+            used = 0
+            for query, (_, group) in zip(held[slot], per_row[row], strict=True):
+                run.truths[row, query] = roi_boxes[slot, used : used + len(group)]
+                used += len(group)
+            _add_heatmap_figures(
+                run, outputs.similarity[slot, held[slot]], roi_boxes[slot], per_row[row], pixels.shape[-2:]
+            )
+    return run
+
+
+def _add_heatmap_figures(run: QueryRun, similarity: torch.Tensor, roi_boxes: np.ndarray, groups: list, size):
+    """The heatmap's pointing hit and CNR of one image's findings (`similarity` `(F, grid_h, grid_w)` in the order
+    of `groups`, whose boxes fill `roi_boxes` in turn), upsampled to the model's input `size` `(H, W)`."""
+    if not groups:
+        return
+    heatmaps = F.interpolate(similarity[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+    heatmaps = heatmaps.cpu().numpy()
+    used = 0
+    for heatmap, (_, group) in zip(heatmaps, groups, strict=True):
+        inside = _box_mask(roi_boxes[used : used + len(group)], size)
+        used += len(group)
+        peak = np.unravel_index(np.argmax(heatmap), heatmap.shape)
+        run.heatmap_hits.append(bool(inside[peak]))
+        run.cnrs.append(contrast_to_noise(heatmap, inside))
+
+
+def phrase_grounding(run: QueryRun) -> dict:
+    """The phrase-grounding figures of the module's docstring, the model's beside each control's."""
+    figures = {method: _grounding_figures(run.truths, run.detections[method]) for method in GROUNDING_METHODS}
+    cnrs = np.asarray(run.cnrs, dtype=float)
     return {
-        **model_figures,
-        "heatmap_pointing_accuracy": float(np.mean(heat_points)),
+        **figures.pop("model"),
+        "heatmap_pointing_accuracy": float(np.mean(run.heatmap_hits)),
         "cnr": float(np.nanmean(cnrs)) if not np.isnan(cnrs).all() else float("nan"),
-        "num_queries": len(tallies["model"].points),
-        "num_distinct_texts": len(texts),
-        "controls": {
-            "objectness_only": tallies["objectness_only"].figures(),
-            "box_prior": tallies["box_prior"].figures(),
-        },
+        "num_queries": len(run.truths),
+        "num_distinct_texts": len(run.texts),
+        "controls": figures,
+    }
+
+
+def _grounding_figures(truths: dict, detections: dict) -> dict:
+    """Pointing, mean IoU and AP50 of one method's detections over the (image, finding) pairs of `truths`."""
+    points, ious, pooled_truths, pooled = [], [], {}, {}
+    for number, (pair, truth) in enumerate(truths.items()):
+        scores, boxes = detections[pair]
+        if len(boxes):
+            centre = (boxes[0, :2] + boxes[0, 2:]) / 2
+            points.append(bool(((truth[:, :2] <= centre) & (centre <= truth[:, 2:])).all(-1).any()))
+            ious.append(float(box_iou(boxes[:1], truth).max()))
+        else:  # nothing scored above 0: a miss
+            points.append(False)
+            ious.append(0.0)
+        pooled_truths[number, 0] = truth
+        pooled[number, 0] = (scores[:GROUNDING_DETECTIONS], boxes[:GROUNDING_DETECTIONS])
+    return {
+        "pointing_accuracy": float(np.mean(points)),
+        "mean_iou": float(np.mean(ious)),
+        "ap50": coco_box_metrics(pooled_truths, pooled, len(truths))["ap50"],
+    }
+
+
+def presence_auc(best_scores: np.ndarray, holds: np.ndarray) -> dict:
+    """Per query (column), the ROC AUC of the images' best scores `(images, queries)` against whether each image
+    holds the finding (`holds`, bool), and their macro mean; a query that every image holds, or none, is left out.
+    Returns `{"presence_auc", "num_presence_queries"}`."""
+    result = macro_auc(best_scores, holds)
+    return {"presence_auc": result["macro_auc"], "num_presence_queries": len(result["per_class"])}
+
+
+def detection(run: QueryRun) -> dict:
+    """The detection figures of the module's docstring, the model's beside each control's."""
+    if not run.every_image:
+        raise ValueError("detection figures need a run that asked every image every query (every_image=True)")
+    holds = np.zeros((run.num_images, len(run.texts)), dtype=bool)
+    holds[tuple(np.array(list(run.truths)).T)] = True
+    figures = {}
+    for method in DETECTION_METHODS:
+        best = np.zeros(holds.shape)
+        for (image, query), (scores, _) in run.detections[method].items():
+            best[image, query] = scores[0] if len(scores) else 0.0
+        presence = presence_auc(best, holds)
+        figures[method] = {
+            **coco_box_metrics(run.truths, run.detections[method], run.num_images),
+            "presence_auc": presence["presence_auc"],
+        }
+    return {
+        **figures.pop("model"),
+        "num_images": run.num_images,
+        "num_queries": len(run.texts),
+        "num_presence_queries": presence["num_presence_queries"],
+        "controls": figures,
     }
 
 
 def _box_prior(support_regions: dict, kind: str) -> dict:
-    """Mean box (fractions) per text of `kind` over the support split's regions; key None: the mean of all."""
+    """Per text of `kind` in the support split: its regions' mean box (fractions) and the share of the split's
+    images that hold it; key None: the mean box of all regions, with share 0 (a text the split lacks)."""
     texts = [
         query_text(kind, caption, term)
         for caption, term in zip(support_regions["captions"], support_regions["terms"], strict=True)
     ]
     boxes = np.asarray(support_regions["boxes"], dtype=np.float64).reshape(-1, 4)
-    prior: dict = {None: boxes.mean(0) if len(boxes) else np.array([0.25, 0.25, 0.75, 0.75])}
+    images = np.asarray(support_regions["image"])
+    prior: dict = {None: (boxes.mean(0) if len(boxes) else np.array([0.25, 0.25, 0.75, 0.75]), 0.0)}
     groups: dict[str, list] = {}
-    for key, box in zip(texts, boxes, strict=True):
+    for number, key in enumerate(texts):
         if key:
-            groups.setdefault(key, []).append(box)
-    prior.update({text: np.mean(group, axis=0) for text, group in groups.items()})
+            groups.setdefault(key, []).append(number)
+    for text, members in groups.items():
+        share = len(set(images[members].tolist())) / max(support_regions["num_images"], 1)
+        prior[text] = (boxes[members].mean(0), share)
     return prior
 
 
@@ -244,4 +401,17 @@ def _box_mask(boxes: np.ndarray, size) -> np.ndarray:
     return mask
 
 
-__all__ = ["average_precision", "box_iou", "contrast_to_noise", "localization_metrics"]
+__all__ = [
+    "DETECTION_KINDS",
+    "QUERY_KINDS",
+    "QueryRun",
+    "box_iou",
+    "coco_box_metrics",
+    "contrast_to_noise",
+    "detection",
+    "phrase_grounding",
+    "post_processed",
+    "presence_auc",
+    "run_queries",
+    "split_queries",
+]

@@ -98,13 +98,15 @@ def hard_negative_accuracy_from_scores(positive: torch.Tensor, negative: torch.T
 
 
 def macro_auc(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """One-vs-rest AUC per class and their macro mean (scikit-learn's `roc_auc_score`); classes absent from
-    `labels` or present in every row are left out."""
+    """One-vs-rest AUC per class (column of `scores` `(N, C)`) and their macro mean (scikit-learn's
+    `roc_auc_score`); classes absent from `labels` or present in every row are left out. `labels` is each row's
+    class `(N,)`, or `(N, C)` bool where a row may hold several classes (or none)."""
     from sklearn.metrics import roc_auc_score
 
+    positives = labels if labels.ndim == 2 else labels[:, None] == np.arange(scores.shape[1])
     per_class = {}
     for index in range(scores.shape[1]):
-        positive = labels == index
+        positive = positives[:, index]
         if 0 < positive.sum() < len(labels):
             per_class[index] = float(roc_auc_score(positive, scores[:, index]))
     return {

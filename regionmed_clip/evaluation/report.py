@@ -156,29 +156,64 @@ def markdown_tables(metrics: dict) -> str:
         lines += _region_table(metrics)
     if "localization" in metrics:
         lines += _localization_table(metrics["localization"])
+    if "detection" in metrics:
+        lines += _detection_table(metrics["detection"])
     return "\n".join(lines)
 
 
 def _localization_table(section: dict) -> list[str]:
     lines = [
-        "## Localization without boxes (the text and the image only, %)",
+        "## Phrase grounding without boxes (each image asked about the findings it holds, %)",
         "",
-        "The top proposal of each (image, finding) query; AP50 over the split. Controls: the same proposals ranked "
-        "by objectness alone (text ignored), and the training split's mean box of the text (no image). The heatmap "
-        "rows read the patch–text similarity map (`explain`); a global-only model's own rows are its control.",
+        "The top detection of each (image, finding) query, and the peak of the model's patch–text heatmap "
+        "(`explain`) beside it; AP50 over the split. Controls: the same boxes scored by objectness alone (text "
+        "ignored), and the training split's mean box of the text (no image). A global-only model's own rows are "
+        "its control.",
         "",
-        "| query | metric | model | objectness only | box prior |",
-        "|---|---|---|---|---|",
+        "| query | metric | top box | heatmap peak | objectness only | box prior |",
+        "|---|---|---|---|---|---|",
     ]
     for kind, figures in section.items():
         controls = figures["controls"]
         for key, name in (("pointing_accuracy", "pointing"), ("mean_iou", "mean IoU"), ("ap50", "AP50")):
+            heatmap = _pct(figures["heatmap_pointing_accuracy"]) if key == "pointing_accuracy" else ""
             lines.append(
-                f"| {kind} ({figures['num_queries']} queries) | {name} | {_pct(figures[key])} | "
+                f"| {kind} ({figures['num_queries']} queries) | {name} | {_pct(figures[key])} | {heatmap} | "
                 f"{_pct(controls['objectness_only'][key])} | {_pct(controls['box_prior'][key])} |"
             )
-        lines.append(f"| {kind} | heatmap pointing | {_pct(figures['heatmap_pointing_accuracy'])} | | |")
-        lines.append(f"| {kind} | heatmap CNR (ratio) | {figures['cnr']:.2f} | | |")
+        lines.append(f"| {kind} | heatmap CNR (ratio) | | {figures['cnr']:.2f} | | |")
+    return lines + [""]
+
+
+#: The detection figures of `metrics.json`'s `detection` section and their names in tables.
+DETECTION_FIGURES = {"ap": "AP", "ap50": "AP50", "ar@100": "AR@100", "presence_auc": "presence AUC"}
+#: Its controls and their names in tables.
+DETECTION_CONTROLS = {
+    "objectness_only": "objectness only",
+    "box_prior": "box prior",
+    "heatmap_peak": "heatmap peak",
+}
+
+
+def _detection_table(section: dict) -> list[str]:
+    lines = [
+        "## Detection without boxes (every image asked every query, %)",
+        "",
+        "Each query a COCO category, images without the finding included; AP@[.5:.95], AP50 and AR@100 by "
+        "pycocotools, presence AUC (an image's best score against whether it holds the finding) macro over the "
+        "queries. Controls: the same boxes scored by objectness alone (text ignored), the training split's mean "
+        "box of the text scored by its share of training images (no image), and the box at the peak of the "
+        "model's own heatmap scored by the peak cosine.",
+        "",
+        "| query | metric | model | " + " | ".join(DETECTION_CONTROLS.values()) + " |",
+        "|---|---|---|" + "---|" * len(DETECTION_CONTROLS),
+    ]
+    for kind, figures in section.items():
+        label = f"{kind} ({figures['num_queries']} queries, {figures['num_images']} images)"
+        for key, name in DETECTION_FIGURES.items():
+            controls = " | ".join(_pct(figures["controls"][control][key]) for control in DETECTION_CONTROLS)
+            lines.append(f"| {label} | {name} | {_pct(figures[key])} | {controls} |")
+            label = kind
     return lines + [""]
 
 

@@ -25,7 +25,7 @@ class EvalSettings:
         default="all",
         metadata={
             "help": "Comma-separated tasks (zero_shot, few_shot, retrieval, region, grounding, localization, "
-            "vqa), or all"
+            "detection, vqa), or all"
         },
     )
     split: str = field(default="test", metadata={"help": "The split evaluated"})
@@ -77,6 +77,13 @@ class EvalSettings:
             "help": "Regions the model proposes itself for the box-free `self-proposed` embedding (0: none). "
             "Default: `max_regions` for a model whose training config weights `proposal_loss` and trains the "
             "ROI branch, else 0"
+        },
+    )
+    nms_threshold: float | None = field(
+        default=None,
+        metadata={
+            "help": "The IoU above which the detector's post-processing suppresses a query's lower-scored boxes "
+            "(`localization`, `detection`); default: the image processor's own, what the pipeline applies"
         },
     )
     vqa_rad: list[str] | None = field(

@@ -17,13 +17,15 @@ import json
 import time
 from pathlib import Path
 
+from ..evaluation.localization import DETECTION_KINDS, query_text, split_queries
+from ..evaluation.report import DETECTION_FIGURES
 from ..training.config import load_config
 from ..training.run import train_in_subprocess
 
 #: The names of the compared models in every result, table and plot.
 AWARE, PLAIN = "4-stage (region-aware)", "global-only"
 #: The evaluation tasks both models are compared on (the baseline's in `make demo`, both in the learning check).
-COMPARED_TASKS = "zero_shot,retrieval,region,grounding,localization"
+COMPARED_TASKS = "zero_shot,retrieval,region,grounding,localization,detection"
 
 
 def global_only(config, output_dir: Path):
@@ -47,7 +49,7 @@ def global_only(config, output_dir: Path):
 #: Sections of an evaluation whose figures are aggregated; within them every numeric leaf is a figure except
 #: counts, per-class breakdowns, confidence intervals, chance and ceilings (their spread over seeds is not a figure of
 #: the model).
-SECTIONS = ("zero_shot", "retrieval", "region", "grounding", "localization", "few_shot")
+SECTIONS = ("zero_shot", "retrieval", "region", "grounding", "localization", "detection", "few_shot")
 SKIPPED_KEYS = ("num_", "per_class", "ci95", "scores", "chance", "ceiling", "provenance")
 
 
@@ -76,7 +78,9 @@ GT_BOXES = "GT boxes at test"
 
 #: The figures the comparison reports, as (label, key of `flat_figures`): box-free first (the
 #: global embedding z_global, what a user without boxes gets; then the region-aware embedding on regions the model
-#: proposes itself, for a model whose proposer was trained), then those that take the split's boxes as input.
+#: proposes itself, for a model whose proposer was trained; then finding a finding from its text, asked of the
+#: images that hold it (phrase grounding: "finding") and of every image (detection)), then those that take the
+#: split's boxes as input.
 HEADLINE = (
     (f"image → report R@1 ({BOX_FREE})", "retrieval/box_free/global/image_to_text/R@1"),
     (f"report → image R@1 ({BOX_FREE})", "retrieval/box_free/global/text_to_image/R@1"),
@@ -97,13 +101,19 @@ HEADLINE = (
         f"finding pointing, caption without position words ({BOX_FREE})",
         "localization/position_free/pointing_accuracy",
     ),
-    (f"finding AP50, caption without position words ({BOX_FREE})", "localization/position_free/ap50"),
     (
         f"finding heatmap pointing, caption without position words ({BOX_FREE})",
         "localization/position_free/heatmap_pointing_accuracy",
     ),
+    (f"finding AP50, caption without position words ({BOX_FREE})", "localization/position_free/ap50"),
     (f"finding pointing, term ({BOX_FREE})", "localization/term/pointing_accuracy"),
+    (f"finding heatmap pointing, term ({BOX_FREE})", "localization/term/heatmap_pointing_accuracy"),
     (f"finding AP50, term ({BOX_FREE})", "localization/term/ap50"),
+    *(
+        (f"detection {name}, {query} ({BOX_FREE})", f"detection/{kind}/{metric}")
+        for kind, query in (("position_free", "caption without position words"), ("term", "term"))
+        for metric, name in DETECTION_FIGURES.items()
+    ),
     (f"image → report R@1 ({GT_BOXES})", "retrieval/gt_boxes/region-aware/image_to_text/R@1"),
     (f"report → image R@1 ({GT_BOXES})", "retrieval/gt_boxes/region-aware/text_to_image/R@1"),
     (f"zero-shot macro AUC ({GT_BOXES})", "zero_shot/gt_boxes/region-aware/macro_auc"),
@@ -124,7 +134,8 @@ def _headline(metrics: dict) -> dict[str, float]:
 def _controls(metrics: dict) -> dict[str, dict]:
     """The measured control of each region figure: `{figure: {"control", "value"}}`, scored without the image (they
     depend on the data only, fitted on the training split, so one evaluation's serve both models), and for the
-    box-free localization figures without the text (the 4-stage model's own proposals ranked by objectness)."""
+    box-free phrase-grounding and detection figures without the text (the 4-stage model's own boxes scored by
+    objectness)."""
     region, grounding = metrics["region"]["controls"], metrics["grounding"].get("controls", {})
     position_free = metrics["grounding"].get("position_free", {}).get("controls", {}).get("box_only", {})
     box_only = "box-only (nearest training boxes)"
@@ -146,12 +157,14 @@ def _controls(metrics: dict) -> dict[str, dict]:
             "value": grounding["box_only"]["pointing_accuracy"],
         },
     }
-    localization = metrics.get("localization") or {}
     for label, key in HEADLINE:
-        kind, _, metric = key.removeprefix("localization/").partition("/")
-        objectness = localization.get(kind, {}).get("controls", {}).get("objectness_only", {})
-        if key.startswith("localization/") and metric in objectness:
-            # The box prior and the global-only heatmap are weaker here (learning_check.md has all three).
+        section, _, rest = key.partition("/")
+        kind, _, metric = rest.partition("/")
+        if section not in ("localization", "detection"):
+            continue
+        objectness = (metrics.get(section) or {}).get(kind, {}).get("controls", {}).get("objectness_only", {})
+        if metric in objectness:
+            # The other controls stand in their own tables (the detection table below, learning_check.md).
             controls[label] = {"control": "objectness only (text ignored)", "value": objectness[metric]}
     if "pointing_accuracy" in position_free:
         controls[f"pointing accuracy, position words removed ({GT_BOXES})"] = {
@@ -159,6 +172,39 @@ def _controls(metrics: dict) -> dict[str, dict]:
             "value": position_free["pointing_accuracy"],
         }
     return controls
+
+
+#: The detection protocol's columns, the model's figure and then each control's: (label, the model whose evaluation
+#: holds the figure, its `flat_figures` key with `{kind}` and `{metric}`).
+DETECTION_COLUMNS = (
+    (AWARE, AWARE, "detection/{kind}/{metric}"),
+    (
+        "objectness only (same boxes, text ignored)",
+        AWARE,
+        "detection/{kind}/controls/objectness_only/{metric}",
+    ),
+    (
+        "box prior (training split's mean box of the text, no image)",
+        AWARE,
+        "detection/{kind}/controls/box_prior/{metric}",
+    ),
+    ("the model's heatmap peak (its box there)", AWARE, "detection/{kind}/controls/heatmap_peak/{metric}"),
+    ("global-only model, its own detector", PLAIN, "detection/{kind}/{metric}"),
+)
+
+
+def detection_table(cell) -> list[str]:
+    """The detection figures (`DETECTION_FIGURES`) of each query kind as a Markdown table, the 4-stage model and
+    each of its controls a column (`DETECTION_COLUMNS`); `cell(model, key)` writes one figure."""
+    lines = [
+        "| query (box-free) | metric | " + " | ".join(label for label, _, _ in DETECTION_COLUMNS) + " |",
+        "|---|---|" + "---|" * len(DETECTION_COLUMNS),
+    ]
+    for kind in DETECTION_KINDS:
+        for metric, name in DETECTION_FIGURES.items():
+            cells = [cell(model, key.format(kind=kind, metric=metric)) for _, model, key in DETECTION_COLUMNS]
+            lines.append(f"| {kind} | {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def evaluated_on(data) -> str:
@@ -194,8 +240,14 @@ def _bar_chart(headlines: dict, path: Path, title: str) -> None:
 
 
 def _report(
-    headlines: dict, controls: dict, region_paths: dict, timings: dict, out: Path, dataset: str
+    comparison: "Comparison",
+    controls: dict,
+    region_paths: dict,
+    presence: dict | None,
+    out: Path,
+    dataset: str,
 ) -> str:
+    headlines, timings = comparison.headlines, comparison.timings
     aware, plain = headlines[AWARE], headlines[PLAIN]
     lines = [
         "# RegionMed-CLIP demo",
@@ -221,6 +273,33 @@ def _report(
         bound = f"{control['control']}: {control['value']:.3f}" if control else "–"
         baseline = f"{plain[name]:.3f}" if name in plain else "– (no trained proposer)"
         lines.append(f"| {name} | {aware[name]:.3f} | {baseline} | {bound} |")
+    figures = {name: flat_figures(metrics) for name, metrics in comparison.results.items()}
+    if any(key.startswith("detection/") for key in figures[AWARE]):
+        lines += [
+            "",
+            "## Detection: every test image asked every query, without boxes",
+            "",
+            "Each query a COCO category, images without the finding included (AP@[.5:.95], AP50, AR@100 by "
+            "pycocotools); presence AUC: an image's best score against whether it holds the finding. The 4-stage "
+            "model beside each control and the global-only model's own detector.",
+            "",
+            *detection_table(lambda model, key: _figure(figures[model].get(key))),
+        ]
+    if presence:
+        lines += [
+            "",
+            f"## Presence scores on test image {presence['row']}",
+            "",
+            'What `pipeline("zero-shot-object-detection")` gives each term of the split on one test image: the '
+            "score of its best box, which says whether the finding is there.",
+            "",
+            "| term | presence score (best box) | in the image |",
+            "|---|---|---|",
+            *(
+                f"| {entry['label']} | {entry['score']:.3f} | {'yes' if entry['in_image'] else 'no'} |"
+                for entry in presence["scores"]
+            ),
+        ]
     lines += ["", "## Time per step", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {name} | {seconds:.1f} |" for name, seconds in timings.items()]
     lines += [
@@ -233,6 +312,28 @@ def _report(
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text, encoding="utf-8")
     return text
+
+
+def _figure(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def presence_example(model_folder: Path, row: dict, terms: list[str]) -> list[dict]:
+    """Per term, the score of the best box the `zero-shot-object-detection` pipeline finds for it on `row`'s image
+    (0 without one) and whether the image holds the term: presence scores as a user gets them."""
+    from transformers import pipeline
+
+    detector = pipeline("zero-shot-object-detection", model=str(model_folder))
+    found = detector(row["image"], candidate_labels=terms, threshold=0.0)
+    held = {query_text("term", region["caption"], region.get("term")) for region in row["regions"] or []}
+    return [
+        {
+            "label": term,
+            "score": max((entry["score"] for entry in found if entry["label"] == term), default=0.0),
+            "in_image": term in held,
+        }
+        for term in terms
+    ]
 
 
 @dataclasses.dataclass
@@ -344,11 +445,14 @@ def run_demo(args: DemoArgs) -> Path:
     card = render_model_card(model_folder, metrics=out / "eval" / "4-stage" / "metrics.json")
     (Path(model_folder) / "README.md").write_text(card, encoding="utf-8")
 
-    example = load_rows(config.data.path, "test")[0]
+    test_rows = load_rows(config.data.path, "test")
+    example = test_rows[0]
     classifier = pipeline("zero-shot-image-classification", model=str(model_folder))
     scores = classifier(
         example["image"], candidate_labels=results[PLAIN]["classes"], hypothesis_template="{}"
     )
+    terms = split_queries(test_rows, "term")
+    presence = {"row": 0, "scores": presence_example(model_folder, example, terms)} if terms else None
     timings["total"] = time.perf_counter() - started
 
     (out / "metrics.json").write_text(
@@ -358,6 +462,7 @@ def run_demo(args: DemoArgs) -> Path:
                 "controls": controls,
                 "region_paths": region_paths,
                 "pipeline_example": {"label": example["label"], "scores": scores},
+                "presence_example": presence,
                 "timings_seconds": timings,
             },
             indent=2,
@@ -366,7 +471,7 @@ def run_demo(args: DemoArgs) -> Path:
     )
     dataset = evaluated_on(config.data)
     _bar_chart(headlines, out / "comparison.png", dataset[0].upper() + dataset[1:])
-    print(_report(headlines, controls, region_paths, timings, out, dataset))
+    print(_report(comparison, controls, region_paths, presence, out, dataset))
     print(f"model folder: {model_folder} (AutoModel.from_pretrained / pipeline ready; model card README.md)")
     print(f"pipeline on one test image (label {example['label']!r}): {scores[:3]}")
     return Path(model_folder)

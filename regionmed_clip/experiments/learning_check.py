@@ -34,8 +34,10 @@ from ..training.config import load_config
 from .demo import (
     AWARE,
     COMPARED_TASKS,
+    DETECTION_COLUMNS,
     HEADLINE,
     PLAIN,
+    detection_table,
     evaluated_on,
     flat_figures,
     train_and_compare,
@@ -43,8 +45,9 @@ from .demo import (
 )
 
 SHUFFLED = "4-stage, shuffled region labels"
-#: The box-free localization figures the 4-stage model must earn, by query kind and metric, and the measured
-#: controls each is compared with: (control, model whose figure it is, figure key with `{kind}` and `{metric}`).
+#: The box-free phrase-grounding figures the 4-stage model must earn, by query kind and metric, and the measured
+#: controls each is compared with: (control, model whose figure it is, figure key with `{kind}` and `{metric}`, the
+#: metrics it has, None for all). A heatmap gives a point and no box, so it is a control of pointing only.
 LOCALIZATION_KINDS = ("position_free", "term", "caption")
 LOCALIZATION_METRICS = {"pointing_accuracy": "pointing", "ap50": "AP50"}
 LOCALIZATION_CONTROLS = (
@@ -52,15 +55,33 @@ LOCALIZATION_CONTROLS = (
         "objectness only (same proposals, text ignored)",
         AWARE,
         "localization/{kind}/controls/objectness_only/{metric}",
+        None,
     ),
     (
         "box prior (training split's mean box of the text, no image)",
         AWARE,
         "localization/{kind}/controls/box_prior/{metric}",
+        None,
     ),
-    ("global-only model, its own proposals", PLAIN, "localization/{kind}/{metric}"),
-    ("global-only heatmap's peak (no proposer)", PLAIN, "localization/{kind}/heatmap_pointing_accuracy"),
+    (
+        "the model's own heatmap peak",
+        AWARE,
+        "localization/{kind}/heatmap_pointing_accuracy",
+        ("pointing_accuracy",),
+    ),
+    ("global-only model, its own proposals", PLAIN, "localization/{kind}/{metric}", None),
+    (
+        "global-only heatmap's peak (no proposer)",
+        PLAIN,
+        "localization/{kind}/heatmap_pointing_accuracy",
+        ("pointing_accuracy",),
+    ),
 )
+#: The detection figures judged (every image asked every query), of term queries, against every control of the
+#: detection table (`DETECTION_COLUMNS` after the model's own).
+DETECTION_JUDGED_KINDS = ("term",)
+DETECTION_JUDGED_METRICS = {"ap50": "AP50", "presence_auc": "presence AUC"}
+DETECTION_CONTROLS = tuple((*column, None) for column in DETECTION_COLUMNS[1:])
 MIN_SEEDS = 3  # the fewest seeds whose standard deviation the verdict compares margins with
 #: The fields of a region that say what it is; the permutation of the control moves them together.
 REGION_ANNOTATIONS = ("caption", "adjective", "term", "position", "negatives")
@@ -121,23 +142,29 @@ def verdict(summary: dict, seeds: int, margin_std: float = 2.0) -> dict[str, dic
     return result
 
 
-def localization_verdict(summary: dict, seeds: int, margin_std: float = 2.0) -> list[dict]:
-    """The 4-stage model's box-free localization figures (`LOCALIZATION_KINDS` × `LOCALIZATION_METRICS`) against
-    each of their measured controls (`LOCALIZATION_CONTROLS`; the heatmap, which gives a point and no box, only
-    for pointing), with `verdict`'s rule: beats when the margin exceeds `margin_std` × the larger std, unknown
-    (None) with fewer than `MIN_SEEDS` seeds. Figures a run does not have (no terms in the data) are left out."""
+def control_verdict(
+    summary: dict,
+    seeds: int,
+    figure: str,
+    kinds: tuple,
+    metrics: dict,
+    controls: tuple,
+    margin_std: float = 2.0,
+) -> list[dict]:
+    """The 4-stage model's figures (`figure`, a `flat_figures` key with `{kind}` and `{metric}`, for each of
+    `kinds` × `metrics`) against each of their measured `controls` (label, model, key, the metrics it has or None),
+    with `verdict`'s rule: beats when the margin exceeds `margin_std` × the larger std, unknown (None) with fewer
+    than `MIN_SEEDS` seeds. Figures a run does not have (no terms in the data) are left out."""
     aware = summary[AWARE]
     rows = []
-    for kind in LOCALIZATION_KINDS:
-        for metric, metric_name in LOCALIZATION_METRICS.items():
-            key = f"localization/{kind}/{metric}"
+    for kind in kinds:
+        for metric, metric_name in metrics.items():
+            key = figure.format(kind=kind, metric=metric)
             if key not in aware:
                 continue
-            for control, model, pattern in LOCALIZATION_CONTROLS:
-                if "heatmap" in pattern and metric != "pointing_accuracy":
-                    continue
+            for control, model, pattern, has in controls:
                 other = summary.get(model, {}).get(pattern.format(kind=kind, metric=metric))
-                if other is None:
+                if other is None or (has is not None and metric not in has):
                     continue
                 margin = aware[key]["mean"] - other["mean"]
                 bar = margin_std * max(aware[key]["std"], other["std"]) if seeds >= MIN_SEEDS else None
@@ -154,6 +181,34 @@ def localization_verdict(summary: dict, seeds: int, margin_std: float = 2.0) -> 
                     }
                 )
     return rows
+
+
+def localization_verdict(summary: dict, seeds: int, margin_std: float = 2.0) -> list[dict]:
+    """The box-free phrase-grounding figures (`LOCALIZATION_KINDS` × `LOCALIZATION_METRICS`) against each of their
+    controls (`LOCALIZATION_CONTROLS`), by `control_verdict`."""
+    return control_verdict(
+        summary,
+        seeds,
+        "localization/{kind}/{metric}",
+        LOCALIZATION_KINDS,
+        LOCALIZATION_METRICS,
+        LOCALIZATION_CONTROLS,
+        margin_std,
+    )
+
+
+def detection_verdict(summary: dict, seeds: int, margin_std: float = 2.0) -> list[dict]:
+    """The detection figures of term queries (`DETECTION_JUDGED_METRICS`: AP50 and presence AUC) against every
+    control of the detection table (`DETECTION_CONTROLS`), by `control_verdict`."""
+    return control_verdict(
+        summary,
+        seeds,
+        DETECTION_COLUMNS[0][2],
+        DETECTION_JUDGED_KINDS,
+        DETECTION_JUDGED_METRICS,
+        DETECTION_CONTROLS,
+        margin_std,
+    )
 
 
 def scale_steps(config, factor: float):
@@ -232,6 +287,7 @@ def run_learning_check(
         "per_seed": {str(seed): figures for seed, figures in per_seed.items()},
         "verdict": verdict(summary, len(seeds)),
         "localization_verdict": localization_verdict(summary, len(seeds)),
+        "detection_verdict": detection_verdict(summary, len(seeds)),
         "seconds": time.perf_counter() - started,
     }
     if shuffled is not None:
@@ -257,17 +313,15 @@ def _bar_cell(check: dict, seeds: int) -> str:
     return f"{check['bar']:.3f} | {'yes' if check['beats'] else 'no'}"
 
 
-def _localization_lines(rows: list[dict], seeds: int) -> list[str]:
-    """The 4-stage model's box-free localization against each measured control (`localization_verdict`)."""
+def _verdict_lines(title: str, intro: str, rows: list[dict], seeds: int) -> list[str]:
+    """A section of the 4-stage model's figures against each measured control (`control_verdict`'s rows)."""
     if not rows:
         return []
     lines = [
         "",
-        "## Localization without boxes against its controls",
+        f"## {title}",
         "",
-        "The 4-stage model's top proposal per (test image, finding) query (`eval --tasks localization`), queried by "
-        "the caption without its position words (`position_free`), by the term alone, and by the whole caption, "
-        "whose position words give the box prior its answer.",
+        intro,
         "",
         "| query | metric | 4-stage | control | control's figure | margin | 2 std bar | beats |",
         "|---|---|---|---|---|---|---|---|",
@@ -279,6 +333,29 @@ def _localization_lines(rows: list[dict], seeds: int) -> list[str]:
             f"{_cell(row['control_figure'])} | {row['margin']:+.3f} | {_bar_cell(check, seeds)} |"
         )
     return lines
+
+
+def _detection_lines(result: dict) -> list[str]:
+    """The detection table (every model and control, mean ± std) and its verdict on term queries."""
+    summary = result["summary"]
+    if not any(key.startswith("detection/") for key in summary[AWARE]):
+        return []
+    lines = [
+        "",
+        "## Detection without boxes: the model and its controls",
+        "",
+        "Every test image asked every query of the split (`eval --tasks detection`), images without the finding "
+        "included: COCO AP@[.5:.95], AP50 and AR@100 (pycocotools), and the presence AUC (an image's best score "
+        "against whether it holds the finding, macro over queries).",
+        "",
+        *detection_table(lambda model, key: _cell(summary.get(model, {}).get(key))),
+    ]
+    return lines + _verdict_lines(
+        "Detection without boxes against its controls",
+        "Term queries: the 4-stage model's AP50 and presence AUC against every control.",
+        result.get("detection_verdict") or [],
+        len(result["seeds"]),
+    )
 
 
 def markdown(result: dict) -> str:
@@ -311,7 +388,16 @@ def markdown(result: dict) -> str:
                 f"{_bar_cell(check, len(result['seeds']))} |"
             )
             lines.append(row + (f" {_cell(control.get(key))} |" if control is not None else ""))
-    lines += _localization_lines(result.get("localization_verdict") or [], len(result["seeds"]))
+    lines += _verdict_lines(
+        "Localization without boxes against its controls",
+        "Phrase grounding: the 4-stage model's top detection per (test image, finding) query (`eval --tasks "
+        "localization`), queried by the caption without its position words (`position_free`), by the term alone, "
+        "and by the whole caption, whose position words give the box prior its answer; its pointing beside its "
+        "own heatmap peak's.",
+        result.get("localization_verdict") or [],
+        len(result["seeds"]),
+    )
+    lines += _detection_lines(result)
     models = list(result["summary"])
     lines += [
         "",
