@@ -251,9 +251,8 @@ def naive_detection_loss(class_logits, box_logits, boxes, mask, answers, beta=2.
     return naive_box_loss(box_logits, boxes, mask) + total / max(positives, 1)
 
 
-def test_region_proposal_loss_matches_naive_loop_forward_and_backward():
-    logits = torch.randn(3, 4, 5, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    # Overlapping boxes (the smaller one wins), a box smaller than a patch, and an image without boxes.
+def _loss_oracle_boxes() -> tuple[torch.Tensor, torch.Tensor]:
+    """Overlapping boxes (the smaller one wins), a box smaller than a patch, and an image without boxes."""
     boxes = torch.tensor(
         [
             [[0.1, 0.1, 0.9, 0.8], [0.3, 0.2, 0.6, 0.5]],
@@ -262,7 +261,12 @@ def test_region_proposal_loss_matches_naive_loop_forward_and_backward():
         ],
         dtype=torch.float64,
     )
-    mask = torch.tensor([[True, True], [True, False], [False, False]])
+    return boxes, torch.tensor([[True, True], [True, False], [False, False]])
+
+
+def test_region_proposal_loss_matches_naive_loop_forward_and_backward():
+    logits = torch.randn(3, 4, 5, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    boxes, mask = _loss_oracle_boxes()
     value, (grad,) = _grads(lambda z: region_proposal_loss(z, boxes, mask), logits)
     expected, (expected_grad,) = _grads(lambda z: naive_proposal_loss(z, boxes, mask), logits)
     torch.testing.assert_close(value, expected)
@@ -286,15 +290,7 @@ def test_detection_loss_matches_naive_loop_forward_and_backward():
     generator = torch.Generator().manual_seed(3)
     box_logits = torch.randn(3, 4, 5, 4, generator=generator, dtype=torch.float64)
     class_logits = torch.randn(3, 20, 3, generator=generator, dtype=torch.float64)
-    boxes = torch.tensor(
-        [
-            [[0.1, 0.1, 0.9, 0.8], [0.3, 0.2, 0.6, 0.5]],
-            [[0.41, 0.42, 0.44, 0.45], [0.0, 0.0, 0.0, 0.0]],
-            [[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]],
-        ],
-        dtype=torch.float64,
-    )
-    mask = torch.tensor([[True, True], [True, False], [False, False]])
+    boxes, mask = _loss_oracle_boxes()
     # Box 0 of image 0 answers queries 0 and 2, its box 1 query 1; image 1's box answers query 2 (image 1 holds
     # nothing query 0 or 1 asks for: every patch of it is a negative of those); image 2 is unannotated.
     answers = torch.zeros(3, 2, 3, dtype=torch.bool)
