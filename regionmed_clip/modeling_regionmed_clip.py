@@ -644,6 +644,10 @@ class RegionMedCLIPModel(RegionMedCLIPPreTrainedModel):
     ```
     """
 
+    # A folder that training saves is a detector's: its heads load with it and are no use to the base model, so
+    # `AutoModel.from_pretrained(folder)` leaves them without reporting them as unexpected.
+    _keys_to_ignore_on_load_unexpected = [r"class_head\.", r"box_head\."]
+
     def __init__(
         self,
         config: RegionMedCLIPConfig,

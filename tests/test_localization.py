@@ -2,12 +2,20 @@
 naive references, and the harness tasks."""
 
 import json
+from itertools import pairwise
 
 import numpy as np
 import pytest
 import torch
 
-from regionmed_clip.evaluation.localization import box_iou, coco_box_metrics, contrast_to_noise, presence_auc
+from regionmed_clip.evaluation.localization import (
+    PRESENCE_THRESHOLDS,
+    box_iou,
+    box_rates,
+    coco_box_metrics,
+    contrast_to_noise,
+    presence_auc,
+)
 
 from .conftest import make_processor, tiny_model
 
@@ -75,6 +83,23 @@ def test_presence_auc_matches_a_naive_reference_and_leaves_out_one_class_queries
     assert result == {"presence_auc": pytest.approx(expected), "num_presence_queries": 3}
 
 
+def test_box_rates_count_the_pairs_a_threshold_keeps_among_holders_and_the_rest():
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 5, size=(9, 4)).astype(float) / 10  # scores on the thresholds on purpose
+    holds = rng.uniform(size=(9, 4)) < 0.4
+    result = box_rates(scores, holds, thresholds=(0.1, 0.3))
+    for threshold in (0.1, 0.3):
+        kept = {True: [], False: []}
+        for image in range(9):
+            for query in range(4):
+                kept[bool(holds[image, query])].append(scores[image, query] >= threshold)
+        assert result[f"{threshold:g}"] == {
+            "holds": pytest.approx(sum(kept[True]) / len(kept[True])),
+            "lacks": pytest.approx(sum(kept[False]) / len(kept[False])),
+        }
+    assert np.isnan(box_rates(scores, np.zeros_like(holds), thresholds=(0.3,))["0.3"]["holds"])
+
+
 def test_contrast_to_noise_matches_the_formula():
     rng = np.random.default_rng(1)
     heatmap = rng.normal(size=(16, 16))
@@ -139,6 +164,11 @@ def test_cli_eval_finds_every_finding_in_both_protocols_beside_their_controls(
             assert all(0.0 <= result[key] <= 1.0 for key in ("ap", "ap50", "ar@100", "presence_auc"))
         # No image: the prior scores a query alike on every image, which tells no image from another.
         assert figures["controls"]["box_prior"]["presence_auc"] == 0.5
+        # A higher threshold keeps fewer pairs, in both groups; controls' scores are no probabilities.
+        rates = [figures["box_rate"][f"{threshold:g}"] for threshold in PRESENCE_THRESHOLDS]
+        for group in ("holds", "lacks"):
+            assert all(a[group] >= b[group] for a, b in pairwise(rates)), group
+        assert not any("box_rate" in control for control in figures["controls"].values())
     table = (tmp_path / "eval" / "metrics.md").read_text()
     assert "## Phrase grounding without boxes" in table and "## Detection without boxes" in table
     # Detection alone asks its own kinds only.

@@ -470,7 +470,8 @@ def test_a_folder_saved_with_the_objectives_settings_in_its_config_loads_with_eq
 
 def test_the_detector_holds_the_base_model_and_loads_any_saved_folder(tmp_path, tokenizer, sample_batch):
     """OWL-ViT's shape: the detector holds a RegionMedCLIPModel under `regionmed_clip` and its class head; a folder
-    saved by the base model loads into it (and a folder saved by the detector into the base) with equal weights."""
+    saved by the base model loads into it (and a folder saved by the detector into the base, its heads left out
+    quietly) with equal weights."""
     base = tiny_model("pool")
     base.save_pretrained(tmp_path / "base")
     detector = RegionMedCLIPForZeroShotObjectDetection.from_pretrained(tmp_path / "base").eval()
@@ -478,8 +479,11 @@ def test_the_detector_holds_the_base_model_and_loads_any_saved_folder(tmp_path, 
     for name, tensor in base.state_dict().items():
         torch.testing.assert_close(detector.regionmed_clip.state_dict()[name], tensor, rtol=0, atol=0)
     detector.save_pretrained(tmp_path / "detector")
-    again = AutoModel.from_pretrained(tmp_path / "detector").eval()
+    again, loading = AutoModel.from_pretrained(tmp_path / "detector", output_loading_info=True)
     assert type(again) is RegionMedCLIPModel
+    # The detector's heads are not the base model's: loading leaves them without calling them unexpected.
+    assert not loading["unexpected_keys"] and not loading["missing_keys"]
+    again.eval()
     inputs = model_inputs(tokenizer, sample_batch, "pool")
     with torch.no_grad():
         torch.testing.assert_close(again(**inputs).logits_per_image, base(**inputs).logits_per_image)

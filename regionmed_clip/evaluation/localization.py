@@ -22,7 +22,10 @@ processor also puts the ground-truth boxes), best first, at most `MAX_DETECTIONS
   `ar@100` (AR with at most 100 detections per image and query) by pycocotools, COCO's own evaluation; and
   `presence_auc`, per query the ROC AUC of an image's best score against whether the image holds the finding,
   macro over the queries. A query that every image holds, or none, has no AUC and is left out
-  (`num_presence_queries` counts the queries scored).
+  (`num_presence_queries` counts the queries scored). What a pipeline `threshold` does with the model's scores:
+  `box_rate`, per threshold of `PRESENCE_THRESHOLDS`, the share of (image, query) pairs whose best score reaches
+  it among those where the image holds the finding (`holds`: found) and those where it does not (`lacks`: false
+  alarms). The controls' scores are not probabilities (a cosine, an objectness, a share), so they get none.
 
 Controls, scored by the same figures on the same queries:
 
@@ -57,6 +60,8 @@ QUERY_KINDS = ("caption", "position_free", "term")
 DETECTION_KINDS = ("position_free", "term")
 MAX_DETECTIONS = 100  # kept per (image, query): COCO's largest maxDets, so `ar@100` is COCO's AR
 GROUNDING_DETECTIONS = 10  # a phrase-grounding query's best detections in its AP50
+#: The pipeline thresholds at which detection reports its `box_rate` (0.3: the threshold of the pipeline example).
+PRESENCE_THRESHOLDS = (0.1, 0.2, 0.3)
 GROUNDING_METHODS = ("model", "objectness_only", "box_prior")
 DETECTION_METHODS = ("model", "objectness_only", "box_prior", "heatmap_peak")
 
@@ -345,6 +350,23 @@ def presence_auc(best_scores: np.ndarray, holds: np.ndarray) -> dict:
     return {"presence_auc": result["macro_auc"], "num_presence_queries": len(result["per_class"])}
 
 
+def box_rates(best_scores: np.ndarray, holds: np.ndarray, thresholds=None) -> dict:
+    """Per threshold (default `PRESENCE_THRESHOLDS`), the share of (image, query) pairs whose best score
+    `(images, queries)` reaches it, among the pairs where the image holds the finding (`holds`, bool) and among
+    those where it does not: `{"0.3": {"holds": ..., "lacks": ...}, ...}` (NaN where a group is empty)."""
+
+    def share(scores: np.ndarray, threshold: float) -> float:
+        return float(np.mean(scores >= threshold)) if scores.size else float("nan")
+
+    return {
+        f"{threshold:g}": {
+            "holds": share(best_scores[holds], threshold),
+            "lacks": share(best_scores[~holds], threshold),
+        }
+        for threshold in (PRESENCE_THRESHOLDS if thresholds is None else thresholds)
+    }
+
+
 def detection(run: QueryRun) -> dict:
     """The detection figures of the module's docstring, the model's beside each control's."""
     if not run.every_image:
@@ -361,6 +383,8 @@ def detection(run: QueryRun) -> dict:
             **coco_box_metrics(run.truths, run.detections[method], run.num_images),
             "presence_auc": presence["presence_auc"],
         }
+        if method == "model":
+            figures[method]["box_rate"] = box_rates(best, holds)
     return {
         **figures.pop("model"),
         "num_images": run.num_images,
@@ -406,6 +430,7 @@ __all__ = [
     "QUERY_KINDS",
     "QueryRun",
     "box_iou",
+    "box_rates",
     "coco_box_metrics",
     "contrast_to_noise",
     "detection",

@@ -214,6 +214,20 @@ def _detection_table(section: dict) -> list[str]:
             controls = " | ".join(_pct(figures["controls"][control][key]) for control in DETECTION_CONTROLS)
             lines.append(f"| {label} | {name} | {_pct(figures[key])} | {controls} |")
             label = kind
+    thresholds = list(next(iter(section.values()))["box_rate"])
+    lines += [
+        "",
+        "What a pipeline `threshold` keeps: the share of (image, query) pairs where the model's best box reaches it, "
+        "when the image holds the finding / when it does not (%).",
+        "",
+        "| query | " + " | ".join(f"threshold {threshold}" for threshold in thresholds) + " |",
+        "|---|" + "---|" * len(thresholds),
+    ]
+    for kind, figures in section.items():
+        rates = " | ".join(
+            f"{_pct(rate['holds'])} / {_pct(rate['lacks'])}" for rate in figures["box_rate"].values()
+        )
+        lines.append(f"| {kind} | {rates} |")
     return lines + [""]
 
 
