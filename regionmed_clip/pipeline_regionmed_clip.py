@@ -210,7 +210,7 @@ class ZeroShotRegionDetectionPipeline(_LabelsOncePipeline):
     ```python
     >>> from transformers import pipeline
     >>> detector = pipeline("zero-shot-region-detection", model="path/to/regionmed-clip", trust_remote_code=True)
-    >>> detector(["scan.dcm", "follow-up.png"], candidate_labels="round nodule, pleural effusion", threshold=0.3)
+    >>> detector(["scan.dcm", "follow-up.png"], candidate_labels="round nodule, pleural effusion", threshold=0.1)
     ```
 
     Returns, per image, a list of `{"score", "label", "box"}` dicts, best score first, `box` as the image's pixel
