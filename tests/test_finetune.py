@@ -97,7 +97,7 @@ def test_lora_training_changes_only_adapters_and_projections_and_reloads_exactly
     buffers_before = {name: b.clone() for name, b in model.named_buffers()}
     trainer.run_stage(0, trainer.config.stages[0])
 
-    after = dict(model.named_parameters())
+    after = {name: p.detach() for name, p in model.named_parameters()}
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     declared = {
         name for name in before if "lora_" in name or ".modules_to_save." in name
