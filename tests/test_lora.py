@@ -85,7 +85,7 @@ def _lora_gradients(objective) -> tuple[dict[str, torch.Tensor | None], float]:
     """Each LoRA parameter's gradient, and the loss it is the gradient of."""
     loss = objective(**_batch()).loss
     loss.backward()
-    return {name: p.grad for name, p in objective.model.named_parameters() if "lora_" in name}, float(loss)
+    return {name: p.grad for name, p in objective.model.named_parameters() if "lora_" in name}, loss.item()
 
 
 # The models run in float64, so that a gradient which is mathematically zero (an adapter cut off from the loss)
