@@ -60,7 +60,7 @@ QUERY_KINDS = ("caption", "position_free", "term")
 DETECTION_KINDS = ("position_free", "term")
 MAX_DETECTIONS = 100  # kept per (image, query): COCO's largest maxDets, so `ar@100` is COCO's AR
 GROUNDING_DETECTIONS = 10  # a phrase-grounding query's best detections in its AP50
-#: The pipeline thresholds at which detection reports its `box_rate` (0.3: the threshold of the pipeline example).
+#: The pipeline thresholds at which detection reports its `box_rate` (0.1: the threshold of the pipeline example).
 PRESENCE_THRESHOLDS = (0.1, 0.2, 0.3)
 GROUNDING_METHODS = ("model", "objectness_only", "box_prior")
 DETECTION_METHODS = ("model", "objectness_only", "box_prior", "heatmap_peak")
