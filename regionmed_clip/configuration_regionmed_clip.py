@@ -162,6 +162,10 @@ class RegionMedCLIPConfig(PretrainedConfig):
             softmax of the region proposer's objectness as weights, so the box-free embedding z_global reads the
             patches the proposer (trained on ground-truth boxes by L_proposal) marks as findings. Needs a patch-token
             vision tower.
+        detection_top_k (`int`, *optional*, defaults to 8):
+            How many boxes per image (those of highest objectness) [`RegionMedCLIPForZeroShotObjectDetection`] reads
+            again through the region path (crop or RoIAlign, then the ROI processor) to tell one finding from
+            another; 0 scores boxes by the class head alone.
         layer_norm_eps (`float`, *optional*, defaults to 1e-6):
             Epsilon of the ROI processor's layer norms.
         initializer_factor (`float`, *optional*, defaults to 1.0):
@@ -205,6 +209,7 @@ class RegionMedCLIPConfig(PretrainedConfig):
     text_pad_length: int | None = None
     auto_regions: int = 0
     global_pool: str = "cls"
+    detection_top_k: int = 8
     layer_norm_eps: int | float = 1e-6
     initializer_factor: int | float = 1.0
 
@@ -302,6 +307,10 @@ class RegionMedCLIPConfig(PretrainedConfig):
         if self.auto_regions < 0:
             raise ValueError(
                 f"auto_regions must be >= 0 (0 switches self-proposed regions off), got {self.auto_regions}."
+            )
+        if self.detection_top_k < 0:
+            raise ValueError(
+                f"detection_top_k must be >= 0 (0: the class head's scores alone), got {self.detection_top_k}."
             )
         if self.roi_mode == "pool" or self.auto_regions > 0 or self.global_pool != "cls":
             image_size = getattr(self.vision_config, "image_size", None)

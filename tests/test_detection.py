@@ -53,7 +53,10 @@ def test_a_trained_detector_reports_the_finding_where_it_is_and_nothing_where_it
     processor = RegionMedCLIPProcessor(
         RegionMedCLIPImageProcessor(size={"height": SIZE, "width": SIZE}, max_regions=1), tokenizer
     )
-    objective = RegionMedCLIPForPreTraining(config, loss_weights={"detection_loss": 1.0}).train()
+    # The proposer's objectness picks the boxes the detector reads again as regions.
+    objective = RegionMedCLIPForPreTraining(
+        config, loss_weights={"detection_loss": 1.0, "proposal_loss": 1.0}
+    ).train()
     optimizer = torch.optim.AdamW(objective.parameters(), lr=2e-3)
     for _ in range(600):
         findings = [FINDINGS[index % 2] for index in range(8)]

@@ -468,6 +468,52 @@ def test_a_folder_saved_with_the_objectives_settings_in_its_config_loads_with_eq
     assert not [key for key in resaved if key.endswith("_loss_weight") or key.startswith("neg_logit_")]
 
 
+@pytest.mark.parametrize("roi_mode", MODES)
+def test_the_detector_reads_its_best_boxes_again_as_regions(tokenizer, sample_batch, roi_mode):
+    """A box's score is σ(class head logit) · σ(region class head logit of the box read as a region) for each
+    image's first `detection_top_k` boxes in the proposer's objectness order, and σ(class head logit) times the image's lowest such
+    region probability for the other boxes; a query's scores do not depend on the other queries asked. Written out
+    image by image through the base model's public `get_region_features`."""
+    detector = RegionMedCLIPForZeroShotObjectDetection(tiny_config(roi_mode, detection_top_k=3)).eval()
+    inputs = model_inputs(tokenizer, sample_batch, roi_mode, with_rois=False)
+    generator = torch.Generator().manual_seed(0)
+    queries = torch.nn.functional.normalize(torch.randn(4, 16, generator=generator), dim=-1)
+    heads = (detector.class_head, detector.box_head, detector.region_class_head, detector.regionmed_clip.region_proposer)
+    with torch.no_grad():
+        for parameter in (parameter for head in heads for parameter in head.parameters()):
+            parameter.normal_(std=0.3, generator=generator)  # untrained heads score every box alike
+        outputs = detector(pixel_values=inputs["pixel_values"], query_embeds=queries)
+        alone = detector(pixel_values=inputs["pixel_values"], query_embeds=queries[2:3]).logits
+        detector.config.detection_top_k = 0
+        first = detector(pixel_values=inputs["pixel_values"], query_embeds=queries)
+        base = detector.regionmed_clip
+        expected = []
+        for image in range(inputs["pixel_values"].shape[0]):
+            pixels = inputs["pixel_values"][image : image + 1]
+            centres, extents = first.pred_boxes[image, :, :2], first.pred_boxes[image, :, 2:]
+            boxes = torch.cat((centres - extents / 2, centres + extents / 2), -1)
+            grid = first.objectness_logits.new_zeros(1, IMAGE_SIZE // 8, IMAGE_SIZE // 8, 5)
+            grid[..., 0] = first.objectness_logits[image].reshape(grid.shape[1:3])
+            chosen = modeling.objectness_order(grid)[0, :3]
+            crops = modeling.crop_regions(pixels, boxes[None, chosen]) if roi_mode == "crop" else None
+            regions = base.get_region_features(pixels, boxes[None, chosen], None, crops)
+            probs = detector.region_class_head(torch.nn.functional.normalize(regions, dim=-1), queries)[0].sigmoid()
+            per_box = probs.min(0).values.repeat(boxes.shape[0], 1)
+            per_box[chosen] = probs
+            expected.append(first.logits[image].sigmoid() * per_box)
+    torch.testing.assert_close(outputs.logits.sigmoid(), torch.stack(expected), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(alone, outputs.logits[..., 2:3], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(outputs.logits, first.logits)
+
+
+def test_logit_of_product_is_the_logit_of_the_product():
+    logits = torch.tensor([-30.0, -3.0, 0.0, 2.0, 25.0, 40.0], dtype=torch.float64)
+    probs = torch.tensor([1e-8, 0.3, 0.5, 0.9, 0.2, 1.0], dtype=torch.float64)
+    combined = modeling.logit_of_product(logits, probs.log())
+    torch.testing.assert_close(combined.sigmoid(), logits.sigmoid() * probs, rtol=1e-9, atol=0)
+    assert combined[-1] == logits[-1]  # a probability of 1 leaves the logit as it is
+
+
 def test_the_detector_holds_the_base_model_and_loads_any_saved_folder(tmp_path, tokenizer, sample_batch):
     """OWL-ViT's shape: the detector holds a RegionMedCLIPModel under `regionmed_clip` and its class head; a folder
     saved by the base model loads into it (and a folder saved by the detector into the base, its heads left out

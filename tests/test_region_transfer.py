@@ -16,6 +16,7 @@ from regionmed_clip.training.losses import (
     generalized_box_iou,
     global_region_loss,
     multi_positive_contrastive_loss,
+    region_class_loss,
     region_proposal_loss,
 )
 
@@ -191,8 +192,9 @@ def naive_giou(box, other):
     return inter / union, inter / union - (hull - union) / hull
 
 
-def naive_box_loss(edge_logits, boxes, mask):
-    """Over the positive patches of annotated images: the L1 mean of the edge distances plus the GIoU-loss mean."""
+def naive_box_loss(edge_logits, boxes, mask, l1_weight=1.0, giou_weight=1.0):
+    """Over the positive patches of annotated images: the weighted L1 mean of the edge distances plus the weighted
+    GIoU-loss mean."""
     batch_size, grid_h, grid_w = edge_logits.shape[:3]
     l1, giou_loss, positives = 0.0, 0.0, 0
     for b in range(batch_size):
@@ -208,7 +210,7 @@ def naive_box_loss(edge_logits, boxes, mask):
                 box = naive_box(edge_logits, b, i, j, grid_h, grid_w)
                 giou_loss = giou_loss + 1 - naive_giou(box, boxes[b, k])[1]
                 positives += 1
-    return l1 / (4 * positives) + giou_loss / positives
+    return l1_weight * l1 / (4 * positives) + giou_weight * giou_loss / positives
 
 
 def naive_proposal_loss(logits, boxes, mask):
@@ -228,9 +230,9 @@ def naive_proposal_loss(logits, boxes, mask):
 
 
 def naive_detection_loss(class_logits, box_logits, boxes, mask, answers, beta=2.0):
-    """The box loss of the box head, plus, patch by patch and query by query: the target is the IoU of the patch's
-    box with the box it is assigned where that box answers the query, else 0; BCE · |σ − target|^β summed over
-    annotated images, over the number of positive pairs."""
+    """The box loss of the box head (L1 5, GIoU 2), plus, patch by patch and query by query: the target is the
+    IoU of the patch's box with the box it is assigned where that box answers the query, else 0; BCE ·
+    |σ − target|^β summed over annotated images, over the number of positive pairs."""
     batch_size, grid_h, grid_w = box_logits.shape[:3]
     total, positives = 0.0, 0
     for b in range(batch_size):
@@ -248,7 +250,7 @@ def naive_detection_loss(class_logits, box_logits, boxes, mask, answers, beta=2.
                     z = class_logits[b, i * grid_w + j, q]
                     bce = torch.clamp(z, min=0) - z * target + torch.log1p(torch.exp(-torch.abs(z)))
                     total = total + bce * (torch.sigmoid(z) - target).abs() ** beta
-    return naive_box_loss(box_logits, boxes, mask) + total / max(positives, 1)
+    return naive_box_loss(box_logits, boxes, mask, l1_weight=5.0, giou_weight=2.0) + total / max(positives, 1)
 
 
 def _loss_oracle_boxes() -> tuple[torch.Tensor, torch.Tensor]:
@@ -305,6 +307,26 @@ def test_detection_loss_matches_naive_loop_forward_and_backward():
     for grad, expected_grad in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(grad, expected_grad)
         assert torch.all(grad[2] == 0)  # the unannotated image is not taught that it holds nothing
+
+
+def test_region_class_loss_matches_naive_loop_forward_and_backward():
+    generator = torch.Generator().manual_seed(4)
+    logits = torch.randn(5, 3, generator=generator, dtype=torch.float64)
+    answers = torch.tensor([[1, 0, 1], [0, 0, 0], [0, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=torch.bool)
+
+    def naive(z):
+        total = 0.0
+        for r in range(z.shape[0]):
+            for q in range(z.shape[1]):
+                target = float(answers[r, q])
+                bce = torch.clamp(z[r, q], min=0) - z[r, q] * target + torch.log1p(torch.exp(-torch.abs(z[r, q])))
+                total = total + bce * (torch.sigmoid(z[r, q]) - target).abs() ** 2
+        return total / int(answers.sum())
+
+    value, (grad,) = _grads(lambda z: region_class_loss(z, answers), logits)
+    expected, (expected_grad,) = _grads(naive, logits)
+    torch.testing.assert_close(value, expected)
+    torch.testing.assert_close(grad, expected_grad)
 
 
 def test_proposal_loss_through_the_objective_uses_the_given_boxes():
