@@ -1096,8 +1096,8 @@ class RegionMedCLIPForZeroShotObjectDetection(RegionMedCLIPPreTrainedModel):
         sigmoid probability of each query for each region. The boxes are picked without the queries, so a box's
         score for a query does not depend on which other queries are asked (transformers' pipeline asks one label
         per forward). A box not read again gets, per query, the lowest log-probability of its image's boxes that
-        were, so it never outranks them on this stage's account. The proposer is trained by the pretraining
-        objective's `proposal_loss`; a detector trained without it reads arbitrary boxes again.
+        were, so it never outranks them on this stage's account. The pretraining objective trains the proposer on the
+        data's boxes; a detector whose proposer was never trained reads arbitrary boxes again.
         """
         top_k = min(self.config.detection_top_k, boxes.shape[1])
         if top_k == 0:

@@ -66,6 +66,7 @@ def test_round_trip_through_json(tmp_path):
         ({"projection_dim": 0}, "projection_dim must be > 0"),
         ({"max_regions": 0}, "max_regions must be > 0"),
         ({"roi_dropout": 1.0}, "roi_dropout must be in [0, 1)"),
+        ({"detection_top_k": -1}, "detection_top_k must be >= 0"),
     ],
 )
 def test_invalid_combinations_raise_value_error_saying_what_to_change(overrides, message):

@@ -471,14 +471,15 @@ def test_a_folder_saved_with_the_objectives_settings_in_its_config_loads_with_eq
 @pytest.mark.parametrize("roi_mode", MODES)
 def test_the_detector_reads_its_best_boxes_again_as_regions(tokenizer, sample_batch, roi_mode):
     """A box's score is σ(class head logit) · σ(region class head logit of the box read as a region) for each
-    image's first `detection_top_k` boxes in the proposer's objectness order, and σ(class head logit) times the image's lowest such
-    region probability for the other boxes; a query's scores do not depend on the other queries asked. Written out
-    image by image through the base model's public `get_region_features`."""
+    image's first `detection_top_k` boxes in the proposer's objectness order, and σ(class head logit) times the
+    image's lowest such region probability for the other boxes; a query's scores do not depend on the other queries
+    asked. Written out image by image through the base model's public `get_region_features`."""
     detector = RegionMedCLIPForZeroShotObjectDetection(tiny_config(roi_mode, detection_top_k=3)).eval()
     inputs = model_inputs(tokenizer, sample_batch, roi_mode, with_rois=False)
     generator = torch.Generator().manual_seed(0)
     queries = torch.nn.functional.normalize(torch.randn(4, 16, generator=generator), dim=-1)
-    heads = (detector.class_head, detector.box_head, detector.region_class_head, detector.regionmed_clip.region_proposer)
+    proposer = detector.regionmed_clip.region_proposer
+    heads = (detector.class_head, detector.box_head, detector.region_class_head, proposer)
     with torch.no_grad():
         for parameter in (parameter for head in heads for parameter in head.parameters()):
             parameter.normal_(std=0.3, generator=generator)  # untrained heads score every box alike
