@@ -344,8 +344,9 @@ def quality_focal_loss(logits: torch.Tensor, targets: torch.Tensor, beta: float 
 
 def region_class_loss(logits: torch.Tensor, answers: torch.Tensor, beta: float = 2.0) -> torch.Tensor:
     """The region class head's loss: the quality focal loss of each region's logit for each query against whether
-    the region answers it (1 or 0), summed over the number of (region, query) positives, so the head's sigmoid is
-    the probability that a region is what a query describes.
+    the region answers it (1 or 0), summed over the number of (region, query) positives, so the head's sigmoid says
+    how likely a region is what a query describes. The focal modulation leaves it under-confident (an easy positive
+    stops pulling well before 1), so the detector's scores sit below its class head's.
 
     Args:
         logits: `(R, Q)` the region class head's logits of the real ROIs.
