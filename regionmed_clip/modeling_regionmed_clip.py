@@ -1076,7 +1076,6 @@ class RegionMedCLIPForZeroShotObjectDetection(RegionMedCLIPPreTrainedModel):
         )
         return outputs if return_dict else outputs.to_tuple()
 
-
     def region_log_probs(
         self,
         pixel_values: torch.Tensor,
@@ -1106,7 +1105,9 @@ class RegionMedCLIPForZeroShotObjectDetection(RegionMedCLIPPreTrainedModel):
         chosen_boxes = boxes.gather(1, chosen[..., None].expand(-1, -1, 4))
         model = self.regionmed_clip
         crops = crop_regions(pixel_values, chosen_boxes) if self.config.roi_mode == "crop" else None
-        region_embeds = F.normalize(model.get_region_features(pixel_values, chosen_boxes, None, crops), dim=-1)
+        region_embeds = F.normalize(
+            model.get_region_features(pixel_values, chosen_boxes, None, crops), dim=-1
+        )
         log_probs = F.logsigmoid(self.region_class_head(region_embeds, query_embeds.to(region_embeds.dtype)))
         log_probs = log_probs.to(dtype)
         floor = log_probs.min(1, keepdim=True).values.expand(-1, boxes.shape[1], -1)

@@ -498,7 +498,8 @@ def test_the_detector_reads_its_best_boxes_again_as_regions(tokenizer, sample_ba
             chosen = modeling.objectness_order(grid)[0, :3]
             crops = modeling.crop_regions(pixels, boxes[None, chosen]) if roi_mode == "crop" else None
             regions = base.get_region_features(pixels, boxes[None, chosen], None, crops)
-            probs = detector.region_class_head(torch.nn.functional.normalize(regions, dim=-1), queries)[0].sigmoid()
+            logits = detector.region_class_head(torch.nn.functional.normalize(regions, dim=-1), queries)
+            probs = logits[0].sigmoid()
             per_box = probs.min(0).values.repeat(boxes.shape[0], 1)
             per_box[chosen] = probs
             expected.append(first.logits[image].sigmoid() * per_box)

@@ -319,7 +319,11 @@ def test_region_class_loss_matches_naive_loop_forward_and_backward():
         for r in range(z.shape[0]):
             for q in range(z.shape[1]):
                 target = float(answers[r, q])
-                bce = torch.clamp(z[r, q], min=0) - z[r, q] * target + torch.log1p(torch.exp(-torch.abs(z[r, q])))
+                bce = (
+                    torch.clamp(z[r, q], min=0)
+                    - z[r, q] * target
+                    + torch.log1p(torch.exp(-torch.abs(z[r, q])))
+                )
                 total = total + bce * (torch.sigmoid(z[r, q]) - target).abs() ** 2
         return total / int(answers.sum())
 
