@@ -162,10 +162,12 @@ class RegionMedCLIPConfig(PretrainedConfig):
             softmax of the region proposer's objectness as weights, so the box-free embedding z_global reads the
             patches the proposer (trained on ground-truth boxes by L_proposal) marks as findings. Needs a patch-token
             vision tower.
-        detection_top_k (`int`, *optional*, defaults to 8):
+        detection_top_k (`int`, *optional*, defaults to 16):
             How many boxes per image (those of highest objectness) [`RegionMedCLIPForZeroShotObjectDetection`] reads
             again through the region path (crop or RoIAlign, then the ROI processor) to tell one finding from
-            another; 0 scores boxes by the class head alone.
+            another; 0 scores boxes by the class head alone. In crop mode each costs one vision forward of the
+            crop. On the demo's model (seed 0, term queries) 16 gives AP50 0.58 and presence AUC 0.90 against 0.54
+            and 0.89 with 8.
         layer_norm_eps (`float`, *optional*, defaults to 1e-6):
             Epsilon of the ROI processor's layer norms.
         initializer_factor (`float`, *optional*, defaults to 1.0):
@@ -209,7 +211,7 @@ class RegionMedCLIPConfig(PretrainedConfig):
     text_pad_length: int | None = None
     auto_regions: int = 0
     global_pool: str = "cls"
-    detection_top_k: int = 8
+    detection_top_k: int = 16
     layer_norm_eps: int | float = 1e-6
     initializer_factor: int | float = 1.0
 

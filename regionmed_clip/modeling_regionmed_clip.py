@@ -1098,20 +1098,29 @@ class RegionMedCLIPForZeroShotObjectDetection(RegionMedCLIPPreTrainedModel):
         were, so it never outranks them on this stage's account. The pretraining objective trains the proposer on the
         data's boxes; a detector whose proposer was never trained reads arbitrary boxes again.
         """
-        top_k = min(self.config.detection_top_k, boxes.shape[1])
-        if top_k == 0:
+        if self.config.detection_top_k == 0:
             return None
-        chosen = objectness_order(proposal_logits)[:, :top_k]  # (B, K)
-        chosen_boxes = boxes.gather(1, chosen[..., None].expand(-1, -1, 4))
-        model = self.regionmed_clip
-        crops = crop_regions(pixel_values, chosen_boxes) if self.config.roi_mode == "crop" else None
-        region_embeds = F.normalize(
-            model.get_region_features(pixel_values, chosen_boxes, None, crops), dim=-1
+        chosen, _, region_embeds = self.read_top_regions(
+            pixel_values, boxes, proposal_logits, self.config.detection_top_k
         )
         log_probs = F.logsigmoid(self.region_class_head(region_embeds, query_embeds.to(region_embeds.dtype)))
         log_probs = log_probs.to(dtype)
         floor = log_probs.min(1, keepdim=True).values.expand(-1, boxes.shape[1], -1)
         return floor.scatter(1, chosen[..., None].expand(-1, -1, query_embeds.shape[0]), log_probs)
+
+    def read_top_regions(
+        self, pixel_values: torch.Tensor, boxes: torch.Tensor, proposal_logits: torch.Tensor, top_k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each image's first `top_k` patches `(B, K)` in [`objectness_order`], their boxes `(B, K, 4)` (taken from
+        the patches' `boxes` `(B, N, 4)`) and the normalised region embeddings `(B, K, P)` of those boxes, read the
+        way the model reads a box it is given (crop of the input view, or RoIAlign; then the ROI processor). The
+        second stage's input, at inference ([`~RegionMedCLIPForZeroShotObjectDetection.region_log_probs`]) and in
+        training (the detection term trains the region class head on these regions too)."""
+        chosen = objectness_order(proposal_logits)[:, : min(top_k, boxes.shape[1])]
+        chosen_boxes = boxes.gather(1, chosen[..., None].expand(-1, -1, 4))
+        crops = crop_regions(pixel_values, chosen_boxes) if self.config.roi_mode == "crop" else None
+        region_embeds = self.regionmed_clip.get_region_features(pixel_values, chosen_boxes, None, crops)
+        return chosen, chosen_boxes, F.normalize(region_embeds, dim=-1)
 
 
 def logit_of_product(logits: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:

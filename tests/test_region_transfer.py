@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from transformers import pipeline
 
-from regionmed_clip.modeling_regionmed_clip import crop_regions, propose_regions, roi_align
+from regionmed_clip.modeling_regionmed_clip import crop_regions, objectness_order, propose_regions, roi_align
+from regionmed_clip.training.config import ObjectiveSpec
 from regionmed_clip.training.losses import (
     caption_groups_from_ids,
     dense_region_loss,
@@ -16,9 +17,11 @@ from regionmed_clip.training.losses import (
     generalized_box_iou,
     global_region_loss,
     multi_positive_contrastive_loss,
+    proposal_region_targets,
     region_class_loss,
     region_proposal_loss,
 )
+from regionmed_clip.training.pretraining import RegionMedCLIPForPreTraining
 
 from .conftest import make_processor, random_image, tiny_model
 from .test_hub_integration import LABELS, _run_isolated
@@ -312,7 +315,8 @@ def test_detection_loss_matches_naive_loop_forward_and_backward():
 def test_region_class_loss_matches_naive_loop_forward_and_backward():
     generator = torch.Generator().manual_seed(4)
     logits = torch.randn(5, 3, generator=generator, dtype=torch.float64)
-    answers = torch.tensor([[1, 0, 1], [0, 0, 0], [0, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=torch.bool)
+    # Real ROIs' targets are 1 / 0; a proposed box's is its IoU with a box that answers the query.
+    answers = torch.tensor([[1, 0, 1], [0, 0, 0], [0, 0.6, 0], [1, 0, 0], [0.3, 0, 1]], dtype=torch.float64)
 
     def naive(z):
         total = 0.0
@@ -325,12 +329,78 @@ def test_region_class_loss_matches_naive_loop_forward_and_backward():
                     + torch.log1p(torch.exp(-torch.abs(z[r, q])))
                 )
                 total = total + bce * (torch.sigmoid(z[r, q]) - target).abs() ** 2
-        return total / int(answers.sum())
+        return total / float(answers.sum())
 
     value, (grad,) = _grads(lambda z: region_class_loss(z, answers), logits)
     expected, (expected_grad,) = _grads(naive, logits)
     torch.testing.assert_close(value, expected)
     torch.testing.assert_close(grad, expected_grad)
+
+
+def test_proposal_region_targets_match_naive_loop():
+    boxes, mask, _, _ = _region_batch()
+    answers = torch.zeros(2, 2, 3, dtype=torch.bool)
+    answers[0, 0, 0] = answers[0, 1, 1] = answers[0, 1, 0] = answers[1, 0, 2] = True
+    proposals = torch.tensor(
+        [
+            [[0.1, 0.1, 0.5, 0.5], [0.4, 0.4, 0.9, 0.8], [0.0, 0.0, 0.1, 0.1]],
+            [[0.2, 0.2, 0.7, 0.8], [0.5, 0.5, 0.6, 0.6], [0.0, 0.0, 0.2, 0.3]],
+        ]
+    )
+
+    def iou(box, other):
+        width = max(0.0, min(box[2], other[2]) - max(box[0], other[0]))
+        height = max(0.0, min(box[3], other[3]) - max(box[1], other[1]))
+        area = lambda b: (b[2] - b[0]) * (b[3] - b[1])  # noqa: E731
+        return width * height / (area(box) + area(other) - width * height)
+
+    expected = torch.zeros(2, 3, 3)
+    for b in range(2):
+        for p in range(3):
+            for q in range(3):
+                fits = [
+                    iou(proposals[b, p].tolist(), boxes[b, k].tolist())
+                    for k in range(2)
+                    if mask[b, k] and answers[b, k, q]
+                ]
+                expected[b, p, q] = max(fits, default=0.0)
+    torch.testing.assert_close(proposal_region_targets(proposals, boxes, answers), expected)
+    assert expected[0, 2].max() == 0 and expected[1, 0, 2] > 0.8  # background, and a near match
+
+
+def test_the_detection_term_reads_the_detectors_own_top_boxes_as_proposals():
+    boxes, mask, region_ids, region_attention = _region_batch()
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    model = tiny_model("crop")
+    inputs = dict(
+        pixel_values=pixels,
+        roi_boxes=boxes,
+        roi_mask=mask,
+        roi_pixel_values=crop_regions(pixels, boxes),
+        region_input_ids=region_ids,
+        region_attention_mask=region_attention,
+        term_input_ids=region_ids,
+        term_attention_mask=region_attention,
+    )
+    weights = {"detection_loss": 1.0}
+    objective = RegionMedCLIPForPreTraining(
+        model.config, model=model, loss_weights=weights, objective=ObjectiveSpec(detection_proposals=2)
+    )
+    outputs = objective(**inputs)
+    detected = objective.detector(pixel_values=pixels, query_embeds=F.normalize(torch.ones(1, 16), dim=-1))
+    centres, extents = detected.pred_boxes[..., :2], detected.pred_boxes[..., 2:]
+    corners = torch.cat((centres - extents / 2, centres + extents / 2), dim=-1)
+    top = objectness_order(outputs.proposal_logits)[:, :2]
+    expected = corners.gather(1, top[..., None].expand(-1, -1, 4))
+    torch.testing.assert_close(outputs.proposal_region_boxes, expected)
+    regions = model.get_region_features(pixels, expected, None, crop_regions(pixels, expected))
+    torch.testing.assert_close(outputs.proposal_region_embeds, F.normalize(regions, dim=-1))
+
+    without = RegionMedCLIPForPreTraining(
+        model.config, model=model, loss_weights=weights, objective=ObjectiveSpec(detection_proposals=0)
+    )(**inputs)
+    assert without.proposal_region_boxes is None
+    assert not torch.allclose(without.loss_terms["detection_loss"], outputs.loss_terms["detection_loss"])
 
 
 def test_proposal_loss_through_the_objective_uses_the_given_boxes():

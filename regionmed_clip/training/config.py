@@ -129,6 +129,13 @@ class ObjectiveSpec:
     # Scale s and bias b of L_neg = −log(1 − σ(s·N + b)); s = 1, b = 0 is exactly the paper's formula.
     neg_logit_scale: float = 1.0
     neg_logit_bias: float = 0.0
+    # Boxes per image the detector proposes and the detection term reads as regions, to train the region class
+    # head on what its second stage is asked about (losses.region_class_loss); 0: the real ROIs alone.
+    detection_proposals: int = 4
+
+    def __post_init__(self):
+        if self.detection_proposals < 0:
+            raise ValueError(f"objective.detection_proposals must be >= 0, got {self.detection_proposals}")
 
 
 @dataclass

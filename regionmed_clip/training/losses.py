@@ -342,18 +342,30 @@ def quality_focal_loss(logits: torch.Tensor, targets: torch.Tensor, beta: float 
     return F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * modulation
 
 
-def region_class_loss(logits: torch.Tensor, answers: torch.Tensor, beta: float = 2.0) -> torch.Tensor:
-    """The region class head's loss: the quality focal loss of each region's logit for each query against whether
-    the region answers it (1 or 0), summed over the number of (region, query) positives, so the head's sigmoid says
-    how likely a region is what a query describes. The focal modulation leaves it under-confident (an easy positive
+def region_class_loss(logits: torch.Tensor, targets: torch.Tensor, beta: float = 2.0) -> torch.Tensor:
+    """The region class head's loss: the quality focal loss of each region's logit for each query against its
+    target, summed over the targets' total, so the head's sigmoid says how likely (and, for a proposed box, how
+    well) a region is what a query describes. The focal modulation leaves it under-confident (an easy positive
     stops pulling well before 1), so the detector's scores sit below its class head's.
 
     Args:
-        logits: `(R, Q)` the region class head's logits of the real ROIs.
-        answers: `(R, Q)` bool, true where region r answers query q.
+        logits: `(R, Q)` the region class head's logits.
+        targets: `(R, Q)` in [0, 1]: 1 or 0 for a real ROI (whether it answers the query), for a proposed box its
+            IoU with the best-fitting box that answers the query (0 where none does).
     """
-    targets = answers.to(logits.dtype)
+    targets = targets.to(logits.dtype)
     return quality_focal_loss(logits, targets, beta).sum() / targets.sum().clamp(min=1)
+
+
+def proposal_region_targets(
+    proposal_boxes: torch.Tensor, boxes: torch.Tensor, answers: torch.Tensor
+) -> torch.Tensor:
+    """The region class head's targets `(B, K', Q)` for proposed boxes `(B, K', 4)`: for each query, the IoU of the
+    box with the best-fitting ground-truth box of its image (`boxes` `(B, K, 4)`) that answers the query
+    (`answers` `(B, K, Q)` bool, false for padded slots); 0 where none does (the background)."""
+    dtype = torch.promote_types(proposal_boxes.dtype, torch.float32)
+    iou, _ = generalized_box_iou(proposal_boxes[:, :, None].to(dtype), boxes[:, None].to(dtype))
+    return (iou[..., None] * answers[:, None]).amax(2)
 
 
 def caption_groups_from_ids(
@@ -659,7 +671,20 @@ def _detection_term(batch: GatheredBatch, objective) -> torch.Tensor | None:
     regions = batch.region_rows("region_embeds")
     if regions is None:
         return loss
-    return loss + region_class_loss(batch.detector.region_class_head(regions, queries), answers[present])
+    logits, targets = batch.detector.region_class_head(regions, queries), answers[present].to(loss.dtype)
+    proposals = batch.rows("proposal_region_embeds")
+    if proposals is not None:
+        # Over the annotated images only: an image without boxes is unannotated, not empty.
+        annotated = present.any(-1)
+        quality = proposal_region_targets(
+            batch.rows("proposal_region_boxes", with_grad=False),
+            batch.rows("region_boxes", with_grad=False),
+            answers,
+        )
+        proposal_logits = batch.detector.region_class_head(proposals[annotated], queries)
+        logits = torch.cat([logits, proposal_logits.flatten(0, 1)])
+        targets = torch.cat([targets, quality[annotated].flatten(0, 1).to(targets.dtype)])
+    return loss + region_class_loss(logits, targets)
 
 
 def _class_term(batch: GatheredBatch, objective) -> torch.Tensor | None:

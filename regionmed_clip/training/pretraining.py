@@ -18,6 +18,7 @@ from ..modeling_regionmed_clip import (
     RegionMedCLIPModel,
     RegionMedCLIPOutput,
     RegionMedCLIPPreTrainedModel,
+    patch_boxes,
 )
 from .config import ObjectiveSpec
 from .losses import LOSS_TERMS, GatheredBatch, PaddedGather, stage_inputs
@@ -97,6 +98,10 @@ class RegionMedCLIPForPreTrainingOutput(RegionMedCLIPOutput):
             L2-normalised hard-negative caption embeddings; zeros where `negative_mask` is False.
         negative_mask (`torch.BoolTensor` of shape `(image_batch_size, max_rois, num_negatives)`, *optional*):
             True for real negatives of real ROIs.
+        proposal_region_boxes (`torch.FloatTensor` of shape `(image_batch_size, detection_proposals, 4)`, *optional*):
+            With the detection term: the detector's proposed boxes its region class head trains on.
+        proposal_region_embeds (`torch.FloatTensor` of shape `(image_batch_size, detection_proposals, projection_dim)`, *optional*):
+            L2-normalised region embeddings of `proposal_region_boxes`.
     """
 
     loss_terms: dict[str, torch.FloatTensor] | None = None
@@ -106,6 +111,8 @@ class RegionMedCLIPForPreTrainingOutput(RegionMedCLIPOutput):
     term_embeds: torch.FloatTensor | None = None
     negative_text_embeds: torch.FloatTensor | None = None
     negative_mask: torch.BoolTensor | None = None
+    proposal_region_boxes: torch.FloatTensor | None = None
+    proposal_region_embeds: torch.FloatTensor | None = None
 
 
 class RegionMedCLIPForPreTraining(RegionMedCLIPPreTrainedModel):
@@ -278,6 +285,7 @@ class RegionMedCLIPForPreTraining(RegionMedCLIPPreTrainedModel):
         if labels is not None:
             fields["class_embeds"], fields["text_embeds"] = fields["text_embeds"], None
         fields.update(self._encode_caption_fields(fields["region_mask"], inputs))
+        fields.update(self._proposal_region_fields(inputs.get("pixel_values"), fields))
         batch = GatheredBatch(
             fields,
             self.gather,
@@ -308,6 +316,29 @@ class RegionMedCLIPForPreTraining(RegionMedCLIPPreTrainedModel):
         return RegionMedCLIPForPreTrainingOutput(
             **{**dict(model_outputs), **fields, "loss": loss, "loss_terms": terms}
         )
+
+    def _proposal_region_fields(self, pixel_values: torch.Tensor | None, fields: dict) -> dict:
+        """The regions the detector's second stage will read at inference, for the detection term to train its
+        region class head on: each image's first `objective.detection_proposals` boxes in the proposer's order
+        ([`~RegionMedCLIPForZeroShotObjectDetection.read_top_regions`] of the box head's boxes, both detached, as
+        Faster R-CNN's proposals are), read as regions. Without them the head only ever sees real findings and has
+        no say on the background boxes it is asked about on an image that holds none."""
+        count = self.objective.detection_proposals
+        if (
+            count == 0
+            or self.loss_weights.get("detection_loss", 0.0) <= 0
+            or pixel_values is None
+            or fields.get("region_mask") is None
+            or fields.get("patch_embeds") is None
+        ):
+            return {}
+        with torch.no_grad():
+            patches = fields["patch_embeds"]
+            boxes = patch_boxes(self.detector.box_head(patches), at_least_one_patch=False).to(patches.dtype)
+        _, proposal_boxes, proposal_embeds = self.detector.read_top_regions(
+            pixel_values, boxes, fields["proposal_logits"].detach(), count
+        )
+        return {"proposal_region_boxes": proposal_boxes, "proposal_region_embeds": proposal_embeds}
 
     @staticmethod
     def _check_pairs(fields: dict):
