@@ -1091,11 +1091,11 @@ class RegionMedCLIPForZeroShotObjectDetection(RegionMedCLIPPreTrainedModel):
         from another. So the boxes of each image's first `config.detection_top_k` patches in the region proposer's
         [`objectness_order`] (its peaks first, as self-proposed regions are picked) are read again the way
         the model reads a box it is given (crop or RoIAlign, then the ROI processor:
-        [`~RegionMedCLIPForZeroShotObjectDetection.read_top_regions`]), and the region class head ([`RegionMedCLIPClassHead`], trained by the detection term on the regions of the training
-        data and on the boxes the detector proposes there) gives the sigmoid probability of each query for each
-        region. The boxes are picked without the queries, so a box's
-        score for a query does not depend on which other queries are asked (transformers' pipeline asks one label
-        per forward). A box not read again gets, per query, the lowest log-probability of its image's boxes that
+        [`~RegionMedCLIPForZeroShotObjectDetection.read_top_regions`]), and the region class head
+        ([`RegionMedCLIPClassHead`], trained by the detection term on the regions of the training data and on the
+        boxes the detector proposes there) gives the sigmoid probability of each query for each region. The boxes
+        are picked without the queries, so a box's score for a query does not depend on which other queries are
+        asked (transformers' pipeline asks one label per forward). A box not read again gets, per query, the lowest log-probability of its image's boxes that
         were, so it never outranks them on this stage's account. The pretraining objective trains the proposer on the
         data's boxes; a detector whose proposer was never trained reads arbitrary boxes again.
         """
